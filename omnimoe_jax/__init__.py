@@ -1,0 +1,28 @@
+"""omnimoe-jax: OmniMoE (arXiv 2602.05711) as Flax linen modules with Pallas GPU kernels.
+
+Public surface:
+  OmniMoEConfig   sizes and switches of one layer, validated
+  OmniMoE         the layer: shared SwiGLU MLP + routed atomic experts
+  CartesianRouter, AtomicExperts, SharedMLP, RouterBatchNorm, RoutingResult   its parts
+  convert         seed PyTorch checkpoint interop
+"""
+
+from omnimoe_jax import convert
+from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._experts import AtomicExperts
+from omnimoe_jax._layer import OmniMoE
+from omnimoe_jax._router import CartesianRouter, RouterBatchNorm, RoutingResult
+from omnimoe_jax._shared_mlp import SharedMLP
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AtomicExperts",
+    "CartesianRouter",
+    "OmniMoE",
+    "OmniMoEConfig",
+    "RouterBatchNorm",
+    "RoutingResult",
+    "SharedMLP",
+    "convert",
+]

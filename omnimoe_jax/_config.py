@@ -1,0 +1,121 @@
+"""OmniMoEConfig: the seed's configuration fields, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+from pallas_kernels.activations import ACTIVATIONS
+
+ROUTER_NORMS = ("batchnorm", "none")
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _float_dtype(field: str, value: Any) -> jnp.dtype:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as err:
+        raise ValueError(f"{field}={value!r} is not a dtype") from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{field}={value!r} must be a floating dtype such as float32 or bfloat16")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniMoEConfig:
+    """Sizes and switches of one OmniMoE layer. Field names follow the seed's `OmniMoEConfig`.
+
+    Attributes:
+      hidden_size: d, the model width.
+      intermediate_size: I, width of the shared SwiGLU MLP.
+      num_experts: N = n*n atomic experts; n >= 2 (the seed floors sqrt(N) silently; we refuse).
+      num_experts_per_token: K experts per token, 1 <= K <= N.
+      hidden_act: activation of the shared MLP gate and of the atomic experts, by its transformers
+        `ACT2FN` name ("silu", "gelu" = exact erf form, "gelu_pytorch_tanh", ...).
+      router_norm: "batchnorm" (the seed: non-affine BatchNorm per axis, batch statistics when training and
+        running statistics in eval) or "none".
+      router_norm_eps: BatchNorm epsilon (torch default 1e-5).
+      router_norm_momentum: weight of the new batch in the running statistics (torch convention, 0.1).
+      norm_topk_prob: renormalise the K routing weights to sum to one (the FlashMoE variant).
+      dtype: compute dtype of the layer (inputs are cast to it; the output has it).
+      param_dtype: dtype parameters are stored in.
+      implementation: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    num_experts_per_token: int
+    hidden_act: str = "silu"
+    router_norm: str = "batchnorm"
+    router_norm_eps: float = 1e-5
+    router_norm_momentum: float = 0.1
+    norm_topk_prob: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    implementation: str = "auto"
+
+    def __post_init__(self):
+        for field in ("hidden_size", "intermediate_size", "num_experts", "num_experts_per_token"):
+            value = getattr(self, field)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{field}={value!r} must be a positive int")
+        n = math.isqrt(self.num_experts)
+        if n * n != self.num_experts or n < 2:
+            below = max(n, 2) ** 2
+            above = (n + 1) ** 2 if n >= 2 else 9
+            nearest = sorted({below, above} - {self.num_experts})
+            raise ValueError(
+                f"num_experts={self.num_experts} must be a perfect square n*n with n >= 2 (the Cartesian "
+                f"router indexes experts by a row and a column); nearest valid counts: {nearest}"
+            )
+        if self.num_experts_per_token > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_token={self.num_experts_per_token} must be <= num_experts={self.num_experts}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        if self.router_norm not in ROUTER_NORMS:
+            raise ValueError(f"router_norm={self.router_norm!r} must be one of {ROUTER_NORMS}")
+        if not isinstance(self.router_norm_eps, (int, float)) or not self.router_norm_eps > 0:
+            raise ValueError(f"router_norm_eps={self.router_norm_eps!r} must be a positive number")
+        if not isinstance(self.router_norm_momentum, (int, float)) or not 0 < self.router_norm_momentum <= 1:
+            raise ValueError(f"router_norm_momentum={self.router_norm_momentum!r} must be in (0, 1]")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"norm_topk_prob={self.norm_topk_prob!r} must be a bool")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation={self.implementation!r} must be one of {IMPLEMENTATIONS}")
+        # Normalise dtypes so equal configs compare (and hash) equal whether given as str or type.
+        object.__setattr__(self, "dtype", _float_dtype("dtype", self.dtype))
+        object.__setattr__(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
+
+    @property
+    def num_expert_sqrt(self) -> int:
+        """n: experts per router axis (the seed's name)."""
+        return math.isqrt(self.num_experts)
+
+    def replace(self, **changes: Any) -> OmniMoEConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable fields (dtypes as names), inverse of `from_dict`."""
+        fields = dataclasses.asdict(self)
+        fields["dtype"] = jnp.dtype(self.dtype).name
+        fields["param_dtype"] = jnp.dtype(self.param_dtype).name
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> OmniMoEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown OmniMoEConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**fields)

@@ -1,0 +1,41 @@
+"""Dynamic expert assembly: N single-neuron experts, K of them summed per token."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from omnimoe_jax._config import OmniMoEConfig
+from pallas_kernels import omni_expert
+
+
+class AtomicExperts(nn.Module):
+    """y[t] = sum_k w[t,k] * act(u_e . x[t]) * v_e over the token's K routed experts e.
+
+    Each atomic expert is one neuron: a row u_e of `up_embed` [N, d] and a row v_e of `down_embed` [N, d]
+    (the seed's `nn.Embedding` tables). The K experts a token picks assemble, on the fly, a K-wide MLP of
+    its own. The work runs in `pallas_kernels.omni_expert` (expert-centric kernels on GPU).
+
+    Initialisation: rows ~ N(0, 1/d), so u_e . x is O(1) for unit-scale x. (The seed's `nn.Embedding`
+    defaults to N(0, 1); loading a seed checkpoint replaces both anyway.)
+    """
+
+    config: OmniMoEConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+        # tokens: [T, d]; weights, indices: [T, K] -> [T, d]
+        cfg = self.config
+        shape = (cfg.num_experts, cfg.hidden_size)
+        init = nn.initializers.normal(stddev=cfg.hidden_size**-0.5)
+        up = self.param("up_embed", init, shape, cfg.param_dtype)
+        down = self.param("down_embed", init, shape, cfg.param_dtype)
+        return omni_expert(
+            tokens.astype(cfg.dtype),
+            up.astype(cfg.dtype),
+            down.astype(cfg.dtype),
+            weights,
+            indices,
+            activation=cfg.hidden_act,
+            implementation=cfg.implementation,
+        )

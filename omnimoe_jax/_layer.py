@@ -1,0 +1,47 @@
+"""OmniMoE: the shared SwiGLU MLP plus K routed atomic experts per token."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._experts import AtomicExperts
+from omnimoe_jax._router import CartesianRouter, RoutingResult
+from omnimoe_jax._shared_mlp import SharedMLP
+
+
+class OmniMoE(nn.Module):
+    """y = SharedMLP(x) + AtomicExperts(x; CartesianRouter(x)), a drop-in feed-forward block.
+
+    1. Flatten the input's leading dims to tokens [T, d] (T = product of leading dims).
+    2. `router`: the Cartesian product router picks K of N = n*n experts per token with weights.
+    3. `experts`: the K single-neuron experts assemble the routed output [T, d].
+    4. `shared`: the SwiGLU MLP every token passes through; the sum is reshaped back to [..., d].
+
+    Variables: "params" {router: {router_gate_x, router_gate_y}, experts: {up_embed, down_embed},
+    shared: {gate_proj, up_proj, down_proj}} and, with router_norm="batchnorm", "batch_stats"
+    {router: {router_norm_x, router_norm_y}}. `train=True` normalises router logits with batch statistics;
+    pass `mutable=["batch_stats"]` to `apply` to keep the updated running statistics.
+    """
+
+    config: OmniMoEConfig
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, return_routing: bool = False
+    ) -> jax.Array | tuple[jax.Array, RoutingResult]:
+        cfg = self.config
+        if x.ndim < 1 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"x must be [..., hidden_size={cfg.hidden_size}], got shape {x.shape}")
+        lead = x.shape[:-1]
+        tokens = x.astype(cfg.dtype).reshape(-1, cfg.hidden_size)  # [T, d]
+        routing = CartesianRouter(cfg, name="router")(tokens, train=train)
+        routed = AtomicExperts(cfg, name="experts")(tokens, routing.weights, routing.indices)  # [T, d]
+        shared = SharedMLP(cfg, name="shared")(tokens)  # [T, d]
+        y = (shared + routed).reshape(*lead, cfg.hidden_size)  # [..., d]
+        if not return_routing:
+            return y
+        # [T, K] / [T, n] -> [..., K] / [..., n]
+        routing = jax.tree.map(lambda a: a.reshape(*lead, a.shape[-1]), routing)
+        return y, routing

@@ -1,0 +1,107 @@
+"""The Cartesian product router: two small gates whose log-probabilities add up to an expert score."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from omnimoe_jax._config import OmniMoEConfig
+from pallas_kernels import omni_router
+
+
+@struct.dataclass
+class RoutingResult:
+    """What the router chose for each token. Leading dims are the input's token dims.
+
+    Attributes:
+      scores: [..., K] f32, log p_x(i) + log p_y(j) of the chosen experts, descending.
+      indices: [..., K] int32 expert ids e = i * n + j.
+      weights: [..., K] f32 routing weights exp(scores) (renormalised to sum 1 if `norm_topk_prob`).
+      logits_x: [..., n] f32 router logits of the row axis after the router norm (input of log_softmax).
+      logits_y: [..., n] f32, the column axis.
+    """
+
+    scores: jax.Array
+    indices: jax.Array
+    weights: jax.Array
+    logits_x: jax.Array
+    logits_y: jax.Array
+
+
+class RouterBatchNorm(nn.Module):
+    """Non-affine BatchNorm over tokens with PyTorch's `BatchNorm1d(affine=False)` semantics.
+
+    Training normalises with the batch mean and biased variance and moves the running statistics by
+    `momentum` toward the batch mean and the *unbiased* variance (as torch does, so seed checkpoints keep
+    their meaning); eval uses the running statistics. Variables live in the "batch_stats" collection under
+    torch's buffer names. Statistics are taken over the whole token axis: under `jax.jit` with a sharded
+    batch that is the global batch.
+    """
+
+    num_features: int
+    eps: float = 1e-5
+    momentum: float = 0.1
+
+    @nn.compact
+    def __call__(self, logits: jax.Array, *, train: bool) -> jax.Array:
+        # logits: [T, n] f32 (f64 in a float64 layer); statistics are stored in f32
+        running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (self.num_features,), jnp.float32)
+        running_var = self.variable("batch_stats", "running_var", jnp.ones, (self.num_features,), jnp.float32)
+        batches = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        if not train:
+            mean, var = running_mean.value, running_var.value
+        else:
+            tokens = logits.shape[0]
+            if tokens < 2:
+                raise ValueError(f"train=True needs at least 2 tokens for the router BatchNorm, got {tokens}")
+            mean = jnp.mean(logits, axis=0)  # [n]
+            var = jnp.mean(jnp.square(logits - mean), axis=0)  # [n], biased
+            if not self.is_initializing():
+                unbiased = var * (tokens / (tokens - 1))
+                new_mean = (1 - self.momentum) * running_mean.value + self.momentum * mean
+                new_var = (1 - self.momentum) * running_var.value + self.momentum * unbiased
+                running_mean.value = new_mean.astype(jnp.float32)
+                running_var.value = new_var.astype(jnp.float32)
+                batches.value = batches.value + 1
+        return (logits - mean) * jax.lax.rsqrt(var + self.eps)
+
+
+class CartesianRouter(nn.Module):
+    """Routes each token to its top-K of N = n*n atomic experts in O(n) scores per token.
+
+    1. Two bias-free gates give row and column logits: logits_x = W_x t, logits_y = W_y t ([T, n] each).
+    2. Each is normalised over the batch (`router_norm`) and turned into log-probabilities per axis.
+    3. Expert e = i*n + j scores lp_x[i] + lp_y[j] = log p_x(i) p_y(j).
+    4. The exact top K of those n*n scores comes from the top k' = min(K, n) of each axis
+       (`pallas_kernels.omni_router`), never forming all n*n.
+    5. weights = exp(scores), renormalised over the K if `norm_topk_prob`.
+
+    Input tokens [T, d]; returns a `RoutingResult` with [T, K] and [T, n] fields.
+    """
+
+    config: OmniMoEConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, train: bool = False) -> RoutingResult:
+        cfg = self.config
+        n = cfg.num_expert_sqrt
+        gate = dict(features=n, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        # Normalisation and log_softmax in f32 at least: routing decisions hinge on small score gaps.
+        acc = jnp.promote_types(cfg.dtype, jnp.float32)
+        logits_x = nn.Dense(**gate, name="router_gate_x")(tokens).astype(acc)  # [T, n]
+        logits_y = nn.Dense(**gate, name="router_gate_y")(tokens).astype(acc)  # [T, n]
+        if cfg.router_norm == "batchnorm":
+            norm = dict(num_features=n, eps=cfg.router_norm_eps, momentum=cfg.router_norm_momentum)
+            logits_x = RouterBatchNorm(**norm, name="router_norm_x")(logits_x, train=train)
+            logits_y = RouterBatchNorm(**norm, name="router_norm_y")(logits_y, train=train)
+        log_probs_x = jax.nn.log_softmax(logits_x, axis=-1)  # [T, n]
+        log_probs_y = jax.nn.log_softmax(logits_y, axis=-1)  # [T, n]
+        scores, indices = omni_router(
+            log_probs_x, log_probs_y, cfg.num_experts_per_token, implementation=cfg.implementation
+        )  # [T, K] each
+        weights = jnp.exp(scores)  # [T, K]
+        if cfg.norm_topk_prob:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        return RoutingResult(scores=scores, indices=indices, weights=weights, logits_x=logits_x, logits_y=logits_y)

@@ -1,0 +1,134 @@
+"""Seed (PyTorch) checkpoint interop: the seed `OmniMoE` module's state dict <-> Flax variables.
+
+The seed stores `nn.Linear` weights as [out, in] and `nn.Embedding` tables as [N, d]; Flax `Dense` kernels
+are [in, out]. Every key maps to exactly one variable:
+
+| torch key | torch shape | Flax variable | Flax shape |
+| --- | --- | --- | --- |
+| gate_proj.weight, up_proj.weight | [I, d] | params/shared/{gate,up}_proj/kernel | [d, I] |
+| down_proj.weight | [d, I] | params/shared/down_proj/kernel | [I, d] |
+| router_gate_x.weight, router_gate_y.weight | [n, d] | params/router/router_gate_{x,y}/kernel | [d, n] |
+| up_embed.weight, down_embed.weight | [N, d] | params/experts/{up,down}_embed | [N, d] |
+| router_norm_{x,y}.running_mean / running_var | [n] | batch_stats/router/router_norm_{x,y}/... | [n] |
+| router_norm_{x,y}.num_batches_tracked | [] int64 | batch_stats/router/router_norm_{x,y}/... | [] int32 |
+
+No torch import: values are numpy arrays (or array-likes), read from a dict or a `.safetensors` file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._safetensors import load_safetensors, save_safetensors
+
+__all__ = ["from_torch_state_dict", "load_safetensors", "save_safetensors", "to_torch_state_dict"]
+
+
+def _layout(config: OmniMoEConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
+    """(torch key, Flax variable path, torch shape, transpose) for every entry of the seed's state dict."""
+    d, inter, n, experts = config.hidden_size, config.intermediate_size, config.num_expert_sqrt, config.num_experts
+    rows = [
+        ("gate_proj.weight", ("params", "shared", "gate_proj", "kernel"), (inter, d), True),
+        ("up_proj.weight", ("params", "shared", "up_proj", "kernel"), (inter, d), True),
+        ("down_proj.weight", ("params", "shared", "down_proj", "kernel"), (d, inter), True),
+        ("router_gate_x.weight", ("params", "router", "router_gate_x", "kernel"), (n, d), True),
+        ("router_gate_y.weight", ("params", "router", "router_gate_y", "kernel"), (n, d), True),
+        ("up_embed.weight", ("params", "experts", "up_embed"), (experts, d), False),
+        ("down_embed.weight", ("params", "experts", "down_embed"), (experts, d), False),
+    ]
+    if config.router_norm == "batchnorm":
+        for axis in ("x", "y"):
+            norm = ("batch_stats", "router", f"router_norm_{axis}")
+            rows += [
+                (f"router_norm_{axis}.running_mean", (*norm, "running_mean"), (n,), False),
+                (f"router_norm_{axis}.running_var", (*norm, "running_var"), (n,), False),
+                (f"router_norm_{axis}.num_batches_tracked", (*norm, "num_batches_tracked"), (), False),
+            ]
+    return rows
+
+
+def _is_counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def from_torch_state_dict(
+    state_dict: Mapping[str, Any] | str | os.PathLike,
+    config: OmniMoEConfig,
+    *,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Flax variables {"params", "batch_stats"} for `OmniMoE(config)` from a seed state dict.
+
+    Args:
+      state_dict: mapping of torch keys to arrays, or the path of a `.safetensors` file.
+      config: the layer's config; shapes are checked against it.
+      prefix: prepended to every key, for one layer inside a larger model's checkpoint
+        (e.g. "model.layers.3.mlp."). Keys outside the prefix are ignored; keys inside it must all be known.
+
+    Raises ValueError naming the key for a missing or unexpected key or a wrong shape.
+    `num_batches_tracked` may be absent (older torch); it then starts at 0.
+    """
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = load_safetensors(state_dict)
+    ours = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    layout = _layout(config)
+    known = {key for key, *_ in layout}
+    unexpected = sorted(set(ours) - known)
+    if unexpected:
+        raise ValueError(f"unexpected keys for {config}: {[prefix + k for k in unexpected]}")
+    missing = sorted(key for key in known - set(ours) if not _is_counter(key))
+    if missing:
+        raise ValueError(f"missing keys: {[prefix + k for k in missing]}")
+    variables: dict[str, Any] = {}
+    for key, path, shape, transpose in layout:
+        if key not in ours:  # an absent counter
+            value = np.zeros((), np.int32)
+        else:
+            value = np.asarray(ours[key])
+            if value.shape != shape:
+                raise ValueError(f"{prefix + key} has shape {value.shape}, expected {shape} for {config}")
+            if transpose:
+                value = value.T
+        if _is_counter(key):
+            value = jnp.asarray(value.astype(np.int32))
+        elif path[0] == "batch_stats":
+            value = jnp.asarray(value, jnp.float32)
+        else:
+            value = jnp.asarray(value, config.param_dtype)
+        node = variables
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+    return variables
+
+
+def to_torch_state_dict(
+    variables: Mapping[str, Any], config: OmniMoEConfig, *, prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """The seed's state dict (numpy arrays in torch layout) for `OmniMoE(config)` variables.
+
+    Parameters keep their dtype (bf16 as `ml_dtypes.bfloat16`); `num_batches_tracked` is int64 as in torch.
+    Write it with `save_safetensors(path, state_dict)`.
+    """
+    state = {}
+    for key, path, shape, transpose in _layout(config):
+        node: Any = variables
+        for name in path:
+            if not isinstance(node, Mapping) or name not in node:
+                raise ValueError(f"variables lack {'/'.join(path)} (needed for {key})")
+            node = node[name]
+        value = np.asarray(node)
+        if transpose:
+            value = value.T
+        if _is_counter(key):
+            value = value.astype(np.int64)
+        if value.shape != shape:
+            raise ValueError(f"{'/'.join(path)} gives {key} shape {value.shape}, expected {shape} for {config}")
+        state[prefix + key] = value.copy(order="C")  # np.ascontiguousarray would make 0-d arrays 1-d
+    return state

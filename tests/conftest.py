@@ -1,0 +1,30 @@
+"""Fixtures: a fresh random seed per test (printed, and fixed by OMNIMOE_TEST_SEED to reproduce)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import jax
+import pytest
+
+
+@pytest.fixture
+def seed(request) -> int:
+    value = int(os.environ.get("OMNIMOE_TEST_SEED", secrets.randbits(31)))
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value} (rerun with OMNIMOE_TEST_SEED={value})")
+    return value
+
+
+@pytest.fixture
+def key(seed) -> jax.Array:
+    return jax.random.key(seed)
+
+
+def pytest_runtest_makereport(item, call):
+    # Name the seed in the failure report so a failing random draw can be replayed.
+    if call.when == "call" and call.excinfo is not None:
+        for name, value in item.user_properties:
+            if name == "seed":
+                item.add_report_section("call", "seed", f"OMNIMOE_TEST_SEED={value}")

@@ -1,0 +1,137 @@
+"""Seed checkpoint interop: torch-layout dict <-> Flax variables, and .safetensors files."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+from oracle import random_state_dict
+
+from omnimoe_jax import OmniMoE, OmniMoEConfig
+from omnimoe_jax.convert import from_torch_state_dict, load_safetensors, save_safetensors, to_torch_state_dict
+
+CONFIG = OmniMoEConfig(hidden_size=16, intermediate_size=24, num_experts=25, num_experts_per_token=3)
+
+
+def test_round_trip_is_exact(seed):
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    back = to_torch_state_dict(from_torch_state_dict(state, CONFIG), CONFIG)
+    assert back.keys() == state.keys()
+    for k in state:
+        assert back[k].dtype == state[k].dtype and back[k].shape == state[k].shape, k
+        np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+
+
+def test_variables_match_what_the_layer_creates(seed):
+    variables = from_torch_state_dict(random_state_dict(np.random.default_rng(seed), CONFIG), CONFIG)
+    created = OmniMoE(CONFIG).init(jax.random.key(0), jnp.ones((4, 16)))
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), tree)
+    assert shapes(variables) == shapes(created)
+
+
+def test_layout_is_torch_linear_out_by_in(seed):
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    variables = from_torch_state_dict(state, CONFIG)
+    np.testing.assert_array_equal(variables["params"]["shared"]["gate_proj"]["kernel"], state["gate_proj.weight"].T)
+    np.testing.assert_array_equal(
+        variables["params"]["router"]["router_gate_y"]["kernel"], state["router_gate_y.weight"].T
+    )
+    np.testing.assert_array_equal(variables["params"]["experts"]["down_embed"], state["down_embed.weight"])
+
+
+def test_prefix_selects_one_layer_of_a_model_checkpoint(seed):
+    rng = np.random.default_rng(seed)
+    model_state = {}
+    for layer in range(2):
+        for k, v in random_state_dict(rng, CONFIG).items():
+            model_state[f"model.layers.{layer}.mlp.{k}"] = v
+    model_state["model.embed_tokens.weight"] = rng.standard_normal((10, 16)).astype(np.float32)
+    variables = from_torch_state_dict(model_state, CONFIG, prefix="model.layers.1.mlp.")
+    back = to_torch_state_dict(variables, CONFIG, prefix="model.layers.1.mlp.")
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, model_state[k])
+
+
+def test_safetensors_written_by_the_safetensors_package_loads(tmp_path, seed):
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    from_file = from_torch_state_dict(path, CONFIG)
+    from_dict = from_torch_state_dict(state, CONFIG)
+    jax.tree.map(np.testing.assert_array_equal, from_file, from_dict)
+
+
+def test_our_safetensors_writer_is_read_by_the_safetensors_package(tmp_path, seed):
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    path = tmp_path / "out.safetensors"
+    save_safetensors(path, state)
+    loaded = safetensors.numpy.load_file(str(path))
+    assert loaded.keys() == state.keys()
+    for k in state:
+        assert loaded[k].dtype == state[k].dtype and loaded[k].shape == state[k].shape, k
+        np.testing.assert_array_equal(loaded[k], state[k])
+
+
+def bits(array):
+    return np.atleast_1d(array).view(np.uint8)
+
+
+def test_bf16_tensors_round_trip_through_safetensors(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    state = random_state_dict(rng, CONFIG, dtype=ml_dtypes.bfloat16)
+    path = tmp_path / "bf16.safetensors"
+    save_safetensors(path, state)
+    loaded = load_safetensors(path)
+    for k in state:
+        assert loaded[k].dtype == state[k].dtype and loaded[k].shape == state[k].shape, k
+        np.testing.assert_array_equal(bits(loaded[k]), bits(state[k]))
+    config = CONFIG.replace(param_dtype="bfloat16")
+    back = to_torch_state_dict(from_torch_state_dict(path, config), config)
+    for k in state:
+        np.testing.assert_array_equal(bits(back[k]), bits(state[k]), err_msg=k)
+
+
+def test_missing_counter_starts_at_zero(seed):
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    del state["router_norm_x.num_batches_tracked"]
+    variables = from_torch_state_dict(state, CONFIG)
+    assert int(variables["batch_stats"]["router"]["router_norm_x"]["num_batches_tracked"]) == 0
+
+
+def test_router_norm_none_has_no_norm_entries(seed):
+    config = CONFIG.replace(router_norm="none")
+    state = random_state_dict(np.random.default_rng(seed), config)
+    assert not any("router_norm" in k for k in state)
+    variables = from_torch_state_dict(state, config)
+    assert "batch_stats" not in variables
+    assert to_torch_state_dict(variables, config).keys() == state.keys()
+
+
+def test_missing_key_is_named(seed):
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    del state["up_embed.weight"]
+    with pytest.raises(ValueError, match=r"missing keys: \['up_embed.weight'\]"):
+        from_torch_state_dict(state, CONFIG)
+
+
+def test_unexpected_key_is_named(seed):
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    state["experts.bias"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"unexpected keys .*\['experts.bias'\]"):
+        from_torch_state_dict(state, CONFIG)
+
+
+def test_wrong_shape_is_named(seed):
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    # A seed layer built for 24 experts floors sqrt(24) to 4 and stores 16 rows in its router axes.
+    state["router_gate_x.weight"] = np.zeros((4, 16), np.float32)
+    with pytest.raises(ValueError, match=r"router_gate_x.weight has shape \(4, 16\), expected \(5, 16\)"):
+        from_torch_state_dict(state, CONFIG)
+
+
+def test_truncated_safetensors_file_is_refused(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x10\x00")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_safetensors(path)

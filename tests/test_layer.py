@@ -1,0 +1,162 @@
+"""The reference OmniMoE layer against the float64 per-token loop in tests/oracle.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_close, normal
+from jax.test_util import check_grads
+from oracle import omnimoe_forward, random_state_dict, routing_margin
+
+from omnimoe_jax import OmniMoE, OmniMoEConfig
+from omnimoe_jax.convert import from_torch_state_dict
+
+
+def small_config(**changes):
+    fields = dict(hidden_size=32, intermediate_size=48, num_experts=64, num_experts_per_token=6, implementation="xla")
+    fields.update(changes)
+    return OmniMoEConfig(**fields)
+
+
+def decisive_inputs(seed, config, tokens, *, train):
+    """A random seed-layout state dict and tokens whose routing is far from a tie (see routing_margin)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        state = random_state_dict(rng, config)
+        x = rng.standard_normal((tokens, config.hidden_size)).astype(np.float32)
+        if routing_margin(state, config, x, train=train) > 1e-4:
+            return state, x
+    raise AssertionError("could not draw inputs with a decisive routing")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"norm_topk_prob": True},
+        {"router_norm": "none"},
+        {"hidden_act": "gelu", "num_experts": 9, "num_experts_per_token": 9},
+        {"hidden_act": "gelu_pytorch_tanh", "num_experts_per_token": 1},
+        {"hidden_act": "relu", "num_experts": 16, "num_experts_per_token": 16},
+    ],
+)
+@pytest.mark.parametrize("train", [False, True])
+def test_layer_matches_per_token_loop(changes, train, seed):
+    config = small_config(**changes)
+    state, x = decisive_inputs(seed, config, 40, train=train)
+    variables = from_torch_state_dict(state, config)
+    want_y, want_idx, want_w, want_stats = omnimoe_forward(state, config, x, train=train)
+    model = OmniMoE(config)
+    if train:
+        (y, routing), updates = model.apply(
+            variables, jnp.asarray(x), train=True, return_routing=True, mutable=["batch_stats"]
+        )
+    else:
+        y, routing = model.apply(variables, jnp.asarray(x), return_routing=True)
+    np.testing.assert_array_equal(routing.indices, want_idx)
+    assert_close(routing.weights, want_w, jnp.float32, what="routing weights")
+    assert_close(y, want_y, jnp.float32)
+    if train and config.router_norm == "batchnorm":
+        for axis in "xy":
+            stats = updates["batch_stats"]["router"][f"router_norm_{axis}"]
+            for name in ("running_mean", "running_var"):
+                assert_close(stats[name], want_stats[f"router_norm_{axis}.{name}"], jnp.float32, what=name)
+            before = state[f"router_norm_{axis}.num_batches_tracked"]
+            assert int(stats["num_batches_tracked"]) == int(before) + 1
+
+
+def test_norm_topk_prob_weights_sum_to_one(key):
+    config = small_config(norm_topk_prob=True)
+    x = normal(key, (3, 5, config.hidden_size))
+    model = OmniMoE(config)
+    variables = model.init(jax.random.key(1), x)
+    _, routing = model.apply(variables, x, return_routing=True)
+    np.testing.assert_allclose(routing.weights.sum(-1), 1.0, rtol=1e-6)
+    plain = OmniMoE(small_config())
+    _, raw = plain.apply(variables, x, return_routing=True)
+    assert float(raw.weights.sum(-1).max()) < 1.0  # the product of two probabilities, K < N of them
+
+
+def test_eval_uses_running_statistics_and_train_uses_the_batch(key):
+    config = small_config()
+    x = normal(key, (64, config.hidden_size), scale=3.0) + 2.0
+    model = OmniMoE(config)
+    variables = model.init(jax.random.key(1), x)
+    y_eval = model.apply(variables, x)
+    y_train, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(y_eval, y_train), "train and eval must normalise the router logits differently"
+    # A fresh layer's running stats are (0, 1): eval normalisation is the identity on the logits.
+    _, routing = model.apply(variables, x, return_routing=True)
+    raw = x @ variables["params"]["router"]["router_gate_x"]["kernel"]
+    np.testing.assert_allclose(routing.logits_x, raw / np.sqrt(1 + config.router_norm_eps), rtol=1e-5, atol=1e-5)
+    moved = updates["batch_stats"]["router"]["router_norm_x"]["running_mean"]
+    np.testing.assert_allclose(moved, 0.1 * raw.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_init_does_not_count_a_batch(key):
+    config = small_config()
+    variables = OmniMoE(config).init(jax.random.key(0), normal(key, (8, config.hidden_size)), train=True)
+    stats = variables["batch_stats"]["router"]["router_norm_x"]
+    assert int(stats["num_batches_tracked"]) == 0
+    np.testing.assert_array_equal(stats["running_mean"], 0.0)
+
+
+@pytest.mark.parametrize("lead", [(), (7,), (2, 3), (2, 1, 4)])
+def test_any_leading_dims_under_jit(lead, key):
+    config = small_config()
+    model = OmniMoE(config)
+    x = normal(key, (*lead, config.hidden_size))
+    flat = x.reshape(-1, config.hidden_size)
+    variables = model.init(jax.random.key(1), flat)
+    y, routing = jax.jit(lambda v, a: model.apply(v, a, return_routing=True))(variables, x)
+    assert y.shape == x.shape
+    assert routing.indices.shape == (*lead, config.num_experts_per_token)
+    assert routing.logits_x.shape == (*lead, config.num_expert_sqrt)
+    np.testing.assert_allclose(y.reshape(flat.shape), model.apply(variables, flat), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_layer_is_finite_and_close_to_f32(key):
+    config = small_config(num_experts=256, num_experts_per_token=16)
+    x = normal(key, (2, 64, config.hidden_size))
+    variables = OmniMoE(config).init(jax.random.key(1), x)
+    y32 = OmniMoE(config).apply(variables, x)
+    y16 = OmniMoE(config.replace(dtype="bfloat16")).apply(variables, x)
+    assert y16.dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(y16)))
+    # Routing may flip for near-tied experts in bf16, so compare loosely: the shared MLP dominates.
+    assert float(jnp.linalg.norm(y16.astype(jnp.float32) - y32) / jnp.linalg.norm(y32)) < 5e-2
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_gradients_of_every_parameter_and_input_by_finite_differences(train, seed):
+    config = small_config(num_experts=16, num_experts_per_token=5, dtype="float64", param_dtype="float64")
+    with jax.enable_x64(True):
+        state, x = decisive_inputs(seed, config, 12, train=train)
+        variables = from_torch_state_dict(state, config)
+        model = OmniMoE(config)
+
+        def loss(params, tokens):
+            out = model.apply({**variables, "params": params}, tokens, train=train, mutable=["batch_stats"])[0]
+            return jnp.sum(jnp.sin(out))  # a non-linear readout so every output element matters differently
+
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables["params"])
+        tokens = jnp.asarray(x, jnp.float64)
+        # Routing is piecewise constant; a small step stays inside the region (margin > 1e-4 checked).
+        check_grads(loss, (params, tokens), order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
+        grads = jax.grad(loss)(params, tokens)
+        for path, g in jax.tree_util.tree_leaves_with_path(grads):
+            assert float(jnp.abs(g).max()) > 0, f"gradient of {jax.tree_util.keystr(path)} is identically zero"
+
+
+def test_input_with_the_wrong_width_is_refused(key):
+    model = OmniMoE(small_config())
+    with pytest.raises(ValueError, match=r"x must be \[..., hidden_size=32\], got shape \(4, 31\)"):
+        model.init(key, jnp.zeros((4, 31)))
+
+
+def test_training_on_one_token_is_refused(key):
+    config = small_config()
+    model = OmniMoE(config)
+    variables = model.init(key, jnp.ones((4, config.hidden_size)))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        model.apply(variables, jnp.ones((1, config.hidden_size)), train=True, mutable=["batch_stats"])
