@@ -21,8 +21,9 @@ dev = jax.devices()[0]
 print("device kind", dev.device_kind, "memory_stats", {k: v for k, v in (dev.memory_stats() or {}).items() if "limit" in k})
 
 
-def gather_atomic_kernel(ids_ref, x_ref, o_ref):
+def gather_atomic_kernel(ids_ref, x_ref, zeros_ref, o_ref):
     # Gather rows x[ids] and atomically add them into o[ids // 2] (pairs of ids share an output row).
+    del zeros_ref  # aliased to o_ref
     ids = ids_ref[...]
     rows = x_ref[ids, :]
     pltriton.atomic_add(o_ref, (ids // 2, slice(None)), rows)
@@ -33,9 +34,9 @@ x = jax.random.normal(jax.random.key(0), (32, 64), jnp.float32)
 out = pl.pallas_call(
     gather_atomic_kernel,
     out_shape=jax.ShapeDtypeStruct((16, 64), jnp.float32),
-    input_output_aliases={},
+    input_output_aliases={2: 0},  # the output starts as the zeros input: atomics need a defined start
     compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-)(ids, x)
+)(ids, x, jnp.zeros((16, 64), jnp.float32))
 want = x.reshape(16, 2, 64).sum(1)
 print("pallas gather+atomic_add max err", float(jnp.max(jnp.abs(out - want))))
 print("x64 default matmul precision check", np.asarray(jnp.ones((2, 2)) @ jnp.ones((2, 2)))[0, 0])
