@@ -8,6 +8,10 @@ import secrets
 import jax
 import pytest
 
+# References are compared at full f32 precision; on GPUs XLA's default f32 matmul may use TF32.
+# Pallas kernels set the precision of their own dots, so this only affects the plain-XLA side.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 @pytest.fixture
 def seed(request) -> int:
