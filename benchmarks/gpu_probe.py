@@ -14,11 +14,16 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "triton", "ja
     try:
         module = importlib.import_module(name)
         print(f"{name:18s} {getattr(module, '__version__', '?')}")
-    except Exception as err:  # noqa: BLE001 - a probe reports every failure and goes on
+    except Exception as err:  # a probe reports every failure and goes on
         print(f"{name:18s} import failed: {err!r}")
 print("python", platform.python_version(), "devices", jax.devices())
 dev = jax.devices()[0]
-print("device kind", dev.device_kind, "memory_stats", {k: v for k, v in (dev.memory_stats() or {}).items() if "limit" in k})
+print(
+    "device kind",
+    dev.device_kind,
+    "memory_stats",
+    {k: v for k, v in (dev.memory_stats() or {}).items() if "limit" in k},
+)
 
 
 def gather_atomic_kernel(ids_ref, x_ref, zeros_ref, o_ref):

@@ -1,0 +1,81 @@
+"""Shared benchmark plumbing: timing, environment record, table printing, JSON results.
+
+Timing method (see /work/.library/device/METHOD.md): compile and warm up first, then enqueue `reps` calls
+back to back and block once at the end, so host dispatch overlaps device work and the per-call time is
+device throughput; repeat that `batches` times and report the median (and the spread). Calls rotate over
+several independently drawn input sets so an L2-resident input cannot flatter the number.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def time_fn(fn: Callable[..., Any], arg_sets: Sequence[tuple], *, reps: int = 20, batches: int = 5) -> dict:
+    """Median milliseconds per call of the jitted `fn` over `arg_sets` (a list of argument tuples)."""
+    jax.block_until_ready(fn(*arg_sets[0]))  # compile
+    for args in arg_sets:
+        jax.block_until_ready(fn(*args))  # warm up every input set
+    per_call = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        out = None
+        for i in range(reps):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - start) * 1e3 / reps)
+    return {"ms": statistics.median(per_call), "ms_min": min(per_call), "ms_max": max(per_call)}
+
+
+def environment() -> dict:
+    """Device, library versions, date and the command line, stored with every result."""
+    versions = {"python": platform.python_version(), "jax": jax.__version__}
+    for name in ("jaxlib", "flax", "optax", "triton", "jax_triton"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # a missing optional package is recorded, not fatal
+            versions[name] = None
+    device = jax.devices()[0]
+    return {
+        "device": getattr(device, "device_kind", str(device)),
+        "platform": device.platform,
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+    }
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """A plain fixed-width table of the given columns (floats to 3 decimals)."""
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def write_results(name: str, rows: list[dict], **extra: Any) -> pathlib.Path:
+    """benchmarks/results/<name>.json with the environment, the rows and any extra fields."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({**environment(), **extra, "rows": rows}, indent=2) + "\n")
+    return path
