@@ -126,9 +126,9 @@ class RoutedSwiGLUExperts(nn.Module):
             kept = position < capacity  # [P]
             dropped = pairs - jnp.sum(kept, dtype=jnp.int32)
             out = self._capacity(tokens, pair_token, pair_expert, position, kept, capacity, gate_w, up_w, down_w)
-        out = out.reshape(top_k, num_tokens, d)  # [k, T, d]
+        out = out.reshape(top_k, num_tokens, d)  # [k, T, d], in `dtype`
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        y = jnp.einsum("kt,ktd->td", weights.T.astype(acc), out.astype(acc))  # [T, d]
+        y = jnp.einsum("kt,ktd->td", weights.T.astype(self.dtype), out, preferred_element_type=acc)  # [T, d]
         return y.astype(self.dtype), jnp.asarray(dropped, jnp.int32)
 
     def _swiglu(self, gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -139,7 +139,7 @@ class RoutedSwiGLUExperts(nn.Module):
         acc = jnp.promote_types(self.dtype, jnp.float32)
         dot = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=acc)
         hidden = self._swiglu(dot(rows, gate_w), dot(rows, up_w))  # [P, I]
-        return dot(hidden, down_w)  # [P, d]
+        return dot(hidden, down_w).astype(self.dtype)  # [P, d]
 
     def _capacity(self, tokens, pair_token, pair_expert, position, kept, capacity, gate_w, up_w, down_w):
         # -> [P, d] in pair order; a dropped pair writes nowhere (its slot index C is out of bounds) and reads 0.
@@ -150,4 +150,4 @@ class RoutedSwiGLUExperts(nn.Module):
         gate = jnp.einsum("ecd,edi->eci", buffer, gate_w, preferred_element_type=acc)  # [E, C, I]
         up = jnp.einsum("ecd,edi->eci", buffer, up_w, preferred_element_type=acc)  # [E, C, I]
         out = jnp.einsum("eci,eid->ecd", self._swiglu(gate, up), down_w, preferred_element_type=acc)  # [E, C, d]
-        return out.at[pair_expert, slot].get(mode="fill", fill_value=0)  # [P, d]
+        return out.astype(self.dtype).at[pair_expert, slot].get(mode="fill", fill_value=0)  # [P, d]
