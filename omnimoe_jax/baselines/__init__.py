@@ -17,7 +17,7 @@ from omnimoe_jax.baselines import presets
 from omnimoe_jax.baselines._deepseek import DeepSeekMoE, DeepSeekMoEConfig
 from omnimoe_jax.baselines._dense import DenseFFN, DenseFFNConfig
 from omnimoe_jax.baselines._gshard import GShardMoE, GShardMoEConfig
-from omnimoe_jax.baselines._peer import PEER, PEERConfig, peer_reference_experts
+from omnimoe_jax.baselines._peer import PEER, PEERConfig
 from omnimoe_jax.baselines._pkm import PKM, PKMConfig
 
 __all__ = [
@@ -31,6 +31,5 @@ __all__ = [
     "GShardMoEConfig",
     "PEERConfig",
     "PKMConfig",
-    "peer_reference_experts",
     "presets",
 ]

@@ -11,6 +11,10 @@ order) and sorted by expert with a stable argsort; then either
               batched [E, C, d] x [E, d, I] product.
 
 The outputs return to pair order through the inverse permutation and are summed per token with the gates.
+
+Which is faster depends on the backend: XLA may lower `ragged_dot` to a product over every group (E times the
+work), while the capacity buffers cost (capacity_factor - 1) of padding and drop overflow. benchmarks/compare.py
+times both ("deepseekmoe-matched" vs "deepseekmoe-capacity").
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ experts, several retrieval heads sharing one pool."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -77,7 +78,7 @@ class PEERConfig(BaselineConfig):
     @property
     def num_keys(self) -> int:
         """n: sub-keys per axis."""
-        return self._check_square("num_experts")
+        return math.isqrt(self.num_experts)
 
 
 def peer_reference_experts(

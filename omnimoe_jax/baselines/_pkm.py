@@ -4,6 +4,7 @@ retrieved by product keys, several heads reading one value table."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -59,7 +60,7 @@ class PKMConfig(BaselineConfig):
     @property
     def num_keys(self) -> int:
         """n: sub-keys per axis."""
-        return self._check_square("num_values")
+        return math.isqrt(self.num_values)
 
 
 class PKM(nn.Module):
