@@ -2,8 +2,12 @@
 
 Run from the repository root (the GPU machine; see the README's results section):
 
-    PYTHONPATH=. python benchmarks/compare.py            # checks, tokens 1k..16k, N sweep: about 5 minutes
-    PYTHONPATH=. python benchmarks/compare.py --quick    # checks, T = 4096 only: about 1.5 minutes
+    PYTHONPATH=. python benchmarks/compare.py            # checks, tokens 1k..16k, N sweep; --budget-s 300
+    PYTHONPATH=. python benchmarks/compare.py --quick    # checks, T = 4096 only (the targets' point)
+    PYTHONPATH=. python benchmarks/compare.py --smoke    # tiny f32 configs: the machinery, on a CPU
+
+The budget bounds the wall time (plus up to GRACE_S for a configuration in flight and the final plot); what
+does not fit is recorded as skipped, and `--ffn/--tokens/--n-sweep --name other` measures it in a second run.
 
 What it does, in order:
 1. Checks on the device: pairs of implementations that must compute the same function (OmniMoE and PKM with
