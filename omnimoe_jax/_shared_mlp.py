@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import flax.linen as nn
 import jax
 
-from omnimoe_jax._config import OmniMoEConfig
 from pallas_kernels import get_activation
+
+
+class SwiGLUConfig(Protocol):
+    """The fields `SharedMLP` reads. `OmniMoEConfig` has them, and so do the baselines' configs (the dense
+    FFN and DeepSeekMoE's shared experts reuse this module rather than a second SwiGLU)."""
+
+    hidden_size: int
+    intermediate_size: int
+    hidden_act: str
+    dtype: Any
+    param_dtype: Any
 
 
 class SharedMLP(nn.Module):
     """SwiGLU without biases: down_proj(act(gate_proj x) * up_proj x), width `intermediate_size`."""
 
-    config: OmniMoEConfig
+    config: SwiGLUConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -1,0 +1,107 @@
+"""PKM, product-key memory (Lample et al. 2019, arXiv 1907.05242): a softmax-weighted sum of value rows
+retrieved by product keys, several heads reading one value table."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omnimoe_jax.baselines._config import IMPLEMENTATIONS, QUERY_NORMS, BaselineConfig
+from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, used_fraction
+from omnimoe_jax.baselines._shapes import flatten_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class PKMConfig(BaselineConfig):
+    """Sizes and switches of one product-key memory layer.
+
+    Attributes:
+      hidden_size: d (the values are d-dimensional: the memory's output is the FFN's output).
+      num_values: N = n*n value rows, n >= 2.
+      num_heads: h memory heads; each has its own query network and its own two sub-key tables (as in
+        Lample et al.), all read the same values.
+      values_per_head: k rows retrieved per head (h * k per token), 1 <= k <= N.
+      key_dim: query length per head, even; each half (key_dim / 2) scores one sub-key table.
+      query_norm: "batchnorm" (non-affine query BatchNorm, torch semantics) or "none".
+      query_norm_eps, query_norm_momentum: BatchNorm constants (torch defaults).
+      implementation: "auto", "xla" or "pallas", passed to `omni_router` (the product-key top-k).
+      dtype, param_dtype: compute and storage dtypes.
+    """
+
+    hidden_size: int
+    num_values: int
+    num_heads: int
+    values_per_head: int
+    key_dim: int
+    query_norm: str = "batchnorm"
+    query_norm_eps: float = 1e-5
+    query_norm_momentum: float = 0.1
+    implementation: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        self._check_positive_ints("hidden_size", "num_values", "num_heads", "values_per_head", "key_dim")
+        self._check_square("num_values")
+        self._check_at_most("values_per_head", "num_values")
+        if self.key_dim % 2:
+            raise ValueError(f"key_dim={self.key_dim} must be even (each half scores one sub-key table)")
+        self._check_choice("query_norm", QUERY_NORMS)
+        self._check_positive_number("query_norm_eps")
+        self._check_fraction("query_norm_momentum")
+        self._check_choice("implementation", IMPLEMENTATIONS)
+        super().__post_init__()
+
+    @property
+    def num_keys(self) -> int:
+        """n: sub-keys per axis."""
+        return math.isqrt(self.num_values)
+
+
+class PKM(nn.Module):
+    """y = sum over heads h, retrieved rows e of softmax_h(score)_e * values[e].
+
+    1. Flatten the input's leading dims to tokens [T, d].
+    2. `retrieval`: per head, a query (with BatchNorm) scores the N rows through the head's two sub-key
+       tables; the exact top k; softmax over those k (`ProductKeyRetrieval`, one key pair per head).
+    3. Gather the h*k value rows ([T, h, k, d]) and sum them with the gates.
+
+    Call `(x, *, train=False)`: x [..., d] -> [..., d]. Variables: "params" {retrieval: {query: {kernel
+    [d, h*key_dim]}, sub_keys [h, 2, n, key_dim/2]}, values [N, d]}; with BatchNorm, "batch_stats"
+    {retrieval: {query_norm: {...}}}. Sown outside `init`: "metrics"/"used_fraction", the fraction of the
+    N rows that at least one (token, head) retrieved.
+    """
+
+    config: PKMConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        cfg = self.config
+        tokens = flatten_tokens(x, cfg.hidden_size, cfg.dtype)  # [T, d]
+        gates, indices = ProductKeyRetrieval(
+            num_heads=cfg.num_heads,
+            num_keys=cfg.num_keys,
+            top_k=cfg.values_per_head,
+            key_dim=cfg.key_dim,
+            shared_keys=False,
+            query_norm=cfg.query_norm,
+            query_norm_eps=cfg.query_norm_eps,
+            query_norm_momentum=cfg.query_norm_momentum,
+            implementation=cfg.implementation,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="retrieval",
+        )(tokens, train=train)  # [T, h, k] each
+        init = nn.initializers.normal(stddev=cfg.hidden_size**-0.5)
+        values = self.param("values", init, (cfg.num_values, cfg.hidden_size), cfg.param_dtype).astype(cfg.dtype)
+        acc = jnp.promote_types(cfg.dtype, jnp.float32)
+        rows = jnp.take(values, indices, axis=0)  # [T, h, k, d]
+        y = jnp.einsum("thk,thkd->td", gates.astype(cfg.dtype), rows, preferred_element_type=acc)  # [T, d]
+        if not self.is_initializing():
+            self.sow("metrics", "used_fraction", used_fraction(indices, cfg.num_values))
+        return y.astype(cfg.dtype).reshape(*x.shape[:-1], cfg.hidden_size)  # [..., d]

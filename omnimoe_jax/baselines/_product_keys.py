@@ -1,0 +1,81 @@
+"""Product-key retrieval (Lample et al. 2019, arXiv 1907.05242), shared by PEER and PKM.
+
+A table of N = n*n slots is indexed by a row i and a column j (slot e = i*n + j). Each slot's key is the
+concatenation of a row sub-key and a column sub-key, so a query's score for slot e splits into two dot
+products, s_1[i] + s_2[j], and the exact top k over all N slots only ever needs the top min(k, n) of each
+axis. That search is `pallas_kernels.omni_router`: it takes per-axis scores [tokens, n] and returns the exact
+top-k of their sums with e = i*n + j. It was written for OmniMoE's per-axis log-probabilities, but nothing
+in it assumes a sign or a normalisation (the tests check it against brute force on raw dot products here),
+so PEER and PKM pass raw q.k scores, one router "token" per (token, head).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omnimoe_jax._router import RouterBatchNorm
+from pallas_kernels import omni_router
+
+
+class ProductKeyRetrieval(nn.Module):
+    """Per head h: query q = norm(W_q x); scores of slot e = i*n + j: q[:c] . K_1[i] + q[c:] . K_2[j]
+    (c = key_dim / 2); the top `top_k` slots by score; gates = softmax over those k scores.
+
+    1. `query`: one bias-free Dense d -> heads * key_dim (the heads' query networks side by side).
+    2. `query_norm`: non-affine BatchNorm of the queries over tokens ("batchnorm", PEER's query
+       normalisation; batch statistics in training, running ones in eval; torch semantics) or "none".
+    3. Sub-key scores [T, heads, 2, n]: `sub_keys` is [2, n, c] shared by all heads (PEER) or
+       [heads, 2, n, c] with one pair of tables per head (PKM).
+    4. Exact top-k of the n*n sums per (token, head) through `omni_router`; softmax over the k.
+
+    Call `(tokens [T, d], *, train)` -> (gates [T, heads, k] f32 (f64 for f64 compute), indices
+    [T, heads, k] int32 in [0, n*n)).
+    """
+
+    num_heads: int
+    num_keys: int  # n: sub-keys per axis; the table has n*n slots
+    top_k: int
+    key_dim: int
+    shared_keys: bool
+    query_norm: str
+    query_norm_eps: float
+    query_norm_momentum: float
+    implementation: str
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
+        num_tokens = tokens.shape[0]
+        heads, n, half = self.num_heads, self.num_keys, self.key_dim // 2
+        acc = jnp.promote_types(self.dtype, jnp.float32)  # normalise and score in f32 at least
+        query = nn.Dense(
+            heads * self.key_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="query"
+        )(tokens).astype(acc)  # [T, heads * key_dim]
+        if self.query_norm == "batchnorm":
+            query = RouterBatchNorm(
+                heads * self.key_dim, eps=self.query_norm_eps, momentum=self.query_norm_momentum, name="query_norm"
+            )(query, train=train)
+        query = query.reshape(num_tokens, heads, 2, half).astype(self.dtype)  # [T, heads, 2, c]
+        key_shape = (2, n, half) if self.shared_keys else (heads, 2, n, half)
+        # Sub-keys ~ N(0, 1/c): a unit-variance query half then scores O(1), a useful softmax temperature.
+        sub_keys = self.param("sub_keys", nn.initializers.normal(half**-0.5), key_shape, self.param_dtype)
+        sub_keys = sub_keys.astype(self.dtype)
+        spec = "thpc,pnc->thpn" if self.shared_keys else "thpc,hpnc->thpn"
+        scores = jnp.einsum(spec, query, sub_keys, preferred_element_type=acc)  # [T, heads, 2, n]
+        scores = scores.reshape(num_tokens * heads, 2, n)  # [T * heads, 2, n]
+        top_scores, indices = omni_router(
+            scores[:, 0], scores[:, 1], self.top_k, implementation=self.implementation
+        )  # [T * heads, k] each
+        gates = jax.nn.softmax(top_scores, axis=-1)  # [T * heads, k]
+        return gates.reshape(num_tokens, heads, self.top_k), indices.reshape(num_tokens, heads, self.top_k)
+
+
+def used_fraction(indices: jax.Array, num_slots: int) -> jax.Array:
+    """f32 scalar: the fraction of the `num_slots` table rows that at least one (token, head) retrieved."""
+    used = jnp.zeros(num_slots, jnp.bool_).at[indices.reshape(-1)].set(True)  # [N]
+    return jnp.mean(used.astype(jnp.float32))

@@ -1,0 +1,56 @@
+"""benchmarks/compare.py's bookkeeping (no device work, nothing timed): the plan each variant's worker gets,
+the targets computed from rows, the one-line-per-configuration summary."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare  # benchmarks/ is a folder of scripts, not a package
+
+
+def test_plan_puts_the_target_point_first_and_skips_the_default_table_size():
+    specs, refused = compare.plan(["omnimoe", "deepseekmoe-capacity"], [1024, 4096, 16384], [16384, 102400], "paper")
+    omni, capacity = specs
+    assert omni["jobs"] == [[4096, None], [1024, None], [16384, None], [4096, 16384]]  # 102400 is the default
+    assert capacity["jobs"] == [[4096, None]]  # a one-point variant, no N sweep
+    assert refused == [] and omni["modes"] == ["fwd", "fwdbwd"]
+
+
+def test_plan_records_table_sizes_a_config_refuses():
+    specs, refused = compare.plan(["peer-reference"], [4096], [100], "paper")  # 100 < 125 experts per head
+    assert specs[0]["jobs"] == [[4096, None]]
+    assert [r["mode"] for r in refused] == ["fwd", "fwdbwd"]
+    assert all("experts_per_head=125 must be <= num_experts=100" in r["error"] for r in refused)
+
+
+def _row(variant, mode, ms, tokens=4096):
+    return {"variant": variant, "sweep": "tokens", "tokens": tokens, "N": 0, "active_params": 1, "mode": mode, "ms": ms}
+
+
+def test_targets_compare_this_runs_rows_at_the_target_point():
+    rows = [
+        _row("omnimoe", "fwd", 2.0),
+        _row("peer-reference", "fwd", 30.0),
+        _row("deepseekmoe-matched", "fwd", 1.5),
+        _row("omnimoe", "fwdbwd", 5.0),
+        _row("peer-reference", "fwdbwd", 40.0, tokens=8192),  # another point: no data at the target
+        {**_row("deepseekmoe-matched", "fwdbwd", None), "error": "OOM"},
+    ]
+    del rows[-1]["ms"]
+    claims = {c["claim"]: c for c in compare.targets(rows, 4096)}
+    peer = claims["omnimoe at least 10.9x faster than peer-reference at T=4096 (fwd)"]
+    assert peer["speedup"] == pytest.approx(15.0) and peer["met"] is True
+    deepseek = claims["omnimoe faster than deepseekmoe-matched at T=4096 (fwd)"]
+    assert deepseek["speedup"] == pytest.approx(0.75) and deepseek["met"] is False
+    assert claims["omnimoe at least 10.9x faster than peer-reference at T=4096 (fwdbwd)"]["met"] is None
+    assert claims["omnimoe faster than deepseekmoe-matched at T=4096 (fwdbwd)"]["met"] is None
+
+
+def test_summary_puts_both_modes_of_a_configuration_on_one_line():
+    rows = [_row("dense", "fwd", 1.0), {**_row("dense", "fwdbwd", None), "error": "RESOURCE_EXHAUSTED"}]
+    del rows[1]["ms"]
+    (line,) = compare.summary(rows)
+    assert line["fwd ms"] == 1.0 and line["fwdbwd ms"] is None
+    assert line["note"] == "fwdbwd: RESOURCE_EXHAUSTED"
