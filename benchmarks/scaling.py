@@ -1,29 +1,33 @@
 """Scale-out of the expert-parallel OmniMoE layer: bytes exchanged per step as N grows, and tokens/s vs
-device count at equal per-device batch. Checks first, then measures; prints tables, writes JSON.
+device count at equal per-device batch. Checks first, then measures; prints tables, writes JSON to
+benchmarks/results/scaling_<platform>.json (and a copy under $OUT if set).
 
-    python -m benchmarks.scaling --cpu-devices 8 --parts bytes          # any machine: compile only, flat in N
-    python -m benchmarks.scaling                                        # GPU host: check + bytes + throughput
+    python -m benchmarks.scaling --cpu-devices 8 --parts bytes --dtype float32   # any machine: compile only
+    python -m benchmarks.scaling                                                 # GPU host: all three parts
 
 Parts (`--parts`, comma-separated):
-  check       the sharded layer's forward and gradients against the same layer on one device, on a mesh over
-              all devices, with the configured implementation ("auto" = Pallas kernels on GPU): a mismatch
-              aborts before anything is timed.
-  bytes       per device and training step (forward + backward) of one layer, for N in --experts: the bytes
-              in each kind of collective of the compiled program (`parallel.collective_bytes`) and the
-              all_to_all payload predicted from the dispatch buffer shapes (`parallel.dispatch_payload_bytes`);
-              the two must agree. Compiles only (abstract inputs): N = 4M needs no memory.
-  throughput  tokens/s of one layer's training step (forward, backward, AdamW update; donated state) at
-              --tokens-per-device tokens per device, on meshes of 1, 2, 4, ... devices; scaling efficiency
-              = tokens/s on g devices / (g x tokens/s on one).
+  check       the sharded layer's forward and gradients against the same layer with no mesh, on a mesh over
+              all devices, with the configured implementation ("auto" = Pallas kernels on GPU where they
+              exist): a mismatch aborts before anything is timed.
+  bytes       per device and training step (forward + backward, the input's gradient included) of one layer,
+              for each mesh (--mesh, repeatable) and N in --experts: the bytes in each kind of collective of
+              the compiled program (`parallel.collective_bytes`) and the all_to_all payload predicted from
+              the dispatch buffer shapes (`parallel.dispatch_payload_bytes`), which must agree. Compiles only
+              (abstract inputs), so N = 4M needs no memory. XLA:CPU widens bf16 collectives to f32: on CPU
+              use --dtype float32 for the prediction to match.
+  throughput  tokens/s of one layer's training step (forward, backward, AdamW update) at --tokens-per-device
+              tokens per device: the plain layer with no mesh, then meshes of 1, 2, 4, ... devices on the
+              expert axis; scaling efficiency = tokens/s on g devices / (g x tokens/s with no mesh).
 
-What the throughput part times is the layer, not a whole model: the train script's `small` preset (issue 5)
-belongs in `model_step` below once it lands. Communication that grows with N, if any, is the data-parallel
-all-reduce of the expert-table gradients (N/E rows per device over the "data" axis), reported apart.
+The throughput part times the layer, not a whole model: the train script's `small` preset (issue 5) belongs
+in `model_step` once it lands. The dispatch traffic is flat in N; what grows with N is the data-parallel
+all-reduce of the expert-table gradients (2 x N/E rows per device over the "data" axis), reported apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import pathlib
@@ -147,16 +151,17 @@ def bytes_rows(args) -> list[dict]:
     return rows
 
 
-def model_step(args, num_devices: int):
-    """The timed training step on `num_devices`: (jitted step, argument sets, tokens per call).
+def model_step(args, mesh):
+    """The timed training step: (jitted step, initial state, input sets, tokens per step).
 
-    Today one OmniMoE layer with AdamW; the train script's `small` preset replaces it once it lands.
+    One OmniMoE layer with AdamW, its input's gradient included; the train script's `small` preset (issue 5)
+    replaces it once it lands. `mesh` None: the plain one-device layer, the baseline of the scaling table.
     """
-    mesh = parallel.make_mesh({"expert": num_devices}, devices=jax.devices()[:num_devices])
     config = layer_config(args, args.throughput_experts)
     model = OmniMoE(config)
     tx = optax.adamw(1e-4)
-    tokens = args.tokens_per_device * num_devices
+    devices = 1 if mesh is None else mesh.size
+    tokens = args.tokens_per_device * devices
 
     def init(key):
         variables = model.init(key, jnp.zeros((tokens, config.hidden_size), config.dtype))
@@ -169,41 +174,45 @@ def model_step(args, num_devices: int):
         # d x is returned so the step does the work of a layer inside a model (XLA would drop it otherwise).
         return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, loss, d_x
 
+    inputs = [np.random.default_rng(i).standard_normal((tokens, args.hidden)).astype(np.float32) for i in range(3)]
+    if mesh is None:
+        xs = [jnp.asarray(x, config.dtype) for x in inputs]
+        return jax.jit(step), jax.jit(init)(jax.random.key(0)), xs, tokens
     with jax.set_mesh(mesh):
         state_shardings = parallel.shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
         state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(0))
         batch = parallel.batch_sharding(mesh)
-        xs = [
-            jax.device_put(
-                jnp.asarray(np.random.default_rng(i).standard_normal((tokens, args.hidden)), config.dtype), batch
-            )
-            for i in range(3)
-        ]
+        xs = [jax.device_put(jnp.asarray(x, config.dtype), batch) for x in inputs]
         jitted = jax.jit(step, in_shardings=(state_shardings, batch), out_shardings=(state_shardings, None, batch))
-    return mesh, jitted, state, xs, tokens
+    return jitted, state, xs, tokens
 
 
 def throughput_rows(args) -> list[dict]:
+    """Tokens/s of the step with no mesh, then on meshes of 1, 2, 4, ... devices (all on the expert axis)."""
     rows, base = [], None
-    counts = [g for g in (1, 2, 4, 8, 16) if g <= jax.device_count()]
-    for count in counts:
-        mesh, step, state, xs, tokens = model_step(args, count)
-        # The state is not donated here: time_fn reuses it for every call, so each call is one real step.
-        with jax.set_mesh(mesh):
+    layouts = [None] + [g for g in (1, 2, 4, 8, 16) if g <= jax.device_count()]
+    for count in layouts:
+        mesh = None if count is None else parallel.make_mesh({"expert": count}, devices=jax.devices()[:count])
+        step, state, xs, tokens = model_step(args, mesh)
+        # The state is not donated: time_fn reuses it for every call, so each call is one real step.
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             timing = time_fn(step, [(state, x) for x in xs], reps=args.reps, batches=args.batches)
+        devices = 1 if mesh is None else mesh.size
         rate = tokens / (timing["ms"] / 1e3)
-        base = base or rate
+        base = base or rate  # the plain one-device layer
+        layout = "no mesh" if mesh is None else f"expert={count}"
         rows.append(
             {
-                "devices": count,
-                "mesh": dict(mesh.shape),
+                "layout": layout,
+                "devices": devices,
                 "tokens_per_step": tokens,
                 **timing,
                 "tokens_per_s": rate,
-                "efficiency": rate / (count * base),
+                "efficiency": rate / (devices * base),
             }
         )
-        print(f"{count} devices: {timing['ms']:.3f} ms per step, {rate:,.0f} tokens/s", flush=True)
+        print(f"{layout}: {timing['ms']:.3f} ms per step, {rate:,.0f} tokens/s", flush=True)
+        del step, state, xs  # free the devices before the next layout
     return rows
 
 
@@ -256,7 +265,9 @@ def main() -> None:
             print(f"{spec}: all_to_all bytes per step are", "the same for every N" if flat else "NOT flat in N")
     if "throughput" in parts:
         rows = throughput_rows(args)
-        print_table(rows, ["devices", "tokens_per_step", "ms", "ms_min", "ms_max", "tokens_per_s", "efficiency"])
+        print_table(
+            rows, ["layout", "devices", "tokens_per_step", "ms", "ms_min", "ms_max", "tokens_per_s", "efficiency"]
+        )
         results["throughput"] = rows
     # One file per platform: the CPU run (fake devices: bytes only mean anything) and the GPU run side by side.
     path = write_results(f"scaling_{jax.default_backend()}", results.pop("throughput", []), **results)

@@ -98,11 +98,11 @@ def shard_tokens(fn: Callable[..., Any], mesh: Mesh | AbstractMesh) -> Callable[
     spec = PartitionSpec(axes)
 
     def run(*args):
-        for i, arg in enumerate(args):
+        for arg in args:
             if arg.ndim == 0 or arg.shape[0] % shards:
                 raise ValueError(
-                    f"argument {i} of {getattr(fn, '__name__', fn)!r} has shape {arg.shape}; its leading (token) "
-                    f"dimension must be a multiple of the {shards} devices of mesh {dict(mesh.shape)}"
+                    f"tokens are split over the {shards} devices of mesh {dict(mesh.shape)}, so the token count "
+                    f"(batch x sequence) must be a multiple of {shards}; got an input of shape {arg.shape}"
                 )
         return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)(*args)
 

@@ -21,6 +21,11 @@ BATCH = 8  # global sequences per step: one per device on 8 devices
 SEQUENCE = 8
 
 
+def cpu_mesh(spec: str | dict[str, int]) -> jax.sharding.Mesh:
+    """A mesh over the 8 CPU devices of tests/conftest.py (also on a GPU machine, where they are not default)."""
+    return parallel.make_mesh(spec, devices=jax.devices("cpu"))
+
+
 def tiny_config(**changes) -> OmniMoEConfig:
     fields = dict(
         hidden_size=32,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import assert_close
 from oracle import random_state_dict, routing_margin
+from parallel_model import cpu_mesh
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig, SharedMLP, parallel
 from omnimoe_jax.convert import from_torch_state_dict
@@ -69,7 +70,7 @@ def test_sharded_layer_matches_the_single_device_layer(spec, seed):
     y_ref, d_params_ref, d_x_ref, updates_ref = reference_step(config, variables, x, cotangent)
     assert dropped_pairs(updates_ref) == 0
 
-    mesh = parallel.make_mesh(spec)
+    mesh = cpu_mesh(spec)
     with jax.set_mesh(mesh):
         batch = parallel.batch_sharding(mesh)
         variables = jax.device_put(variables, parallel.shardings(variables, mesh))
@@ -82,7 +83,9 @@ def test_sharded_layer_matches_the_single_device_layer(spec, seed):
     exchanged = parallel.collective_bytes(step.as_text())
     shards = mesh.shape["expert"]
     capacity = parallel.dispatch_capacity(x.shape[0] // mesh.size, shards, config.num_experts_per_token, None)
-    payload = parallel.dispatch_payload_bytes(shards, capacity, config.num_experts_per_token, 32, jnp.float32)
+    payload = parallel.dispatch_payload_bytes(
+        shards, capacity, config.num_experts_per_token, config.hidden_size, jnp.float32
+    )
     assert exchanged["all-to-all"] == (payload["forward_backward"] if shards > 1 else 0)
     assert exchanged["all-gather"] == 0
     assert y.sharding.is_equivalent_to(batch, y.ndim)
@@ -90,16 +93,16 @@ def test_sharded_layer_matches_the_single_device_layer(spec, seed):
     assert d_params["experts"]["up_embed"].sharding.is_equivalent_to(table_sharding, 2)
     assert_close(y, y_ref, jnp.float32)
     assert_close(d_x, d_x_ref, jnp.float32, what="d x")
-    for path, grad in jax.tree_util.tree_leaves_with_path(d_params):
-        want = d_params_ref
-        for key in path:
-            want = want[key.key]
+    for (path, grad), want in zip(
+        jax.tree_util.tree_leaves_with_path(d_params), jax.tree.leaves(d_params_ref), strict=True
+    ):
         assert_close(grad, want, jnp.float32, what=f"d {jax.tree_util.keystr(path)}")
     # Router BatchNorm statistics are those of the global batch, whatever the mesh.
-    for path, stat in jax.tree_util.tree_leaves_with_path(updates["batch_stats"]):
-        want = updates_ref["batch_stats"]
-        for key in path:
-            want = want[key.key]
+    for (path, stat), want in zip(
+        jax.tree_util.tree_leaves_with_path(updates["batch_stats"]),
+        jax.tree.leaves(updates_ref["batch_stats"]),
+        strict=True,
+    ):
         if jnp.issubdtype(stat.dtype, jnp.floating):
             assert_close(stat, want, jnp.float32, what=jax.tree_util.keystr(path))
         else:
@@ -125,7 +128,7 @@ def one_shard_routing(seed, config, tokens, shard, num_shards):
 
 @pytest.mark.parametrize("spec", ["data=2,expert=4", "expert=8"])
 def test_routing_every_pair_to_one_shard_drops_exactly_what_capacity_cannot_hold(spec, seed):
-    mesh = parallel.make_mesh(spec)
+    mesh = cpu_mesh(spec)
     devices, shards = mesh.size, mesh.shape["expert"]
     config = layer_config(router_norm="none")
     shard = int(np.random.default_rng(seed).integers(shards))
@@ -156,7 +159,7 @@ def test_routing_every_pair_to_one_shard_drops_exactly_what_capacity_cannot_hold
 
 
 def test_dispatch_with_repeated_experts_matches_the_reference_with_gradients(seed):
-    mesh = parallel.make_mesh("data=4,expert=2")
+    mesh = cpu_mesh("data=4,expert=2")
     tokens, experts, d, top_k = 32, 16, 16, 5
     rng = np.random.default_rng(seed)
     shapes = [(tokens, d), (experts, d), (experts, d), (tokens, d)]
@@ -208,7 +211,7 @@ def test_dispatch_capacity(local_tokens, shards, top_k, factor, want):
 
 
 def test_shapes_that_cannot_be_split_are_refused():
-    mesh = parallel.make_mesh("data=2,expert=4")
+    mesh = cpu_mesh("data=2,expert=4")
     split = dict(mesh=mesh, expert_axis="expert")
 
     def arrays(tokens, experts, d=8, top_k=2):
@@ -223,11 +226,17 @@ def test_shapes_that_cannot_be_split_are_refused():
         jax.eval_shape(
             lambda *a: parallel.expert_parallel_omni_expert(*a, mesh=mesh, expert_axis="experts"), *arrays(16, 16)
         )
+    # The whole layer says the same before it routes anything.
+    config = layer_config(hidden_size=8)
+    tokens = jax.ShapeDtypeStruct((12, 8), "f4")
+    variables = jax.eval_shape(OmniMoE(config).init, jax.random.key(0), tokens)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"token count .* multiple of 8; got .* shape \(12, 8\)"):
+        jax.eval_shape(OmniMoE(config).apply, variables, tokens)
 
 
 @pytest.mark.parametrize("factor", [None, pytest.param(0.5, marks=pytest.mark.slow)])
 def test_dispatch_traffic_is_what_the_shapes_say_and_does_not_grow_with_num_experts(factor):
-    mesh = parallel.make_mesh("data=2,expert=4")
+    mesh = cpu_mesh("data=2,expert=4")
     tokens, d, top_k = 64, 16, 6
     measured = []
     for experts in (64, 4096):

@@ -8,6 +8,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from parallel_model import cpu_mesh
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig, parallel
 
@@ -25,11 +26,11 @@ CONFIG = OmniMoEConfig(hidden_size=16, intermediate_size=24, num_experts=64, num
 )
 def test_mesh_spec_parses_and_missing_axes_have_size_one(spec, sizes):
     assert parallel.parse_mesh_spec(spec) == sizes
-    mesh = parallel.make_mesh(spec)
+    mesh = cpu_mesh(spec)
     assert mesh.axis_names == ("data", "expert")
     assert dict(mesh.shape) == sizes
     assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
-    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -51,8 +52,8 @@ def test_bad_mesh_specs_are_refused(spec, match):
 
 def test_mesh_must_use_exactly_the_devices():
     with pytest.raises(ValueError, match=r"mesh spec 'data=2,expert=2' has 4 devices \(2 x 2\) but 8 devices"):
-        parallel.make_mesh("data=2,expert=2")
-    mesh = parallel.make_mesh("data=2,expert=2", devices=jax.devices()[:4])
+        cpu_mesh("data=2,expert=2")
+    mesh = parallel.make_mesh("data=2,expert=2", devices=jax.devices("cpu")[:4])
     assert mesh.size == 4
     with pytest.raises(TypeError, match="mesh spec must be a str"):
         parallel.make_mesh(8)
@@ -92,7 +93,7 @@ def test_rules_apply_to_stacked_layers_inside_any_model():
 
 
 def test_shardings_place_n_over_e_rows_on_each_device(seed):
-    mesh = parallel.make_mesh("data=2,expert=4")
+    mesh = cpu_mesh("data=2,expert=4")
     rng = np.random.default_rng(seed)
     variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), model_state()["params"])
     placed = jax.device_put(variables, parallel.shardings(variables, mesh))
@@ -107,12 +108,12 @@ def test_shardings_place_n_over_e_rows_on_each_device(seed):
 def test_tables_that_do_not_divide_over_the_expert_axis_are_refused():
     params = model_state(CONFIG.replace(num_experts=36))["params"]
     with pytest.raises(ValueError, match=r"leaf 'experts/down_embed' of shape \(36, 16\): dimension 0 \(36\) .* 8"):
-        parallel.shardings(params, parallel.make_mesh("expert=8"))
+        parallel.shardings(params, cpu_mesh("expert=8"))
 
 
 def test_abstract_state_carries_the_target_shardings():
     state = model_state()
-    mesh = parallel.make_mesh("data=8")
+    mesh = cpu_mesh("data=8")
     target = parallel.abstract_state(state, mesh)
     up = target["params"]["experts"]["up_embed"]
     assert up.shape == (64, 16) and up.dtype == jnp.float32
@@ -121,7 +122,7 @@ def test_abstract_state_carries_the_target_shardings():
 
 
 def test_shard_batch_splits_rows_over_data_and_expert():
-    mesh = parallel.make_mesh("data=2,expert=4")
+    mesh = cpu_mesh("data=2,expert=4")
     batch = {"inputs": np.arange(8 * 3).reshape(8, 3), "mask": np.ones(8, bool)}
     placed = parallel.shard_batch(mesh, batch)
     assert placed["inputs"].sharding == NamedSharding(mesh, P(("data", "expert")))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from helpers import assert_close
-from parallel_model import Trainer, make_batch, tiny_config
+from parallel_model import Trainer, cpu_mesh, make_batch, tiny_config
 
 from omnimoe_jax import parallel
 
@@ -24,7 +24,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 @functools.cache
 def trainer(spec: str | None) -> Trainer:
     """One Trainer per mesh spec (None: one device, no mesh), so tests share its compiled steps."""
-    return Trainer(tiny_config(), None if spec is None else parallel.make_mesh(spec))
+    return Trainer(tiny_config(), None if spec is None else cpu_mesh(spec))
 
 
 def on(trainer: Trainer):
@@ -89,7 +89,8 @@ def worker_args(process_id: int) -> list[str]:
 
 def test_two_processes_train_in_step_and_match_one_process():
     address = f"localhost:{free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), *sys.path])}
+    path = os.pathsep.join(p for p in (str(TESTS.parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     env.pop("XLA_FLAGS", None)  # device counts come from initialize_distributed, not the parent's flags
     workers = [
         subprocess.Popen(
