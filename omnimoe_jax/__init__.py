@@ -5,9 +5,10 @@ Public surface:
   OmniMoE         the layer: shared SwiGLU MLP + routed atomic experts
   CartesianRouter, AtomicExperts, SharedMLP, RouterBatchNorm, RoutingResult   its parts
   convert         seed PyTorch checkpoint interop
+  parallel        data + expert parallelism over a device mesh, multi-host, resharding restores
 """
 
-from omnimoe_jax import convert
+from omnimoe_jax import convert, parallel
 from omnimoe_jax._config import OmniMoEConfig
 from omnimoe_jax._experts import AtomicExperts
 from omnimoe_jax._layer import OmniMoE
@@ -25,4 +26,5 @@ __all__ = [
     "RoutingResult",
     "SharedMLP",
     "convert",
+    "parallel",
 ]

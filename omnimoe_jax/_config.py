@@ -47,6 +47,14 @@ class OmniMoEConfig:
       dtype: compute dtype of the layer (inputs are cast to it; the output has it).
       param_dtype: dtype parameters are stored in.
       implementation: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
+      expert_axis: name of the device-mesh axis that shards the expert tables (`omnimoe_jax.parallel`), or
+        None. When set and the mesh in context (`jax.set_mesh`) has that axis, `AtomicExperts` dispatches
+        each token to the shards owning its experts (all_to_all inside `jax.shard_map`); without such a
+        mesh the layer computes on whatever devices hold its inputs, with identical results.
+      expert_capacity_factor: None (default) lets every token reach every shard it needs, so no routed pair
+        is ever dropped. A float f > 0 caps the tokens one device sends to one shard at
+        ceil(f * T_local * (1 - (1 - 1/E)^K)) (f times the expected count under uniform routing, at most
+        T_local); pairs beyond the cap are dropped and counted in the "intermediates" collection.
     """
 
     hidden_size: int
@@ -61,6 +69,8 @@ class OmniMoEConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: str = "auto"
+    expert_axis: str | None = None
+    expert_capacity_factor: float | None = None
 
     def __post_init__(self):
         for field in ("hidden_size", "intermediate_size", "num_experts", "num_experts_per_token"):
@@ -92,6 +102,13 @@ class OmniMoEConfig:
             raise ValueError(f"norm_topk_prob={self.norm_topk_prob!r} must be a bool")
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation={self.implementation!r} must be one of {IMPLEMENTATIONS}")
+        if self.expert_axis is not None and not (isinstance(self.expert_axis, str) and self.expert_axis):
+            raise ValueError(f"expert_axis={self.expert_axis!r} must be a mesh axis name (a non-empty str) or None")
+        factor = self.expert_capacity_factor
+        if factor is not None and (
+            isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf
+        ):
+            raise ValueError(f"expert_capacity_factor={factor!r} must be None or a positive finite number")
         # Normalise dtypes so equal configs compare (and hash) equal whether given as str or type.
         object.__setattr__(self, "dtype", _float_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))

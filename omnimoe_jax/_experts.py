@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._expert_parallel import expert_parallel_mesh, expert_parallel_omni_expert
 from pallas_kernels import omni_expert
 
 
@@ -18,6 +20,13 @@ class AtomicExperts(nn.Module):
 
     Initialisation: rows ~ N(0, 1/d), so u_e . x is O(1) for unit-scale x. (The seed's `nn.Embedding`
     defaults to N(0, 1); loading a seed checkpoint replaces both anyway.)
+
+    Expert parallelism: with `config.expert_axis` set and a mesh holding that axis in context
+    (`jax.set_mesh`), the tables stay row-sharded and tokens travel to the shards owning their experts
+    (`omnimoe_jax.parallel`); otherwise the op runs on whatever devices hold its inputs. Both paths sow
+    "dropped_pairs" (int32, routed (token, expert) pairs dropped for lack of dispatch capacity, summed
+    over devices; always 0 with the default capacity) into the "intermediates" collection: pass
+    `mutable=["intermediates", ...]` to `apply` to read it (`init` leaves it out).
     """
 
     config: OmniMoEConfig
@@ -30,12 +39,14 @@ class AtomicExperts(nn.Module):
         init = nn.initializers.normal(stddev=cfg.hidden_size**-0.5)
         up = self.param("up_embed", init, shape, cfg.param_dtype)
         down = self.param("down_embed", init, shape, cfg.param_dtype)
-        return omni_expert(
-            tokens.astype(cfg.dtype),
-            up.astype(cfg.dtype),
-            down.astype(cfg.dtype),
-            weights,
-            indices,
-            activation=cfg.hidden_act,
-            implementation=cfg.implementation,
-        )
+        args = (tokens.astype(cfg.dtype), up.astype(cfg.dtype), down.astype(cfg.dtype), weights, indices)
+        ops = dict(activation=cfg.hidden_act, implementation=cfg.implementation)
+        mesh = expert_parallel_mesh(cfg.expert_axis)
+        if mesh is not None:
+            y, dropped = expert_parallel_omni_expert(
+                *args, mesh=mesh, expert_axis=cfg.expert_axis, capacity_factor=cfg.expert_capacity_factor, **ops
+            )
+        else:
+            y, dropped = omni_expert(*args, **ops), jnp.zeros((), jnp.int32)
+        self.sow("intermediates", "dropped_pairs", dropped)
+        return y

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._expert_parallel import expert_parallel_mesh
+from omnimoe_jax._mesh import shard_tokens
 from pallas_kernels import omni_router
 
 
@@ -78,7 +82,9 @@ class CartesianRouter(nn.Module):
        (`pallas_kernels.omni_router`), never forming all n*n.
     5. weights = exp(scores), renormalised over the K if `norm_topk_prob`.
 
-    Input tokens [T, d]; returns a `RoutingResult` with [T, K] and [T, n] fields.
+    Input tokens [T, d]; returns a `RoutingResult` with [T, K] and [T, n] fields. Under expert parallelism
+    (`config.expert_axis` and a mesh, see `AtomicExperts`) the gates and the norm run on the sharded batch
+    (BatchNorm statistics are global) and step 4 runs on each device's own tokens.
     """
 
     config: OmniMoEConfig
@@ -98,9 +104,13 @@ class CartesianRouter(nn.Module):
             logits_y = RouterBatchNorm(**norm, name="router_norm_y")(logits_y, train=train)
         log_probs_x = jax.nn.log_softmax(logits_x, axis=-1)  # [T, n]
         log_probs_y = jax.nn.log_softmax(logits_y, axis=-1)  # [T, n]
-        scores, indices = omni_router(
-            log_probs_x, log_probs_y, cfg.num_experts_per_token, implementation=cfg.implementation
-        )  # [T, K] each
+        route = functools.partial(omni_router, top_k=cfg.num_experts_per_token, implementation=cfg.implementation)
+        mesh = expert_parallel_mesh(cfg.expert_axis)
+        if mesh is not None:
+            # Top-K is per token, so each device ranks its own tokens; left to XLA's partitioner, top_k (and
+            # any Pallas kernel) would be computed on the gathered global batch by every device.
+            route = shard_tokens(route, mesh)
+        scores, indices = route(log_probs_x, log_probs_y)  # [T, K] each
         weights = jnp.exp(scores)  # [T, K]
         if cfg.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)

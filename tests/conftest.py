@@ -11,6 +11,9 @@ import pytest
 # References are compared at full f32 precision; on GPUs XLA's default f32 matmul may use TF32.
 # Pallas kernels set the precision of their own dots, so this only affects the plain-XLA side.
 jax.config.update("jax_default_matmul_precision", "highest")
+# Eight CPU devices for the data/expert-parallel tests (tests/test_parallel_*.py). Must be set before any
+# backend starts; computations that do not ask for a mesh still run on one device (the default).
+jax.config.update("jax_num_cpu_devices", 8)
 
 
 @pytest.fixture

@@ -1,0 +1,75 @@
+"""Data + expert parallelism over a device mesh, on one host or many (`jax.distributed`).
+
+The recipe (what a training script does):
+
+    from omnimoe_jax import parallel
+
+    parallel.initialize_distributed("host0:1234", num_processes, process_id)  # multi-host only, first
+    mesh = parallel.make_mesh("data=2,expert=4")          # axes ("data", "expert"), sizes multiply to #devices
+    config = config.replace(expert_axis="expert")         # OmniMoE layers dispatch tokens to expert shards
+    with jax.set_mesh(mesh):                              # layers find the mesh here
+        abstract = jax.eval_shape(init_state)             # params, optax state, batch_stats: any pytree
+        state_shardings = parallel.shardings(abstract, mesh)
+        state = jax.jit(init_state, out_shardings=state_shardings)()
+        step = jax.jit(train_step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+        state, metrics = step(state, parallel.shard_batch(mesh, local_batch))
+
+Layout: expert tables `up_embed`/`down_embed` [N, d] are row-sharded over "expert" (each shard owns N/E
+whole experts), everything else is replicated, and the batch is split over ("data", "expert"). The router
+runs under plain jit on the sharded batch, so its BatchNorm statistics are those of the global batch.
+Apply the model with `mutable=[..., "intermediates"]` to read each layer's "dropped_pairs" count.
+
+Checkpoints: save the sharded state with orbax as usual; restore onto another mesh (or mesh shape) with
+`ocp.args.StandardRestore(parallel.abstract_state(state_or_abstract, new_mesh))`.
+
+Traffic: `collective_bytes(jax.jit(step).lower(...).compile().as_text())` sums the collectives of a compiled
+step by kind; `dispatch_payload_bytes` gives the expert dispatch's share from its buffer shapes.
+"""
+
+from omnimoe_jax._communication import COLLECTIVES, collective_bytes
+from omnimoe_jax._distributed import initialize_distributed
+from omnimoe_jax._expert_parallel import (
+    dispatch_capacity,
+    dispatch_payload_bytes,
+    expert_parallel_mesh,
+    expert_parallel_omni_expert,
+)
+from omnimoe_jax._mesh import (
+    BATCH_AXES,
+    DATA_AXIS,
+    EXPERT_AXIS,
+    MESH_AXES,
+    batch_axes,
+    batch_sharding,
+    make_mesh,
+    parse_mesh_spec,
+    shard_batch,
+    shard_tokens,
+)
+from omnimoe_jax._partition import DEFAULT_RULES, abstract_state, partition_specs, path_name, shardings
+
+__all__ = [
+    "BATCH_AXES",
+    "COLLECTIVES",
+    "DATA_AXIS",
+    "DEFAULT_RULES",
+    "EXPERT_AXIS",
+    "MESH_AXES",
+    "abstract_state",
+    "batch_axes",
+    "batch_sharding",
+    "collective_bytes",
+    "dispatch_capacity",
+    "dispatch_payload_bytes",
+    "expert_parallel_mesh",
+    "expert_parallel_omni_expert",
+    "initialize_distributed",
+    "make_mesh",
+    "parse_mesh_spec",
+    "partition_specs",
+    "path_name",
+    "shard_batch",
+    "shard_tokens",
+    "shardings",
+]
