@@ -1,0 +1,282 @@
+"""The three Pallas (Triton) passes of the atomic-expert op. pallas_calls only: no autodiff, no dispatch.
+
+With pairs p = t * K + k, expert e_p = indices[t, k], every forward and backward quantity is one of:
+
+  pair_dots       out[dest_p] = a[a_p] . b[b_p]                 s (forward), dh (backward)
+  token_combine   out[t] = sum_k coef[t, k] * table[e_tk]       y (forward), dx (backward)
+  segment_sum     out[e] = sum_{p in seg(e)} coef_p * rows[t_p]  d_up, d_down (backward)
+
+No atomics anywhere: each output element is written by exactly one program, so the kernels are
+deterministic and CPU interpret mode (whose atomics drop repeated indices) checks them faithfully.
+
+Every gather or scatter indexes with full integer arrays (`ref.at[rows[:, None], cols[None, :]]`): that is
+what both the Triton lowering and interpret mode's masked loads accept. Masked-off lanes of a gather read
+nothing on the GPU (`other` fills them) and are excluded from every sum. All arithmetic is f32; results are
+cast to the output dtype once, at the store. No `jnp.dot` is used (the dots are row-wise: one row pair per
+output, nothing a matrix unit could batch), so Triton's >= 16 dot-dimension limit never applies.
+
+Grids: the big dimension (pair blocks, token tiles, segments) is axis 0, CUDA's x axis (up to 2**31 - 1
+programs); the column slice is axis 1 (at most d / 16 = 512), so CUDA's 65,535 limit on y is never near.
+Blocks along axis 0 run before axis 1 advances, so programs in flight share one column slice of the
+gathered table (see config.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.omni_expert.config import ExpertKernelConfig
+
+
+def _compiler_params(config: ExpertKernelConfig) -> pltriton.CompilerParams:
+    return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _columns(chunk, d_block: int) -> jax.Array:
+    """Column ids [d_block] of chunk `chunk`."""
+    return chunk * d_block + jnp.arange(d_block, dtype=jnp.int32)
+
+
+def _gather_rows(ref, row_ids, cols, valid) -> jax.Array:
+    """ref[row_ids, cols] as f32 [R, C]; rows where `valid` [R] is False are not read and are 0."""
+    rows = pltriton.load(ref.at[row_ids[:, None], cols[None, :]], mask=valid[:, None], other=0)
+    return rows.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pair_dots: out[dest_p] = a[a_p] . b[b_p]
+
+
+def _pair_dots_kernel(
+    a_ids_ref,
+    b_ids_ref,
+    dest_ref,
+    a_ref,
+    b_ref,
+    out_ref,
+    *,
+    num_pairs: int,
+    pair_block: int,
+    d_block: int,
+    chunks_per_split: int,
+):
+    block, split = pl.program_id(0), pl.program_id(1)
+    pairs = block * pair_block + jnp.arange(pair_block, dtype=jnp.int32)  # [BP]
+    valid = pairs < num_pairs  # the last block is ragged
+    a_ids = pltriton.load(a_ids_ref.at[pairs], mask=valid, other=0)  # [BP]
+    b_ids = pltriton.load(b_ids_ref.at[pairs], mask=valid, other=0)  # [BP]
+
+    def step(i, acc):
+        cols = _columns(split * chunks_per_split + i, d_block)  # [Dc]
+        a = _gather_rows(a_ref, a_ids, cols, valid)  # [BP, Dc]
+        b = _gather_rows(b_ref, b_ids, cols, valid)  # [BP, Dc]
+        return acc + jnp.sum(a * b, axis=1)  # [BP]
+
+    acc = lax.fori_loop(0, chunks_per_split, step, jnp.zeros((pair_block,), jnp.float32))
+    # Masked-off lanes point past the end, never at a real destination: the GPU skips them anyway, but
+    # interpret mode writes masked lanes back with their old values, which must not land on a valid pair.
+    dest = pltriton.load(dest_ref.at[pairs], mask=valid, other=num_pairs)  # [BP]
+    pltriton.store(out_ref.at[split, dest], acc, mask=valid)
+
+
+def pair_dots(
+    a: jax.Array,
+    b: jax.Array,
+    a_ids: jax.Array,
+    b_ids: jax.Array,
+    dest: jax.Array,
+    *,
+    config: ExpertKernelConfig,
+    interpret: bool,
+) -> jax.Array:
+    """out[dest[p]] = a[a_ids[p]] . b[b_ids[p]] in f32, for p in [0, P).
+
+    | argument | shape | dtype |
+    | --- | --- | --- |
+    | a | [Na, d] | f32 or bf16 |
+    | b | [Nb, d] | f32 or bf16 |
+    | a_ids, b_ids | [P] | int32, rows of a and b |
+    | dest | [P] | int32, a permutation of 0..P-1 (each output written once) |
+    | returns | [P] | f32 |
+
+    Programs take `config.pair_block` consecutive pairs, so work is balanced whatever the order. The
+    columns are cut into `config.score_splits` slices on the grid's second axis; the partial dots
+    ([splits, P], f32) are summed here.
+    """
+    num_pairs = a_ids.shape[0]
+    d = a.shape[1]
+    chunks = d // config.d_block
+    kernel = functools.partial(
+        _pair_dots_kernel,
+        num_pairs=num_pairs,
+        pair_block=config.pair_block,
+        d_block=config.d_block,
+        chunks_per_split=chunks // config.score_splits,
+    )
+    partial = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((config.score_splits, num_pairs), jnp.float32),
+        grid=(pl.cdiv(num_pairs, config.pair_block), config.score_splits),
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_expert_pair_dots",
+    )(a_ids, b_ids, dest, a, b)  # [splits, P]
+    return jnp.sum(partial, axis=0)  # [P]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token_combine: out[t] = sum_k coef[t, k] * table[ids[t, k]]
+
+
+def _token_combine_kernel(
+    ids_ref,
+    coef_ref,
+    table_ref,
+    out_ref,
+    *,
+    num_tokens: int,
+    top_k: int,
+    token_block: int,
+    d_block: int,
+):
+    tile, chunk = pl.program_id(0), pl.program_id(1)
+    tokens = tile * token_block + jnp.arange(token_block, dtype=jnp.int32)  # [BT]
+    valid = tokens < num_tokens  # the last tile is ragged
+    cols = _columns(chunk, d_block)  # [Dc]
+
+    def step(k, acc):
+        pairs = tokens * top_k + k  # [BT], pair ids of the tokens' k-th experts
+        experts = pltriton.load(ids_ref.at[pairs], mask=valid, other=0)  # [BT]
+        coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [BT]
+        rows = _gather_rows(table_ref, experts, cols, valid)  # [BT, Dc]
+        return acc + coef[:, None] * rows  # [BT, Dc]
+
+    acc = lax.fori_loop(0, top_k, step, jnp.zeros((token_block, d_block), jnp.float32))
+    pltriton.store(out_ref.at[tokens[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=valid[:, None])
+
+
+def token_combine(
+    coef: jax.Array,
+    ids: jax.Array,
+    table: jax.Array,
+    *,
+    out_dtype,
+    config: ExpertKernelConfig,
+    interpret: bool,
+) -> jax.Array:
+    """out[t] = sum_k coef[t, k] * table[ids[t, k]], accumulated in f32, written once per row.
+
+    | argument | shape | dtype |
+    | --- | --- | --- |
+    | coef | [T, K] | f32 |
+    | ids | [T, K] | int32, rows of table |
+    | table | [N, d] | f32 or bf16 |
+    | returns | [T, d] | out_dtype |
+
+    One program per (`config.token_block` tokens, `config.d_block` columns); it walks the K pairs of its
+    tokens, so every output row is complete in registers before its single store.
+    """
+    tokens, top_k = ids.shape
+    d = table.shape[1]
+    kernel = functools.partial(
+        _token_combine_kernel,
+        num_tokens=tokens,
+        top_k=top_k,
+        token_block=config.token_block,
+        d_block=config.d_block,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((tokens, d), out_dtype),
+        grid=(pl.cdiv(tokens, config.token_block), d // config.d_block),
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_expert_token_combine",
+    )(ids.reshape(-1), coef.reshape(-1), table)  # flat [P] pair arrays
+
+
+# ---------------------------------------------------------------------------------------------------------
+# segment_sum: out[e] = sum_{p in seg(e)} coef[p] * rows[t_p]
+
+
+def _segment_sum_kernel(
+    bounds_ref,
+    sorted_expert_ref,
+    sorted_token_ref,
+    order_ref,
+    coef_ref,
+    rows_ref,
+    zeros_ref,
+    out_ref,
+    *,
+    segment_block: int,
+    d_block: int,
+):
+    del zeros_ref  # aliased to out_ref: rows of experts no pair chose keep its zeros
+    segment, chunk = pl.program_id(0), pl.program_id(1)
+    start, end = bounds_ref[segment], bounds_ref[segment + 1]
+    cols = _columns(chunk, d_block)  # [Dc]
+
+    @pl.when(start < end)  # padding slots beyond the distinct experts are empty: nothing to write
+    def _():
+        expert = sorted_expert_ref[start]
+
+        def step(i, acc):
+            positions = start + i * segment_block + jnp.arange(segment_block, dtype=jnp.int32)  # [SB]
+            valid = positions < end  # a segment rarely fills its last step
+            tokens = pltriton.load(sorted_token_ref.at[positions], mask=valid, other=0)  # [SB]
+            pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [SB]
+            coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [SB], token order -> sorted
+            rows = _gather_rows(rows_ref, tokens, cols, valid)  # [SB, Dc]
+            return acc + jnp.sum(coef[:, None] * rows, axis=0)  # [Dc]
+
+        # A segment of any length (one expert chosen by every token: T pairs) is walked by its one program.
+        steps = pl.cdiv(end - start, segment_block)
+        acc = lax.fori_loop(0, steps, step, jnp.zeros((d_block,), jnp.float32))
+        out_ref[expert, pl.ds(chunk * d_block, d_block)] = acc.astype(out_ref.dtype)
+
+
+def segment_sum(
+    coef: jax.Array,
+    rows: jax.Array,
+    segment_bounds: jax.Array,
+    sorted_expert: jax.Array,
+    sorted_token: jax.Array,
+    order: jax.Array,
+    zeros: jax.Array,
+    *,
+    config: ExpertKernelConfig,
+    interpret: bool,
+) -> jax.Array:
+    """out[e] = sum over sorted positions q of expert e of coef[order[q]] * rows[sorted_token[q]].
+
+    | argument | shape | dtype |
+    | --- | --- | --- |
+    | coef | [P] | f32, in pair (token) order |
+    | rows | [T, d] | f32 or bf16 |
+    | segment_bounds | [S + 1] | int32, from the ExpertSchedule |
+    | sorted_expert, sorted_token, order | [P] | int32, from the ExpertSchedule |
+    | zeros | [N, d] | the output dtype; the output's storage (aliased), so untouched rows keep it |
+    | returns | [N, d] | zeros.dtype |
+
+    One program per (segment slot, `config.d_block` columns): each touched row is summed in f32 registers
+    and written once; the grid is S = min(N, P) long, never N.
+    """
+    d = rows.shape[1]
+    slots = segment_bounds.shape[0] - 1
+    kernel = functools.partial(_segment_sum_kernel, segment_block=config.segment_block, d_block=config.d_block)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(zeros.shape, zeros.dtype),
+        grid=(slots, d // config.d_block),
+        input_output_aliases={6: 0},  # zeros -> out
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_expert_segment_sum",
+    )(segment_bounds, sorted_expert, sorted_token, order, coef, rows, zeros)
