@@ -182,7 +182,23 @@ def test_segment_sum_writes_exactly_the_touched_rows(seed):
 CASES = {
     # name: (T, K, N, d, dtype, config fields or None for the heuristic, hot expert)
     "ragged_tiles_token": (37, 5, 50, 32, F32, {"variant": "token", "token_block": 16, "pair_block": 16}, None),
-    "ragged_tiles_sorted": (37, 5, 50, 32, F32, {"variant": "sorted", "token_block": 16, "pair_block": 16}, None),
+    "ragged_tiles_sorted": (
+        37,
+        5,
+        50,
+        32,
+        F32,
+        # K = 5 in steps of 2, ~4-pair segments in steps of 2, 50 segment slots in groups of 4: all ragged.
+        {
+            "variant": "sorted",
+            "token_block": 16,
+            "pair_block": 16,
+            "k_block": 2,
+            "segment_group": 4,
+            "segment_block": 2,
+        },
+        None,
+    ),
     "bf16_split_columns_token": (37, 5, 50, 64, BF16, {"variant": "token", "d_block": 16, "score_splits": 4}, None),
     "bf16_split_columns_sorted": (37, 5, 50, 64, BF16, {"variant": "sorted", "d_block": 16, "score_splits": 2}, None),
     "one_expert_takes_every_token": (40, 4, 16, 32, F32, {"variant": "sorted", "segment_block": 8}, 3),
@@ -347,7 +363,7 @@ def test_layer_with_pallas_matches_xla(key, monkeypatch):
         hidden_size=32, intermediate_size=48, num_experts=64, num_experts_per_token=6, implementation="xla"
     )
     x = normal(key, (2, 19, 32))
-    variables = OmniMoE(xla).init(jax.random.key(1), x)
+    variables = jax.jit(OmniMoE(xla).init)(jax.random.key(1), x)  # one compile, not one per eager op
     want_y, want_grads = _layer_params_and_grads(xla, x, variables)
     y, grads = _layer_params_and_grads(xla.replace(implementation="pallas"), x, variables)
     assert_close(y, want_y, F32)

@@ -2,18 +2,23 @@
 
 The kernels (kernel.py) are three passes over the T*K (token, expert) pairs, each memory-bound:
 
-  score pass     s_p = a[i_p] . b[j_p]                 program = a block of `pair_block` pairs
-  combine pass   out[t] = sum_k c[t, k] table[e_tk]    program = `token_block` tokens x `d_block` columns
-  segment pass   out[e] = sum_{p in seg(e)} c_p rows[t_p]  program = one expert's segment x `d_block` columns
+  score pass     s_p = a[i_p] . b[j_p]                      program = `pair_block` pairs
+  combine pass   out[t] = sum_k c[t, k] table[e_tk]         program = `token_block` tokens x `d_block` columns,
+                                                                      `k_block` of their pairs per step
+  segment pass   out[e] = sum_{p in seg(e)} c_p rows[t_p]   program = `segment_group` experts x `d_block`
+                                                                      columns, `segment_block` pairs per step
 
 Every pass gathers one side's rows per pair and reuses the other (a token row across its K pairs, or an
-expert row across its sorted segment). What decides the speed is where the gathered rows come from: L2
-(fast) or HBM. All three grids put the column slice on their slow (second) axis, so the programs running
-at any moment share one slice of the gathered table, and a slice of N * d_block elements can sit in L2
-even when the whole table cannot. The score pass needs a full-width dot, so it cuts the columns into
-`score_splits` slices on its grid and sums the partial dots afterwards.
+expert row across its sorted segment). Two things decide the speed:
 
-Default heuristic (`default_config`), a hypothesis to be settled by benchmarks/experts.py on the GPU:
+- Where the gathered rows come from: L2 (fast) or HBM. All three grids put the column slice on their slow
+  (second) axis, so the programs running at any moment share one column slice of the gathered table, and a
+  slice of N * d_block elements can sit in L2 when the whole table cannot. The score pass needs full-width
+  dots, so it cuts the columns into `score_splits` slices on its grid and sums the partial dots afterwards.
+- How many bytes each program has in flight: a program's steps are chains of dependent loads (ids, then
+  rows), so each step gathers a whole tile of about `TILE_BYTES` at once rather than one row at a time.
+
+Default heuristic (`default_config`), a hypothesis for benchmarks/experts.py on the GPU to settle:
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
   2. If the expert rows are reused (T*K/N >= 2), shrink d_block (down to 32 columns) until one column
      slice of a table, N * d_block * itemsize, fits `L2_BUDGET_BYTES`.
@@ -21,12 +26,17 @@ Default heuristic (`default_config`), a hypothesis to be settled by benchmarks/e
      pairs, table rows gathered) with `score_splits` the fewest slices whose table slice fits the budget.
      When even the thinnest slice does not fit and rows are reused, "sorted" (walk pairs in expert order:
      each table row read once per segment, the token rows gathered instead; x is small, so it stays in L2).
-  Without reuse (T*K/N < 2) every touched row is read about once whatever the order: "token", one slice.
+     Without reuse (T*K/N < 2) every touched row is read about once whatever the order: "token", one slice.
+  4. Tiles of `TILE_BYTES` per gather: R = TILE_BYTES / (d_block * itemsize) rows; pair_block = R;
+     k_block = min(K, 16) rounded up to a power of two, token_block = R / k_block; segment_block covers a
+     typical segment in one step (mean + 2 standard deviations of a Poisson count of pairs per touched
+     expert, to a power of two, at most R), segment_group = R / segment_block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -38,6 +48,11 @@ MAX_CHUNK_BYTES = 256
 MIN_CHUNK_COLUMNS = 32
 # Rows are "reused" when each touched expert serves at least this many pairs on average.
 REUSE_THRESHOLD = 2.0
+# Bytes one program gathers per loop step: enough independent loads in flight to cover the latency of
+# the dependent chain (ids, then rows) without spilling registers (64 elements per thread at 4 warps).
+TILE_BYTES = 16 * 2**10
+# Widest step over one token's K pairs in the combine pass.
+MAX_K_BLOCK = 16
 
 VARIANTS = ("token", "sorted")
 
@@ -57,23 +72,28 @@ class ExpertKernelConfig:
       score_splits: column slices of the score pass on its grid; divides d // d_block.
       pair_block: pairs per score-pass program.
       token_block: tokens per combine-pass program.
-      segment_block: sorted pairs per loop step of a segment-pass program.
+      k_block: pairs of each token per loop step of a combine-pass program.
+      segment_group: expert segments per segment-pass program.
+      segment_block: sorted pairs of each segment per loop step of a segment-pass program.
       num_warps, num_stages: Triton launch parameters, shared by the three passes.
     """
 
     variant: str = "token"
     d_block: int = 128
     score_splits: int = 1
-    pair_block: int = 32
-    token_block: int = 32
-    segment_block: int = 32
+    pair_block: int = 64
+    token_block: int = 8
+    k_block: int = 8
+    segment_group: int = 4
+    segment_block: int = 16
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS}")
-        for name in ("d_block", "score_splits", "pair_block", "token_block", "segment_block", "num_warps"):
+        blocks = ("d_block", "score_splits", "pair_block", "token_block", "k_block", "segment_group", "segment_block")
+        for name in (*blocks, "num_warps"):
             value = getattr(self, name)
             if not _is_power_of_two(value):
                 raise ValueError(f"{name}={value!r} must be a power of two (Triton blocks are)")
@@ -97,23 +117,49 @@ def _widest_power_of_two_dividing(d: int, cap: int) -> int:
     return block
 
 
+def _next_power_of_two(value: float) -> int:
+    block = 1
+    while block < value:
+        block *= 2
+    return block
+
+
+def _tiles(tokens: int, top_k: int, num_experts: int, d_block: int, itemsize: int) -> dict:
+    """Step 4 of the heuristic: block sizes that gather about TILE_BYTES per step."""
+    rows = max(1, TILE_BYTES // (d_block * itemsize))  # a power of two: every factor is
+    k_block = min(_next_power_of_two(top_k), MAX_K_BLOCK, rows)
+    pairs = tokens * top_k
+    touched = num_experts * -math.expm1(-pairs / num_experts)  # expected distinct experts among the pairs
+    per_segment = pairs / max(touched, 1.0)
+    segment_block = min(_next_power_of_two(per_segment + 2.0 * math.sqrt(per_segment)), rows)
+    return {
+        "pair_block": rows,
+        "token_block": rows // k_block,
+        "k_block": k_block,
+        "segment_group": rows // segment_block,
+        "segment_block": segment_block,
+    }
+
+
 def default_config(tokens: int, top_k: int, num_experts: int, d: int, dtype) -> ExpertKernelConfig:
     """The heuristic config for x [tokens, d], tables [num_experts, d] of `dtype`, K = top_k (see module doc)."""
     itemsize = jnp.dtype(dtype).itemsize
     d_block = _widest_power_of_two_dividing(d, MAX_CHUNK_BYTES // itemsize)
     reused = tokens * top_k >= REUSE_THRESHOLD * num_experts
     if not reused:
-        return ExpertKernelConfig(variant="token", d_block=d_block, score_splits=1)
+        tiles = _tiles(tokens, top_k, num_experts, d_block, itemsize)
+        return ExpertKernelConfig(variant="token", d_block=d_block, score_splits=1, **tiles)
     while d_block > MIN_CHUNK_COLUMNS and num_experts * d_block * itemsize > L2_BUDGET_BYTES:
         d_block //= 2
+    tiles = _tiles(tokens, top_k, num_experts, d_block, itemsize)
     chunks = d // d_block
     splits = 1
     while chunks % (splits * 2) == 0 and num_experts * (d // splits) * itemsize > L2_BUDGET_BYTES:
         splits *= 2
     if num_experts * (d // splits) * itemsize <= L2_BUDGET_BYTES:
-        return ExpertKernelConfig(variant="token", d_block=d_block, score_splits=splits)
+        return ExpertKernelConfig(variant="token", d_block=d_block, score_splits=splits, **tiles)
     # The table does not fit L2 even one chunk wide: stream it once in expert order, gather x (small) instead.
     splits = 1
     while chunks % (splits * 2) == 0 and tokens * (d // splits) * itemsize > L2_BUDGET_BYTES:
         splits *= 2
-    return ExpertKernelConfig(variant="sorted", d_block=d_block, score_splits=splits)
+    return ExpertKernelConfig(variant="sorted", d_block=d_block, score_splits=splits, **tiles)

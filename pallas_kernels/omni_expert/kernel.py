@@ -44,8 +44,9 @@ def _columns(chunk, d_block: int) -> jax.Array:
 
 
 def _gather_rows(ref, row_ids, cols, valid) -> jax.Array:
-    """ref[row_ids, cols] as f32 [R, C]; rows where `valid` [R] is False are not read and are 0."""
-    rows = pltriton.load(ref.at[row_ids[:, None], cols[None, :]], mask=valid[:, None], other=0)
+    """ref[row_ids, cols] as f32 [*row_ids.shape, C]; where `valid` (row_ids' shape) is False: 0, not read."""
+    cols = cols.reshape((1,) * row_ids.ndim + cols.shape)  # [1, ..., 1, C]
+    rows = pltriton.load(ref.at[row_ids[..., None], cols], mask=valid[..., None], other=0)
     return rows.astype(jnp.float32)
 
 
@@ -143,22 +144,26 @@ def _token_combine_kernel(
     num_tokens: int,
     top_k: int,
     token_block: int,
+    k_block: int,
     d_block: int,
 ):
     tile, chunk = pl.program_id(0), pl.program_id(1)
     tokens = tile * token_block + jnp.arange(token_block, dtype=jnp.int32)  # [BT]
-    valid = tokens < num_tokens  # the last tile is ragged
+    token_valid = tokens < num_tokens  # the last tile is ragged
     cols = _columns(chunk, d_block)  # [Dc]
 
-    def step(k, acc):
-        pairs = tokens * top_k + k  # [BT], pair ids of the tokens' k-th experts
-        experts = pltriton.load(ids_ref.at[pairs], mask=valid, other=0)  # [BT]
-        coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [BT]
-        rows = _gather_rows(table_ref, experts, cols, valid)  # [BT, Dc]
-        return acc + coef[:, None] * rows  # [BT, Dc]
+    def step(i, acc):
+        # k_block of each token's K pairs at once: many independent gathers in flight, contiguous id loads.
+        ks = i * k_block + jnp.arange(k_block, dtype=jnp.int32)  # [KB]
+        valid = token_valid[:, None] & (ks < top_k)[None, :]  # [BT, KB]: K need not be a multiple of KB
+        pairs = tokens[:, None] * top_k + ks[None, :]  # [BT, KB]
+        experts = pltriton.load(ids_ref.at[pairs], mask=valid, other=0)  # [BT, KB]
+        coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [BT, KB]
+        rows = _gather_rows(table_ref, experts, cols, valid)  # [BT, KB, Dc]
+        return acc + jnp.sum(coef[:, :, None] * rows, axis=1)  # [BT, Dc]
 
-    acc = lax.fori_loop(0, top_k, step, jnp.zeros((token_block, d_block), jnp.float32))
-    pltriton.store(out_ref.at[tokens[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=valid[:, None])
+    acc = lax.fori_loop(0, pl.cdiv(top_k, k_block), step, jnp.zeros((token_block, d_block), jnp.float32))
+    pltriton.store(out_ref.at[tokens[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=token_valid[:, None])
 
 
 def token_combine(
@@ -179,8 +184,8 @@ def token_combine(
     | table | [N, d] | f32 or bf16 |
     | returns | [T, d] | out_dtype |
 
-    One program per (`config.token_block` tokens, `config.d_block` columns); it walks the K pairs of its
-    tokens, so every output row is complete in registers before its single store.
+    One program per (`config.token_block` tokens, `config.d_block` columns); it walks its tokens' K pairs
+    `config.k_block` at a time, so every output row is complete in registers before its single store.
     """
     tokens, top_k = ids.shape
     d = table.shape[1]
@@ -189,6 +194,7 @@ def token_combine(
         num_tokens=tokens,
         top_k=top_k,
         token_block=config.token_block,
+        k_block=config.k_block,
         d_block=config.d_block,
     )
     return pl.pallas_call(
@@ -215,31 +221,43 @@ def _segment_sum_kernel(
     zeros_ref,
     out_ref,
     *,
+    num_slots: int,
+    num_pairs: int,
+    num_experts: int,
+    segment_group: int,
     segment_block: int,
     d_block: int,
 ):
     del zeros_ref  # aliased to out_ref: rows of experts no pair chose keep its zeros
-    segment, chunk = pl.program_id(0), pl.program_id(1)
-    start, end = bounds_ref[segment], bounds_ref[segment + 1]
+    group, chunk = pl.program_id(0), pl.program_id(1)
+    slots = group * segment_group + jnp.arange(segment_group, dtype=jnp.int32)  # [G]
+    slot_valid = slots < num_slots  # the last group is ragged
+    # Padding slots past the distinct experts hold start == end == P: empty, like the ragged group's tail.
+    start = pltriton.load(bounds_ref.at[slots], mask=slot_valid, other=num_pairs)  # [G]
+    end = pltriton.load(bounds_ref.at[slots + 1], mask=slot_valid, other=num_pairs)  # [G]
     cols = _columns(chunk, d_block)  # [Dc]
 
-    @pl.when(start < end)  # padding slots beyond the distinct experts are empty: nothing to write
-    def _():
-        expert = sorted_expert_ref[start]
+    def step(i, acc):
+        # segment_block pairs of each of the G segments at once; the shorter segments are masked.
+        offsets = i * segment_block + jnp.arange(segment_block, dtype=jnp.int32)  # [SB]
+        positions = start[:, None] + offsets[None, :]  # [G, SB]
+        valid = positions < end[:, None]  # [G, SB]
+        tokens = pltriton.load(sorted_token_ref.at[positions], mask=valid, other=0)  # [G, SB]
+        pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [G, SB]
+        coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [G, SB], token order -> sorted
+        rows = _gather_rows(rows_ref, tokens, cols, valid)  # [G, SB, Dc]
+        return acc + jnp.sum(coef[:, :, None] * rows, axis=1)  # [G, Dc]
 
-        def step(i, acc):
-            positions = start + i * segment_block + jnp.arange(segment_block, dtype=jnp.int32)  # [SB]
-            valid = positions < end  # a segment rarely fills its last step
-            tokens = pltriton.load(sorted_token_ref.at[positions], mask=valid, other=0)  # [SB]
-            pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [SB]
-            coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [SB], token order -> sorted
-            rows = _gather_rows(rows_ref, tokens, cols, valid)  # [SB, Dc]
-            return acc + jnp.sum(coef[:, None] * rows, axis=0)  # [Dc]
-
-        # A segment of any length (one expert chosen by every token: T pairs) is walked by its one program.
-        steps = pl.cdiv(end - start, segment_block)
-        acc = lax.fori_loop(0, steps, step, jnp.zeros((d_block,), jnp.float32))
-        out_ref[expert, pl.ds(chunk * d_block, d_block)] = acc.astype(out_ref.dtype)
+    # A segment of any length (one expert chosen by every token: T pairs) is walked to its end; the group
+    # takes as many steps as its longest segment needs.
+    steps = pl.cdiv(jnp.max(end - start), segment_block)
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((segment_group, d_block), jnp.float32))
+    nonempty = start < end  # [G]
+    experts = pltriton.load(sorted_expert_ref.at[start], mask=nonempty, other=0)  # [G]
+    # Empty slots are masked off; they also point past the table, so that interpret mode (which writes
+    # masked lanes back with their old values) cannot touch a real row either.
+    targets = jnp.where(nonempty, experts, num_experts)  # [G]
+    pltriton.store(out_ref.at[targets[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=nonempty[:, None])
 
 
 def segment_sum(
@@ -265,16 +283,25 @@ def segment_sum(
     | zeros | [N, d] | the output dtype; the output's storage (aliased), so untouched rows keep it |
     | returns | [N, d] | zeros.dtype |
 
-    One program per (segment slot, `config.d_block` columns): each touched row is summed in f32 registers
-    and written once; the grid is S = min(N, P) long, never N.
+    One program per (`config.segment_group` segment slots, `config.d_block` columns), walking its segments
+    `config.segment_block` pairs per step: each touched row is summed in f32 registers and written once, and
+    the grid is S / segment_group long, never N.
     """
     d = rows.shape[1]
     slots = segment_bounds.shape[0] - 1
-    kernel = functools.partial(_segment_sum_kernel, segment_block=config.segment_block, d_block=config.d_block)
+    kernel = functools.partial(
+        _segment_sum_kernel,
+        num_slots=slots,
+        num_pairs=sorted_expert.shape[0],
+        num_experts=zeros.shape[0],
+        segment_group=config.segment_group,
+        segment_block=config.segment_block,
+        d_block=config.d_block,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(zeros.shape, zeros.dtype),
-        grid=(slots, d // config.d_block),
+        grid=(pl.cdiv(slots, config.segment_group), d // config.d_block),
         input_output_aliases={6: 0},  # zeros -> out
         compiler_params=_compiler_params(config),
         interpret=interpret,
