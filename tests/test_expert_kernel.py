@@ -103,6 +103,12 @@ def test_config_rejects_bad_fields(fields, message):
         ExpertKernelConfig(**fields)
 
 
+def test_default_config_variant_override():
+    assert default_config(4096, 32, 65536, 1024, BF16, variant="sorted").variant == "sorted"
+    with pytest.raises(ValueError, match=re.escape("variant='both' must be None or one of")):
+        default_config(4096, 32, 65536, 1024, BF16, variant="both")
+
+
 def test_config_must_tile_the_width():
     with pytest.raises(ValueError, match=re.escape("config.d_block=64 must divide d=48")):
         ExpertKernelConfig(d_block=64).check_width(48)
@@ -236,7 +242,7 @@ def test_experts_without_tokens_get_zero_gradient_rows(seed):
 )
 def test_larger_shapes_match_the_reference(tokens, top_k, num_experts, d, dtype, variant, seed):
     inputs = expert_inputs(seed, tokens, top_k, num_experts, d, dtype)
-    config = dataclasses.replace(default_config(tokens, top_k, num_experts, d, dtype), variant=variant)
+    config = default_config(tokens, top_k, num_experts, d, dtype, variant=variant)
     check_against_reference(inputs, interpret=True, config=config)
 
 
@@ -267,7 +273,7 @@ def _lower_for_cuda(fn, *shapes_and_dtypes):
 @pytest.mark.parametrize("variant", ["token", "sorted"])
 @pytest.mark.parametrize(("tokens", "top_k", "num_experts", "d", "dtype"), LOWERING_SHAPES)
 def test_lowers_for_cuda(tokens, top_k, num_experts, d, dtype, variant):
-    config = dataclasses.replace(default_config(tokens, top_k, num_experts, d, dtype), variant=variant)
+    config = default_config(tokens, top_k, num_experts, d, dtype, variant=variant)
 
     def forward(x, up, down, weights, indices):
         return omni_expert(x, up, down, weights, indices, implementation="pallas", interpret=False, config=config)

@@ -141,25 +141,40 @@ def _tiles(tokens: int, top_k: int, num_experts: int, d_block: int, itemsize: in
     }
 
 
-def default_config(tokens: int, top_k: int, num_experts: int, d: int, dtype) -> ExpertKernelConfig:
-    """The heuristic config for x [tokens, d], tables [num_experts, d] of `dtype`, K = top_k (see module doc)."""
+def default_config(
+    tokens: int, top_k: int, num_experts: int, d: int, dtype, *, variant: str | None = None
+) -> ExpertKernelConfig:
+    """The heuristic config for x [tokens, d], tables [num_experts, d] of `dtype`, K = top_k (see module doc).
+
+    `variant` ("token" or "sorted") overrides the rule's choice of variant; the column slices are then the
+    ones that variant needs (its gathered side: the table for "token", x for "sorted").
+    """
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} must be None or one of {VARIANTS}")
     itemsize = jnp.dtype(dtype).itemsize
     d_block = _widest_power_of_two_dividing(d, MAX_CHUNK_BYTES // itemsize)
     reused = tokens * top_k >= REUSE_THRESHOLD * num_experts
-    if not reused:
-        tiles = _tiles(tokens, top_k, num_experts, d_block, itemsize)
-        return ExpertKernelConfig(variant="token", d_block=d_block, score_splits=1, **tiles)
-    while d_block > MIN_CHUNK_COLUMNS and num_experts * d_block * itemsize > L2_BUDGET_BYTES:
-        d_block //= 2
+    if reused:
+        while d_block > MIN_CHUNK_COLUMNS and num_experts * d_block * itemsize > L2_BUDGET_BYTES:
+            d_block //= 2
     tiles = _tiles(tokens, top_k, num_experts, d_block, itemsize)
     chunks = d // d_block
-    splits = 1
-    while chunks % (splits * 2) == 0 and num_experts * (d // splits) * itemsize > L2_BUDGET_BYTES:
-        splits *= 2
-    if num_experts * (d // splits) * itemsize <= L2_BUDGET_BYTES:
-        return ExpertKernelConfig(variant="token", d_block=d_block, score_splits=splits, **tiles)
-    # The table does not fit L2 even one chunk wide: stream it once in expert order, gather x (small) instead.
-    splits = 1
-    while chunks % (splits * 2) == 0 and tokens * (d // splits) * itemsize > L2_BUDGET_BYTES:
-        splits *= 2
-    return ExpertKernelConfig(variant="sorted", d_block=d_block, score_splits=splits, **tiles)
+
+    def fewest_splits(gathered_rows: int) -> int:  # column slices so that gathered_rows x slice fit L2
+        splits = 1
+        while chunks % (splits * 2) == 0 and gathered_rows * (d // splits) * itemsize > L2_BUDGET_BYTES:
+            splits *= 2
+        return splits
+
+    if variant is None:
+        table_fits = num_experts * (d // fewest_splits(num_experts)) * itemsize <= L2_BUDGET_BYTES
+        # Without reuse, or when a table slice fits L2, walk in token order; otherwise stream the table in
+        # expert order and gather x (small) instead.
+        variant = "token" if not reused or table_fits else "sorted"
+    if not reused:
+        splits = 1  # every touched row is read about once whatever the slicing: keep full-width programs
+    elif variant == "token":
+        splits = fewest_splits(num_experts)
+    else:
+        splits = fewest_splits(tokens)
+    return ExpertKernelConfig(variant=variant, d_block=d_block, score_splits=splits, **tiles)
