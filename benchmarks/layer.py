@@ -8,7 +8,7 @@ K = 512 at T in {1024, 4096, 16384}. Inputs x ~ N(0, 1), freshly initialised par
 The floor adds the parts' floors: the shared SwiGLU and the router projections at the measured bf16 matmul
 rate, the atomic experts at max(FLOPs / FP32 rate, fewest bytes / measured copy bandwidth).
 
-    PYTHONPATH=. python benchmarks/layer.py [--budget-s 150]
+    PYTHONPATH=. python benchmarks/layer.py [--budget-s 100]
 
 Writes benchmarks/results/layer.json and layer.png (and copies both to $OUT when it is set).
 """
@@ -196,7 +196,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-s", type=float, default=150.0, help="skip what is left after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=100.0, help="skip what is left after this many seconds")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the script runs (CPU: interpret)")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s

@@ -65,17 +65,18 @@ def test_results_are_bitwise_deterministic(seed):
             np.testing.assert_array_equal(np.asarray(a.astype(F32)), np.asarray(b.astype(F32)))
 
 
-def test_segment_sum_writes_exactly_the_touched_rows(seed):
+def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(seed):
     rng = np.random.default_rng(seed)
     tokens, top_k, num_experts, d = 2000, 8, 50000, 256
     indices = rng.integers(0, num_experts, (tokens, top_k), dtype=np.int32)
     indices[:, 0] = 12345  # and one segment 2000 pairs long
     coef = rng.standard_normal(tokens * top_k, np.float32)
     rows = rng.standard_normal((tokens, d), np.float32)
+    table = rng.standard_normal((num_experts, d), np.float32)
     schedule = build_schedule(jnp.asarray(indices), num_experts)
     poison = jnp.full((num_experts, d), 7.0, F32)  # anything the kernel does not write must keep this
     config = default_config(tokens, top_k, num_experts, d, F32)
-    out = kernel.segment_sum(
+    out, dots = kernel.segment_sum(
         jnp.asarray(coef),
         jnp.asarray(rows),
         schedule.segment_bounds,
@@ -83,16 +84,20 @@ def test_segment_sum_writes_exactly_the_touched_rows(seed):
         schedule.sorted_token,
         schedule.order,
         poison,
+        dot_table=jnp.asarray(table),
         config=config,
         interpret=False,
     )
     out = np.asarray(out)
     flat = indices.reshape(-1)
+    token_of_pair = np.arange(flat.size) // top_k
     touched = np.isin(np.arange(num_experts), flat)
     np.testing.assert_array_equal(out[~touched], 7.0)
     want = np.zeros((num_experts, d))
-    np.add.at(want, flat, coef.astype(np.float64)[:, None] * rows[np.arange(flat.size) // top_k])
+    np.add.at(want, flat, coef.astype(np.float64)[:, None] * rows[token_of_pair])
     assert_close(out[touched], want[touched], F32)
+    want_dots = np.einsum("pd,pd->p", table[flat].astype(np.float64), rows[token_of_pair])
+    assert_close(dots, want_dots, F32, what="dots")
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -146,7 +146,7 @@ def test_token_combine_with_a_ragged_last_tile(seed):
     assert_close(out, want, F32)
 
 
-def test_segment_sum_writes_exactly_the_touched_rows(seed):
+def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(seed):
     # One expert takes every token (its segment spans many loop steps); most experts take none.
     rng = np.random.default_rng(seed)
     tokens, top_k, num_experts, d = 45, 3, 40, 32
@@ -154,12 +154,13 @@ def test_segment_sum_writes_exactly_the_touched_rows(seed):
     indices[:, 1] = 7
     coef = rng.standard_normal(tokens * top_k, np.float32)
     rows = rng.standard_normal((tokens, d), np.float32)
+    table = rng.standard_normal((num_experts, d), np.float32)
     schedule = build_schedule(jnp.asarray(indices), num_experts)
     poison = jnp.full((num_experts, d), 7.0, F32)  # anything the kernel does not write must keep this
-    config = ExpertKernelConfig(d_block=16, segment_block=8)
+    config = ExpertKernelConfig(d_block=16, segment_group=4, segment_block=8)
 
     @jax.jit
-    def run(coef, rows, schedule, init):
+    def run(coef, rows, table, schedule, init):
         return kernel.segment_sum(
             coef,
             rows,
@@ -168,18 +169,23 @@ def test_segment_sum_writes_exactly_the_touched_rows(seed):
             schedule.sorted_token,
             schedule.order,
             init,
+            dot_table=table,
             config=config,
             interpret=True,
         )
 
-    out = np.asarray(run(coef, rows, schedule, poison))
+    out, dots = run(coef, rows, table, schedule, poison)
+    out = np.asarray(out)
     flat = indices.reshape(-1)
+    token_of_pair = np.arange(flat.size) // top_k
     touched = np.isin(np.arange(num_experts), flat)
     assert touched.sum() <= num_experts // 2
     np.testing.assert_array_equal(out[~touched], 7.0)
     want = np.zeros((num_experts, d))
-    np.add.at(want, flat, coef.astype(np.float64)[:, None] * rows[np.arange(flat.size) // top_k])
+    np.add.at(want, flat, coef.astype(np.float64)[:, None] * rows[token_of_pair])
     assert_close(out[touched], want[touched], F32)
+    want_dots = np.einsum("pd,pd->p", table[flat].astype(np.float64), rows[token_of_pair])
+    assert_close(dots, want_dots, F32, what="dots")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,8 +291,8 @@ def test_lowers_for_cuda(tokens, top_k, num_experts, d, dtype, variant):
     shapes += [((tokens, top_k), F32), ((tokens, top_k), jnp.int32)]
     assert len(TRITON_CALL.findall(_lower_for_cuda(forward, *shapes))) == 2  # pair_dots, token_combine
     grad_text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *shapes)
-    # forward 2 + backward: pair_dots, token_combine, segment_sum twice
-    assert len(TRITON_CALL.findall(grad_text)) == 6
+    # forward 2 + backward: segment_sum with the dots, token_combine, segment_sum
+    assert len(TRITON_CALL.findall(grad_text)) == 5
     for axis, size in re.findall(r"grid_([yz]) = (\d+)", grad_text):  # the launch grid, where jaxlib shows it
         assert int(size) <= 65535, f"grid {axis} = {size} exceeds CUDA's limit"
 

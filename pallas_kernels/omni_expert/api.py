@@ -2,14 +2,15 @@
 
 The "pallas" implementation, with pairs p = (t, k), e = indices[t, k], and s, h, dh, ds all [T, K] f32:
 
-  forward    s = up[e] . x[t]                       pair_dots (token or expert order, config.variant)
-             h = act(s) * w                         XLA, elementwise on [T, K]
-             y[t] = sum_k h * down[e]               token_combine
-  backward   dh = down[e] . dy[t]                   pair_dots
-             d_weights = act(s) * dh,  ds = dh * w * act'(s)      XLA, elementwise
-             dx[t] = sum_k ds * up[e]               token_combine
-             d_up[e] = sum_{p in seg(e)} ds_p x[t_p]        segment_sum over the expert-sorted schedule
-             d_down[e] = sum_{p in seg(e)} h_p dy[t_p]      segment_sum
+  forward   s = up[e] . x[t]                           pair_dots (token or expert order: config.variant)
+            h = act(s) * w                             XLA, elementwise on [T, K]
+            y[t] = sum_k h * down[e]                   token_combine
+  backward  d_down[e] = sum_{p in seg(e)} h_p dy[t_p]  segment_sum over the expert-sorted schedule, which
+            dh = down[e] . dy[t]                       also forms dh from the same gathered dy rows
+            d_weights = act(s) * dh                    XLA, elementwise
+            ds = dh * w * act'(s)                      XLA, elementwise
+            dx[t] = sum_k ds * up[e]                   token_combine
+            d_up[e] = sum_{p in seg(e)} ds_p x[t_p]    segment_sum
 
 The residuals are the inputs, s (P floats) and, when the forward sorted the pairs, its schedule;
 act(s) and act'(s) are recomputed, never stored.
@@ -168,15 +169,11 @@ def _backward(activation, config, interpret, residuals, dy):
     act = get_activation(activation)
     if schedule is None:
         schedule = build_schedule(indices, up.shape[0])
-    score_schedule = schedule if config.variant == "sorted" else None
-    dh = _pair_scores(down, dy, indices, score_schedule, config, interpret)  # [T, K] f32
     w = weights.astype(jnp.float32)  # [T, K]
     a = act.forward(s)  # [T, K]
     h = a * w  # [T, K]
-    ds = dh * w * act.derivative(s)  # [T, K]
-    dx = kernel.token_combine(ds, indices, up, out_dtype=x.dtype, config=config, interpret=interpret)  # [T, d]
 
-    def table_gradient(coef, rows, like):  # [N, d]: segment sums of coef * rows over each expert's pairs
+    def table_gradient(coef, rows, like, dot_table=None):  # [N, d]: segment sums of coef * rows per expert
         return kernel.segment_sum(
             coef.reshape(-1),
             rows,
@@ -185,12 +182,17 @@ def _backward(activation, config, interpret, residuals, dy):
             schedule.sorted_token,
             schedule.order,
             jnp.zeros(like.shape, like.dtype),
+            dot_table=dot_table,
             config=config,
             interpret=interpret,
         )
 
+    # One pass over dy's rows in expert order gives d_down and dh = down[e] . dy[t] together.
+    d_down, dh = table_gradient(h, dy, down, dot_table=down)
+    dh = dh.reshape(indices.shape)  # [T, K] f32
+    ds = dh * w * act.derivative(s)  # [T, K]
+    dx = kernel.token_combine(ds, indices, up, out_dtype=x.dtype, config=config, interpret=interpret)  # [T, d]
     d_up = table_gradient(ds, x, up)
-    d_down = table_gradient(h, dy, down)
     d_weights = (a * dh).astype(weights.dtype)
     return dx, d_up, d_down, d_weights, None  # indices are integers: no cotangent
 

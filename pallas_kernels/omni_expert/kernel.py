@@ -2,9 +2,9 @@
 
 With pairs p = t * K + k, expert e_p = indices[t, k], every forward and backward quantity is one of:
 
-  pair_dots       out[dest_p] = a[a_p] . b[b_p]                 s (forward), dh (backward)
-  token_combine   out[t] = sum_k coef[t, k] * table[e_tk]       y (forward), dx (backward)
-  segment_sum     out[e] = sum_{p in seg(e)} coef_p * rows[t_p]  d_up, d_down (backward)
+  pair_dots       out[dest_p] = a[a_p] . b[b_p]                  s (forward)
+  token_combine   out[t] = sum_k coef[t, k] * table[e_tk]        y (forward), dx (backward)
+  segment_sum     out[e] = sum_{p in seg(e)} coef_p * rows[t_p]  d_up, and d_down with dh fused (backward)
 
 No atomics anywhere: each output element is written by exactly one program, so the kernels are
 deterministic and CPU interpret mode (whose atomics drop repeated indices) checks them faithfully.
@@ -218,16 +218,20 @@ def _segment_sum_kernel(
     order_ref,
     coef_ref,
     rows_ref,
-    zeros_ref,
-    out_ref,
-    *,
+    *refs,
     num_slots: int,
     num_pairs: int,
     num_experts: int,
     segment_group: int,
     segment_block: int,
     d_block: int,
+    with_dots: bool,
 ):
+    # refs: [dot_table_ref,] zeros_ref, out_ref[, dots_ref]: the dot table and its output only with_dots.
+    if with_dots:
+        dot_table_ref, zeros_ref, out_ref, dots_ref = refs
+    else:
+        (zeros_ref, out_ref), dot_table_ref, dots_ref = refs, None, None
     del zeros_ref  # aliased to out_ref: rows of experts no pair chose keep its zeros
     group, chunk = pl.program_id(0), pl.program_id(1)
     slots = group * segment_group + jnp.arange(segment_group, dtype=jnp.int32)  # [G]
@@ -235,7 +239,11 @@ def _segment_sum_kernel(
     # Padding slots past the distinct experts hold start == end == P: empty, like the ragged group's tail.
     start = pltriton.load(bounds_ref.at[slots], mask=slot_valid, other=num_pairs)  # [G]
     end = pltriton.load(bounds_ref.at[slots + 1], mask=slot_valid, other=num_pairs)  # [G]
+    nonempty = start < end  # [G]
+    experts = pltriton.load(sorted_expert_ref.at[start], mask=nonempty, other=0)  # [G]
     cols = _columns(chunk, d_block)  # [Dc]
+    if with_dots:
+        expert_rows = _gather_rows(dot_table_ref, experts, cols, nonempty)  # [G, Dc], read once per segment
 
     def step(i, acc):
         # segment_block pairs of each of the G segments at once; the shorter segments are masked.
@@ -243,17 +251,20 @@ def _segment_sum_kernel(
         positions = start[:, None] + offsets[None, :]  # [G, SB]
         valid = positions < end[:, None]  # [G, SB]
         tokens = pltriton.load(sorted_token_ref.at[positions], mask=valid, other=0)  # [G, SB]
-        pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [G, SB]
+        # Masked-off lanes point past the end (see pair_dots): this index also addresses the dots' store.
+        pairs = pltriton.load(order_ref.at[positions], mask=valid, other=num_pairs)  # [G, SB]
         coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [G, SB], token order -> sorted
         rows = _gather_rows(rows_ref, tokens, cols, valid)  # [G, SB, Dc]
+        if with_dots:
+            # The same gathered rows also give this column chunk's share of each pair's dot with its expert.
+            dots = jnp.sum(expert_rows[:, None, :] * rows, axis=2)  # [G, SB]
+            pltriton.store(dots_ref.at[chunk, pairs], dots, mask=valid)
         return acc + jnp.sum(coef[:, :, None] * rows, axis=1)  # [G, Dc]
 
     # A segment of any length (one expert chosen by every token: T pairs) is walked to its end; the group
     # takes as many steps as its longest segment needs.
     steps = pl.cdiv(jnp.max(end - start), segment_block)
     acc = lax.fori_loop(0, steps, step, jnp.zeros((segment_group, d_block), jnp.float32))
-    nonempty = start < end  # [G]
-    experts = pltriton.load(sorted_expert_ref.at[start], mask=nonempty, other=0)  # [G]
     # Empty slots are masked off; they also point past the table, so that interpret mode (which writes
     # masked lanes back with their old values) cannot touch a real row either.
     targets = jnp.where(nonempty, experts, num_experts)  # [G]
@@ -269,10 +280,14 @@ def segment_sum(
     order: jax.Array,
     zeros: jax.Array,
     *,
+    dot_table: jax.Array | None = None,
     config: ExpertKernelConfig,
     interpret: bool,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """out[e] = sum over sorted positions q of expert e of coef[order[q]] * rows[sorted_token[q]].
+
+    With `dot_table`, also dots[order[q]] = dot_table[e] . rows[sorted_token[q]] from the same gathered rows:
+    the backward's dh_p = v_e . dy_t comes free with dV_e = sum h_p dy_t (one pass over dy's rows, not two).
 
     | argument | shape | dtype |
     | --- | --- | --- |
@@ -281,29 +296,46 @@ def segment_sum(
     | segment_bounds | [S + 1] | int32, from the ExpertSchedule |
     | sorted_expert, sorted_token, order | [P] | int32, from the ExpertSchedule |
     | zeros | [N, d] | the output dtype; the output's storage (aliased), so untouched rows keep it |
-    | returns | [N, d] | zeros.dtype |
+    | dot_table (optional) | [N, d] | f32 or bf16 |
+    | returns out | [N, d] | zeros.dtype |
+    | returns dots (with dot_table) | [P] | f32, in pair (token) order |
 
     One program per (`config.segment_group` segment slots, `config.d_block` columns), walking its segments
     `config.segment_block` pairs per step: each touched row is summed in f32 registers and written once, and
-    the grid is S / segment_group long, never N.
+    the grid is S / segment_group long, never N. The dots are summed over the column chunks by XLA
+    ([d / d_block, P] f32 partials).
     """
     d = rows.shape[1]
     slots = segment_bounds.shape[0] - 1
+    num_pairs = sorted_expert.shape[0]
+    chunks = d // config.d_block
+    with_dots = dot_table is not None
     kernel = functools.partial(
         _segment_sum_kernel,
         num_slots=slots,
-        num_pairs=sorted_expert.shape[0],
+        num_pairs=num_pairs,
         num_experts=zeros.shape[0],
         segment_group=config.segment_group,
         segment_block=config.segment_block,
         d_block=config.d_block,
+        with_dots=with_dots,
     )
-    return pl.pallas_call(
+    inputs = [segment_bounds, sorted_expert, sorted_token, order, coef, rows]
+    out_shape = [jax.ShapeDtypeStruct(zeros.shape, zeros.dtype)]
+    if with_dots:
+        inputs.append(dot_table)
+        out_shape.append(jax.ShapeDtypeStruct((chunks, num_pairs), jnp.float32))
+    inputs.append(zeros)
+    results = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(zeros.shape, zeros.dtype),
-        grid=(pl.cdiv(slots, config.segment_group), d // config.d_block),
-        input_output_aliases={6: 0},  # zeros -> out
+        out_shape=out_shape,
+        grid=(pl.cdiv(slots, config.segment_group), chunks),
+        input_output_aliases={len(inputs) - 1: 0},  # zeros -> out
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_expert_segment_sum",
-    )(segment_bounds, sorted_expert, sorted_token, order, coef, rows, zeros)
+    )(*inputs)
+    if not with_dots:
+        return results[0]
+    out, partial_dots = results
+    return out, jnp.sum(partial_dots, axis=0)  # [N, d], [P]
