@@ -320,6 +320,15 @@ def test_pallas_refuses_what_the_kernels_cannot_take(change, error, message):
         omni_expert(inputs.x, inputs.up, inputs.down, inputs.weights, inputs.indices, implementation="pallas")
 
 
+def test_pallas_refuses_mixed_dtypes():
+    inputs = _small()
+    message = "x, up and down have dtypes float32, bfloat16, float32; implementation='pallas' needs one dtype"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        omni_expert(
+            inputs.x, inputs.up.astype(BF16), inputs.down, inputs.weights, inputs.indices, implementation="pallas"
+        )
+
+
 def test_pallas_refuses_out_of_range_indices():
     inputs = _small()
     for bad in (-1, 8):

@@ -70,6 +70,12 @@ def validate_kernel_inputs(x, up, down, indices, config) -> None:
                 f"{name} has dtype {arr.dtype}; implementation='pallas' takes float32 or bfloat16 "
                 "(use implementation='xla' for others)"
             )
+    if not x.dtype == up.dtype == down.dtype:
+        # The layer casts all three to its compute dtype; mixed inputs are a path nobody tests.
+        raise TypeError(
+            f"x, up and down have dtypes {x.dtype}, {up.dtype}, {down.dtype}; implementation='pallas' "
+            "needs one dtype for all three"
+        )
     if d % 16 or not 16 <= d <= MAX_WIDTH:
         raise ValueError(f"x has d={d}; implementation='pallas' needs d a multiple of 16 in [16, {MAX_WIDTH}]")
     if tokens < 1 or top_k < 1:
@@ -110,7 +116,7 @@ def omni_expert(
     | argument | shape | dtype |
     | --- | --- | --- |
     | x | [T, d] | f32 or bf16 |
-    | up, down | [N, d] | f32 or bf16 |
+    | up, down | [N, d] | x.dtype |
     | weights | [T, K] | float (used in f32) |
     | indices | [T, K] | int, each in [0, N) |
     | returns y | [T, d] | x.dtype |
@@ -118,10 +124,11 @@ def omni_expert(
     Indices out of [0, N) raise ValueError when they are concrete; under jit nothing can check them and the
     Pallas kernels would read outside the tables.
 
-    `implementation`: "auto" (Pallas on GPU, XLA elsewhere), "xla" (plain jnp) or "pallas" (the kernels:
-    d a multiple of 16 up to 8192, x and tables f32 or bf16). `interpret`: run the Pallas kernels in
-    interpret mode (None: only off a GPU). `config`: tile sizes and the forward variant (None: the
-    heuristic `default_config`). Differentiable with respect to x, up, down and weights; the gradients of
+    `implementation`: "auto" (Pallas on GPU, XLA elsewhere), "xla" (plain jnp, any float dtypes) or
+    "pallas" (the kernels: d a multiple of 16 up to 8192; x and both tables all f32 or all bf16).
+    `interpret`: run the Pallas kernels in interpret mode (None: only off a GPU). `config`: tile sizes and
+    the forward variant (None: the heuristic `default_config`). Differentiable with respect to x, up, down
+    and weights; the gradients of
     up and down are dense [N, d] with exact zeros in rows no token chose.
     """
     validate_expert_inputs(x, up, down, weights, indices, activation)
