@@ -1,0 +1,180 @@
+"""Tile sizes, warps and the forward variant of the atomic-expert kernels, with the default heuristic.
+
+The kernels (kernel.py) are three passes over the T*K (token, expert) pairs, each memory-bound:
+
+  score pass     s_p = a[i_p] . b[j_p]                      program = `pair_block` pairs
+  combine pass   out[t] = sum_k c[t, k] table[e_tk]         program = `token_block` tokens x `d_block` columns,
+                                                                      `k_block` of their pairs per step
+  segment pass   out[e] = sum_{p in seg(e)} c_p rows[t_p]   program = `segment_group` experts x `d_block`
+                                                                      columns, `segment_block` pairs per step
+
+Every pass gathers one side's rows per pair and reuses the other (a token row across its K pairs, or an
+expert row across its sorted segment). Two things decide the speed:
+
+- Where the gathered rows come from: L2 (fast) or HBM. All three grids put the column slice on their slow
+  (second) axis, so the programs running at any moment share one column slice of the gathered table, and a
+  slice of N * d_block elements can sit in L2 when the whole table cannot. The score pass needs full-width
+  dots, so it cuts the columns into `score_splits` slices on its grid and sums the partial dots afterwards.
+- How many bytes each program has in flight: a program's steps are chains of dependent loads (ids, then
+  rows), so each step gathers a whole tile of about `TILE_BYTES` at once rather than one row at a time.
+
+Default heuristic (`default_config`), a hypothesis for benchmarks/experts.py on the GPU to settle:
+  1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
+  2. If the expert rows are reused (T*K/N >= 2), shrink d_block (down to 32 columns) until one column
+     slice of a table, N * d_block * itemsize, fits `L2_BUDGET_BYTES`.
+  3. variant "token" (walk pairs in token order: no sort in the forward, x rows reused across the K
+     pairs, table rows gathered) with `score_splits` the fewest slices whose table slice fits the budget.
+     When even the thinnest slice does not fit and rows are reused, "sorted" (walk pairs in expert order:
+     each table row read once per segment, the token rows gathered instead; x is small, so it stays in L2).
+     Without reuse (T*K/N < 2) every touched row is read about once whatever the order: "token", one slice.
+  4. Tiles of `TILE_BYTES` per gather: R = TILE_BYTES / (d_block * itemsize) rows; pair_block = R;
+     k_block = min(K, 16) rounded up to a power of two, token_block = R / k_block; segment_block covers a
+     typical segment in one step (mean + 2 standard deviations of a Poisson count of pairs per touched
+     expert, to a power of two, at most R), segment_group = R / segment_block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+# Half of an H100's 50 MB L2: the gathered slice must share the cache with the reused rows and outputs.
+L2_BUDGET_BYTES = 24 * 2**20
+# Widest row chunk a program gathers per step: two 128-byte lines.
+MAX_CHUNK_BYTES = 256
+# Narrowest chunk the L2 rule may shrink to (64 bytes in bf16: still whole 32-byte sectors).
+MIN_CHUNK_COLUMNS = 32
+# Rows are "reused" when each touched expert serves at least this many pairs on average.
+REUSE_THRESHOLD = 2.0
+# Bytes one program gathers per loop step: enough independent loads in flight to cover the latency of
+# the dependent chain (ids, then rows) without spilling registers (64 elements per thread at 4 warps).
+TILE_BYTES = 16 * 2**10
+# Widest step over one token's K pairs in the combine pass.
+MAX_K_BLOCK = 16
+
+VARIANTS = ("token", "sorted")
+
+
+def _is_power_of_two(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertKernelConfig:
+    """Static tuning of the expert kernels. Every block size is a power of two (a Triton requirement).
+
+    Attributes:
+      variant: order of the pairs in the score passes (s forward, dh backward): "token" (no sort needed)
+        or "sorted" (expert order from the schedule).
+      d_block: columns per program (combine, segment passes) and per loop step (score pass); divides d.
+      score_splits: column slices of the score pass on its grid; divides d // d_block.
+      pair_block: pairs per score-pass program.
+      token_block: tokens per combine-pass program.
+      k_block: pairs of each token per loop step of a combine-pass program.
+      segment_group: expert segments per segment-pass program.
+      segment_block: sorted pairs of each segment per loop step of a segment-pass program.
+      num_warps, num_stages: Triton launch parameters, shared by the three passes.
+    """
+
+    variant: str = "token"
+    d_block: int = 128
+    score_splits: int = 1
+    pair_block: int = 64
+    token_block: int = 8
+    k_block: int = 8
+    segment_group: int = 4
+    segment_block: int = 16
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS}")
+        blocks = ("d_block", "score_splits", "pair_block", "token_block", "k_block", "segment_group", "segment_block")
+        for name in (*blocks, "num_warps"):
+            value = getattr(self, name)
+            if not _is_power_of_two(value):
+                raise ValueError(f"{name}={value!r} must be a power of two (Triton blocks are)")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages!r} must be a positive int")
+
+    def check_width(self, d: int) -> None:
+        """ValueError unless this config tiles a row of width d."""
+        if d % self.d_block:
+            raise ValueError(f"config.d_block={self.d_block} must divide d={d}")
+        if (d // self.d_block) % self.score_splits:
+            raise ValueError(
+                f"config.score_splits={self.score_splits} must divide d // d_block = {d // self.d_block} (d={d})"
+            )
+
+
+def _widest_power_of_two_dividing(d: int, cap: int) -> int:
+    block = 1
+    while block * 2 <= cap and d % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+def _next_power_of_two(value: float) -> int:
+    block = 1
+    while block < value:
+        block *= 2
+    return block
+
+
+def _tiles(tokens: int, top_k: int, num_experts: int, d_block: int, itemsize: int) -> dict:
+    """Step 4 of the heuristic: block sizes that gather about TILE_BYTES per step."""
+    rows = max(1, TILE_BYTES // (d_block * itemsize))  # a power of two: every factor is
+    k_block = min(_next_power_of_two(top_k), MAX_K_BLOCK, rows)
+    pairs = tokens * top_k
+    touched = num_experts * -math.expm1(-pairs / num_experts)  # expected distinct experts among the pairs
+    per_segment = pairs / max(touched, 1.0)
+    segment_block = min(_next_power_of_two(per_segment + 2.0 * math.sqrt(per_segment)), rows)
+    return {
+        "pair_block": rows,
+        "token_block": rows // k_block,
+        "k_block": k_block,
+        "segment_group": rows // segment_block,
+        "segment_block": segment_block,
+    }
+
+
+def default_config(
+    tokens: int, top_k: int, num_experts: int, d: int, dtype, *, variant: str | None = None
+) -> ExpertKernelConfig:
+    """The heuristic config for x [tokens, d], tables [num_experts, d] of `dtype`, K = top_k (see module doc).
+
+    `variant` ("token" or "sorted") overrides the rule's choice of variant; the column slices are then the
+    ones that variant needs (its gathered side: the table for "token", x for "sorted").
+    """
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} must be None or one of {VARIANTS}")
+    itemsize = jnp.dtype(dtype).itemsize
+    d_block = _widest_power_of_two_dividing(d, MAX_CHUNK_BYTES // itemsize)
+    reused = tokens * top_k >= REUSE_THRESHOLD * num_experts
+    if reused:
+        while d_block > MIN_CHUNK_COLUMNS and num_experts * d_block * itemsize > L2_BUDGET_BYTES:
+            d_block //= 2
+    tiles = _tiles(tokens, top_k, num_experts, d_block, itemsize)
+    chunks = d // d_block
+
+    def fewest_splits(gathered_rows: int) -> int:  # column slices so that gathered_rows x slice fit L2
+        splits = 1
+        while chunks % (splits * 2) == 0 and gathered_rows * (d // splits) * itemsize > L2_BUDGET_BYTES:
+            splits *= 2
+        return splits
+
+    if variant is None:
+        table_fits = num_experts * (d // fewest_splits(num_experts)) * itemsize <= L2_BUDGET_BYTES
+        # Without reuse, or when a table slice fits L2, walk in token order; otherwise stream the table in
+        # expert order and gather x (small) instead.
+        variant = "token" if not reused or table_fits else "sorted"
+    if not reused:
+        splits = 1  # every touched row is read about once whatever the slicing: keep full-width programs
+    elif variant == "token":
+        splits = fewest_splits(num_experts)
+    else:
+        splits = fewest_splits(tokens)
+    return ExpertKernelConfig(variant=variant, d_block=d_block, score_splits=splits, **tiles)
