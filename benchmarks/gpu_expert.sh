@@ -11,11 +11,11 @@ logs="${OUT:-benchmarks/results}"
 mkdir -p "$logs" benchmarks/results
 status=0
 
-python -m pytest -m gpu tests/test_expert_gpu.py -q -rfE --durations=10 2>&1 | tee "$logs/expert_gpu_tests.log"
+"${PYTHON:-python3}" -m pytest -m gpu tests/test_expert_gpu.py -q -rfE --durations=10 2>&1 | tee "$logs/expert_gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # A failing test does not stop the timings: they still say where the time goes.
-python benchmarks/experts.py --budget-s 150 2>&1 | tee "$logs/experts.log"
+"${PYTHON:-python3}" benchmarks/experts.py --budget-s 150 2>&1 | tee "$logs/experts.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-python benchmarks/layer.py --budget-s 100 2>&1 | tee "$logs/layer.log"
+"${PYTHON:-python3}" benchmarks/layer.py --budget-s 100 2>&1 | tee "$logs/layer.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit "$status"
