@@ -249,6 +249,14 @@ def load_config(run_dir: str | pathlib.Path) -> TrainConfig:
     return TrainConfig.from_dict(json.loads(path.read_text()))
 
 
+@functools.lru_cache(maxsize=8)
+def compiled_train_step(steps: Steps, batch_shape: tuple[int, int, int]) -> Callable:
+    """`steps.train_step` compiled ahead of time for batches [accum, micro, L + 1] (cached: a resumed run
+    in the same process, or a test, does not compile again)."""
+    state = jax.eval_shape(steps.init_state, jax.random.key(0))
+    return steps.train_step.lower(state, jax.ShapeDtypeStruct(batch_shape, jnp.int32)).compile()
+
+
 def abstract_state(config: TrainConfig) -> TrainState:
     """The TrainState's shapes and dtypes, without allocating (what a checkpoint restores into)."""
     return jax.eval_shape(build_steps(config).init_state, jax.random.key(config.seed))
@@ -320,102 +328,108 @@ def run(
 
     Resuming restores params, optimizer state, batch_stats, step and the data sampler's RNG, so the rest
     of the run is exactly what an uninterrupted run would have done. `stop_at_step` ends the run early
-    (with a checkpoint) once that many steps are done, as a signal would.
+    (with a checkpoint) once that many steps are done, as a signal or the time limit would.
     """
     started = time.perf_counter()
+    deadline = started + 60 * config.time_limit_minutes if config.time_limit_minutes else math.inf
     log = log or functools.partial(print, flush=True)
     run_dir = pathlib.Path(run_dir)
     corpus, sampler, eval_batches = _prepare_data(config, log)  # fails before anything is compiled
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_log = MetricsLog(run_dir)
     steps = build_steps(config)
-    with Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints:
+    with Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints, _StopFlag().installed() as stop:
         state = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log)
-        start_step = int(state.step)
-        if stop_at_step is not None and not start_step <= stop_at_step <= config.steps:
-            raise ValueError(f"stop_at_step={stop_at_step} must be in [{start_step}, steps={config.steps}]")
+        step = int(state.step)
+        if stop_at_step is not None and not step <= stop_at_step <= config.steps:
+            raise ValueError(f"stop_at_step={stop_at_step} must be in [{step}, steps={config.steps}]")
         shape = (config.grad_accum, config.micro_batch_size, config.model.context_length + 1)
         # Compile ahead so the first tokens/s figure measures training, not compilation.
         compile_start = time.perf_counter()
-        train_step = steps.train_step.lower(state, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
-        compile_s = time.perf_counter() - compile_start
-        counts = parameter_counts(config.model)
-        metrics_log.write(
-            {
-                "kind": "start",
-                "step": start_step,
-                "resumed": resume,
-                "config": config.to_dict(),
-                "parameters": counts,
-                "corpus": corpus.summary(),
-                "device": jax.devices()[0].device_kind,
-                "jax": jax.__version__,
-                "compile_s": round(compile_s, 2),
-            }
-        )
-        log(
-            f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
-            f"train step compiled in {compile_s:.1f} s; steps {start_step} -> {config.steps}"
-        )
+        train_step = compiled_train_step(steps, shape)
+        _log_start(config, corpus, step, resume, time.perf_counter() - compile_start, metrics_log, log)
 
-        def save(step: int) -> None:
+        def save() -> None:
             save_start = time.perf_counter()
             checkpoints.save(step, state, {"sampler": sampler.state()})
             metrics_log.write(
                 {"kind": "checkpoint", "step": step, "seconds": round(time.perf_counter() - save_start, 2)}
             )
 
-        step, reason, last_eval = start_step, "done", None
-        deadline = started + 60 * config.time_limit_minutes if config.time_limit_minutes else math.inf
-        window_start, window_steps = time.perf_counter(), 0  # tokens/s: training time since the last record
-        stop = _StopFlag()
-        with stop.installed():
-            while step < config.steps:
-                if stop.reason or step == stop_at_step or time.perf_counter() > deadline:
-                    reason = stop.reason or ("stop_at_step" if step == stop_at_step else "time limit")
-                    break
-                batch = sampler.next().reshape(shape)  # [accum, micro, L + 1]
-                state, metrics = train_step(state, batch)
-                step += 1
-                window_steps += 1
-                done = step == config.steps
-                logged = step % config.log_every == 0 or done
-                evaluated = step % config.eval_every == 0 or done
-                saved = step % config.checkpoint_every == 0 or done
-                if logged:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-                    seconds = time.perf_counter() - window_start
-                    tokens_per_s = window_steps * config.tokens_per_step / seconds
-                    metrics_log.write(
-                        {
-                            "kind": "train",
-                            "step": step,
-                            **metrics,
-                            "tokens_per_s": round(tokens_per_s, 1),
-                            "tokens_seen": step * config.tokens_per_step,
-                            "elapsed_s": round(time.perf_counter() - started, 2),
-                        }
-                    )
-                    eta = (config.steps - step) * seconds / window_steps
-                    log(
-                        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f}"
-                        f" | lr {metrics['learning_rate']:.2e} | grad norm {metrics['grad_norm']:.3f}"
-                        f" | {tokens_per_s:,.0f} tok/s | eta {_duration(eta)}"
-                    )
-                if evaluated:
-                    last_eval = evaluate(steps, state, eval_batches, config, byte_level=corpus.byte_level)
-                    metrics_log.write({"kind": "eval", "step": step, **last_eval})
-                    log(_eval_line(step, last_eval))
-                if saved:
-                    save(step)
-                if logged or evaluated or saved:
-                    window_start, window_steps = time.perf_counter(), 0
-            if step not in checkpoints.all_steps():
-                save(step)  # stopped early: keep what was done
+        reason, last_eval = "done", None
+        window_start, window_steps = time.perf_counter(), 0  # tokens/s counts training time since the last record
+        while step < config.steps:
+            if stop.reason or step == stop_at_step or time.perf_counter() > deadline:
+                reason = stop.reason or ("stop_at_step" if step == stop_at_step else "time limit")
+                break
+            batch = sampler.next().reshape(shape)  # [accum, micro, L + 1]
+            state, metrics = train_step(state, batch)  # dispatched asynchronously; read back only when logged
+            step, window_steps = step + 1, window_steps + 1
+            done = step == config.steps
+            logged = step % config.log_every == 0 or done
+            evaluated = step % config.eval_every == 0 or done
+            saved = step % config.checkpoint_every == 0 or done
+            if logged:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                seconds = time.perf_counter() - window_start
+                _log_train(
+                    config, step, metrics, window_steps, seconds, time.perf_counter() - started, metrics_log, log
+                )
+            if evaluated:
+                last_eval = evaluate(steps, state, eval_batches, config, byte_level=corpus.byte_level)
+                metrics_log.write({"kind": "eval", "step": step, **last_eval})
+                log(_eval_line(step, last_eval))
+            if saved:
+                save()
+            if logged or evaluated or saved:
+                window_start, window_steps = time.perf_counter(), 0
+        if step not in checkpoints.all_steps():
+            save()  # stopped early: keep what was done
     elapsed = round(time.perf_counter() - started, 2)
     metrics_log.write({"kind": "end", "step": step, "reason": reason, "elapsed_s": elapsed})
     log(f"{reason} at step {step} after {_duration(elapsed)}; checkpoints in {checkpoints.directory}")
     return {"step": step, "reason": reason, "last_eval": last_eval, "elapsed_s": elapsed, "run_dir": str(run_dir)}
+
+
+def _log_start(config, corpus, step, resume, compile_s, metrics_log, log) -> None:
+    counts = parameter_counts(config.model)
+    metrics_log.write(
+        {
+            "kind": "start",
+            "step": step,
+            "resumed": resume,
+            "config": config.to_dict(),
+            "parameters": counts,
+            "corpus": corpus.summary(),
+            "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "compile_s": round(compile_s, 2),
+        }
+    )
+    log(
+        f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
+        f"train step compiled in {compile_s:.1f} s; steps {step} -> {config.steps}"
+    )
+
+
+def _log_train(config, step, metrics, window_steps, seconds, elapsed, metrics_log, log) -> None:
+    """The train record and progress line for the `window_steps` steps that took `seconds`."""
+    tokens_per_s = window_steps * config.tokens_per_step / seconds
+    metrics_log.write(
+        {
+            "kind": "train",
+            "step": step,
+            **metrics,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "tokens_seen": step * config.tokens_per_step,
+            "elapsed_s": round(elapsed, 2),
+        }
+    )
+    eta = (config.steps - step) * seconds / window_steps
+    log(
+        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f} | lr {metrics['learning_rate']:.2e}"
+        f" | grad norm {metrics['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | eta {_duration(eta)}"
+    )
 
 
 def _prepare_data(config: TrainConfig, log: Callable[[str], None]):
