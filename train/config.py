@@ -69,16 +69,17 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.model, LMConfig):
             raise TypeError(f"model must be an LMConfig, got {type(self.model).__name__}")
-        for field in ("batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every"):
-            _check_int(field, getattr(self, field), minimum=1)
-        for field in ("checkpoint_every", "keep_checkpoints"):
+        positive = ("batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every")
+        for field in (*positive, "checkpoint_every", "keep_checkpoints"):
             _check_int(field, getattr(self, field), minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
         if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}")
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be < steps={self.steps} (override both for a short run)"
+            )
         _check_number("learning_rate", self.learning_rate, lambda v: v > 0, "> 0")
         _check_number("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
         _check_number("min_lr_ratio", self.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
