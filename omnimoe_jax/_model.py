@@ -1,0 +1,291 @@
+"""A decoder-only Transformer language model whose feed-forward blocks are OmniMoE layers.
+
+Pre-norm blocks: x += Attention(RMSNorm(x)); x += FFN(RMSNorm(x)). Attention is causal, multi-head, with
+rotary positions, through `jax.nn.dot_product_attention`. The FFN of every `moe_every`-th layer is the
+sparse kind named by `LMConfig.ffn` (OmniMoE by default); the other layers use the dense SwiGLU
+`SharedMLP`. `_feed_forward` is the one place that maps the `ffn` name to a module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._layer import OmniMoE
+from omnimoe_jax._router import RoutingResult
+from omnimoe_jax._shared_mlp import SharedMLP
+
+# Feed-forward kinds a sparse layer can use ("dense" = the SwiGLU SharedMLP everywhere).
+FFN_KINDS = ("omnimoe", "dense")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# LMConfig fields that are OmniMoEConfig fields: the FFN of every layer is built from them.
+_FFN_FIELDS = tuple(f.name for f in dataclasses.fields(OmniMoEConfig))
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Sizes and switches of the language model, validated at construction.
+
+    Model fields:
+      vocab_size: V, number of token ids (the byte tokenizer of `train.data` needs 259).
+      context_length: L, longest sequence the model accepts (and is trained on).
+      num_layers: Transformer blocks.
+      num_heads: attention heads; head_dim = hidden_size / num_heads must be even (rotary pairs).
+      ffn: the FFN of the sparse layers, one of FFN_KINDS.
+      moe_every: layer i (0-based) uses `ffn` when (i + 1) % moe_every == 0, the dense SwiGLU otherwise
+        (1: every layer; 2: layers 1, 3, 5, ...).
+      tie_embeddings: the output projection reuses the token embedding table.
+      rope_theta: rotary base wavelength.
+      norm_eps: RMSNorm epsilon.
+      attention: "auto" (cuDNN flash attention on GPU for bf16/f16 and head_dim a multiple of 8 up to
+        128, XLA otherwise), "xla" or "cudnn". (`dot_product_attention(implementation=None)` means XLA in
+        jax 0.10-0.11, so "auto" chooses explicitly.)
+
+    FFN fields (the `OmniMoEConfig` fields, same names and meaning): hidden_size, intermediate_size,
+    num_experts, num_experts_per_token, hidden_act, router_norm, router_norm_eps, router_norm_momentum,
+    norm_topk_prob, dtype (compute dtype of the whole model), param_dtype, implementation.
+    """
+
+    vocab_size: int = 259
+    context_length: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_experts: int = 1024
+    num_experts_per_token: int = 16
+    hidden_act: str = "silu"
+    router_norm: str = "batchnorm"
+    router_norm_eps: float = 1e-5
+    router_norm_momentum: float = 0.1
+    norm_topk_prob: bool = False
+    implementation: str = "auto"
+    ffn: str = "omnimoe"
+    moe_every: int = 1
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    attention: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        for field in ("vocab_size", "context_length", "num_layers", "num_heads", "moe_every"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field}={value!r} must be a positive int")
+        # Validates every FFN field (naming it) and normalises the dtypes.
+        ffn = self.ffn_config()
+        object.__setattr__(self, "dtype", ffn.dtype)
+        object.__setattr__(self, "param_dtype", ffn.param_dtype)
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must split into num_heads={self.num_heads} heads of an even "
+                "size (rotary positions rotate pairs of features)"
+            )
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"ffn={self.ffn!r} must be one of {FFN_KINDS}")
+        if self.moe_every > self.num_layers:
+            raise ValueError(
+                f"moe_every={self.moe_every} must be <= num_layers={self.num_layers}, or no layer would use "
+                f"ffn={self.ffn!r}"
+            )
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings={self.tie_embeddings!r} must be a bool")
+        for field in ("rope_theta", "norm_eps"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{field}={value!r} must be a positive number")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def ffn_config(self) -> OmniMoEConfig:
+        """The `OmniMoEConfig` every layer's feed-forward block is built from."""
+        return OmniMoEConfig(**{name: getattr(self, name) for name in _FFN_FIELDS})
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) uses the `ffn` kind (else the dense SwiGLU)."""
+        return (layer + 1) % self.moe_every == 0
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_sparse_layer(i))
+
+    def replace(self, **changes: Any) -> LMConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable fields (dtypes as names), inverse of `from_dict`."""
+        fields = dataclasses.asdict(self)
+        fields["dtype"] = jnp.dtype(self.dtype).name
+        fields["param_dtype"] = jnp.dtype(self.param_dtype).name
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> LMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown LMConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**fields)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding: rotate feature pairs (i, i + D/2) by position * theta^(-2i/D).
+
+    x: [B, L, H, D], positions: [L] int -> [B, L, H, D] in x.dtype (angles and rotation in f32).
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [L, D/2]
+    sin = jnp.sin(angles)[None, :, None, :]  # [1, L, 1, D/2]
+    cos = jnp.cos(angles)[None, :, None, :]  # [1, L, 1, D/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [B, L, H, D/2] each
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B, L, H, D]
+    return rotated.astype(x.dtype)
+
+
+def attention_implementation(config: LMConfig) -> str:
+    """The `dot_product_attention` implementation "auto" resolves to on this backend."""
+    if config.attention != "auto":
+        return config.attention
+    cudnn_ok = (
+        jax.default_backend() == "gpu"
+        and jnp.dtype(config.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and config.head_dim % 8 == 0
+        and config.head_dim <= 128
+    )
+    return "cudnn" if cudnn_ok else "xla"
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with rotary positions; no biases."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # x: [B, L, d] -> [B, L, d]
+        cfg = self.config
+        dense = dict(
+            features=(cfg.num_heads, cfg.head_dim), use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
+        positions = jnp.arange(x.shape[1])  # [L]
+        q = rotary(nn.DenseGeneral(**dense, name="query")(x), positions, cfg.rope_theta)  # [B, L, H, D]
+        k = rotary(nn.DenseGeneral(**dense, name="key")(x), positions, cfg.rope_theta)  # [B, L, H, D]
+        v = nn.DenseGeneral(**dense, name="value")(x)  # [B, L, H, D]
+        out = jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=attention_implementation(cfg)
+        )  # [B, L, H, D]
+        return nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out"
+        )(out)  # [B, L, d]
+
+
+class Block(nn.Module):
+    """x + Attention(RMSNorm(x)), then + FFN(RMSNorm(x)). Returns (x, RoutingResult or None)."""
+
+    config: LMConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, RoutingResult | None]:
+        # x: [B, L, d] -> [B, L, d]
+        cfg = self.config
+        norm = dict(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        x = x + CausalSelfAttention(cfg, name="attention")(nn.RMSNorm(**norm, name="attention_norm")(x))
+        y, routing = self._feed_forward(nn.RMSNorm(**norm, name="ffn_norm")(x), train=train)
+        return x + y.astype(x.dtype), routing
+
+    def _feed_forward(self, h: jax.Array, *, train: bool) -> tuple[jax.Array, RoutingResult | None]:
+        """The FFN switch: the module `config.ffn` names on sparse layers, the dense SwiGLU elsewhere.
+
+        Every kind is called as `module(h, train=train)` on [B, L, d]; OmniMoE also returns its routing.
+        """
+        cfg = self.config
+        kind = cfg.ffn if cfg.is_sparse_layer(self.layer) else "dense"
+        if kind == "dense":
+            return SharedMLP(cfg.ffn_config(), name="ffn")(h), None
+        if kind == "omnimoe":
+            return OmniMoE(cfg.ffn_config(), name="ffn")(h, train=train, return_routing=True)
+        raise ValueError(f"ffn={kind!r} has no module; expected one of {FFN_KINDS}")
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only language model: embed, `num_layers` pre-norm blocks, final RMSNorm, unembed.
+
+    Call: `(tokens, *, train=False, return_routing=False)`, tokens [B, L] int with L <= context_length.
+    Returns logits [B, L, V] f32 and, with `return_routing`, a tuple with one `RoutingResult` ([B, L, K]
+    and [B, L, n] fields) per OmniMoE layer, in layer order (`config.sparse_layers`).
+
+    Variables: "params" {embed, layer_<i>: {attention_norm, attention, ffn_norm, ffn}, final_norm,
+    [lm_head]} and, for OmniMoE layers with router_norm="batchnorm", "batch_stats" {layer_<i>: {ffn: ...}}:
+    with `train=True` pass `mutable=["batch_stats"]` to keep the updated running statistics.
+    """
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(
+        self, tokens: jax.Array, *, train: bool = False, return_routing: bool = False
+    ) -> jax.Array | tuple[jax.Array, tuple[RoutingResult, ...]]:
+        cfg = self.config
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be an int array [batch, length], got {tokens.dtype} {tokens.shape}")
+        if tokens.shape[1] > cfg.context_length:
+            raise ValueError(f"tokens length {tokens.shape[1]} exceeds context_length={cfg.context_length}")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            # Unit-norm rows: with tied embeddings the RMS-normalised output dotted with a row is O(1).
+            embedding_init=nn.initializers.normal(stddev=cfg.hidden_size**-0.5),
+            name="embed",
+        )
+        x = embed(tokens)  # [B, L, d]
+        routings = []
+        for layer in range(cfg.num_layers):
+            x, routing = Block(cfg, layer, name=f"layer_{layer}")(x, train=train)  # [B, L, d]
+            if routing is not None:
+                routings.append(routing)
+        x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)  # [B, L, V]
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="lm_head"
+            )(x)  # [B, L, V]
+        logits = logits.astype(jnp.float32)  # the softmax and loss run in f32 whatever the compute dtype
+        return (logits, tuple(routings)) if return_routing else logits
+
+
+def parameter_counts(config: LMConfig) -> dict[str, int]:
+    """{"total": every parameter, "active": those one token uses} without allocating (jax.eval_shape).
+
+    Active counts every parameter except the atomic-expert tables (`up_embed`, `down_embed` [N, d]), of
+    which a token uses K rows each.
+    """
+    model = TransformerLM(config)
+    tokens = jax.ShapeDtypeStruct((1, config.context_length), jnp.int32)
+    shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+    total = active = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        size = math.prod(leaf.shape)
+        total += size
+        name = getattr(path[-1], "key", None)
+        active += (
+            size // config.num_experts * config.num_experts_per_token if name in ("up_embed", "down_embed") else size
+        )
+    return {"total": total, "active": active}

@@ -1,0 +1,110 @@
+"""Presets, TrainConfig validation and the --key=value overrides of `python -m train`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from omnimoe_jax._model import LMConfig, parameter_counts
+from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
+from train.loop import abstract_state
+from train.presets import PRESETS, get_preset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_constructs_abstractly(name):
+    config = get_preset(name)
+    state = abstract_state(config)  # jax.eval_shape: nothing is allocated, even for `paper`
+    params = jax.tree.leaves(state.params)
+    assert all(leaf.dtype == jnp.float32 for leaf in params)
+    # AdamW keeps two moments per parameter, in the parameters' dtype.
+    moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.shape != ()]
+    assert sum(leaf.size for leaf in moments) == 2 * sum(leaf.size for leaf in params)
+    assert len(state.batch_stats) == len(config.model.sparse_layers)
+
+
+def test_preset_sizes_match_their_descriptions():
+    assert get_preset("tiny").model.dtype == jnp.float32  # CPU preset
+    for name in ("small", "base", "paper"):
+        assert get_preset(name).model.dtype == jnp.bfloat16
+    active = parameter_counts(get_preset("base").model)["active"]
+    assert 115e6 < active < 135e6, active  # "~125M active"
+    paper = get_preset("paper").model
+    assert (paper.hidden_size, paper.num_experts, paper.num_experts_per_token, paper.intermediate_size) == (
+        1024,
+        320 * 320,
+        512,
+        1024,
+    )
+    with pytest.raises(ValueError, match="preset='huge'"):
+        get_preset("huge")
+
+
+def test_overrides_apply_by_field_type():
+    base = get_preset("tiny")
+    args = [
+        "--steps=7",
+        "--warmup_steps=2",
+        "--learning-rate",
+        "3e-4",
+        "--tie_embeddings=false",
+        "--hidden_size=64",
+        "--dtype=bfloat16",
+        "--data",
+        "corpus/",
+        "--ffn=dense",
+    ]
+    config = apply_overrides(base, parse_overrides(args))
+    assert config.steps == 7 and isinstance(config.steps, int)
+    assert config.learning_rate == 3e-4
+    assert config.model.tie_embeddings is False
+    assert config.model.hidden_size == 64
+    assert config.model.dtype == jnp.bfloat16
+    assert config.data == "corpus/"
+    assert config.model.ffn == "dense"
+    # Everything not overridden is the preset's.
+    assert config.batch_size == base.batch_size and config.model.num_layers == base.model.num_layers
+    assert apply_overrides(config, {"data": "none"}).data is None
+
+
+def test_unknown_keys_are_refused_with_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown config keys \\['depth'\\]") as err:
+        apply_overrides(get_preset("tiny"), {"depth": "3"})
+    for key in ("steps", "hidden_size", "num_experts", "data"):
+        assert key in str(err.value)
+    assert "model" not in override_keys()  # the nested config is reached through its own fields
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps=ten"], "--steps='ten': expected int"),
+        (["--tie_embeddings=maybe"], "expected a bool"),
+        (["--steps"], "needs a value"),
+        (["steps=3"], "expected --key=value"),
+        (["--batch_size=30", "--grad_accum=4"], "batch_size=30 must be a multiple of grad_accum=4"),
+        (["--warmup_steps=400", "--steps=400"], "warmup_steps"),
+        (["--learning_rate=0"], "learning_rate"),
+        (["--num_experts=1000"], "num_experts=1000 must be a perfect square"),
+        (["--val_fraction=1"], "val_fraction"),
+        (["--token_dtype=int64"], "token_dtype"),
+    ],
+)
+def test_bad_overrides_raise_naming_the_key(args, message):
+    with pytest.raises(ValueError, match=message.replace("[", "\\[").replace("(", "\\(")):
+        apply_overrides(get_preset("tiny"), parse_overrides(args))
+
+
+def test_config_round_trips_through_dict():
+    config = apply_overrides(get_preset("small"), {"data": "x.txt", "grad_accum": "2"})
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({**config.to_dict(), "epochs": 2})
+
+
+def test_train_config_needs_an_lm_config():
+    with pytest.raises(TypeError, match="model must be an LMConfig"):
+        TrainConfig(model=dataclasses.asdict(LMConfig()))

@@ -1,0 +1,259 @@
+"""The training job end to end on a shrunken tiny preset: main, metrics, exact resume, signals, sampling.
+
+Every run here uses the same model and optimizer settings, so they share one compilation of the train and
+eval steps (`train.loop.build_steps` caches per model/optimizer config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import secrets
+import signal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import assert_close
+from train import cli, sample
+from train.checkpoint import Checkpoints
+from train.config import apply_overrides, parse_overrides
+from train.data import decode, encode
+from train.loop import (
+    RunDirectoryError,
+    abstract_state,
+    build_steps,
+    load_config,
+    make_init_state,
+    make_optimizer,
+    make_train_step,
+    run,
+)
+from train.metrics import read_metrics
+from train.presets import get_preset
+
+SHRUNK = [
+    "--context_length=32",
+    "--num_layers=2",
+    "--num_heads=2",
+    "--hidden_size=32",
+    "--intermediate_size=64",
+    "--num_experts=64",
+    "--num_experts_per_token=4",
+    "--batch_size=8",
+    "--steps=10",
+    "--warmup_steps=2",
+    "--log_every=2",
+    "--eval_every=5",
+    "--eval_batches=2",
+    "--checkpoint_every=5",
+]
+TRAIN_FIELDS = {"step", "loss", "grad_norm", "learning_rate", "tokens_per_s", "tokens_seen", "elapsed_s"}
+EVAL_FIELDS = {"step", "val_loss", "bits_per_byte", "tokens", "routing", "routing_per_layer"}
+ROUTING_FIELDS = {"experts_used", "max_load", "load_entropy", "router_entropy"}
+
+
+def shrunk_config(*extra: str):
+    return apply_overrides(get_preset("tiny"), parse_overrides([*SHRUNK, *extra]))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> pathlib.Path:
+    """One run of `python -m train` (real main, default stdlib corpus) with the shrunken tiny preset."""
+    seed = int(os.environ.get("OMNIMOE_TEST_SEED", secrets.randbits(31))) % 2**16
+    print(f"trained_run seed={seed} (rerun with OMNIMOE_TEST_SEED={seed})")
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    assert cli.main(["--run-dir", str(run_dir), *SHRUNK, f"--seed={seed}"]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> str:
+    """About 100 kB of real Python in one file (split by position; faster to load than the whole stdlib)."""
+    root = pathlib.Path(json.__file__).parent.parent  # the stdlib directory
+    names = ("json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "bisect.py")
+    corpus = tmp_path / "corpus.py"
+    corpus.write_bytes(b"\n".join((root / name).read_bytes() for name in names))
+    return str(corpus)
+
+
+def test_main_writes_the_documented_metrics(trained_run):
+    records = read_metrics(trained_run)
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    start = records[0]
+    assert start["step"] == 0 and start["resumed"] is False
+    assert start["corpus"]["source"].startswith("stdlib:") and start["corpus"]["byte_level"]
+    assert start["parameters"]["active"] < start["parameters"]["total"]
+    assert start["config"] == json.loads((trained_run / "config.json").read_text())
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10]
+    for record in train:
+        assert set(record) == TRAIN_FIELDS | {"kind"}
+        assert all(math.isfinite(record[k]) for k in TRAIN_FIELDS)
+        assert record["tokens_seen"] == record["step"] * 8 * 32
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [5, 10]
+    for record in evals:
+        assert set(record) == EVAL_FIELDS | {"kind"}
+        assert 0 < record["bits_per_byte"] < 9 and math.isfinite(record["val_loss"])
+        assert set(record["routing"]) == ROUTING_FIELDS
+        assert [layer["layer"] for layer in record["routing_per_layer"]] == [0, 1]
+        routing = record["routing"]
+        assert 0 < routing["experts_used"] <= 1 and routing["max_load"] >= 1
+        assert 0 < routing["load_entropy"] <= 1 and 0 < routing["router_entropy"] <= 1
+    # The byte model starts near uniform (8 bits per byte) and learns within 10 steps.
+    assert evals[-1]["val_loss"] < math.log(259)
+    assert [r["step"] for r in records if r["kind"] == "checkpoint"] == [5, 10]
+    assert records[-1]["reason"] == "done" and records[-1]["step"] == 10
+    assert Checkpoints(trained_run).all_steps() == [5, 10]
+
+
+def test_loss_decreases_on_a_repeated_batch(key):
+    steps = build_steps(shrunk_config())
+    state = steps.init_state(key)
+    batch = jax.random.randint(jax.random.fold_in(key, 1), (1, 8, 33), 0, 256)  # [accum, micro, L + 1]
+    losses = []
+    for _ in range(8):
+        state, metrics = steps.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.9 * losses[1], losses  # step 0 has learning rate 0 (warmup starts at 0)
+    assert int(state.step) == 8
+
+
+class BagOfBytes(nn.Module):
+    """A stand-in language model (embedding then a dense layer): cheap to compile, no batch statistics."""
+
+    vocab_size: int = 259
+
+    @nn.compact
+    def __call__(self, tokens, *, train=False):
+        del train
+        return nn.Dense(self.vocab_size)(jnp.tanh(nn.Embed(self.vocab_size, 16)(tokens)))  # [B, L, V]
+
+
+def test_gradient_accumulation_averages_micro_batches(key):
+    config = shrunk_config("--learning_rate=1e-2")
+    model, optimizer = BagOfBytes(), make_optimizer(config)
+    train_step = jax.jit(make_train_step(model, optimizer, config))
+    init_state = make_init_state(model, optimizer, config)(jax.random.key(0))
+    batch = jax.random.randint(key, (8, 33), 0, 256)
+    results = []
+    for micro_batches in (1, 4):
+        state, history = init_state, []
+        for _ in range(3):  # the first step has learning rate 0
+            state, metrics = train_step(state, batch.reshape(micro_batches, 8 // micro_batches, 33))
+            history.append([float(metrics["loss"]), float(metrics["grad_norm"])])
+        params = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(state.params)])
+        results.append((np.array(history), params))
+    (history_whole, params_whole), *splits = results
+    for history, params in splits:
+        np.testing.assert_allclose(history, history_whole, rtol=1e-5)  # same loss, same averaged gradient
+        assert_close(params, params_whole, jnp.float32, what="params after 3 accumulated steps")
+
+
+def test_resume_is_exact(tmp_path, small_corpus, seed):
+    config = shrunk_config(f"--data={small_corpus}", f"--seed={seed % 2**16}")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(config, straight, log=print)["step"] == 10
+    assert run(config, split, stop_at_step=5, log=print)["reason"] == "stop_at_step"
+    assert Checkpoints(split).all_steps() == [5]
+    assert cli.main(["--run-dir", str(split), "--resume"]) == 0  # the real command line
+    assert load_config(split) == config
+    states = []
+    for run_dir in (straight, split):
+        with Checkpoints(run_dir) as checkpoints:
+            states.append(checkpoints.restore(10, abstract_state(config)))
+    (state_a, data_a), (state_b, data_b) = states
+    assert data_a == data_b  # the sampler's RNG ended in the same place: the same batches were drawn
+    leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
+    assert len(leaves_a) == len(leaves_b) > 10
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise: params, opt_state, batch_stats
+    losses = [{r["step"]: r["loss"] for r in read_metrics(d) if r["kind"] == "train"} for d in (straight, split)]
+    assert losses[0] == losses[1]
+    resumed_start = [r for r in read_metrics(split) if r["kind"] == "start"][-1]
+    assert resumed_start["resumed"] is True and resumed_start["step"] == 5
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, small_corpus):
+    config = shrunk_config(f"--data={small_corpus}", "--log_every=1")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def log(line: str) -> None:
+        print(line)
+        if line.startswith("step ") and line.split()[1].startswith("3/"):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop: finish the step, save, stop
+
+    summary = run(config, tmp_path / "run", log=log)
+    assert summary["reason"] == "SIGTERM" and summary["step"] == 3
+    assert Checkpoints(tmp_path / "run").all_steps() == [3]
+    assert read_metrics(tmp_path / "run")[-1] == {**read_metrics(tmp_path / "run")[-1], "reason": "SIGTERM"}
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_time_limit_stops_with_a_checkpoint(tmp_path, small_corpus):
+    config = shrunk_config(f"--data={small_corpus}", "--time_limit_minutes=1e-9")
+    summary = run(config, tmp_path / "run", log=print)
+    assert summary["reason"] == "time limit" and summary["step"] == 0
+    assert Checkpoints(tmp_path / "run").all_steps() == [0]
+
+
+def test_run_directory_misuse_is_refused(tmp_path, small_corpus, capsys):
+    config = shrunk_config(f"--data={small_corpus}", "--time_limit_minutes=1e-9")
+    run(config, tmp_path / "used", log=print)
+    with pytest.raises(RunDirectoryError, match="already holds a run"):
+        run(config, tmp_path / "used", log=print)
+    with pytest.raises(RunDirectoryError, match="not a run directory"):
+        load_config(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(config.to_dict()))
+    assert cli.main(["--run-dir", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--run-dir", str(tmp_path / "used"), "--resume", "--steps=20"])
+    assert "--resume continues the stored config exactly" in capsys.readouterr().err
+
+
+def test_bad_data_fails_before_compiling(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli.main(["--run-dir", str(run_dir), "--data", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_sample_command_prints_the_requested_tokens(trained_run, capsys):
+    assert sample.main(["--run", str(trained_run), "--prompt", "def ", "--max-new-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def ")
+    model, variables, step = sample.load_model(trained_run)
+    assert step == 10
+    prompt = encode("import os\n" * 5)[:-1].tolist()  # 51 tokens: longer than the 32-token window
+    new = sample.generate(model, variables, prompt, max_new_tokens=20, temperature=0.0)
+    assert new.shape == (20,) and new.dtype == np.int32
+    assert int(new.min()) >= 0 and int(new.max()) < model.config.vocab_size
+    again = sample.generate(model, variables, prompt, max_new_tokens=20, temperature=0.0)
+    np.testing.assert_array_equal(new, again)  # greedy is deterministic
+    assert isinstance(decode(new), str)
+    assert sample.main(["--run", str(trained_run), "--step", "7"]) == 2
+    assert "available steps: [5, 10]" in capsys.readouterr().err
+
+
+def test_sample_token_respects_temperature_and_top_p(key):
+    logits = jnp.array([2.0, 1.9, -1.0, -3.0, 0.5])
+    keys = jax.random.split(key, 2000)
+    greedy = jax.vmap(lambda k: sample.sample_token(logits, k, temperature=0.0, top_p=1.0))(keys)
+    assert set(np.asarray(greedy).tolist()) == {0}
+    nucleus = jax.vmap(lambda k: sample.sample_token(logits, k, temperature=1.0, top_p=0.5))(keys)
+    assert set(np.asarray(nucleus).tolist()) == {0, 1}  # p(0) = 0.46 < 0.5: the second token joins
+    tiny_p = jax.vmap(lambda k: sample.sample_token(logits, k, temperature=1.0, top_p=1e-6))(keys)
+    assert set(np.asarray(tiny_p).tolist()) == {0}
+    full = np.asarray(jax.vmap(lambda k: sample.sample_token(logits, k, temperature=1.0, top_p=1.0))(keys))
+    counts = np.bincount(full, minlength=5) / len(full)
+    np.testing.assert_allclose(counts, jax.nn.softmax(logits), atol=0.04)

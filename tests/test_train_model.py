@@ -1,0 +1,231 @@
+"""The language model: wiring against an independent forward pass, causality, rotary, the FFN switch."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnimoe_jax import OmniMoE
+from omnimoe_jax._model import LMConfig, TransformerLM, parameter_counts, rotary
+from tests.helpers import assert_close, normal
+
+SMALL = dict(
+    vocab_size=259,
+    context_length=16,
+    num_layers=2,
+    num_heads=2,
+    hidden_size=16,
+    intermediate_size=24,
+    num_experts=16,
+    num_experts_per_token=4,
+)
+
+
+def random_tokens(key, config, batch=2, length=None):
+    return jax.random.randint(key, (batch, length or config.context_length), 0, config.vocab_size)
+
+
+@functools.cache
+def _jitted_init(config):
+    return jax.jit(TransformerLM(config).init)
+
+
+@functools.cache
+def _jitted_apply(config, **kwargs):
+    return jax.jit(functools.partial(TransformerLM(config).apply, **kwargs))
+
+
+@functools.cache
+def _jitted_omnimoe(ffn_config):
+    return jax.jit(OmniMoE(ffn_config).apply)
+
+
+def init(config, key):
+    """Fresh variables and tokens; one compilation per config for the whole module (CPU compiles are slow)."""
+    tokens = random_tokens(key, config)
+    return _jitted_init(config)(jax.random.fold_in(key, 1), tokens), tokens
+
+
+def apply(config, variables, tokens, **kwargs):
+    return _jitted_apply(config, **kwargs)(variables, tokens)
+
+
+def rms_norm(x, scale, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def rotary_complex(x, theta):
+    """Rotary positions written as complex rotation of (x_i, x_{i+D/2}) pairs: x [B, L, H, D] float64."""
+    half = x.shape[-1] // 2
+    pairs = x[..., :half] + 1j * x[..., half:]  # [B, L, H, D/2]
+    angles = np.arange(x.shape[1])[:, None] * theta ** (-np.arange(half) / half)  # [L, D/2]
+    turned = pairs * np.exp(1j * angles)[None, :, None, :]  # [B, L, H, D/2]
+    return np.concatenate([turned.real, turned.imag], axis=-1)
+
+
+def reference_logits(config, variables, tokens):
+    """The model written out in float64 numpy; each FFN applied through its own (separately tested) module."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    eps = config.norm_eps
+    x = p["embed"]["embedding"][np.asarray(tokens)]  # [B, L, d]
+    length = x.shape[1]
+    causal = np.tril(np.ones((length, length), bool))  # [L, L]
+    for i in range(config.num_layers):
+        layer = p[f"layer_{i}"]
+        att = layer["attention"]
+        h = rms_norm(x, layer["attention_norm"]["scale"], eps)
+        q = rotary_complex(np.einsum("bld,dhk->blhk", h, att["query"]["kernel"]), config.rope_theta)
+        k = rotary_complex(np.einsum("bld,dhk->blhk", h, att["key"]["kernel"]), config.rope_theta)
+        v = np.einsum("bld,dhk->blhk", h, att["value"]["kernel"])  # [B, L, H, D]
+        scores = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(config.head_dim)  # [B, H, L, L]
+        scores = np.where(causal, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        heads = np.einsum("bhqs,bshk->bqhk", probs, v)  # [B, L, H, D]
+        x = x + np.einsum("blhk,hkd->bld", heads, att["out"]["kernel"])
+        h = rms_norm(x, layer["ffn_norm"]["scale"], eps)
+        ffn_vars = {"params": variables["params"][f"layer_{i}"]["ffn"]}
+        if config.ffn == "omnimoe" and config.is_sparse_layer(i):
+            ffn_vars["batch_stats"] = variables["batch_stats"][f"layer_{i}"]["ffn"]
+            y = _jitted_omnimoe(config.ffn_config())(ffn_vars, jnp.asarray(h, jnp.float32))
+        else:
+            w = ffn_vars["params"]
+            y = (jax.nn.silu(h @ w["gate_proj"]["kernel"]) * (h @ w["up_proj"]["kernel"])) @ w["down_proj"]["kernel"]
+        x = x + np.asarray(y, np.float64)
+    x = rms_norm(x, p["final_norm"]["scale"], eps)
+    head = p["embed"]["embedding"].T if config.tie_embeddings else p["lm_head"]["kernel"]
+    return x @ head  # [B, L, V]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"tie_embeddings": False}, {"moe_every": 2}, {"ffn": "dense"}],
+    ids=["omnimoe", "untied", "moe_every_2", "dense"],
+)
+def test_logits_match_independent_forward(key, changes):
+    config = LMConfig(**SMALL, **changes)
+    variables, tokens = init(config, key)
+    logits = apply(config, variables, tokens)
+    assert logits.dtype == jnp.float32
+    assert logits.shape == (*tokens.shape, config.vocab_size)
+    assert_close(logits, reference_logits(config, variables, tokens), jnp.float32, what="logits")
+
+
+def test_model_is_causal_in_eval(key):
+    config = LMConfig(**SMALL)
+    variables, tokens = init(config, key)
+    cut = config.context_length // 2
+    changed = tokens.at[:, cut:].set((tokens[:, cut:] + 1) % config.vocab_size)
+    before, after = apply(config, variables, tokens), apply(config, variables, changed)
+    np.testing.assert_array_equal(np.asarray(before[:, :cut]), np.asarray(after[:, :cut]))
+    assert not np.allclose(before[:, cut:], after[:, cut:])
+
+
+def test_rotary_scores_depend_only_on_relative_position(key):
+    kq, kk = jax.random.split(key)
+    q, k = normal(kq, (1, 1, 1, 8)), normal(kk, (1, 1, 1, 8))
+
+    @jax.jit
+    def score(pos_q, pos_k):
+        rq = rotary(q, jnp.array([pos_q]), 10000.0)
+        rk = rotary(k, jnp.array([pos_k]), 10000.0)
+        return jnp.sum(rq * rk)
+
+    np.testing.assert_allclose(score(7, 3), score(4, 0), rtol=1e-5)
+    np.testing.assert_allclose(score(0, 0), jnp.sum(q * k), rtol=1e-6)
+    assert not np.isclose(score(7, 3), score(3, 7))
+
+
+def test_ffn_switch_and_routing_results(key):
+    config = LMConfig(**SMALL, moe_every=2)
+    assert config.sparse_layers == (1,)
+    variables, tokens = init(config, key)
+    ffns = [variables["params"][f"layer_{i}"]["ffn"] for i in range(config.num_layers)]
+    assert sorted(ffns[0]) == ["down_proj", "gate_proj", "up_proj"]  # the dense SwiGLU
+    assert sorted(ffns[1]) == ["experts", "router", "shared"]  # OmniMoE
+    assert sorted(variables["batch_stats"]) == ["layer_1"]
+    _, routings = apply(config, variables, tokens, return_routing=True)
+    assert len(routings) == 1
+    n, k = config.ffn_config().num_expert_sqrt, config.num_experts_per_token
+    (routing,) = routings
+    assert routing.indices.shape == (*tokens.shape, k)
+    assert routing.logits_x.shape == (*tokens.shape, n)
+    assert int(routing.indices.min()) >= 0 and int(routing.indices.max()) < config.num_experts
+    dense = LMConfig(**SMALL, ffn="dense")
+    dense_vars, _ = init(dense, key)
+    assert "batch_stats" not in dense_vars
+    assert apply(dense, dense_vars, tokens, return_routing=True)[1] == ()
+
+
+def test_train_mode_updates_router_statistics(key):
+    config = LMConfig(**SMALL)
+    variables, tokens = init(config, key)
+    _, updates = apply(config, variables, tokens, train=True, mutable=("batch_stats",))
+    for i in range(config.num_layers):
+        stats = updates["batch_stats"][f"layer_{i}"]["ffn"]["router"]["router_norm_x"]
+        assert int(stats["num_batches_tracked"]) == 1
+        assert not np.allclose(stats["running_mean"], 0)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(key):
+    config = LMConfig(**SMALL, dtype="bfloat16")
+    tokens = random_tokens(key, config)
+    shapes = jax.eval_shape(TransformerLM(config).init, key, tokens)["params"]
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    variables, tokens = init(config.replace(dtype="float32"), key)  # the same variables, compiled once
+    logits = apply(config, variables, tokens)
+    assert logits.dtype == jnp.float32
+    reference = apply(config.replace(dtype="float32"), variables, tokens)
+    assert_close(logits, reference, jnp.bfloat16, what="bf16 logits")
+
+
+def test_parameter_counts(key):
+    config = LMConfig(**SMALL, tie_embeddings=False)
+    variables, _ = init(config, key)
+    total = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    counts = parameter_counts(config)
+    assert counts["total"] == total
+    unused_rows = (config.num_experts - config.num_experts_per_token) * config.hidden_size
+    assert counts["active"] == total - 2 * unused_rows * config.num_layers
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"num_heads": 3}, "hidden_size"),
+        ({"num_heads": 16}, "hidden_size"),  # head_dim 1 is odd: rotary needs pairs
+        ({"ffn": "gshard"}, "ffn"),
+        ({"moe_every": 3}, "moe_every"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"context_length": 1.5}, "context_length"),
+        ({"tie_embeddings": "yes"}, "tie_embeddings"),
+        ({"rope_theta": 0}, "rope_theta"),
+        ({"attention": "flash"}, "attention"),
+        ({"num_experts": 15}, "num_experts"),
+        ({"dtype": "int8"}, "dtype"),
+    ],
+)
+def test_config_validation_names_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        LMConfig(**{**SMALL, **changes})
+
+
+def test_config_round_trips_through_dict():
+    config = LMConfig(**SMALL, dtype="bfloat16", moe_every=2)
+    assert LMConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown LMConfig fields"):
+        LMConfig.from_dict({**config.to_dict(), "depth": 3})
+
+
+def test_bad_tokens_are_refused(key):
+    config = LMConfig(**SMALL)
+    variables, tokens = init(config, key)
+    model = TransformerLM(config)
+    with pytest.raises(ValueError, match="int array"):
+        model.apply(variables, tokens.astype(jnp.float32))
+    with pytest.raises(ValueError, match="context_length"):
+        model.apply(variables, random_tokens(key, config, length=config.context_length + 1))

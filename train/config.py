@@ -1,0 +1,190 @@
+"""TrainConfig (model + data + optimisation + bookkeeping) and `--key=value` command-line overrides.
+
+Override keys are flat: a TrainConfig field (`--steps=200`) or an LMConfig field (`--hidden_size=256`);
+dashes and underscores are interchangeable. Values are parsed by the field's type: int, float, bool
+(true/false/1/0/yes/no), str, and "none" for optional fields. An unknown key is refused with the list of
+valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from omnimoe_jax._model import LMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; stored as config.json in the run directory.
+
+    Attributes:
+      model: the language model (LMConfig); its context_length is the training sequence length.
+      data: corpus path (see `train.data`), None = the Python standard library's sources.
+      val_fraction: share of documents (or of a single document's tokens) held out for validation.
+      token_dtype: element type of headerless .bin token files ("uint16" or "uint32").
+      seed: seeds the parameter initialisation and the batch sampler.
+      batch_size: sequences per optimizer step.
+      grad_accum: micro-batches per step (batch_size / grad_accum sequences each, gradients averaged).
+      steps: optimizer steps of the whole run (the learning-rate schedule spans them).
+      learning_rate: peak learning rate, reached after `warmup_steps` of linear warmup from 0, then cosine
+        decay to `learning_rate * min_lr_ratio` at `steps`.
+      weight_decay: AdamW decoupled weight decay, on matrices and tables only (not on norm scales).
+      beta1, beta2, adam_eps: AdamW moments.
+      grad_clip: global gradient norm clip (0 = off).
+      eval_every: evaluate every this many steps (and at the end).
+      eval_batches: validation batches (of batch_size sequences) per evaluation, the same ones each time.
+      log_every: print and record a training line every this many steps.
+      checkpoint_every: save a checkpoint every this many steps (and at the end, and on SIGINT/SIGTERM).
+      keep_checkpoints: how many of the latest checkpoints to keep.
+      time_limit_minutes: stop (saving a checkpoint) once this much wall time has passed; 0 = no limit.
+    """
+
+    model: LMConfig
+    data: str | None = None
+    val_fraction: float = 0.05
+    token_dtype: str = "uint16"
+    seed: int = 0
+    batch_size: int = 32
+    grad_accum: int = 1
+    steps: int = 1000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    time_limit_minutes: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.model, LMConfig):
+            raise TypeError(f"model must be an LMConfig, got {type(self.model).__name__}")
+        positive = ("batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every")
+        for field in (*positive, "checkpoint_every", "keep_checkpoints"):
+            _check_int(field, getattr(self, field), minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("warmup_steps", self.warmup_steps, minimum=0)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be < steps={self.steps} (override both for a short run)"
+            )
+        _check_number("learning_rate", self.learning_rate, lambda v: v > 0, "> 0")
+        _check_number("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
+        _check_number("min_lr_ratio", self.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check_number("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
+        _check_number("beta1", self.beta1, lambda v: 0 <= v < 1, "in [0, 1)")
+        _check_number("beta2", self.beta2, lambda v: 0 <= v < 1, "in [0, 1)")
+        _check_number("adam_eps", self.adam_eps, lambda v: v > 0, "> 0")
+        _check_number("grad_clip", self.grad_clip, lambda v: v >= 0, ">= 0 (0 = no clipping)")
+        _check_number("time_limit_minutes", self.time_limit_minutes, lambda v: v >= 0, ">= 0")
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
+            raise ValueError(f"data={self.data!r} must be a non-empty path string or None")
+        if self.token_dtype not in ("uint16", "uint32"):
+            raise ValueError(f"token_dtype={self.token_dtype!r} must be 'uint16' or 'uint32'")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.model.context_length
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["model"] = self.model.to_dict()
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**{**fields, "model": LMConfig.from_dict(fields["model"])})
+
+
+def _check_int(field: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{field}={value!r} must be an int >= {minimum}")
+
+
+def _check_number(field: str, value: Any, in_range: Callable[[float], bool], expected: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not in_range(value):
+        raise ValueError(f"{field}={value!r} must be a number {expected}")
+
+
+def override_keys() -> list[str]:
+    """Every key `apply_overrides` accepts: TrainConfig fields (but `model`) and LMConfig fields."""
+    train = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    return sorted(train + [f.name for f in dataclasses.fields(LMConfig)])
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, str]:
+    """["--steps=10", "--data", "dir"] -> {"steps": "10", "data": "dir"} (values still strings)."""
+    pairs: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ValueError(f"expected --key=value or --key value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"{arg} needs a value (--key=value or --key value)")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        pairs[key.replace("-", "_")] = value
+    return pairs
+
+
+def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
+    """A copy of `config` with the overrides applied (each value parsed by its field's type)."""
+    valid = override_keys()
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(valid)}")
+    model_fields = {f.name for f in dataclasses.fields(LMConfig)}
+    train_changes = {}
+    model_changes = {}
+    for key, text in overrides.items():
+        owner = LMConfig if key in model_fields else TrainConfig
+        value = _parse_value(key, text, typing.get_type_hints(owner)[key])
+        (model_changes if owner is LMConfig else train_changes)[key] = value
+    model = config.model.replace(**model_changes) if model_changes else config.model
+    return dataclasses.replace(config, model=model, **train_changes)
+
+
+def _parse_value(key: str, text: str, annotation: Any) -> Any:
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    kinds = [t for t in options if t is not type(None)]
+    kind = kinds[0] if len(kinds) == 1 else str
+    if kind is Any:  # dtypes: given by name, validated by the config
+        return text
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--{key}={text!r}: expected a bool (true/false/1/0/yes/no)")
+    try:
+        return kind(text)
+    except ValueError as err:
+        raise ValueError(f"--{key}={text!r}: expected {kind.__name__}") from err

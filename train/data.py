@@ -1,0 +1,294 @@
+"""Corpora as token streams, a deterministic train/validation split, and a resumable batch sampler.
+
+Byte-level tokens: a text's UTF-8 bytes are tokens 0-255, plus three specials:
+
+| id | name | use |
+| --- | --- | --- |
+| 256 | BOS | starts every document |
+| 257 | EOS | ends every document |
+| 258 | PAD | reserved (never produced: batches are windows of the stream, so nothing is padded) |
+
+Documents are encoded [BOS, bytes..., EOS] and concatenated into one stream per split; a batch is a set
+of random windows of that stream (windows may cross document boundaries, as in GPT-2 style training).
+
+Sources (`load_corpus`):
+- None: the Python standard library's own sources on this machine, every `*.py` file under
+  `sysconfig.get_paths()["stdlib"]` except `site-packages`/`dist-packages` (installed third-party code
+  varies by machine); about 1,800 files and 34 MB on CPython 3.11, no download.
+- a text file (.txt, .md, .py or anything else that is not .jsonl/.npy/.bin): one document.
+- a .jsonl file: one document per line, its "text" field.
+- a directory: every .txt/.md/.py/.jsonl file under it (recursively), or every .npy/.bin file (a
+  directory may not mix text and token files).
+- .npy / .bin files: pre-tokenised uint16 or uint32 token arrays, memory-mapped (.bin has no header: its
+  dtype is the `token_dtype` argument). Ids must be < the model's vocab_size.
+
+Split: each document goes to validation when the SHA-256 of its name (the file's path relative to the
+corpus root, plus ":<line>" for a .jsonl record) falls in the first `val_fraction` of the hash range, so
+the split is the same on every machine and run and independent of file order. A corpus of exactly one
+document (a single text file, a single token array) is split by position instead: the last
+`val_fraction` of its tokens are validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import sysconfig
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+BOS, EOS, PAD = 256, 257, 258
+BYTE_VOCAB_SIZE = 259
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
+TOKEN_SUFFIXES = (".npy", ".bin")
+TOKEN_DTYPES = ("uint16", "uint32")
+# Directories of the stdlib tree that hold installed third-party packages, not the standard library.
+_NOT_STDLIB = ("site-packages", "dist-packages", "__pycache__")
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be used: missing path, unreadable file, empty or too small split."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Two token streams and where they came from.
+
+    Attributes:
+      train, validation: [n] uint16/uint32 token ids (np.memmap for a single pre-tokenised file).
+      source: the path read, or "stdlib:<dir>".
+      byte_level: tokens are this module's byte tokens, so bits per byte can be reported.
+      documents: (train, validation) document counts.
+    """
+
+    train: np.ndarray
+    validation: np.ndarray
+    source: str
+    byte_level: bool
+    documents: tuple[int, int]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "byte_level": self.byte_level,
+            "train_tokens": len(self.train),
+            "validation_tokens": len(self.validation),
+            "train_documents": self.documents[0],
+            "validation_documents": self.documents[1],
+        }
+
+
+def encode(text: str | bytes) -> np.ndarray:
+    """[BOS, UTF-8 bytes..., EOS] as uint16 ([len + 2])."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return np.concatenate([[BOS], np.frombuffer(data, np.uint8), [EOS]]).astype(np.uint16)
+
+
+def decode(tokens: Any) -> str:
+    """Bytes of the non-special tokens as UTF-8 text (invalid sequences replaced); specials dropped."""
+    ids = np.asarray(tokens).reshape(-1)
+    return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
+
+
+def in_validation(name: str, val_fraction: float) -> bool:
+    """Whether the document called `name` belongs to the validation split (hash of the name)."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < val_fraction * 2**64
+
+
+def stdlib_root() -> pathlib.Path:
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: pathlib.Path | None = None) -> list[pathlib.Path]:
+    """The standard library's .py files, sorted, without installed third-party packages."""
+    root = stdlib_root() if root is None else root
+    return sorted(p for p in root.rglob("*.py") if not set(p.relative_to(root).parts) & set(_NOT_STDLIB))
+
+
+def load_corpus(
+    path: str | None,
+    *,
+    val_fraction: float,
+    vocab_size: int,
+    token_dtype: str = "uint16",
+) -> Corpus:
+    """Read, tokenise and split a corpus (see the module docstring). Raises CorpusError on bad input."""
+    if not 0 < val_fraction < 1:
+        raise CorpusError(f"val_fraction={val_fraction!r} must be in (0, 1)")
+    if token_dtype not in TOKEN_DTYPES:
+        raise CorpusError(f"token_dtype={token_dtype!r} must be one of {TOKEN_DTYPES}")
+    if path is None:
+        root = stdlib_root()
+        files = stdlib_files(root)
+        if not files:
+            raise CorpusError(f"no .py files found under the standard library directory {root}")
+        corpus = _split_documents(_text_documents(root, files), val_fraction, source=f"stdlib:{root}")
+    else:
+        target = pathlib.Path(path)
+        if not target.exists():
+            raise CorpusError(f"data path {str(target)!r} does not exist")
+        if target.is_dir():
+            corpus = _load_directory(target, val_fraction, token_dtype)
+        elif target.suffix in TOKEN_SUFFIXES:
+            corpus = _split_by_position(_read_tokens(target, token_dtype), val_fraction, source=str(target))
+        elif target.suffix == ".jsonl":
+            corpus = _split_documents(_text_documents(target.parent, [target]), val_fraction, source=str(target))
+        else:
+            text = encode(_read_bytes(target))
+            corpus = _split_by_position(text, val_fraction, source=str(target), byte_level=True)
+    if corpus.byte_level and not (np.any(corpus.train < BOS) or np.any(corpus.validation < BOS)):
+        raise CorpusError(f"{corpus.source}: the corpus is empty (its documents hold no text)")
+    if corpus.byte_level and vocab_size < BYTE_VOCAB_SIZE:
+        raise CorpusError(f"vocab_size={vocab_size} is too small for byte tokens: need >= {BYTE_VOCAB_SIZE}")
+    for name, stream in (("train", corpus.train), ("validation", corpus.validation)):
+        if len(stream) and int(stream.max()) >= vocab_size:
+            raise CorpusError(
+                f"{corpus.source}: {name} tokens go up to {int(stream.max())}, not < vocab_size={vocab_size}"
+            )
+    return corpus
+
+
+def _load_directory(root: pathlib.Path, val_fraction: float, token_dtype: str) -> Corpus:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    text_files = [p for p in files if p.suffix in TEXT_SUFFIXES]
+    token_files = [p for p in files if p.suffix in TOKEN_SUFFIXES]
+    if text_files and token_files:
+        raise CorpusError(
+            f"data directory {str(root)!r} mixes text files ({text_files[0].name}, ...) and token arrays "
+            f"({token_files[0].name}, ...); use one kind"
+        )
+    if token_files:
+        # Several arrays are concatenated into memory; give one large file to keep it memory-mapped.
+        docs = ((p.relative_to(root).as_posix(), _read_tokens(p, token_dtype)) for p in token_files)
+        return _split_documents(docs, val_fraction, source=str(root), byte_level=False)
+    if not text_files:
+        raise CorpusError(f"data directory {str(root)!r} holds no {'/'.join(TEXT_SUFFIXES + TOKEN_SUFFIXES)} files")
+    return _split_documents(_text_documents(root, text_files), val_fraction, source=str(root))
+
+
+def _read_bytes(path: pathlib.Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise CorpusError(f"cannot read data file {str(path)!r}: {err}") from err
+
+
+def _read_tokens(path: pathlib.Path, token_dtype: str) -> np.ndarray:
+    """A memory-mapped 1-D uint16/uint32 token array from a .npy or headerless .bin file."""
+    try:
+        is_npy = path.suffix == ".npy"
+        tokens = np.load(path, mmap_mode="r") if is_npy else np.memmap(path, dtype=token_dtype, mode="r")
+    except (OSError, ValueError) as err:
+        raise CorpusError(f"cannot read token file {str(path)!r}: {err}") from err
+    if tokens.dtype not in (np.uint16, np.uint32):
+        raise CorpusError(f"token file {str(path)!r} has dtype {tokens.dtype}; expected uint16 or uint32")
+    if tokens.ndim != 1:
+        raise CorpusError(f"token file {str(path)!r} has shape {tokens.shape}; expected a 1-D array")
+    return tokens
+
+
+def _text_documents(root: pathlib.Path, files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, [BOS, bytes..., EOS]) per document: a file, or a record of a .jsonl file."""
+    for path in files:
+        name = path.relative_to(root).as_posix()
+        data = _read_bytes(path)
+        if path.suffix != ".jsonl":
+            yield name, encode(data)
+            continue
+        for line_number, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise CorpusError(f'{path}:{line_number}: expected a JSON object with a "text" field') from err
+            if not isinstance(text, str):
+                raise CorpusError(f'{path}:{line_number}: "text" must be a string, got {type(text).__name__}')
+            yield f"{name}:{line_number}", encode(text)
+
+
+def _split_documents(
+    documents: Iterator[tuple[str, np.ndarray]], val_fraction: float, *, source: str, byte_level: bool = True
+) -> Corpus:
+    splits: dict[bool, list[np.ndarray]] = {False: [], True: []}
+    for name, tokens in documents:
+        splits[in_validation(name, val_fraction)].append(tokens)
+    train, validation = splits[False], splits[True]
+    if not train and not validation:
+        raise CorpusError(f"{source}: the corpus holds no documents")
+    if len(train) + len(validation) == 1:
+        return _split_by_position((train or validation)[0], val_fraction, source=source, byte_level=byte_level)
+    if not train or not validation:
+        empty = "train" if not train else "validation"
+        raise CorpusError(
+            f"{source}: the {empty} split is empty: all {len(train) + len(validation)} documents hash into one "
+            f"split at val_fraction={val_fraction}; add documents, change val_fraction, or pass a single file "
+            "(split by position)"
+        )
+    return Corpus(
+        train=np.concatenate(train),
+        validation=np.concatenate(validation),
+        source=source,
+        byte_level=byte_level,
+        documents=(len(train), len(validation)),
+    )
+
+
+def _split_by_position(tokens: np.ndarray, val_fraction: float, *, source: str, byte_level: bool = False) -> Corpus:
+    if len(tokens) == 0:
+        raise CorpusError(f"{source}: the corpus is empty")
+    cut = len(tokens) - round(len(tokens) * val_fraction)
+    return Corpus(train=tokens[:cut], validation=tokens[cut:], source=source, byte_level=byte_level, documents=(1, 1))
+
+
+def check_fits(corpus: Corpus, window: int) -> None:
+    """Both splits must hold at least one window of `window` tokens (context_length + 1)."""
+    for name, stream in (("train", corpus.train), ("validation", corpus.validation)):
+        if len(stream) < window:
+            raise CorpusError(
+                f"{corpus.source}: the {name} split has {len(stream)} tokens, fewer than one window of "
+                f"context_length + 1 = {window}; use more data or a shorter context_length"
+            )
+
+
+class BatchSampler:
+    """Random windows of a token stream, drawn by an explicit RNG whose state can be saved and restored.
+
+    `next()` returns [batch_size, window] int32 token windows, each starting at a uniform position of the
+    stream. `state()` is JSON-serialisable; `restore(state)` makes the following batches exactly those the
+    saved sampler would have drawn.
+    """
+
+    def __init__(self, tokens: np.ndarray, *, window: int, batch_size: int, seed: int):
+        if len(tokens) < window:
+            raise CorpusError(f"the stream has {len(tokens)} tokens, fewer than one window of {window}")
+        self._tokens = tokens
+        self._window = window
+        self._batch_size = batch_size
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+
+    def next(self) -> np.ndarray:
+        starts = self._rng.integers(0, len(self._tokens) - self._window + 1, size=self._batch_size)  # [B]
+        offsets = starts[:, None] + np.arange(self._window)[None, :]  # [B, window]
+        return np.asarray(self._tokens[offsets], dtype=np.int32)  # [B, window]
+
+    def state(self) -> dict[str, Any]:
+        return self._rng.bit_generator.state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state
+
+
+def evaluation_batches(tokens: np.ndarray, *, window: int, batch_size: int, num_batches: int) -> list[np.ndarray]:
+    """The same `num_batches` [batch_size, window] int32 batches every evaluation: windows at evenly spaced
+    starts over the whole validation stream (overlapping when the stream is short)."""
+    count = batch_size * num_batches
+    starts = np.linspace(0, len(tokens) - window, count).round().astype(np.int64)  # [count]
+    offsets = starts[:, None] + np.arange(window)[None, :]  # [count, window]
+    windows = np.asarray(tokens[offsets], dtype=np.int32)  # [count, window]
+    return list(windows.reshape(num_batches, batch_size, window))  # num_batches x [B, window]

@@ -1,0 +1,485 @@
+"""The training loop: state, optimizer, the pure jitted train/eval steps, and `run`.
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> sums` are pure functions of
+their arguments (model and optimizer are closed over), built by `make_train_step` / `make_eval_step`;
+`run` jits them (state donated) and drives them. To run under a Mesh, jit the same functions with
+shardings instead: nothing else holds device state.
+
+metrics.jsonl records, one JSON object per line, `kind` first:
+
+- start: step (0, or the step resumed from), resumed, config, parameters {total, active}, corpus {source,
+  byte_level, train_tokens, validation_tokens, train_documents, validation_documents}, device, jax,
+  compile_s.
+- train: step, loss (mean nats per target token over the step's batch), grad_norm (before clipping),
+  learning_rate (used by this step), tokens_per_s (training time only, since the previous record),
+  tokens_seen, elapsed_s.
+- eval: step, val_loss (mean nats per validation target token), bits_per_byte (nats / ln 2 over the byte
+  targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, routing (mean over OmniMoE layers of
+  experts_used, max_load, load_entropy, router_entropy: see `train.metrics`) and routing_per_layer (the
+  same for each OmniMoE layer, with its index). No routing fields without OmniMoE layers.
+- checkpoint: step, seconds.
+- end: step, reason ("done", "stop_at_step", "time limit", "SIGINT", "SIGTERM"), elapsed_s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from omnimoe_jax._model import TransformerLM, parameter_counts
+from train import data as data_lib
+from train.checkpoint import Checkpoints
+from train.config import TrainConfig
+from train.metrics import MetricsLog, routing_health, routing_statistics
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that cannot be used: a new run over an old one, a resume without a checkpoint."""
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (checkpointed whole).
+
+    Attributes:
+      step: [] int32, optimizer steps taken.
+      params: the model's "params" collection (param_dtype, f32 by default).
+      batch_stats: the routers' BatchNorm running statistics ("batch_stats"; {} without OmniMoE layers).
+      opt_state: the optax state (AdamW moments in the params' dtype).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to learning_rate, then cosine decay to learning_rate * min_lr_ratio at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=config.steps,
+        end_value=config.learning_rate * config.min_lr_ratio,
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW; weight decay on parameters of rank >= 2 (not norm scales)."""
+    adamw = optax.adamw(
+        learning_rate_schedule(config),
+        b1=config.beta1,
+        b2=config.beta2,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+    )
+    if config.grad_clip == 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+
+
+def make_init_state(model: nn.Module, optimizer: optax.GradientTransformation, config: TrainConfig) -> Callable:
+    """init_state(key) -> TrainState at step 0 (pure: jit or eval_shape it)."""
+
+    def init_state(key: jax.Array) -> TrainState:
+        tokens = jnp.zeros((1, config.model.context_length), jnp.int32)  # [1, L]
+        variables = model.init(key, tokens)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=optimizer.init(params),
+        )
+
+    return init_state
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Nats per position: logits [B, L, V] f32, targets [B, L] int -> [B, L] f32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, config: TrainConfig) -> Callable:
+    """train_step(state, batch) -> (state, metrics), batch [grad_accum, micro_batch, L + 1] int32.
+
+    Gradients of the micro-batches are averaged (a scan, so memory holds one micro-batch of activations);
+    the router BatchNorm statistics are updated by each micro-batch in turn, as separate steps would.
+    metrics: loss (mean over micro-batches), grad_norm (before clipping), learning_rate (of this update).
+    """
+    schedule = learning_rate_schedule(config)
+
+    def loss_fn(params, batch_stats, tokens):
+        # tokens: [b, L + 1]; predict tokens[:, 1:] from tokens[:, :-1]
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, tokens[:, :-1], train=True, mutable=["batch_stats"]
+        )  # [b, L, V]
+        loss = jnp.mean(cross_entropy(logits, tokens[:, 1:]))
+        return loss, updates.get("batch_stats", batch_stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        def micro_step(carry, tokens):
+            grad_sum, loss_sum, batch_stats = carry
+            (loss, batch_stats), grads = grad_fn(state.params, batch_stats, tokens)
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, batch_stats), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        carry = (zeros, jnp.zeros((), jnp.float32), state.batch_stats)
+        (grad_sum, loss_sum, batch_stats), _ = jax.lax.scan(micro_step, carry, batch)
+        micro_batches = batch.shape[0]
+        grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        metrics = {
+            "loss": loss_sum / micro_batches,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
+    """eval_step(state, batch [B, L + 1]) -> sums over the batch, in eval mode (running BatchNorm stats).
+
+    Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), and per OmniMoE layer
+    expert_counts [M, N] and router_entropy [M] (see `train.metrics.routing_statistics`).
+    """
+    num_experts = config.model.num_experts
+
+    def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        logits, routings = model.apply(variables, batch[:, :-1], return_routing=True)  # [B, L, V], M results
+        targets = batch[:, 1:]  # [B, L]
+        nll = cross_entropy(logits, targets)  # [B, L]
+        is_byte = targets < data_lib.BOS  # [B, L]
+        sums = {
+            "nll": jnp.sum(nll),
+            "tokens": jnp.asarray(nll.size, jnp.float32),
+            "byte_nll": jnp.sum(jnp.where(is_byte, nll, 0.0)),
+            "bytes": jnp.sum(is_byte).astype(jnp.float32),
+        }
+        if routings:
+            stats = [routing_statistics(r, num_experts) for r in routings]
+            sums["expert_counts"] = jnp.stack([counts for counts, _ in stats])  # [M, N]
+            sums["router_entropy"] = jnp.stack([entropy for _, entropy in stats])  # [M]
+        return sums
+
+    return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """A config's model, optimizer and jitted functions (cached per config, so runs reuse compilations)."""
+
+    model: TransformerLM
+    optimizer: optax.GradientTransformation
+    init_state: Callable[[jax.Array], TrainState]
+    train_step: Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+    eval_step: Callable[[TrainState, jax.Array], dict[str, jax.Array]]
+
+
+# TrainConfig fields that steer only the loop around the steps (data, evaluation, logging, checkpoints).
+_LOOP_FIELDS = (
+    "data",
+    "val_fraction",
+    "token_dtype",
+    "seed",
+    "eval_every",
+    "eval_batches",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "time_limit_minutes",
+)
+
+
+def build_steps(config: TrainConfig) -> Steps:
+    """The model, optimizer and jitted functions of `config`, shared by configs that differ only in loop
+    fields (so a resumed run or another corpus in the same process reuses the compilations)."""
+    defaults = TrainConfig(model=config.model)
+    return _build_steps(dataclasses.replace(config, **{f: getattr(defaults, f) for f in _LOOP_FIELDS}))
+
+
+@functools.lru_cache(maxsize=4)
+def _build_steps(config: TrainConfig) -> Steps:
+    model = TransformerLM(config.model)
+    optimizer = make_optimizer(config)
+    init_state = make_init_state(model, optimizer, config)
+    return Steps(
+        model=model,
+        optimizer=optimizer,
+        init_state=jax.jit(init_state),
+        train_step=jax.jit(make_train_step(model, optimizer, config), donate_argnums=0),
+        eval_step=jax.jit(make_eval_step(model, config)),
+    )
+
+
+def load_config(run_dir: str | pathlib.Path) -> TrainConfig:
+    """The TrainConfig a run stored in <run_dir>/config.json."""
+    path = pathlib.Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RunDirectoryError(f"{str(path)!r} does not exist: {str(run_dir)!r} is not a run directory")
+    return TrainConfig.from_dict(json.loads(path.read_text()))
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_train_step(steps: Steps, batch_shape: tuple[int, int, int]) -> Callable:
+    """`steps.train_step` compiled ahead of time for batches [accum, micro, L + 1] (cached: a resumed run
+    in the same process, or a test, does not compile again)."""
+    state = jax.eval_shape(steps.init_state, jax.random.key(0))
+    return steps.train_step.lower(state, jax.ShapeDtypeStruct(batch_shape, jnp.int32)).compile()
+
+
+def abstract_state(config: TrainConfig) -> TrainState:
+    """The TrainState's shapes and dtypes, without allocating (what a checkpoint restores into)."""
+    return jax.eval_shape(build_steps(config).init_state, jax.random.key(config.seed))
+
+
+def evaluate(steps: Steps, state: TrainState, batches: list[np.ndarray], config: TrainConfig, *, byte_level: bool):
+    """The eval record's numbers over `batches` (see the module docstring)."""
+    totals: dict[str, np.ndarray] = {}
+    for batch in batches:
+        sums = jax.device_get(steps.eval_step(state, batch))
+        for name, value in sums.items():
+            totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
+    result: dict[str, Any] = {
+        "val_loss": float(totals["nll"] / totals["tokens"]),
+        "bits_per_byte": float(totals["byte_nll"] / totals["bytes"] / math.log(2)) if byte_level else None,
+        "tokens": int(totals["tokens"]),
+    }
+    if "expert_counts" in totals:
+        layers = [
+            {"layer": layer, **routing_health(counts, entropy, int(totals["tokens"]))}
+            for layer, counts, entropy in zip(
+                config.model.sparse_layers, totals["expert_counts"], totals["router_entropy"], strict=True
+            )
+        ]
+        names = [k for k in layers[0] if k != "layer"]
+        result["routing"] = {k: float(np.mean([layer[k] for layer in layers])) for k in names}
+        result["routing_per_layer"] = layers
+    return result
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM (the loop then saves a checkpoint and exits); a second signal acts as usual."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+        print(f"\n{self.reason}: saving a checkpoint after this step (send it again to abort)", flush=True)
+        self._restore()
+
+    def _restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        # Python delivers signals to the main thread only; elsewhere (a worker thread) run without handlers.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield self
+        finally:
+            self._restore()
+
+
+def run(
+    config: TrainConfig,
+    run_dir: str | pathlib.Path,
+    *,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train `config` in `run_dir` (new, or resumed from its latest checkpoint). Returns a summary dict.
+
+    Resuming restores params, optimizer state, batch_stats, step and the data sampler's RNG, so the rest
+    of the run is exactly what an uninterrupted run would have done. `stop_at_step` ends the run early
+    (with a checkpoint) once that many steps are done, as a signal or the time limit would.
+    """
+    started = time.perf_counter()
+    deadline = started + 60 * config.time_limit_minutes if config.time_limit_minutes else math.inf
+    log = log or functools.partial(print, flush=True)
+    run_dir = pathlib.Path(run_dir)
+    corpus, sampler, eval_batches = _prepare_data(config, log)  # fails before anything is compiled
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_log = MetricsLog(run_dir)
+    steps = build_steps(config)
+    with Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints, _StopFlag().installed() as stop:
+        state = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log)
+        step = int(state.step)
+        if stop_at_step is not None and not step <= stop_at_step <= config.steps:
+            raise ValueError(f"stop_at_step={stop_at_step} must be in [{step}, steps={config.steps}]")
+        shape = (config.grad_accum, config.micro_batch_size, config.model.context_length + 1)
+        # Compile ahead so the first tokens/s figure measures training, not compilation.
+        compile_start = time.perf_counter()
+        train_step = compiled_train_step(steps, shape)
+        _log_start(config, corpus, step, resume, time.perf_counter() - compile_start, metrics_log, log)
+
+        def save() -> None:
+            save_start = time.perf_counter()
+            checkpoints.save(step, state, {"sampler": sampler.state()})
+            metrics_log.write(
+                {"kind": "checkpoint", "step": step, "seconds": round(time.perf_counter() - save_start, 2)}
+            )
+
+        reason, last_eval = "done", None
+        window_start, window_steps = time.perf_counter(), 0  # tokens/s counts training time since the last record
+        while step < config.steps:
+            if stop.reason or step == stop_at_step or time.perf_counter() > deadline:
+                reason = stop.reason or ("stop_at_step" if step == stop_at_step else "time limit")
+                break
+            batch = sampler.next().reshape(shape)  # [accum, micro, L + 1]
+            state, metrics = train_step(state, batch)  # dispatched asynchronously; read back only when logged
+            step, window_steps = step + 1, window_steps + 1
+            done = step == config.steps
+            logged = step % config.log_every == 0 or done
+            evaluated = step % config.eval_every == 0 or done
+            saved = step % config.checkpoint_every == 0 or done
+            if logged:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                seconds = time.perf_counter() - window_start
+                _log_train(
+                    config, step, metrics, window_steps, seconds, time.perf_counter() - started, metrics_log, log
+                )
+            if evaluated:
+                last_eval = evaluate(steps, state, eval_batches, config, byte_level=corpus.byte_level)
+                metrics_log.write({"kind": "eval", "step": step, **last_eval})
+                log(_eval_line(step, last_eval))
+            if saved:
+                save()
+            if logged or evaluated or saved:
+                window_start, window_steps = time.perf_counter(), 0
+        if step not in checkpoints.all_steps():
+            save()  # stopped early: keep what was done
+    elapsed = round(time.perf_counter() - started, 2)
+    metrics_log.write({"kind": "end", "step": step, "reason": reason, "elapsed_s": elapsed})
+    log(f"{reason} at step {step} after {_duration(elapsed)}; checkpoints in {checkpoints.directory}")
+    return {"step": step, "reason": reason, "last_eval": last_eval, "elapsed_s": elapsed, "run_dir": str(run_dir)}
+
+
+def _log_start(config, corpus, step, resume, compile_s, metrics_log, log) -> None:
+    counts = parameter_counts(config.model)
+    metrics_log.write(
+        {
+            "kind": "start",
+            "step": step,
+            "resumed": resume,
+            "config": config.to_dict(),
+            "parameters": counts,
+            "corpus": corpus.summary(),
+            "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "compile_s": round(compile_s, 2),
+        }
+    )
+    log(
+        f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
+        f"train step compiled in {compile_s:.1f} s; steps {step} -> {config.steps}"
+    )
+
+
+def _log_train(config, step, metrics, window_steps, seconds, elapsed, metrics_log, log) -> None:
+    """The train record and progress line for the `window_steps` steps that took `seconds`."""
+    tokens_per_s = window_steps * config.tokens_per_step / seconds
+    metrics_log.write(
+        {
+            "kind": "train",
+            "step": step,
+            **metrics,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "tokens_seen": step * config.tokens_per_step,
+            "elapsed_s": round(elapsed, 2),
+        }
+    )
+    eta = (config.steps - step) * seconds / window_steps
+    log(
+        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f} | lr {metrics['learning_rate']:.2e}"
+        f" | grad norm {metrics['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | eta {_duration(eta)}"
+    )
+
+
+def _prepare_data(config: TrainConfig, log: Callable[[str], None]):
+    """(corpus, training batch sampler, fixed evaluation batches); CorpusError on a bad corpus."""
+    corpus = data_lib.load_corpus(
+        config.data,
+        val_fraction=config.val_fraction,
+        vocab_size=config.model.vocab_size,
+        token_dtype=config.token_dtype,
+    )
+    window = config.model.context_length + 1
+    data_lib.check_fits(corpus, window)
+    sampler = data_lib.BatchSampler(corpus.train, window=window, batch_size=config.batch_size, seed=config.seed)
+    eval_batches = data_lib.evaluation_batches(
+        corpus.validation, window=window, batch_size=config.batch_size, num_batches=config.eval_batches
+    )
+    log(f"corpus {corpus.source}: {len(corpus.train):,} train / {len(corpus.validation):,} validation tokens")
+    return corpus, sampler, eval_batches
+
+
+def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log) -> TrainState:
+    """A fresh state (writing config.json), or the latest checkpoint's (restoring the sampler too)."""
+    config_path = run_dir / "config.json"
+    latest = checkpoints.latest_step()
+    if resume:
+        if latest is None:
+            raise RunDirectoryError(f"resume: {checkpoints.directory} holds no checkpoint to resume from")
+        state, data_state = checkpoints.restore(latest, abstract_state(config))
+        sampler.restore(data_state["sampler"])
+        log(f"resumed {run_dir} at step {latest}")
+        return state
+    if latest is not None or config_path.exists():
+        raise RunDirectoryError(f"run directory {str(run_dir)!r} already holds a run; resume it or choose another")
+    config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return steps.init_state(jax.random.key(config.seed))
+
+
+def _eval_line(step: int, result: dict[str, Any]) -> str:
+    line = f"eval {step:>6} | val loss {result['val_loss']:.4f}"
+    if result["bits_per_byte"] is not None:
+        line += f" | bits/byte {result['bits_per_byte']:.3f}"
+    if "routing" in result:
+        r = result["routing"]
+        line += (
+            f" | experts used {r['experts_used']:.3f} | max load {r['max_load']:.2f}x"
+            f" | load entropy {r['load_entropy']:.3f} | router entropy {r['router_entropy']:.3f}"
+        )
+    return line
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -1,0 +1,63 @@
+"""Routing health of OmniMoE layers, and the run's metrics.jsonl.
+
+Routing health, per OmniMoE layer, over all tokens of one evaluation (N experts, K per token):
+
+- experts_used: fraction of the N experts chosen by at least one token (ideal 1).
+- max_load: the most-chosen expert's count over the mean count T K / N (ideal 1; large = a hot expert).
+- load_entropy: entropy of the expert load distribution / log N (1 = uniform load).
+- router_entropy: mean over tokens of H(p_x) + H(p_y), the entropy of the token's whole routing
+  distribution p_x(i) p_y(j) over the N experts, / log N (1 = uniform; falls as routing sharpens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omnimoe_jax._router import RoutingResult
+
+
+def routing_statistics(routing: RoutingResult, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Per-layer sums for one batch: expert counts [N] int32 and the sum over tokens of H(p_x) + H(p_y) []."""
+    counts = jnp.bincount(routing.indices.reshape(-1), length=num_experts)  # [N]
+    log_px = jax.nn.log_softmax(routing.logits_x, axis=-1)  # [..., n]
+    log_py = jax.nn.log_softmax(routing.logits_y, axis=-1)  # [..., n]
+    entropy = -jnp.sum(jnp.exp(log_px) * log_px, axis=-1) - jnp.sum(jnp.exp(log_py) * log_py, axis=-1)  # [...]
+    return counts, jnp.sum(entropy)
+
+
+def routing_health(counts: np.ndarray, entropy_sum: float, num_tokens: int) -> dict[str, float]:
+    """The table's four numbers from one layer's accumulated expert counts [N] and token entropy sum."""
+    counts = np.asarray(counts, np.float64)
+    num_experts = counts.size
+    load = counts / counts.sum()
+    nonzero = load[load > 0]
+    return {
+        "experts_used": float(np.mean(counts > 0)),
+        "max_load": float(counts.max() / counts.mean()),
+        "load_entropy": float(-np.sum(nonzero * np.log(nonzero)) / math.log(num_experts)),
+        "router_entropy": float(entropy_sum / num_tokens / math.log(num_experts)),
+    }
+
+
+class MetricsLog:
+    """Appends one JSON object per line to <run_dir>/metrics.jsonl (flushed at once)."""
+
+    def __init__(self, run_dir: str | pathlib.Path):
+        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """Every record of <run_dir>/metrics.jsonl, in order."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
