@@ -4,6 +4,7 @@ Public surface:
   OmniMoEConfig   sizes and switches of one layer, validated
   OmniMoE         the layer: shared SwiGLU MLP + routed atomic experts
   CartesianRouter, AtomicExperts, SharedMLP, RouterBatchNorm, RoutingResult   its parts
+  LMConfig, TransformerLM, parameter_counts   a decoder-only language model with OmniMoE feed-forwards
   convert         seed PyTorch checkpoint interop
   parallel        data + expert parallelism over a device mesh, multi-host, resharding restores
 """
@@ -12,19 +13,24 @@ from omnimoe_jax import convert, parallel
 from omnimoe_jax._config import OmniMoEConfig
 from omnimoe_jax._experts import AtomicExperts
 from omnimoe_jax._layer import OmniMoE
+from omnimoe_jax._model import FFN_KINDS, LMConfig, TransformerLM, parameter_counts
 from omnimoe_jax._router import CartesianRouter, RouterBatchNorm, RoutingResult
 from omnimoe_jax._shared_mlp import SharedMLP
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FFN_KINDS",
     "AtomicExperts",
     "CartesianRouter",
+    "LMConfig",
     "OmniMoE",
     "OmniMoEConfig",
     "RouterBatchNorm",
     "RoutingResult",
     "SharedMLP",
+    "TransformerLM",
     "convert",
     "parallel",
+    "parameter_counts",
 ]
