@@ -1,0 +1,107 @@
+"""The router kernels compiled for and run on the GPU ("pallas" and "triton") against the jnp reference.
+
+Run on the GPU machine: `python -m pytest -m gpu tests/test_router_gpu.py`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_close, normal
+
+from pallas_kernels import omni_router
+from pallas_kernels.omni_router import RouterConfig, omni_router_brute_force
+
+pytestmark = pytest.mark.gpu
+
+IMPLEMENTATIONS = ("pallas", "triton")
+CASES = [
+    # (T, n, K, dtype): K = n*n, K > n, K < n, ragged tiles, the paper's setting and the largest shapes.
+    (1, 2, 4, "float32"),
+    (7, 3, 9, "bfloat16"),
+    (1000, 16, 256, "float32"),
+    (1000, 100, 1, "bfloat16"),
+    (1000, 100, 64, "float32"),
+    (4096, 256, 16, "bfloat16"),
+    (4093, 320, 512, "bfloat16"),
+    (4096, 1024, 64, "bfloat16"),
+    (2048, 64, 1024, "float32"),
+    (257, 4096, 1024, "float32"),
+    (1031, 4096, 2, "bfloat16"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def on_gpu():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+
+
+def log_probs(key, tokens, n, dtype):
+    kx, ky, kt = jax.random.split(key, 3)
+    temperature = jax.random.uniform(kt, (tokens, 1), minval=0.3, maxval=3.0)
+    lpx = jax.nn.log_softmax(temperature * normal(kx, (tokens, n)), axis=-1)
+    lpy = jax.nn.log_softmax(temperature * normal(ky, (tokens, n)), axis=-1)
+    return lpx.astype(dtype), lpy.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "implementation", "config"))
+def route_vjp(lpx, lpy, cotangent, top_k, implementation, config=None):
+    route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
+    (scores, indices), vjp = jax.vjp(route, lpx, lpy)
+    return (scores, indices), vjp((cotangent, np.zeros(indices.shape, jax.dtypes.float0)))
+
+
+def assert_routes_equal(got, want):
+    (scores, indices), (want_scores, want_indices) = got, want
+    assert scores.dtype == jnp.float32 and indices.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
+    np.testing.assert_array_equal(np.asarray(scores), np.asarray(want_scores))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), CASES)
+def test_matches_reference_on_gpu(implementation, tokens, n, top_k, dtype, key):
+    k1, k2 = jax.random.split(key)
+    lpx, lpy = log_probs(k1, tokens, n, dtype)
+    cotangent = normal(k2, (tokens, top_k))
+    got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, implementation)
+    want, (want_dx, want_dy) = route_vjp(lpx, lpy, cotangent, top_k, "xla")
+    assert_routes_equal(got, want)
+    assert dx.dtype == lpx.dtype
+    assert_close(dx, want_dx, dtype, what="d log_probs_x")
+    assert_close(dy, want_dy, dtype, what="d log_probs_y")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize(("n", "top_k"), [(6, 5), (6, 13), (64, 64)])
+def test_ties_match_brute_force_on_gpu(implementation, n, top_k, seed):
+    rng = np.random.default_rng(seed)
+    lpx = rng.integers(-3, 1, (512, n)).astype(np.float32)
+    lpy = rng.integers(-3, 1, (512, n)).astype(np.float32)
+    lpx[:4], lpy[:4] = 0.0, 0.0
+    lpx, lpy = jnp.asarray(lpx), jnp.asarray(lpy)
+    got = jax.jit(functools.partial(omni_router, top_k=top_k, implementation=implementation))(lpx, lpy)
+    assert_routes_equal(got, omni_router_brute_force(lpx, lpy, top_k))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize(("block_tokens", "num_warps"), [(1, 4), (4, 2), (16, 8)])
+def test_other_tilings_on_gpu(implementation, block_tokens, num_warps, key):
+    tokens, n, top_k = 1001, 128, 32
+    lpx, lpy = log_probs(key, tokens, n, "bfloat16")
+    config = RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, backward_block_k=4)
+    cotangent = normal(key, (tokens, top_k))
+    got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, implementation, config)
+    want, (want_dx, want_dy) = route_vjp(lpx, lpy, cotangent, top_k, "xla")
+    assert_routes_equal(got, want)
+    assert_close(dx, want_dx, "bfloat16", what="d log_probs_x")
+    assert_close(dy, want_dy, "bfloat16", what="d log_probs_y")
+
+
+def test_auto_is_pallas_on_gpu(key):
+    lpx, lpy = log_probs(key, 64, 32, "float32")
+    text = jax.jit(functools.partial(omni_router, top_k=8)).lower(lpx, lpy).as_text()
+    assert "triton" in text, "implementation='auto' should run the Pallas kernels on a GPU"
