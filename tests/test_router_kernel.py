@@ -292,6 +292,12 @@ def test_lowers_for_cuda(tokens, n, top_k, dtype):
     check_cuda_lowering(tokens, n, top_k, dtype)
 
 
+def test_lowers_for_cuda_with_64_bit_defaults():
+    # With x64 on, jnp reductions and index ops default to 64-bit types, which Triton kernels must not see.
+    with jax.enable_x64(True):
+        check_cuda_lowering(100, 320, 512, "float32")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), FULL_PRODUCT)
 def test_lowers_for_cuda_full_product(tokens, n, top_k, dtype):

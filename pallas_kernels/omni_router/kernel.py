@@ -173,7 +173,7 @@ def _sort_axis(log_probs_ref, positions_ref, t0, *, block_tokens: int):
     def take_best(rank, carry):
         keys, top = carry
         # One (value, index) reduction: the largest key, the lowest column among equal ones.
-        best = jnp.argmax(keys, axis=1).astype(jnp.int32)[:, None]  # [bt, 1]
+        best = lax.argmax(keys, 1, jnp.int32)[:, None]  # [bt, 1]
         knocked_out = jnp.where(cols == best, INT32_MIN, keys)
         return knocked_out, jnp.where(ranks == rank, best, top)
 
@@ -207,7 +207,7 @@ def _select_top_k(
     experts = x_pos * n + y_pos  # [bt, slots]
 
     def count(selected):
-        return jnp.sum(selected.astype(jnp.int32), axis=1)  # [bt, slots] bool -> [bt]
+        return jnp.sum(selected, axis=1, dtype=jnp.int32)  # [bt, slots] bool -> [bt]
 
     # tau = the largest key with count(keys >= tau) >= K. Invariant: count(>= lo) >= K > count(>= hi).
     def halve_keys(_, bounds):
@@ -225,7 +225,10 @@ def _select_top_k(
     tied = keys == tau  # [bt, slots]
     need = top_k - count(keys > tau)  # [bt], >= 1
     last = n * n - 1
-    cut_bounds = (jnp.where(count(tied) > need, -1, last - 1), jnp.full((block_tokens,), last, jnp.int32))
+    cut_bounds = (
+        jnp.where(count(tied) > need, jnp.int32(-1), jnp.int32(last - 1)),
+        jnp.full((block_tokens,), last, jnp.int32),
+    )
 
     def unresolved(bounds):
         lo, hi = bounds
@@ -240,7 +243,7 @@ def _select_top_k(
     _, cut = lax.while_loop(unresolved, halve_experts, cut_bounds)
     taken = (keys > tau) | (tied & (experts <= cut[:, None]))  # [bt, slots], exactly K per token
     taken_count = taken.astype(jnp.int32)
-    slot = jnp.cumsum(taken_count, axis=1) - taken_count  # [bt, slots] exclusive prefix count
+    slot = lax.cumsum(taken_count, axis=1) - taken_count  # [bt, slots] exclusive prefix count
     write = taken & (rows < tokens)
     # Lanes not written point past the row: the interpreter scatters every lane (writing back what it read
     # where the mask is off), so they must never alias a real slot.
