@@ -33,23 +33,27 @@ def top_ks(n):
 
 
 FULL_PRODUCT = [
-    (tokens, n, top_k, dtype)
-    for tokens, n, dtype in itertools.product(TOKENS, AXIS_SIZES, ("float32", "bfloat16"))
+    (tokens, n, top_k, dtype, None, axis_sort)
+    for tokens, n, dtype, axis_sort in itertools.product(TOKENS, AXIS_SIZES, ("float32", "bfloat16"), kernel.AXIS_SORTS)
     for top_k in top_ks(n)
 ]
-# Every T, n, K (including K = n*n) and both dtypes at least once, within the suite's time budget. The
-# default tiling gives whole tiles here; the explicit ones (block_tokens) leave a ragged last tile.
+# Every T, n, K (including K = n*n), both dtypes and both axis sorts at least once, within the suite's time
+# budget. The default tiling gives whole tiles here; the explicit ones (block_tokens) leave a ragged last tile.
 DEFAULT = [
-    (1, 2, 4, "float32", None),
-    (7, 3, 2, "bfloat16", 4),
-    (7, 3, 9, "float32", None),
-    (128, 16, 256, "bfloat16", None),
-    (1000, 256, 16, "float32", 16),
-    (7, 320, 512, "bfloat16", None),
-    (128, 100, 1, "float32", None),
+    (1, 2, 4, "float32", None, "threshold"),
+    (7, 3, 2, "bfloat16", 4, "select"),
+    (7, 3, 9, "float32", None, "threshold"),
+    (128, 16, 256, "bfloat16", None, "select"),
+    (1000, 256, 16, "float32", 16, "threshold"),
+    (7, 320, 512, "bfloat16", None, "threshold"),
+    (128, 100, 1, "float32", None, "threshold"),
+    (128, 100, 64, "float32", None, "select"),
 ]
 assert {c[0] for c in DEFAULT} == set(TOKENS) and {c[1] for c in DEFAULT} == set(AXIS_SIZES)
 assert {c[2] for c in DEFAULT} >= {1, 2, 16, 512} and {c[3] for c in DEFAULT} == {"float32", "bfloat16"}
+assert {c[5] for c in DEFAULT} == set(kernel.AXIS_SORTS)
+CASE_NAMES = ("tokens", "n", "top_k", "dtype", "block_tokens", "axis_sort")
+
 
 # Interpret-mode kernels are XLA:CPU programs of thousands of small ops; compiling them without LLVM's
 # expensive passes halves the suite's time and changes no result (integer selection, single f32 adds).
@@ -86,14 +90,14 @@ def assert_routes_equal(got, want):
     np.testing.assert_array_equal(scores, want_scores)  # the same f32 sums, bit for bit
 
 
-def check_against_reference(key, tokens, n, top_k, dtype, block_tokens=None):
+def check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort):
     """Forward equal to the reference; gradients through jax.vjp with a random cotangent equal to its."""
     k1, k2 = jax.random.split(key)
     lpx, lpy = log_probs(k1, tokens, n, dtype)
     cotangent = normal(k2, (tokens, top_k))
-    config = None
+    config = dataclasses.replace(default_config(tokens, n, top_k), axis_sort=axis_sort)
     if block_tokens is not None:
-        config = dataclasses.replace(default_config(tokens, n, top_k), block_tokens=block_tokens)
+        config = dataclasses.replace(config, block_tokens=block_tokens)
         assert tokens % block_tokens, "an explicit tile here is meant to leave a ragged last tile"
     got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, "pallas", config)
     want, (want_dx, want_dy) = route_vjp(lpx, lpy, cotangent, top_k, "xla")
@@ -104,27 +108,31 @@ def check_against_reference(key, tokens, n, top_k, dtype, block_tokens=None):
     assert_close(dy, want_dy, dtype, what="d log_probs_y")
 
 
-@pytest.mark.parametrize(("tokens", "n", "top_k", "dtype", "block_tokens"), DEFAULT)
-def test_matches_reference(tokens, n, top_k, dtype, block_tokens, key):
-    check_against_reference(key, tokens, n, top_k, dtype, block_tokens)
+@pytest.mark.parametrize(CASE_NAMES, DEFAULT)
+def test_matches_reference(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
+    check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), FULL_PRODUCT)
-def test_matches_reference_full_product(tokens, n, top_k, dtype, key):
-    check_against_reference(key, tokens, n, top_k, dtype)
+@pytest.mark.parametrize(CASE_NAMES, FULL_PRODUCT)
+def test_matches_reference_full_product(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
+    check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
 
 
-@pytest.mark.parametrize(("n", "top_k"), [(6, 5), (6, 13)])
-def test_ties_match_brute_force(n, top_k, seed):
+@pytest.mark.parametrize(
+    ("n", "top_k", "axis_sort", "dtype"),
+    [(6, 5, "threshold", "bfloat16"), (6, 13, "threshold", "float32"), (6, 5, "select", "float32")],
+)
+def test_ties_match_brute_force(n, top_k, axis_sort, dtype, seed):
     # Integer-valued log-probs tie everywhere, per axis and in the (exact) sums.
     rng = np.random.default_rng(seed)
     lpx = rng.integers(-3, 1, (64, n)).astype(np.float32)
     lpy = rng.integers(-3, 1, (64, n)).astype(np.float32)
     lpx[:4], lpy[:4] = 0.0, 0.0  # constant rows: every expert ties
     lpx[4:8], lpy[4:8] = -np.inf, -np.inf  # nothing but -inf: every expert ties too
-    lpx, lpy = jnp.asarray(lpx), jnp.asarray(lpy)
-    got = pallas_route(lpx, lpy, top_k)
+    lpx, lpy = jnp.asarray(lpx, dtype), jnp.asarray(lpy, dtype)  # small integers are exact in bf16 too
+    config = dataclasses.replace(default_config(64, n, top_k), axis_sort=axis_sort)
+    got = pallas_route(lpx, lpy, top_k, config)
     assert_routes_equal(got, omni_router_brute_force(lpx, lpy, top_k))
     np.testing.assert_array_equal(got[1][:8], np.tile(np.arange(top_k), (8, 1)))
 
@@ -240,10 +248,11 @@ def test_auto_falls_back_to_the_reference_where_kernels_do_not_apply(monkeypatch
         ("num_warps", 32, "<= 16"),
         ("backward_block_k", True, "power-of-two"),
         ("num_stages", 0, "positive int"),
+        ("axis_sort", "sort", "must be one of"),
     ],
 )
 def test_bad_configs_are_refused(field, value, match):
-    fields = dict(block_tokens=1, num_warps=4, num_stages=1, backward_block_k=1)
+    fields = dict(block_tokens=1, num_warps=4, num_stages=1, backward_block_k=1, axis_sort="select")
     fields[field] = value
     with pytest.raises(ValueError, match=f"RouterConfig.{field}={value!r}.*{match}"):
         RouterConfig(**fields)
@@ -269,9 +278,10 @@ def lower_for_cuda(fn, *args):
     return jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",))
 
 
-def check_cuda_lowering(tokens, n, top_k, dtype):
+def check_cuda_lowering(tokens, n, top_k, dtype, axis_sort="threshold"):
     lpx = jnp.zeros((tokens, n), dtype)
-    route = functools.partial(omni_router, top_k=top_k, implementation="pallas", interpret=False)
+    config = dataclasses.replace(default_config(tokens, n, top_k), axis_sort=axis_sort)
+    route = functools.partial(omni_router, top_k=top_k, implementation="pallas", interpret=False, config=config)
     text = lower_for_cuda(route, lpx, lpx).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1, "the forward must be one Triton kernel"
 
@@ -281,15 +291,14 @@ def check_cuda_lowering(tokens, n, top_k, dtype):
 
     text = lower_for_cuda(jax.grad(loss, argnums=(0, 1)), lpx, lpx).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2, "forward and backward kernels"
-    config = default_config(tokens, n, top_k)
     merge = functools.partial(kernel.router_merge, top_k=top_k, config=config, interpret=False)
     positions = jnp.zeros((tokens, min(top_k, n)), jnp.int32)
     lower_for_cuda(merge, lpx, lpx, positions, positions)
 
 
-@pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), [*(c[:4] for c in DEFAULT), (16384, 4096, 1024, "float32")])
-def test_lowers_for_cuda(tokens, n, top_k, dtype):
-    check_cuda_lowering(tokens, n, top_k, dtype)
+@pytest.mark.parametrize(CASE_NAMES, [*DEFAULT, (16384, 4096, 1024, "float32", None, "threshold")])
+def test_lowers_for_cuda(tokens, n, top_k, dtype, block_tokens, axis_sort):
+    check_cuda_lowering(tokens, n, top_k, dtype, axis_sort)
 
 
 def test_lowers_for_cuda_with_64_bit_defaults():
@@ -299,9 +308,9 @@ def test_lowers_for_cuda_with_64_bit_defaults():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), FULL_PRODUCT)
-def test_lowers_for_cuda_full_product(tokens, n, top_k, dtype):
-    check_cuda_lowering(tokens, n, top_k, dtype)
+@pytest.mark.parametrize(CASE_NAMES, FULL_PRODUCT)
+def test_lowers_for_cuda_full_product(tokens, n, top_k, dtype, block_tokens, axis_sort):
+    check_cuda_lowering(tokens, n, top_k, dtype, axis_sort)
 
 
 def test_native_triton_kernel_compiles_for_sm90():

@@ -1,14 +1,18 @@
 """Pallas (Triton lowering) kernels of the Cartesian top-K router. No autodiff here: `api` adds the VJP.
 
-Forward, one program per tile of `block_tokens` tokens; besides the [T, K] result it writes only the
-positions of the two sorted [T, k'] axes, which it reads straight back:
+Forward, one program per tile of `block_tokens` tokens; besides the [T, K] result it writes only [T, k']
+scratch rows per axis (the sorted positions; for "threshold" also the unsorted winners), which it reads
+straight back:
 
 1. Sorted axes. For each axis the positions of the top k' = min(K, n) log-probs in descending order, ties
-   by lower position (exactly `lax.top_k`'s order): k' passes of "argmax, then knock it out" over the
-   padded row, one fused (value, index) reduction per pass. Values are compared as order-preserving int32
-   keys (`order_key`), so -inf, -0.0 and NaN order as in the IEEE total order `lax.top_k` uses and can
-   never be confused with the knocked-out / padding sentinel. The program stores its rows of both
-   position lists and waits at a barrier.
+   by lower position (exactly `lax.top_k`'s order). Values are compared as order-preserving int32 keys
+   (`order_key`), so -inf, -0.0 and NaN order as in the IEEE total order `lax.top_k` uses and can never be
+   confused with the padding sentinel. Two methods (`RouterConfig.axis_sort`):
+   "threshold" (default): bisection on the key finds the k'-th largest (16 steps for bf16 inputs, 32 for
+   f32), prefix counts take the k' winners (ties by lower column) and pack them in column order into
+   scratch rows, and each winner's rank is the number of winners that beat it (a k'^2 count).
+   "select": k' passes of "argmax (one fused value/index reduction), then knock it out".
+   The program stores its rows of both position lists and waits at a barrier.
 2. Dominance. With both axes in that order, the expert of rank pair (a, b) scores no more than the
    (a+1)(b+1) - 1 other pairs (a' <= a, b' <= b), each of which also wins a tie on the expert index; so
    only pairs with (a+1)(b+1) <= K can be in the top K: about K (ln K + 1) of the k'^2 pairs (2,896 of
@@ -23,12 +27,13 @@ positions of the two sorted [T, k'] axes, which it reads straight back:
    candidate order, not score order: `sort_by_score` orders each row with one XLA sort afterwards (keys:
    score descending, expert ascending), which is the reference's order.
 
-Cost per token: k' reductions over the padded row per axis (step 1), then 32 (+ ties) reductions over
-the candidate slots (step 3). The `merge` kernel runs steps 2-4 on position lists computed elsewhere (the
-jax-triton variant sorts with `tl.topk`, see `triton_kernel.py`).
+Cost per token and axis of step 1: "threshold" ~16-32 count passes over the padded row plus k'^2
+compares, "select" k' argmax passes over it; then 32 (+ ties) count passes over the candidate slots. The
+`merge` kernel runs steps 2-4 on position lists computed elsewhere (the jax-triton variant sorts with
+`tl.topk`, see `triton_kernel.py`).
 
 One caveat shared with `omni_router_reference` (whose per-axis pruning rests on the same argument): the
-dominance argument assumes that x' > x implies x' + y > y + x after rounding. Where two such sums round to
+dominance argument assumes that x' > x implies x' + y > x + y after rounding. Where two such sums round to
 the same f32 (or -inf absorbs the other axis), the tie goes to the lower expert index, which can promote a
 pair the argument pruned: then the scores still agree, but which of the experts tied at the K-th score
 fill the last places may differ. For finite log-probs it needs two values of one axis within an ulp of
@@ -55,6 +60,7 @@ INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 MAX_AXIS_SIZE = 4096  # n: the [block_tokens, n] row tile must stay in registers
 MAX_TOP_K = 1024  # K: the candidate slots (~K (ln K + 1) per token) must stay in registers
+AXIS_SORTS = ("threshold", "select")  # see RouterConfig.axis_sort
 
 
 def next_power_of_2(x: int) -> int:
@@ -103,12 +109,16 @@ class RouterConfig:
       num_stages: Triton software-pipelining depth (the kernels have no pipelined load loops: 1 suffices).
       backward_block_k: how many of the K routed experts the backward one-hot sums take at once (a power
         of two): its temporary is [block_tokens, backward_block_k, n padded] elements.
+      axis_sort: how step 1 finds each axis's sorted top k': "threshold" (bisection for the k'-th largest,
+        then a rank count among the k': ~bits + k'^2/n passes over the row's work) or "select" (k' argmax
+        passes over the row). `router_merge` does not use it.
     """
 
     block_tokens: int
     num_warps: int
     num_stages: int = 1
     backward_block_k: int = 1
+    axis_sort: str = "threshold"
 
     def __post_init__(self):
         checks = (
@@ -123,6 +133,8 @@ class RouterConfig:
                 raise ValueError(f"RouterConfig.{field}={value} must be <= {largest}")
         if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
             raise ValueError(f"RouterConfig.num_stages={self.num_stages!r} must be a positive int")
+        if self.axis_sort not in AXIS_SORTS:
+            raise ValueError(f"RouterConfig.axis_sort={self.axis_sort!r} must be one of {AXIS_SORTS}")
 
 
 # Register budget of the heuristic: elements of one working array per warp (16 per thread).
@@ -155,19 +167,25 @@ def _compiler_params(config: RouterConfig) -> pltriton.CompilerParams:
     return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _sort_axis(log_probs_ref, positions_ref, t0, *, block_tokens: int):
-    """Step 1 for one axis: rows t0... of log_probs_ref [T, n] -> positions_ref [T, k'] of their top k'.
-
-    Row t of positions_ref lists the columns of the k' largest log-probs, largest first, ties by lower column.
-    """
+def _row_keys(log_probs_ref, t0, *, block_tokens: int):
+    """Rows t0... of log_probs_ref [T, n] as order keys [bt, n_pad] (INT32_MIN past the row or the input)."""
     tokens, n = log_probs_ref.shape
-    k_axis = positions_ref.shape[1]
-    n_pad, k_pad = next_power_of_2(n), next_power_of_2(k_axis)
+    n_pad = next_power_of_2(n)
     rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, n_pad), 0)
     cols = lax.broadcasted_iota(jnp.int32, (block_tokens, n_pad), 1)
     inside = (rows < tokens) & (cols < n)
     x = pltriton.load(log_probs_ref.at[pl.ds(t0, block_tokens), pl.ds(0, n_pad)], mask=inside, other=0.0)
-    keys = jnp.where(inside, order_key(x.astype(jnp.float32)), INT32_MIN)  # [bt, n_pad]
+    return jnp.where(inside, order_key(x.astype(jnp.float32)), INT32_MIN), rows, cols
+
+
+def _sort_axis_by_selection(log_probs_ref, positions_ref, t0, *, block_tokens: int):
+    """Step 1 for one axis by k' argmax passes: rows t0... of log_probs_ref [T, n] -> positions_ref [T, k'].
+
+    Row t of positions_ref lists the columns of the k' largest log-probs, largest first, ties by lower column.
+    """
+    tokens, k_axis = positions_ref.shape
+    k_pad = next_power_of_2(k_axis)
+    keys, _, cols = _row_keys(log_probs_ref, t0, block_tokens=block_tokens)  # [bt, n_pad]
     ranks = lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 1)
 
     def take_best(rank, carry):
@@ -181,6 +199,75 @@ def _sort_axis(log_probs_ref, positions_ref, t0, *, block_tokens: int):
     out_rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 0)
     stored = (out_rows < tokens) & (ranks < k_axis)
     pltriton.store(positions_ref.at[pl.ds(t0, block_tokens), pl.ds(0, k_pad)], top, mask=stored)
+
+
+def _compact_top_of_axis(log_probs_ref, keys_ref, cols_ref, t0, *, block_tokens: int, key_bits: int):
+    """Step 1a by threshold: the top k' of rows t0... -> keys_ref, cols_ref [T, k'], in column order.
+
+    Bisection finds the k'-th largest key; the entries above it and, of those equal to it, the ones with the
+    lowest columns (a prefix count) are exactly the top k'. A second prefix count packs them to the front.
+    `key_bits`: significant high bits of the keys (16 for bf16 inputs: half the bisection steps).
+    """
+    tokens, k_axis = keys_ref.shape
+    keys, rows, cols = _row_keys(log_probs_ref, t0, block_tokens=block_tokens)  # [bt, n_pad]
+    shift = 32 - key_bits
+    coarse = keys >> shift  # order-preserving; exact for bf16 inputs, whose keys' low 16 bits are constant
+
+    # tau = the largest coarse key with count(coarse >= tau) >= k'. Invariant: count(>= lo) >= k' > count(>= hi).
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+        enough = jnp.sum(coarse >= mid[:, None], axis=1, dtype=jnp.int32) >= k_axis
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    bounds = (
+        jnp.full((block_tokens,), INT32_MIN >> shift, jnp.int32),
+        jnp.full((block_tokens,), INT32_MAX >> shift, jnp.int32),
+    )
+    tau, _ = lax.fori_loop(0, key_bits, halve, bounds)  # key_bits halvings close the 2^key_bits interval
+    tau = tau[:, None]  # [bt, 1]
+    above = coarse > tau
+    tied = (coarse == tau).astype(jnp.int32)
+    need = k_axis - jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)  # [bt, 1], >= 1
+    taken = above | ((tied == 1) & (lax.cumsum(tied, axis=1) <= need))  # exactly k' per token
+    taken_count = taken.astype(jnp.int32)
+    slot = lax.cumsum(taken_count, axis=1) - taken_count  # [bt, n_pad] exclusive prefix count
+    write = taken & (rows < tokens)
+    slot = jnp.where(write, slot, k_axis)  # lanes not written point past the row (see `_select_top_k`)
+    pltriton.store(keys_ref.at[rows, slot], keys, mask=write)
+    pltriton.store(cols_ref.at[rows, slot], cols, mask=write)
+
+
+def _rank_compacted(keys_ref, cols_ref, positions_ref, t0, *, block_tokens: int, block_j: int):
+    """Step 1b by threshold: the k' entries of `_compact_top_of_axis`, sorted -> positions_ref [T, k'].
+
+    The rank of entry i is the number of entries j that beat it: a larger key, or an equal key and a lower
+    column (j < i: the entries are in column order). Counted over [bt, k_pad, block_j] chunks of j.
+    """
+    tokens, k_axis = keys_ref.shape
+    k_pad = next_power_of_2(k_axis)
+    rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 0)
+    entry = lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 1)
+    real = (rows < tokens) & (entry < k_axis)
+    window = (pl.ds(t0, block_tokens), pl.ds(0, k_pad))
+    keys = pltriton.load(keys_ref.at[window], mask=real, other=INT32_MIN)[:, :, None]  # [bt, k_pad, 1]
+    cols = pltriton.load(cols_ref.at[window], mask=real, other=0)
+    j_rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, block_j), 0)
+    i = lax.broadcasted_iota(jnp.int32, (1, k_pad, 1), 1)
+
+    def count_beaters(chunk, rank):
+        j = chunk * block_j + lax.broadcasted_iota(jnp.int32, (block_tokens, block_j), 1)
+        other = pltriton.load(
+            keys_ref.at[pl.ds(t0, block_tokens), pl.ds(chunk * block_j, block_j)],
+            mask=(j_rows < tokens) & (j < k_axis),
+            other=INT32_MIN,
+        )[:, None, :]  # [bt, 1, block_j]; padding never beats a real entry (it comes later, with INT32_MIN)
+        beats = (other > keys) | ((other == keys) & (j[:, None, :] < i))  # [bt, k_pad, block_j]
+        return rank + jnp.sum(beats, axis=2, dtype=jnp.int32)
+
+    rank = lax.fori_loop(0, k_pad // block_j, count_beaters, jnp.zeros((block_tokens, k_pad), jnp.int32))
+    rank = jnp.where(real, rank, k_axis)
+    pltriton.store(positions_ref.at[rows, rank], cols, mask=real)
 
 
 def _select_top_k(
@@ -253,16 +340,44 @@ def _select_top_k(
 
 
 def _forward_kernel(
-    lpx_ref, lpy_ref, rank_x_ref, rank_y_ref, scores_ref, experts_ref, x_pos_ref, y_pos_ref, *, bt, interpret
+    lpx_ref,
+    lpy_ref,
+    rank_x_ref,
+    rank_y_ref,
+    scores_ref,
+    experts_ref,
+    x_pos_ref,
+    y_pos_ref,
+    *scratch_refs,
+    bt: int,
+    axis_sort: str,
+    key_bits: int,
+    block_j: int,
+    interpret: bool,
 ):
-    """Steps 1-4 for one tile. The position lists are outputs only because the merge gathers from memory."""
+    """Steps 1-4 for one tile. Outputs past the first two are scratch: the merge gathers from memory.
+
+    scratch_refs: for axis_sort="threshold", the column-ordered top k' keys and columns of x and of y.
+    """
     t0 = pl.program_id(0) * bt
-    _sort_axis(lpx_ref, x_pos_ref, t0, block_tokens=bt)
-    _sort_axis(lpy_ref, y_pos_ref, t0, block_tokens=bt)
-    # The merge gathers what other threads of this program just stored: make the stores visible first.
-    # (The interpreter runs a program's ops in order and has no barrier.)
-    if not interpret:
-        pltriton.debug_barrier()
+
+    def barrier():
+        # Later steps gather what other threads of this program just stored: make the stores visible first.
+        # (The interpreter runs a program's ops in order and has no barrier.)
+        if not interpret:
+            pltriton.debug_barrier()
+
+    if axis_sort == "select":
+        _sort_axis_by_selection(lpx_ref, x_pos_ref, t0, block_tokens=bt)
+        _sort_axis_by_selection(lpy_ref, y_pos_ref, t0, block_tokens=bt)
+    else:
+        x_keys_ref, x_cols_ref, y_keys_ref, y_cols_ref = scratch_refs
+        _compact_top_of_axis(lpx_ref, x_keys_ref, x_cols_ref, t0, block_tokens=bt, key_bits=key_bits)
+        _compact_top_of_axis(lpy_ref, y_keys_ref, y_cols_ref, t0, block_tokens=bt, key_bits=key_bits)
+        barrier()
+        _rank_compacted(x_keys_ref, x_cols_ref, x_pos_ref, t0, block_tokens=bt, block_j=block_j)
+        _rank_compacted(y_keys_ref, y_cols_ref, y_pos_ref, t0, block_tokens=bt, block_j=block_j)
+    barrier()
     refs = (rank_x_ref, rank_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, scores_ref, experts_ref)
     _select_top_k(*refs, t0, block_tokens=bt)
 
@@ -292,15 +407,28 @@ def router_forward(
     log_probs_x, log_probs_y: [T, n] f32 or bf16 (validated by `api`). Equals `omni_router_reference`.
     """
     tokens, n = log_probs_x.shape
+    k_axis = min(top_k, n)
+    k_pad = next_power_of_2(k_axis)
+    per_axis = jax.ShapeDtypeStruct((tokens, k_axis), jnp.int32)
     outputs = (
         jax.ShapeDtypeStruct((tokens, top_k), jnp.float32),  # scores, slot order
         jax.ShapeDtypeStruct((tokens, top_k), jnp.int32),  # experts, slot order
-        *(jax.ShapeDtypeStruct((tokens, min(top_k, n)), jnp.int32),) * 2,  # sorted positions of x and y
+        per_axis,  # sorted positions of x
+        per_axis,  # and of y
+        *((per_axis,) * 4 if config.axis_sort == "threshold" else ()),  # column-ordered top k' of x and y
     )
     if tokens == 0:
         return _empty(*outputs[:2])
+    kernel = functools.partial(
+        _forward_kernel,
+        bt=config.block_tokens,
+        axis_sort=config.axis_sort,
+        key_bits=16 if log_probs_x.dtype == jnp.bfloat16 else 32,
+        block_j=max(1, min(k_pad, _ELEMENTS_PER_WARP * config.num_warps // (config.block_tokens * k_pad))),
+        interpret=interpret,
+    )
     scores, experts, *_ = pl.pallas_call(
-        functools.partial(_forward_kernel, bt=config.block_tokens, interpret=interpret),
+        kernel,
         out_shape=outputs,
         grid=(pl.cdiv(tokens, config.block_tokens),),
         compiler_params=_compiler_params(config),
