@@ -1,9 +1,10 @@
 """Router benchmark: the Pallas and jax-triton top-K kernels against the jnp reference, bf16, on one GPU.
 
 For each (T, n, K): forward and forward+backward time of "pallas", "triton" and "xla" (the `lax.top_k`
-reference), the bytes of log-probs a call must read (2 T n x 2 bytes), the achieved read rate, and the time
-XLA needs to read those logits once (a max over both arrays) as the floor the forward is compared with.
-Then a small sweep of tilings for a few shapes, to check `default_config`. Prints tables and writes
+reference), the forward of "pallas" with the other step-1 method (axis_sort="select"), the bytes of
+log-probs a call must read (2 T n x 2 bytes), the achieved read rate, and the time XLA needs to read those
+logits once (a max over both arrays) as the floor the forward is compared with. Then a sweep of tilings
+and both step-1 methods for a few shapes, to check `default_config`. Prints tables and writes
 benchmarks/results/router.json (and a copy under $OUT if set).
 
     PYTHONPATH=. python benchmarks/router.py            # the full grid (~2-3 minutes on an H100)
@@ -13,7 +14,9 @@ benchmarks/results/router.json (and a copy under $OUT if set).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import os
 import pathlib
 import shutil
@@ -26,12 +29,13 @@ import numpy as np
 from benchmarks.common import print_table, time_fn, write_results
 from pallas_kernels import omni_router
 from pallas_kernels.omni_router import RouterConfig, default_config
+from pallas_kernels.omni_router.kernel import AXIS_SORTS
 
 IMPLEMENTATIONS = ("pallas", "triton", "xla")
 TOKENS = (4096, 16384)
 GRID = [(n, k) for n in (64, 128, 256, 1024) for k in (16, 32, 64)] + [(320, 512)]
 SWEEP_SHAPES = [(16384, 256, 32), (16384, 1024, 64), (4096, 320, 512)]
-SWEEP_TILINGS = [(1, 4), (2, 4), (4, 4), (8, 4), (1, 8), (2, 8), (4, 8), (16, 8)]
+SWEEP_TILINGS = [(1, 4), (2, 4), (4, 4), (8, 4), (2, 8), (8, 8)]
 INPUT_SETS = 3  # independently drawn inputs per shape, rotated between calls (see benchmarks/common.py)
 
 
@@ -111,6 +115,9 @@ def main(argv=None) -> None:
             row[f"{impl}_fwdbwd_ms"] = both["ms"]
             row[f"{impl}_fwd_GBps"] = logit_bytes / fwd["ms"] / 1e6
             row[f"{impl}_detail"] = {"fwd": fwd, "fwd+bwd": both}
+        if "pallas" in implementations:
+            select = dataclasses.replace(default_config(tokens, n, top_k), axis_sort="select")
+            row["pallas_select_fwd_ms"] = timed(forward(top_k, "pallas", select), arg_sets)["ms"]
         for impl in kernels:
             if "xla" in implementations:
                 row[f"{impl}_speedup"] = row["xla_fwd_ms"] / row[f"{impl}_fwd_ms"]
@@ -119,7 +126,8 @@ def main(argv=None) -> None:
         print(f"T={tokens} n={n} K={top_k}: done", flush=True)
 
     columns = ["T", "n", "K", "exact", "MB_read", "read_ms"]
-    columns += [f"{impl}_fwd_ms" for impl in implementations] + [f"{impl}_fwdbwd_ms" for impl in implementations]
+    columns += [f"{impl}_fwd_ms" for impl in implementations] + ["pallas_select_fwd_ms"]
+    columns += [f"{impl}_fwdbwd_ms" for impl in implementations]
     columns += [f"{impl}_{what}" for what in ("speedup", "fwd_over_read", "fwd_GBps") for impl in kernels]
     print_table(rows, columns)
 
@@ -127,17 +135,21 @@ def main(argv=None) -> None:
     for tokens, n, top_k in sweep:
         arg_sets = inputs(tokens, n, top_k)
         chosen = default_config(tokens, n, top_k)
-        for block_tokens, num_warps in SWEEP_TILINGS:
-            config = RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1)
+        for (block_tokens, num_warps), axis_sort in itertools.product(SWEEP_TILINGS, AXIS_SORTS):
+            config = RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, axis_sort=axis_sort)
             ms = timed(forward(top_k, "pallas", config), arg_sets)["ms"]
-            is_default = (block_tokens, num_warps) == (chosen.block_tokens, chosen.num_warps)
+            is_default = (block_tokens, num_warps, axis_sort) == (
+                chosen.block_tokens,
+                chosen.num_warps,
+                chosen.axis_sort,
+            )
             sweep_rows.append(
                 {"T": tokens, "n": n, "K": top_k, "block_tokens": block_tokens, "num_warps": num_warps,
-                 "pallas_fwd_ms": ms, "default": is_default}
+                 "axis_sort": axis_sort, "pallas_fwd_ms": ms, "default": is_default}
             )  # fmt: skip
     if sweep_rows:
         print()
-        print_table(sweep_rows, ["T", "n", "K", "block_tokens", "num_warps", "pallas_fwd_ms", "default"])
+        print_table(sweep_rows, ["T", "n", "K", "block_tokens", "num_warps", "axis_sort", "pallas_fwd_ms", "default"])
 
     path = write_results("router", rows, dtype="bfloat16", tiling_sweep=sweep_rows)
     print(f"wrote {path}")

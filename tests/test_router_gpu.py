@@ -5,6 +5,7 @@ different tie order of a GPU top-k could not hide or fake a difference. Run on t
 `python -m pytest -m gpu tests/test_router_gpu.py`.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -14,11 +15,12 @@ import pytest
 from helpers import assert_close, normal
 
 from pallas_kernels import omni_router
-from pallas_kernels.omni_router import RouterConfig, omni_router_brute_force
+from pallas_kernels.omni_router import RouterConfig, default_config, omni_router_brute_force
 
 pytestmark = pytest.mark.gpu
 
-IMPLEMENTATIONS = ("pallas", "triton")
+# (implementation, axis_sort): both Pallas step-1 methods, and jax-triton's tl.topk (axis_sort unused).
+VARIANTS = (("pallas", "threshold"), ("pallas", "select"), ("triton", "threshold"))
 CASES = [
     # (T, n, K, dtype): K = n*n, K > n, K < n, ragged tiles, the paper's setting and the largest shapes.
     (1, 2, 4, "float32"),
@@ -66,16 +68,22 @@ def assert_routes_equal(got, want, what):
     np.testing.assert_array_equal(np.asarray(scores), np.asarray(want_scores), err_msg=f"{what}: scores")
 
 
-def check_against_reference(lpx, lpy, cotangent, top_k, config=None):
-    """Both implementations: indices and scores equal to the reference, gradients close to its."""
-    dtype = lpx.dtype
+def configs(tokens, n, top_k, tiling=None):
+    """(implementation, config, name) per variant; `tiling` replaces the default tiling."""
+    base = tiling or default_config(tokens, n, top_k)
+    return [(impl, dataclasses.replace(base, axis_sort=sort), f"{impl}/{sort}") for impl, sort in VARIANTS]
+
+
+def check_against_reference(lpx, lpy, cotangent, top_k, tiling=None):
+    """Every variant: indices and scores equal to the reference, gradients close to its."""
+    (tokens, n), dtype = lpx.shape, lpx.dtype
     want, (want_dx, want_dy) = route_vjp(*jax.device_put((lpx, lpy, cotangent), CPU), top_k, "xla")
-    for implementation in IMPLEMENTATIONS:
+    for implementation, config, name in configs(tokens, n, top_k, tiling):
         got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, implementation, config)
-        assert_routes_equal(got, want, implementation)
+        assert_routes_equal(got, want, name)
         assert dx.dtype == dtype and dy.dtype == dtype
-        assert_close(dx, want_dx, dtype, what=f"{implementation}: d log_probs_x")
-        assert_close(dy, want_dy, dtype, what=f"{implementation}: d log_probs_y")
+        assert_close(dx, want_dx, dtype, what=f"{name}: d log_probs_x")
+        assert_close(dy, want_dy, dtype, what=f"{name}: d log_probs_y")
 
 
 @pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), CASES)
@@ -93,9 +101,9 @@ def test_ties_match_brute_force_on_gpu(n, top_k, seed):
     lpx[:4], lpy[:4] = 0.0, 0.0  # constant rows: every expert ties
     lpx, lpy = jnp.asarray(lpx), jnp.asarray(lpy)
     want = omni_router_brute_force(*jax.device_put((lpx, lpy), CPU), top_k)
-    for implementation in IMPLEMENTATIONS:
-        got = jax.jit(functools.partial(omni_router, top_k=top_k, implementation=implementation))(lpx, lpy)
-        assert_routes_equal(got, want, implementation)
+    for implementation, config, name in configs(512, n, top_k):
+        route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
+        assert_routes_equal(jax.jit(route)(lpx, lpy), want, name)
 
 
 @pytest.mark.parametrize(("block_tokens", "num_warps"), [(1, 4), (4, 2), (16, 8)])
