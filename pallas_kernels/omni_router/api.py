@@ -81,8 +81,10 @@ def omni_router(
         Takes 2 <= n <= 4096 and K <= 1024.
       - "triton": the sorting step as a native Triton kernel through jax-triton (`tl.topk`), the rest as
         "pallas". GPU only; needs the `triton` extra.
-    The kernels return exactly the reference's indices and scores. `interpret` (pallas only): None = off
-    on a GPU, on elsewhere. `config`: kernel tiling, `kernel.default_config(T, n, K)` when None.
+    The kernels return the reference's scores and indices bit for bit; the one exception is which of
+    several experts whose sums tie only through rounding or -inf fill the last places (`kernel.py`
+    explains why; the scores agree even then). `interpret` (pallas only): None = off on a GPU, on
+    elsewhere. `config`: kernel tiling and step-1 method, `kernel.default_config(T, n, K)` when None.
 
     Differentiable with respect to both inputs: the cotangent of each score flows to lp_x[i] and lp_y[j]
     of its expert (summed where a token picks one row or column several times).
