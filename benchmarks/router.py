@@ -95,7 +95,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two small shapes, no sweep (tries the script)")
     parser.add_argument("--implementations", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new shape after this many seconds")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
+    skipped = []
+
+    def over_budget(shape) -> bool:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            skipped.append(shape)
+            return True
+        return False
+
     shapes = [(256, 64, 16), (256, 320, 512)] if args.quick else [(t, n, k) for t in TOKENS for n, k in GRID]
     sweep = [] if args.quick else SWEEP_SHAPES
     implementations = args.implementations
@@ -103,6 +113,8 @@ def main(argv=None) -> None:
 
     rows = []
     for tokens, n, top_k in shapes:
+        if over_budget((tokens, n, top_k)):
+            continue
         arg_sets = inputs(tokens, n, top_k)
         logit_bytes = 2 * tokens * n * 2
         read_ms = timed(jax.jit(read_once), arg_sets)["ms"]
@@ -133,6 +145,8 @@ def main(argv=None) -> None:
 
     sweep_rows = []
     for tokens, n, top_k in sweep:
+        if over_budget(("sweep", tokens, n, top_k)):
+            continue
         arg_sets = inputs(tokens, n, top_k)
         chosen = default_config(tokens, n, top_k)
         for (block_tokens, num_warps), axis_sort in itertools.product(SWEEP_TILINGS, AXIS_SORTS):
@@ -151,7 +165,9 @@ def main(argv=None) -> None:
         print()
         print_table(sweep_rows, ["T", "n", "K", "block_tokens", "num_warps", "axis_sort", "pallas_fwd_ms", "default"])
 
-    path = write_results("router", rows, dtype="bfloat16", tiling_sweep=sweep_rows)
+    if skipped:
+        print(f"over the {args.budget_s} s budget, skipped: {skipped}")
+    path = write_results("router", rows, dtype="bfloat16", tiling_sweep=sweep_rows, skipped=skipped)
     print(f"wrote {path}")
     if os.environ.get("OUT"):
         out = pathlib.Path(os.environ["OUT"])
