@@ -46,7 +46,7 @@ def _sort_rows(
     x = tl.load(src_ptr + rows * N + cols, mask=inside, other=0.0).to(tl.float32)
     key = tl.where(inside, _order_key(x), -2147483648)  # [bt, n_pad]; padding sorts last
     packed = (key.to(tl.int64) << 32) | (N_PAD - 1 - cols).to(tl.int64)
-    top = tl.topk(packed, K_PAD, dim=1)  # [bt, k_pad] descending
+    top = tl.topk(packed, K_PAD)  # [bt, k_pad], descending along the last axis
     top_pos = (N_PAD - 1 - (top & 0xFFFFFFFF)).to(tl.int32)
     ranks = tl.arange(0, K_PAD)[None, :]  # [1, k_pad]
     stored = (rows < TOKENS) & (ranks < K_AXIS)
