@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch
+from pallas_kernels.omni_router import kernel
+from pallas_kernels.omni_router.kernel import RouterConfig
 from pallas_kernels.omni_router.reference import omni_router_reference
 
-SUPPORTED_IMPLEMENTATIONS = ("xla",)
+SUPPORTED_IMPLEMENTATIONS = ("xla", "pallas", "triton")
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def validate_router_inputs(log_probs_x, log_probs_y, top_k) -> None:
@@ -29,6 +34,29 @@ def validate_router_inputs(log_probs_x, log_probs_y, top_k) -> None:
         raise ValueError(f"top_k={top_k} must be in [1, n*n] = [1, {n * n}] for n={n}")
 
 
+def validate_kernel_inputs(log_probs_x, log_probs_y, top_k, implementation: str) -> None:
+    """What the kernels add to `validate_router_inputs`: dtypes and the size limits of their tiles."""
+    hint = 'implementation="xla" takes it'
+    for name, arr in (("log_probs_x", log_probs_x), ("log_probs_y", log_probs_y)):
+        if arr.dtype not in KERNEL_DTYPES:
+            raise ValueError(
+                f"{name} has dtype {arr.dtype}; implementation={implementation!r} takes float32 or bfloat16 ({hint})"
+            )
+    if log_probs_x.dtype != log_probs_y.dtype:
+        raise ValueError(
+            f"log_probs_x and log_probs_y must have one dtype for implementation={implementation!r}, "
+            f"got {log_probs_x.dtype} and {log_probs_y.dtype}"
+        )
+    n = log_probs_x.shape[1]
+    if not 2 <= n <= kernel.MAX_AXIS_SIZE:
+        raise ValueError(
+            f"log_probs_x has n={n} experts per axis; implementation={implementation!r} takes "
+            f"2 <= n <= {kernel.MAX_AXIS_SIZE} ({hint})"
+        )
+    if top_k > kernel.MAX_TOP_K:
+        raise ValueError(f"top_k={top_k}; implementation={implementation!r} takes top_k <= {kernel.MAX_TOP_K} ({hint})")
+
+
 def omni_router(
     log_probs_x: jax.Array,
     log_probs_y: jax.Array,
@@ -36,19 +64,99 @@ def omni_router(
     *,
     implementation: str = "auto",
     interpret: bool | None = None,
+    config: RouterConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact top-K of the Cartesian product scores lp_x[i] + lp_y[j] over N = n*n experts.
 
     | argument | shape | dtype |
     | --- | --- | --- |
-    | log_probs_x, log_probs_y | [T, n] | f32 or bf16 |
+    | log_probs_x, log_probs_y | [T, n] | f32 or bf16 (kernels); any float for "xla" |
     | returns scores | [T, K] | f32, descending, ties by lowest expert index |
     | returns indices | [T, K] | int32, e = i * n + j |
 
-    `implementation`: "auto" (Pallas on GPU, XLA elsewhere) or "xla". Differentiable with respect to
-    both inputs: the cotangent of each score flows to lp_x[i] and lp_y[j] of its expert.
+    `implementation`:
+      - "auto": "pallas" on a GPU (where it takes the input), "xla" otherwise.
+      - "xla": `omni_router_reference` (plain jnp, `lax.top_k`).
+      - "pallas": the Pallas kernels of `kernel.py` (Triton lowering; Pallas interpret mode off the GPU).
+        Takes 2 <= n <= 4096 and K <= 1024.
+      - "triton": the sorting step as a native Triton kernel through jax-triton (`tl.topk`), the rest as
+        "pallas". GPU only; needs the `triton` extra.
+    The kernels return the reference's scores and indices bit for bit; the one exception is which of
+    several experts whose sums tie only through rounding or -inf fill the last places (`kernel.py`
+    explains why; the scores agree even then). `interpret` (pallas only): None = off on a GPU, on
+    elsewhere. `config`: kernel tiling and step-1 method, `kernel.default_config(T, n, K)` when None.
+
+    Differentiable with respect to both inputs: the cotangent of each score flows to lp_x[i] and lp_y[j]
+    of its expert (summed where a token picks one row or column several times).
     """
     validate_router_inputs(log_probs_x, log_probs_y, top_k)
     impl = _dispatch.resolve_implementation(implementation, supported=SUPPORTED_IMPLEMENTATIONS)
-    del impl, interpret  # "xla" is the only path so far
-    return omni_router_reference(log_probs_x, log_probs_y, top_k)
+    if impl != "xla":
+        try:
+            validate_kernel_inputs(log_probs_x, log_probs_y, top_k, impl)
+        except ValueError:
+            if implementation != "auto":
+                raise
+            impl = "xla"  # "auto" means: the kernel where it applies, the reference everywhere else
+    if impl == "xla":
+        return omni_router_reference(log_probs_x, log_probs_y, top_k)
+    if config is None:
+        config = kernel.default_config(log_probs_x.shape[0], log_probs_x.shape[1], top_k)
+    elif not isinstance(config, RouterConfig):
+        raise TypeError(f"config must be a RouterConfig or None, got {config!r}")
+    if impl == "triton":
+        if interpret:
+            raise ValueError('interpret=True is not available for implementation="triton" (jax-triton has none)')
+        _require_triton()
+        return _kernel_router(log_probs_x, log_probs_y, top_k, impl, config, False)
+    return _kernel_router(log_probs_x, log_probs_y, top_k, impl, config, _dispatch.resolve_interpret(interpret))
+
+
+def _require_triton() -> None:
+    """implementation="triton" needs a CUDA GPU and the jax-triton package."""
+    if not _dispatch.on_gpu():
+        raise ValueError(
+            f'implementation="triton" runs only on a GPU (jax backend here: {jax.default_backend()}); '
+            'use implementation="pallas", which runs in Pallas interpret mode elsewhere'
+        )
+    try:
+        import jax_triton  # noqa: F401  (only checking that the optional dependency is there)
+
+        from pallas_kernels.omni_router import triton_kernel  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            'implementation="triton" needs jax-triton (and triton): pip install "omnimoe-jax[triton]"'
+        ) from err
+
+
+def _forward(log_probs_x, log_probs_y, top_k, implementation, config, interpret):
+    if implementation == "triton":
+        from pallas_kernels.omni_router import triton_kernel
+
+        positions = triton_kernel.sort_axes(log_probs_x, log_probs_y, top_k, config=config)
+        return kernel.router_merge(log_probs_x, log_probs_y, *positions, top_k=top_k, config=config, interpret=False)
+    return kernel.router_forward(log_probs_x, log_probs_y, top_k, config=config, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _kernel_router(log_probs_x, log_probs_y, top_k, implementation, config, interpret):
+    return _forward(log_probs_x, log_probs_y, top_k, implementation, config, interpret)
+
+
+def _kernel_router_fwd(log_probs_x, log_probs_y, top_k, implementation, config, interpret):
+    scores, indices = _forward(log_probs_x, log_probs_y, top_k, implementation, config, interpret)
+    # Residuals must be arrays: a zero-size [0, n] array carries n and the input dtype to the backward.
+    input_like = jnp.zeros((0, log_probs_x.shape[1]), log_probs_x.dtype)
+    return (scores, indices), (indices, input_like)
+
+
+def _kernel_router_bwd(top_k, implementation, config, interpret, residuals, cotangents):
+    del top_k, implementation  # both implementations share the Pallas backward
+    indices, input_like = residuals
+    dscores, _ = cotangents  # the integer indices have no cotangent
+    return kernel.router_backward(
+        dscores, indices, n=input_like.shape[1], dtype=input_like.dtype, config=config, interpret=interpret
+    )
+
+
+_kernel_router.defvjp(_kernel_router_fwd, _kernel_router_bwd)

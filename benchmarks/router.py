@@ -1,0 +1,179 @@
+"""Router benchmark: the Pallas and jax-triton top-K kernels against the jnp reference, bf16, on one GPU.
+
+For each (T, n, K): forward and forward+backward time of "pallas", "triton" and "xla" (the `lax.top_k`
+reference), the forward of "pallas" with the other step-1 method (axis_sort="select"), the bytes of
+log-probs a call must read (2 T n x 2 bytes), the achieved read rate, and the time XLA needs to read those
+logits once (a max over both arrays) as the floor the forward is compared with. Then a sweep of tilings
+and both step-1 methods for a few shapes, to check `default_config`. Prints tables and writes
+benchmarks/results/router.json (and a copy under $OUT if set).
+
+    PYTHONPATH=. python benchmarks/router.py            # the full grid (~2-3 minutes on an H100)
+    PYTHONPATH=. python benchmarks/router.py --quick    # two shapes, to try the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import os
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import print_table, time_fn, write_results
+from pallas_kernels import omni_router
+from pallas_kernels.omni_router import RouterConfig, default_config
+from pallas_kernels.omni_router.kernel import AXIS_SORTS
+
+IMPLEMENTATIONS = ("pallas", "triton", "xla")
+TOKENS = (4096, 16384)
+GRID = [(n, k) for n in (64, 128, 256, 1024) for k in (16, 32, 64)] + [(320, 512)]
+SWEEP_SHAPES = [(16384, 256, 32), (16384, 1024, 64), (4096, 320, 512)]
+SWEEP_TILINGS = [(1, 4), (2, 4), (4, 4), (8, 4), (2, 8), (8, 8)]
+INPUT_SETS = 3  # independently drawn inputs per shape, rotated between calls (see benchmarks/common.py)
+
+
+def inputs(tokens: int, n: int, top_k: int) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """INPUT_SETS of (log_probs_x, log_probs_y, cotangent of the scores), bf16 log-probs."""
+    sets = []
+    for i in range(INPUT_SETS):
+        kx, ky, kc = jax.random.split(jax.random.key(i), 3)
+        lpx = jax.nn.log_softmax(2.0 * jax.random.normal(kx, (tokens, n)), axis=-1).astype(jnp.bfloat16)
+        lpy = jax.nn.log_softmax(2.0 * jax.random.normal(ky, (tokens, n)), axis=-1).astype(jnp.bfloat16)
+        sets.append((lpx, lpy, jax.random.normal(kc, (tokens, top_k), jnp.float32)))
+    return jax.block_until_ready(sets)
+
+
+@functools.cache  # one jitted function (and compile) per route, shared by the timing and the check
+def forward(top_k, implementation, config=None):
+    route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
+    return jax.jit(lambda lpx, lpy, cotangent: route(lpx, lpy))
+
+
+@functools.cache
+def forward_backward(top_k, implementation):
+    route = functools.partial(omni_router, top_k=top_k, implementation=implementation)
+
+    def run(lpx, lpy, cotangent):
+        (_, indices), vjp = jax.vjp(route, lpx, lpy)
+        return indices, vjp((cotangent, np.zeros(indices.shape, jax.dtypes.float0)))
+
+    return jax.jit(run)
+
+
+def read_once(lpx, lpy, cotangent):
+    """What reading both log-prob arrays once costs in XLA (the forward's floor)."""
+    return jnp.max(lpx, axis=1) + jnp.max(lpy, axis=1)
+
+
+def timed(fn, arg_sets) -> dict:
+    """time_fn with the repetitions scaled so one batch takes ~0.1 s (slow references stay affordable)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[0]))  # compile
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[1 % len(arg_sets)]))
+    once = time.perf_counter() - start
+    reps = int(min(50, max(3, 0.1 / max(once, 1e-6))))
+    return {**time_fn(fn, arg_sets, reps=reps, batches=3 if once > 0.02 else 5), "compile_s": compile_s}
+
+
+def same_routes(arg_sets, top_k, kernels) -> bool:
+    """The kernels' indices equal the reference's on the first input set (a benchmark of wrong code is moot)."""
+    lpx, lpy, cotangent = arg_sets[0]
+    want = forward(top_k, "xla")(lpx, lpy, cotangent)[1]
+    return all(bool(jnp.all(forward(top_k, impl)(lpx, lpy, cotangent)[1] == want)) for impl in kernels)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two small shapes, no sweep (tries the script)")
+    parser.add_argument("--implementations", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new shape after this many seconds")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    skipped = []
+
+    def over_budget(shape) -> bool:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            skipped.append(shape)
+            return True
+        return False
+
+    shapes = [(256, 64, 16), (256, 320, 512)] if args.quick else [(t, n, k) for t in TOKENS for n, k in GRID]
+    sweep = [] if args.quick else SWEEP_SHAPES
+    implementations = args.implementations
+    kernels = [impl for impl in implementations if impl != "xla"]
+
+    rows = []
+    for tokens, n, top_k in shapes:
+        if over_budget((tokens, n, top_k)):
+            continue
+        arg_sets = inputs(tokens, n, top_k)
+        logit_bytes = 2 * tokens * n * 2
+        read_ms = timed(jax.jit(read_once), arg_sets)["ms"]
+        row = {"T": tokens, "n": n, "K": top_k, "MB_read": logit_bytes / 1e6, "read_ms": read_ms}
+        row["exact"] = same_routes(arg_sets, top_k, kernels)
+        for impl in implementations:
+            fwd = timed(forward(top_k, impl), arg_sets)
+            both = timed(forward_backward(top_k, impl), arg_sets)
+            row[f"{impl}_fwd_ms"] = fwd["ms"]
+            row[f"{impl}_fwdbwd_ms"] = both["ms"]
+            row[f"{impl}_fwd_GBps"] = logit_bytes / fwd["ms"] / 1e6
+            row[f"{impl}_detail"] = {"fwd": fwd, "fwd+bwd": both}
+        if "pallas" in implementations:
+            select = dataclasses.replace(default_config(tokens, n, top_k), axis_sort="select")
+            row["pallas_select_fwd_ms"] = timed(forward(top_k, "pallas", select), arg_sets)["ms"]
+        for impl in kernels:
+            if "xla" in implementations:
+                row[f"{impl}_speedup"] = row["xla_fwd_ms"] / row[f"{impl}_fwd_ms"]
+            row[f"{impl}_fwd_over_read"] = row[f"{impl}_fwd_ms"] / read_ms
+        rows.append(row)
+        print(f"T={tokens} n={n} K={top_k}: done", flush=True)
+
+    columns = ["T", "n", "K", "exact", "MB_read", "read_ms"]
+    columns += [f"{impl}_fwd_ms" for impl in implementations] + ["pallas_select_fwd_ms"]
+    columns += [f"{impl}_fwdbwd_ms" for impl in implementations]
+    columns += [f"{impl}_{what}" for what in ("speedup", "fwd_over_read", "fwd_GBps") for impl in kernels]
+    print_table(rows, columns)
+
+    sweep_rows = []
+    for tokens, n, top_k in sweep:
+        if over_budget(("sweep", tokens, n, top_k)):
+            continue
+        arg_sets = inputs(tokens, n, top_k)
+        chosen = default_config(tokens, n, top_k)
+        for (block_tokens, num_warps), axis_sort in itertools.product(SWEEP_TILINGS, AXIS_SORTS):
+            config = RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, axis_sort=axis_sort)
+            ms = timed(forward(top_k, "pallas", config), arg_sets)["ms"]
+            is_default = (block_tokens, num_warps, axis_sort) == (
+                chosen.block_tokens,
+                chosen.num_warps,
+                chosen.axis_sort,
+            )
+            sweep_rows.append(
+                {"T": tokens, "n": n, "K": top_k, "block_tokens": block_tokens, "num_warps": num_warps,
+                 "axis_sort": axis_sort, "pallas_fwd_ms": ms, "default": is_default}
+            )  # fmt: skip
+    if sweep_rows:
+        print()
+        print_table(sweep_rows, ["T", "n", "K", "block_tokens", "num_warps", "axis_sort", "pallas_fwd_ms", "default"])
+
+    if skipped:
+        print(f"over the {args.budget_s} s budget, skipped: {skipped}")
+    path = write_results("router", rows, dtype="bfloat16", tiling_sweep=sweep_rows, skipped=skipped)
+    print(f"wrote {path}")
+    if os.environ.get("OUT"):
+        out = pathlib.Path(os.environ["OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, out / path.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,522 @@
+"""Pallas (Triton lowering) kernels of the Cartesian top-K router. No autodiff here: `api` adds the VJP.
+
+Forward, one program per tile of `block_tokens` tokens; besides the [T, K] result it writes only [T, k']
+scratch rows per axis (the sorted positions; for "threshold" also the unsorted winners), which it reads
+straight back:
+
+1. Sorted axes. For each axis the positions of the top k' = min(K, n) log-probs in descending order, ties
+   by lower position (exactly `lax.top_k`'s order). Values are compared as order-preserving int32 keys
+   (`order_key`), so -inf, -0.0 and NaN order as in the IEEE total order `lax.top_k` uses and can never be
+   confused with the padding sentinel. Two methods (`RouterConfig.axis_sort`):
+   "threshold" (default): bisection on the key finds the k'-th largest (16 steps for bf16 inputs, 32 for
+   f32), prefix counts take the k' winners (ties by lower column) and pack them in column order into
+   scratch rows, and each winner's rank is the number of winners that beat it (a k'^2 count).
+   "select": k' passes of "argmax (one fused value/index reduction), then knock it out".
+   The program stores its rows of both position lists and waits at a barrier.
+2. Dominance. With both axes in that order, the expert of rank pair (a, b) scores no more than the
+   (a+1)(b+1) - 1 other pairs (a' <= a, b' <= b), each of which also wins a tie on the expert index; so
+   only pairs with (a+1)(b+1) <= K can be in the top K: about K (ln K + 1) of the k'^2 pairs (2,896 of
+   102,400 for n = 320, K = 512). `candidate_table` lists them once for all tokens; each program gathers
+   the positions at those ranks, then the log-probs at those positions, into one [block_tokens, slots]
+   array of f32 sums. (Pallas has no gather from registers, hence the round trip through memory; a
+   program reads back only what it just wrote, from L1/L2.)
+3. Threshold. Bisection on the int32 key finds tau, the K-th largest candidate score; all candidates
+   above tau are taken, and of those equal to tau a second bisection on the expert index takes the lowest
+   ones (it runs only while some token in the tile has more ties at tau than places left).
+4. Output. Each taken candidate gets a slot from a prefix count and is scattered to [T, K]. Slots follow
+   candidate order, not score order: `sort_by_score` orders each row with one XLA sort afterwards (keys:
+   score descending, expert ascending), which is the reference's order.
+
+Cost per token and axis of step 1: "threshold" ~16-32 count passes over the padded row plus k'^2
+compares, "select" k' argmax passes over it; then 32 (+ ties) count passes over the candidate slots. The
+`merge` kernel runs steps 2-4 on position lists computed elsewhere (the jax-triton variant sorts with
+`tl.topk`, see `triton_kernel.py`).
+
+One caveat shared with `omni_router_reference` (whose per-axis pruning rests on the same argument): the
+dominance argument assumes that x' > x implies x' + y > x + y after rounding. Where two such sums round to
+the same f32 (or -inf absorbs the other axis), the tie goes to the lower expert index, which can promote a
+pair the argument pruned: then the scores still agree, but which of the experts tied at the K-th score
+fill the last places may differ. For finite log-probs it needs two values of one axis within an ulp of
+their sum exactly at the edge of the region.
+
+Backward: d lp_x[t, i] = sum_k dscores[t, k] [row(e_tk) == i] (and columns alike), accumulated in f32 per
+tile by one-hot sums over chunks of K; repeated rows of one token add up, and no two programs touch the
+same token, so there are no atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+MAX_AXIS_SIZE = 4096  # n: the [block_tokens, n] row tile must stay in registers
+MAX_TOP_K = 1024  # K: the candidate slots (~K (ln K + 1) per token) must stay in registers
+AXIS_SORTS = ("threshold", "select")  # see RouterConfig.axis_sort
+
+
+def next_power_of_2(x: int) -> int:
+    """Smallest power of two >= x (x >= 1)."""
+    return 1 << (x - 1).bit_length()
+
+
+def order_key(x: jax.Array) -> jax.Array:
+    """f32 -> int32 with the order of the IEEE total order (-NaN < -inf < ... < -0 < +0 < ... < +NaN).
+
+    Non-negative floats keep their bits; negative ones flip the 31 magnitude bits so that larger
+    magnitudes sort lower. Only the bit pattern INT32_MIN (a negative NaN with a full payload) collides
+    with the sentinel the kernels use for "no candidate".
+    """
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(bits < 0, bits ^ INT32_MAX, bits)
+
+
+def key_value(key: jax.Array) -> jax.Array:
+    """Inverse of `order_key`: int32 -> f32."""
+    bits = jnp.where(key < 0, key ^ INT32_MAX, key)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def candidate_table(n: int, top_k: int) -> np.ndarray:
+    """[2, slots] int32: the rank pairs (a, b), a, b < k' = min(K, n), with (a+1)(b+1) <= K.
+
+    Row 0 holds a, row 1 holds b; `slots` is the pair count rounded up to a power of two and the padding
+    holds -1. The pairs are listed row by row; their order does not matter (outputs are sorted at the end).
+    The kernels take the two rows as two [slots] inputs.
+    """
+    k_axis = min(top_k, n)
+    pairs = [(a, b) for a in range(k_axis) for b in range(min(k_axis, top_k // (a + 1)))]
+    table = np.full((2, next_power_of_2(len(pairs))), -1, np.int32)
+    table[:, : len(pairs)] = np.asarray(pairs, np.int32).T
+    return table
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """How the router kernels tile the work. `default_config` picks one from (T, n, K).
+
+    Attributes:
+      block_tokens: tokens per program (a power of two, at most 64), forward and backward.
+      num_warps: warps per program (a power of two, at most 16).
+      num_stages: Triton software-pipelining depth (the kernels have no pipelined load loops: 1 suffices).
+      backward_block_k: how many of the K routed experts the backward one-hot sums take at once (a power
+        of two): its temporary is [block_tokens, backward_block_k, n padded] elements.
+      axis_sort: how step 1 finds each axis's sorted top k': "threshold" (bisection for the k'-th largest,
+        then a rank count among the k': ~bits + k'^2/n passes over the row's work) or "select" (k' argmax
+        passes over the row). `router_merge` does not use it.
+    """
+
+    block_tokens: int
+    num_warps: int
+    num_stages: int = 1
+    backward_block_k: int = 1
+    axis_sort: str = "threshold"
+
+    def __post_init__(self):
+        checks = (
+            ("block_tokens", self.block_tokens, 64),
+            ("num_warps", self.num_warps, 16),
+            ("backward_block_k", self.backward_block_k, MAX_TOP_K),
+        )
+        for field, value, largest in checks:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+                raise ValueError(f"RouterConfig.{field}={value!r} must be a power-of-two int")
+            if value > largest:
+                raise ValueError(f"RouterConfig.{field}={value} must be <= {largest}")
+        if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
+            raise ValueError(f"RouterConfig.num_stages={self.num_stages!r} must be a positive int")
+        if self.axis_sort not in AXIS_SORTS:
+            raise ValueError(f"RouterConfig.axis_sort={self.axis_sort!r} must be one of {AXIS_SORTS}")
+
+
+# Register budget of the heuristic: elements of one working array per warp (16 per thread).
+_ELEMENTS_PER_WARP = 512
+# Aim for at least this many programs (two waves on a 132-SM H100) before packing more tokens per program.
+_MIN_PROGRAMS = 264
+
+
+def default_config(tokens: int, n: int, top_k: int) -> RouterConfig:
+    """A tiling for T tokens, n experts per axis and K experts per token.
+
+    A token's widest working array is the padded row of the sorting passes or the candidate slots of the
+    merge (keys and expert ids). Warps grow with it (4 up to 2048 elements, at most 16) so that no array
+    needs more than ~16 registers per thread; tokens are then packed per program up to that budget, but
+    never so many that fewer than `_MIN_PROGRAMS` programs remain. The backward chunk of K fills the same
+    budget with its [block_tokens, chunk, n padded] one-hot temporary.
+    """
+    n_pad = next_power_of_2(n)
+    per_token = max(n_pad, candidate_table(n, top_k).shape[1])
+    num_warps = min(16, max(4, per_token // _ELEMENTS_PER_WARP))
+    budget = _ELEMENTS_PER_WARP * num_warps
+    block_tokens = max(1, min(16, budget // per_token))
+    while block_tokens > 1 and pl.cdiv(tokens, block_tokens) < _MIN_PROGRAMS:
+        block_tokens //= 2
+    backward_block_k = max(1, min(next_power_of_2(top_k), budget // (block_tokens * n_pad)))
+    return RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, backward_block_k=backward_block_k)
+
+
+def _compiler_params(config: RouterConfig) -> pltriton.CompilerParams:
+    return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _row_keys(log_probs_ref, t0, *, block_tokens: int):
+    """Rows t0... of log_probs_ref [T, n] as order keys [bt, n_pad] (INT32_MIN past the row or the input)."""
+    tokens, n = log_probs_ref.shape
+    n_pad = next_power_of_2(n)
+    rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, n_pad), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (block_tokens, n_pad), 1)
+    inside = (rows < tokens) & (cols < n)
+    x = pltriton.load(log_probs_ref.at[pl.ds(t0, block_tokens), pl.ds(0, n_pad)], mask=inside, other=0.0)
+    return jnp.where(inside, order_key(x.astype(jnp.float32)), INT32_MIN), rows, cols
+
+
+def _sort_axis_by_selection(log_probs_ref, positions_ref, t0, *, block_tokens: int):
+    """Step 1 for one axis by k' argmax passes: rows t0... of log_probs_ref [T, n] -> positions_ref [T, k'].
+
+    Row t of positions_ref lists the columns of the k' largest log-probs, largest first, ties by lower column.
+    """
+    tokens, k_axis = positions_ref.shape
+    k_pad = next_power_of_2(k_axis)
+    keys, _, cols = _row_keys(log_probs_ref, t0, block_tokens=block_tokens)  # [bt, n_pad]
+    ranks = lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 1)
+
+    def take_best(rank, carry):
+        keys, top = carry
+        # One (value, index) reduction: the largest key, the lowest column among equal ones.
+        best = lax.argmax(keys, 1, jnp.int32)[:, None]  # [bt, 1]
+        knocked_out = jnp.where(cols == best, INT32_MIN, keys)
+        return knocked_out, jnp.where(ranks == rank, best, top)
+
+    _, top = lax.fori_loop(0, k_axis, take_best, (keys, jnp.zeros((block_tokens, k_pad), jnp.int32)))
+    out_rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 0)
+    stored = (out_rows < tokens) & (ranks < k_axis)
+    pltriton.store(positions_ref.at[pl.ds(t0, block_tokens), pl.ds(0, k_pad)], top, mask=stored)
+
+
+def _compact_top_of_axis(log_probs_ref, keys_ref, cols_ref, t0, *, block_tokens: int, key_bits: int):
+    """Step 1a by threshold: the top k' of rows t0... -> keys_ref, cols_ref [T, k'], in column order.
+
+    Bisection finds the k'-th largest key; the entries above it and, of those equal to it, the ones with the
+    lowest columns (a prefix count) are exactly the top k'. A second prefix count packs them to the front.
+    `key_bits`: significant high bits of the keys (16 for bf16 inputs: half the bisection steps).
+    """
+    tokens, k_axis = keys_ref.shape
+    keys, rows, cols = _row_keys(log_probs_ref, t0, block_tokens=block_tokens)  # [bt, n_pad]
+    shift = 32 - key_bits
+    coarse = keys >> shift  # order-preserving; exact for bf16 inputs, whose keys' low 16 bits are constant
+
+    # tau = the largest coarse key with count(coarse >= tau) >= k'. Invariant: count(>= lo) >= k' > count(>= hi).
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+        enough = jnp.sum(coarse >= mid[:, None], axis=1, dtype=jnp.int32) >= k_axis
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    bounds = (
+        jnp.full((block_tokens,), INT32_MIN >> shift, jnp.int32),
+        jnp.full((block_tokens,), INT32_MAX >> shift, jnp.int32),
+    )
+    tau, _ = lax.fori_loop(0, key_bits, halve, bounds)  # key_bits halvings close the 2^key_bits interval
+    tau = tau[:, None]  # [bt, 1]
+    above = coarse > tau
+    tied = (coarse == tau).astype(jnp.int32)
+    need = k_axis - jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)  # [bt, 1], >= 1
+    taken = above | ((tied == 1) & (lax.cumsum(tied, axis=1) <= need))  # exactly k' per token
+    taken_count = taken.astype(jnp.int32)
+    slot = lax.cumsum(taken_count, axis=1) - taken_count  # [bt, n_pad] exclusive prefix count
+    write = taken & (rows < tokens)
+    slot = jnp.where(write, slot, k_axis)  # lanes not written point past the row (see `_select_top_k`)
+    pltriton.store(keys_ref.at[rows, slot], keys, mask=write)
+    pltriton.store(cols_ref.at[rows, slot], cols, mask=write)
+
+
+def _rank_compacted(keys_ref, cols_ref, positions_ref, t0, *, block_tokens: int, block_j: int):
+    """Step 1b by threshold: the k' entries of `_compact_top_of_axis`, sorted -> positions_ref [T, k'].
+
+    The rank of entry i is the number of entries j that beat it: a larger key, or an equal key and a lower
+    column (j < i: the entries are in column order). Counted over [bt, k_pad, block_j] chunks of j.
+    """
+    tokens, k_axis = keys_ref.shape
+    k_pad = next_power_of_2(k_axis)
+    rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 0)
+    entry = lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 1)
+    real = (rows < tokens) & (entry < k_axis)
+    window = (pl.ds(t0, block_tokens), pl.ds(0, k_pad))
+    keys = pltriton.load(keys_ref.at[window], mask=real, other=INT32_MIN)[:, :, None]  # [bt, k_pad, 1]
+    cols = pltriton.load(cols_ref.at[window], mask=real, other=0)
+    j_rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, block_j), 0)
+    i = lax.broadcasted_iota(jnp.int32, (1, k_pad, 1), 1)
+
+    def count_beaters(chunk, rank):
+        j = chunk * block_j + lax.broadcasted_iota(jnp.int32, (block_tokens, block_j), 1)
+        other = pltriton.load(
+            keys_ref.at[pl.ds(t0, block_tokens), pl.ds(chunk * block_j, block_j)],
+            mask=(j_rows < tokens) & (j < k_axis),
+            other=INT32_MIN,
+        )[:, None, :]  # [bt, 1, block_j]; padding never beats a real entry (it comes later, with INT32_MIN)
+        beats = (other > keys) | ((other == keys) & (j[:, None, :] < i))  # [bt, k_pad, block_j]
+        return rank + jnp.sum(beats, axis=2, dtype=jnp.int32)
+
+    rank = lax.fori_loop(0, k_pad // block_j, count_beaters, jnp.zeros((block_tokens, k_pad), jnp.int32))
+    rank = jnp.where(real, rank, k_axis)
+    pltriton.store(positions_ref.at[rows, rank], cols, mask=real)
+
+
+def _select_top_k(
+    rank_x_ref, rank_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, scores_ref, experts_ref, t0, *, block_tokens
+):
+    """Steps 2-4 for rows t0... : position lists [T, k'] of the sorted axes -> scores_ref/experts_ref [T, K].
+
+    rank_x_ref, rank_y_ref: the rows of `candidate_table` ([slots] each); lpx_ref, lpy_ref: the log-probs
+    [T, n]. Each token's K outputs land in slot order (see `sort_by_score`).
+    """
+    tokens, top_k = scores_ref.shape
+    n = lpx_ref.shape[1]
+    rank_x = rank_x_ref[...][None, :]  # [1, slots]
+    rank_y = rank_y_ref[...][None, :]
+    slots = rank_x.shape[1]
+    rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, slots), 0)
+    listed = (rows < tokens) & (rank_x >= 0)  # [bt, slots]: a real pair of a real token
+    x_pos = pltriton.load(x_pos_ref.at[rows, rank_x], mask=listed, other=0)  # [bt, slots]
+    y_pos = pltriton.load(y_pos_ref.at[rows, rank_y], mask=listed, other=0)
+    x_val = pltriton.load(lpx_ref.at[rows, x_pos], mask=listed, other=0.0).astype(jnp.float32)
+    y_val = pltriton.load(lpy_ref.at[rows, y_pos], mask=listed, other=0.0).astype(jnp.float32)
+    # The f32 sum exactly as the reference forms it, so ties and rounding agree bit for bit.
+    keys = jnp.where(listed, order_key(x_val + y_val), INT32_MIN)  # [bt, slots]
+    experts = x_pos * n + y_pos  # [bt, slots]
+
+    def count(selected):
+        return jnp.sum(selected, axis=1, dtype=jnp.int32)  # [bt, slots] bool -> [bt]
+
+    # tau = the largest key with count(keys >= tau) >= K. Invariant: count(>= lo) >= K > count(>= hi).
+    def halve_keys(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+        enough = count(keys >= mid[:, None]) >= top_k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    bounds = (jnp.full((block_tokens,), INT32_MIN, jnp.int32), jnp.full((block_tokens,), INT32_MAX, jnp.int32))
+    tau, _ = lax.fori_loop(0, 32, halve_keys, bounds)  # 32 halvings close the 2^32-wide interval
+    tau = tau[:, None]  # [bt, 1]
+
+    # Of the candidates tied at tau take the `need` lowest expert ids: the smallest cut with
+    # count(tied, expert <= cut) >= need. Tokens whose ties all fit start resolved at cut = N - 1.
+    tied = keys == tau  # [bt, slots]
+    need = top_k - count(keys > tau)  # [bt], >= 1
+    last = n * n - 1
+    cut_bounds = (
+        jnp.where(count(tied) > need, jnp.int32(-1), jnp.int32(last - 1)),
+        jnp.full((block_tokens,), last, jnp.int32),
+    )
+
+    def unresolved(bounds):
+        lo, hi = bounds
+        return jnp.max(hi - lo) > 1
+
+    def halve_experts(bounds):
+        lo, hi = bounds
+        mid = (lo + hi) >> 1
+        enough = count(tied & (experts <= mid[:, None])) >= need
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    _, cut = lax.while_loop(unresolved, halve_experts, cut_bounds)
+    taken = (keys > tau) | (tied & (experts <= cut[:, None]))  # [bt, slots], exactly K per token
+    taken_count = taken.astype(jnp.int32)
+    slot = lax.cumsum(taken_count, axis=1) - taken_count  # [bt, slots] exclusive prefix count
+    write = taken & (rows < tokens)
+    # Lanes not written point past the row: the interpreter scatters every lane (writing back what it read
+    # where the mask is off), so they must never alias a real slot.
+    slot = jnp.where(write, slot, top_k)
+    pltriton.store(scores_ref.at[rows, slot], key_value(keys), mask=write)
+    pltriton.store(experts_ref.at[rows, slot], experts, mask=write)
+
+
+def _forward_kernel(
+    lpx_ref,
+    lpy_ref,
+    rank_x_ref,
+    rank_y_ref,
+    scores_ref,
+    experts_ref,
+    x_pos_ref,
+    y_pos_ref,
+    *scratch_refs,
+    bt: int,
+    axis_sort: str,
+    key_bits: int,
+    block_j: int,
+    interpret: bool,
+):
+    """Steps 1-4 for one tile. Outputs past the first two are scratch: the merge gathers from memory.
+
+    scratch_refs: for axis_sort="threshold", the column-ordered top k' keys and columns of x and of y.
+    """
+    t0 = pl.program_id(0) * bt
+
+    def barrier():
+        # Later steps gather what other threads of this program just stored: make the stores visible first.
+        # (The interpreter runs a program's ops in order and has no barrier.)
+        if not interpret:
+            pltriton.debug_barrier()
+
+    if axis_sort == "select":
+        _sort_axis_by_selection(lpx_ref, x_pos_ref, t0, block_tokens=bt)
+        _sort_axis_by_selection(lpy_ref, y_pos_ref, t0, block_tokens=bt)
+    else:
+        x_keys_ref, x_cols_ref, y_keys_ref, y_cols_ref = scratch_refs
+        _compact_top_of_axis(lpx_ref, x_keys_ref, x_cols_ref, t0, block_tokens=bt, key_bits=key_bits)
+        _compact_top_of_axis(lpy_ref, y_keys_ref, y_cols_ref, t0, block_tokens=bt, key_bits=key_bits)
+        barrier()
+        _rank_compacted(x_keys_ref, x_cols_ref, x_pos_ref, t0, block_tokens=bt, block_j=block_j)
+        _rank_compacted(y_keys_ref, y_cols_ref, y_pos_ref, t0, block_tokens=bt, block_j=block_j)
+    barrier()
+    refs = (rank_x_ref, rank_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, scores_ref, experts_ref)
+    _select_top_k(*refs, t0, block_tokens=bt)
+
+
+def _merge_kernel(rank_x_ref, rank_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, scores_ref, experts_ref, *, bt):
+    t0 = pl.program_id(0) * bt
+    refs = (rank_x_ref, rank_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, scores_ref, experts_ref)
+    _select_top_k(*refs, t0, block_tokens=bt)
+
+
+def sort_by_score(scores: jax.Array, experts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row of ([T, K] f32, [T, K] int32) in the reference order: score descending, then expert id."""
+    descending = ~order_key(scores)  # [T, K]; bitwise not reverses the int32 order without overflow
+    _, experts, scores = lax.sort((descending, experts, scores), dimension=1, num_keys=2)
+    return scores, experts
+
+
+def _empty(*shapes: jax.ShapeDtypeStruct) -> tuple[jax.Array, ...]:
+    return tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+
+
+def router_forward(
+    log_probs_x: jax.Array, log_probs_y: jax.Array, top_k: int, *, config: RouterConfig, interpret: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Top-K experts per token: scores [T, K] f32 descending and expert ids [T, K] int32 (e = i*n + j).
+
+    log_probs_x, log_probs_y: [T, n] f32 or bf16 (validated by `api`). Equals `omni_router_reference`.
+    """
+    tokens, n = log_probs_x.shape
+    k_axis = min(top_k, n)
+    k_pad = next_power_of_2(k_axis)
+    per_axis = jax.ShapeDtypeStruct((tokens, k_axis), jnp.int32)
+    outputs = (
+        jax.ShapeDtypeStruct((tokens, top_k), jnp.float32),  # scores, slot order
+        jax.ShapeDtypeStruct((tokens, top_k), jnp.int32),  # experts, slot order
+        per_axis,  # sorted positions of x
+        per_axis,  # and of y
+        *((per_axis,) * 4 if config.axis_sort == "threshold" else ()),  # column-ordered top k' of x and y
+    )
+    if tokens == 0:
+        return _empty(*outputs[:2])
+    kernel = functools.partial(
+        _forward_kernel,
+        bt=config.block_tokens,
+        axis_sort=config.axis_sort,
+        key_bits=16 if log_probs_x.dtype == jnp.bfloat16 else 32,
+        block_j=max(1, min(k_pad, _ELEMENTS_PER_WARP * config.num_warps // (config.block_tokens * k_pad))),
+        interpret=interpret,
+    )
+    scores, experts, *_ = pl.pallas_call(
+        kernel,
+        out_shape=outputs,
+        grid=(pl.cdiv(tokens, config.block_tokens),),
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_router_forward",
+    )(log_probs_x, log_probs_y, *jnp.asarray(candidate_table(n, top_k)))
+    return sort_by_score(scores, experts)
+
+
+def router_merge(
+    log_probs_x: jax.Array,
+    log_probs_y: jax.Array,
+    positions_x: jax.Array,
+    positions_y: jax.Array,
+    *,
+    top_k: int,
+    config: RouterConfig,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Steps 2-4 from per-axis top-k' lists computed elsewhere; the same outputs as `router_forward`.
+
+    positions_x, positions_y: [T, k'] int32, k' = min(K, n): per token the columns of the k' largest
+    log-probs of each axis, largest first, ties by lower column (what step 1 produces).
+    """
+    tokens, n = log_probs_x.shape
+    outputs = (jax.ShapeDtypeStruct((tokens, top_k), jnp.float32), jax.ShapeDtypeStruct((tokens, top_k), jnp.int32))
+    if tokens == 0:
+        return _empty(*outputs)
+    scores, experts = pl.pallas_call(
+        functools.partial(_merge_kernel, bt=config.block_tokens),
+        out_shape=outputs,
+        grid=(pl.cdiv(tokens, config.block_tokens),),
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_router_merge",
+    )(*jnp.asarray(candidate_table(n, top_k)), log_probs_x, log_probs_y, positions_x, positions_y)
+    return sort_by_score(scores, experts)
+
+
+def _backward_kernel(dscores_ref, experts_ref, dx_ref, dy_ref, *, bt: int, block_k: int):
+    tokens, top_k = experts_ref.shape
+    n = dx_ref.shape[1]
+    n_pad = next_power_of_2(n)
+    t0 = pl.program_id(0) * bt
+    rows = t0 + lax.broadcasted_iota(jnp.int32, (bt, block_k), 0)
+    axis = lax.broadcasted_iota(jnp.int32, (1, 1, n_pad), 2)
+
+    def add_chunk(c, acc):
+        acc_x, acc_y = acc
+        start = c * block_k
+        cols = start + lax.broadcasted_iota(jnp.int32, (bt, block_k), 1)
+        inside = (rows < tokens) & (cols < top_k)
+        window = (pl.ds(t0, bt), pl.ds(start, block_k))
+        grad = pltriton.load(dscores_ref.at[window], mask=inside, other=0.0).astype(jnp.float32)
+        expert = pltriton.load(experts_ref.at[window], mask=inside, other=0)
+        grad = grad[:, :, None]  # [bt, bk, 1]; masked lanes carry 0 and add nothing
+        row_hit = (expert // n)[:, :, None] == axis  # [bt, bk, n_pad]
+        col_hit = (expert % n)[:, :, None] == axis
+        acc_x = acc_x + jnp.sum(jnp.where(row_hit, grad, 0.0), axis=1)  # [bt, n_pad]
+        acc_y = acc_y + jnp.sum(jnp.where(col_hit, grad, 0.0), axis=1)
+        return acc_x, acc_y
+
+    zeros = jnp.zeros((bt, n_pad), jnp.float32)
+    acc_x, acc_y = lax.fori_loop(0, pl.cdiv(top_k, block_k), add_chunk, (zeros, zeros))
+    out_rows = t0 + lax.broadcasted_iota(jnp.int32, (bt, n_pad), 0)
+    out_cols = lax.broadcasted_iota(jnp.int32, (bt, n_pad), 1)
+    inside = (out_rows < tokens) & (out_cols < n)
+    window = (pl.ds(t0, bt), pl.ds(0, n_pad))
+    pltriton.store(dx_ref.at[window], acc_x.astype(dx_ref.dtype), mask=inside)
+    pltriton.store(dy_ref.at[window], acc_y.astype(dy_ref.dtype), mask=inside)
+
+
+def router_backward(
+    dscores: jax.Array, experts: jax.Array, *, n: int, dtype, config: RouterConfig, interpret: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Cotangents of log_probs_x and log_probs_y ([T, n] in `dtype`) from those of the scores.
+
+    dscores: [T, K] float, experts: [T, K] int32 from the forward. Sums in f32, then casts to `dtype`.
+    """
+    tokens = experts.shape[0]
+    outputs = (jax.ShapeDtypeStruct((tokens, n), dtype),) * 2
+    if tokens == 0:
+        return _empty(*outputs)
+    return pl.pallas_call(
+        functools.partial(_backward_kernel, bt=config.block_tokens, block_k=config.backward_block_k),
+        out_shape=outputs,
+        grid=(pl.cdiv(tokens, config.block_tokens),),
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_router_backward",
+    )(dscores, experts)

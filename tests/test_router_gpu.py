@@ -1,0 +1,120 @@
+"""The router kernels compiled for and run on the GPU ("pallas" and "triton") against the jnp reference.
+
+The reference runs on the host CPU (XLA:CPU's `lax.top_k` is the tie order the CPU suite checks), so a
+different tie order of a GPU top-k could not hide or fake a difference. Run on the GPU machine:
+`python -m pytest -m gpu tests/test_router_gpu.py`.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_close, normal
+
+from pallas_kernels import omni_router
+from pallas_kernels.omni_router import RouterConfig, default_config, omni_router_brute_force
+
+pytestmark = pytest.mark.gpu
+
+# (implementation, axis_sort): both Pallas step-1 methods, and jax-triton's tl.topk (axis_sort unused).
+VARIANTS = (("pallas", "threshold"), ("pallas", "select"), ("triton", "threshold"))
+CASES = [
+    # (T, n, K, dtype): K = n*n, K > n, K < n, ragged tiles, the paper's setting and the largest shapes.
+    (1, 2, 4, "float32"),
+    (7, 3, 9, "bfloat16"),
+    (1000, 16, 256, "float32"),
+    (1000, 100, 1, "bfloat16"),
+    (1000, 100, 64, "float32"),
+    (4096, 256, 16, "bfloat16"),
+    (1021, 320, 512, "bfloat16"),
+    (4096, 1024, 64, "bfloat16"),
+    (2048, 64, 1024, "float32"),
+    (257, 4096, 1024, "float32"),
+    (1031, 4096, 2, "bfloat16"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def on_gpu():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+
+
+def log_probs(key, tokens, n, dtype):
+    kx, ky, kt = jax.random.split(key, 3)
+    temperature = jax.random.uniform(kt, (tokens, 1), minval=0.3, maxval=3.0)
+    lpx = jax.nn.log_softmax(temperature * normal(kx, (tokens, n)), axis=-1)
+    lpy = jax.nn.log_softmax(temperature * normal(ky, (tokens, n)), axis=-1)
+    return lpx.astype(dtype), lpy.astype(dtype)
+
+
+CPU = jax.devices("cpu")[0]
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "implementation", "config"))
+def route_vjp(lpx, lpy, cotangent, top_k, implementation, config=None):
+    route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
+    (scores, indices), vjp = jax.vjp(route, lpx, lpy)
+    return (scores, indices), vjp((cotangent, np.zeros(indices.shape, jax.dtypes.float0)))
+
+
+def assert_routes_equal(got, want, what):
+    (scores, indices), (want_scores, want_indices) = got, want
+    assert scores.dtype == jnp.float32 and indices.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices), err_msg=f"{what}: indices")
+    np.testing.assert_array_equal(np.asarray(scores), np.asarray(want_scores), err_msg=f"{what}: scores")
+
+
+def configs(tokens, n, top_k, tiling=None):
+    """(implementation, config, name) per variant; `tiling` replaces the default tiling."""
+    base = tiling or default_config(tokens, n, top_k)
+    return [(impl, dataclasses.replace(base, axis_sort=sort), f"{impl}/{sort}") for impl, sort in VARIANTS]
+
+
+def check_against_reference(lpx, lpy, cotangent, top_k, tiling=None):
+    """Every variant: indices and scores equal to the reference, gradients close to its."""
+    (tokens, n), dtype = lpx.shape, lpx.dtype
+    want, (want_dx, want_dy) = route_vjp(*jax.device_put((lpx, lpy, cotangent), CPU), top_k, "xla")
+    for implementation, config, name in configs(tokens, n, top_k, tiling):
+        got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, implementation, config)
+        assert_routes_equal(got, want, name)
+        assert dx.dtype == dtype and dy.dtype == dtype
+        assert_close(dx, want_dx, dtype, what=f"{name}: d log_probs_x")
+        assert_close(dy, want_dy, dtype, what=f"{name}: d log_probs_y")
+
+
+@pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), CASES)
+def test_matches_reference_on_gpu(tokens, n, top_k, dtype, key):
+    k1, k2 = jax.random.split(key)
+    lpx, lpy = log_probs(k1, tokens, n, dtype)
+    check_against_reference(lpx, lpy, normal(k2, (tokens, top_k)), top_k)
+
+
+@pytest.mark.parametrize(("n", "top_k"), [(6, 5), (6, 13), (64, 64)])
+def test_ties_match_brute_force_on_gpu(n, top_k, seed):
+    rng = np.random.default_rng(seed)
+    lpx = rng.integers(-3, 1, (512, n)).astype(np.float32)
+    lpy = rng.integers(-3, 1, (512, n)).astype(np.float32)
+    lpx[:4], lpy[:4] = 0.0, 0.0  # constant rows: every expert ties
+    lpx, lpy = jnp.asarray(lpx), jnp.asarray(lpy)
+    want = omni_router_brute_force(*jax.device_put((lpx, lpy), CPU), top_k)
+    for implementation, config, name in configs(512, n, top_k):
+        route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
+        assert_routes_equal(jax.jit(route)(lpx, lpy), want, name)
+
+
+@pytest.mark.parametrize(("block_tokens", "num_warps"), [(1, 4), (4, 2), (16, 8)])
+def test_other_tilings_on_gpu(block_tokens, num_warps, key):
+    tokens, n, top_k = 1001, 128, 32
+    lpx, lpy = log_probs(key, tokens, n, "bfloat16")
+    config = RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, backward_block_k=4)
+    check_against_reference(lpx, lpy, normal(jax.random.fold_in(key, 1), (tokens, top_k)), top_k, config)
+
+
+def test_auto_is_pallas_on_gpu(key):
+    lpx, lpy = log_probs(key, 64, 32, "float32")
+    text = jax.jit(functools.partial(omni_router, top_k=8)).lower(lpx, lpy).as_text()
+    assert "triton" in text, "implementation='auto' should run the Pallas kernels on a GPU"

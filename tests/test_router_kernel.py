@@ -1,0 +1,381 @@
+"""The Pallas router kernels (interpret mode on the CPU) against the jnp reference, and their CUDA lowering.
+
+Interpret mode runs the kernel bodies but accepts things Triton rejects, so every shape is also lowered for
+CUDA on the CPU (Pallas -> Triton IR), which fails on anything Triton cannot express. Interpret-mode
+compiles cost seconds each: the default suite covers every T, n, K value and both dtypes at least once,
+the full product runs under `-m slow`.
+"""
+
+import dataclasses
+import functools
+import itertools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_close, normal
+
+from omnimoe_jax import OmniMoE, OmniMoEConfig
+from omnimoe_jax._router import CartesianRouter
+from pallas_kernels import _dispatch, omni_router
+from pallas_kernels.omni_expert import api as expert_api
+from pallas_kernels.omni_router import RouterConfig, default_config, kernel, omni_router_brute_force
+from pallas_kernels.omni_router.reference import omni_router_reference
+
+TOKENS = (1, 7, 128, 1000)
+AXIS_SIZES = (2, 3, 16, 100, 256, 320)
+
+
+def top_ks(n):
+    return sorted({k for k in (1, 2, 16, 512) if k <= n * n} | ({n * n} if n * n <= 256 else set()))
+
+
+FULL_PRODUCT = [
+    (tokens, n, top_k, dtype, None, axis_sort)
+    for tokens, n, dtype, axis_sort in itertools.product(TOKENS, AXIS_SIZES, ("float32", "bfloat16"), kernel.AXIS_SORTS)
+    for top_k in top_ks(n)
+]
+# Every T, n, K (including K = n*n), both dtypes and both axis sorts at least once, within the suite's time
+# budget. The default tiling gives whole tiles here; the explicit ones (block_tokens) leave a ragged last tile.
+DEFAULT = [
+    (1, 2, 4, "float32", None, "threshold"),
+    (7, 3, 2, "bfloat16", 4, "select"),
+    (7, 3, 9, "float32", None, "threshold"),
+    (128, 16, 256, "bfloat16", None, "select"),
+    (1000, 256, 16, "float32", 16, "threshold"),
+    (7, 320, 512, "bfloat16", None, "threshold"),
+    (128, 100, 1, "float32", None, "threshold"),
+    (128, 100, 64, "float32", None, "select"),
+]
+assert {c[0] for c in DEFAULT} == set(TOKENS) and {c[1] for c in DEFAULT} == set(AXIS_SIZES)
+assert {c[2] for c in DEFAULT} >= {1, 2, 16, 512} and {c[3] for c in DEFAULT} == {"float32", "bfloat16"}
+assert {c[5] for c in DEFAULT} == set(kernel.AXIS_SORTS)
+CASE_NAMES = ("tokens", "n", "top_k", "dtype", "block_tokens", "axis_sort")
+
+
+# Interpret-mode kernels are XLA:CPU programs of thousands of small ops; compiling them without LLVM's
+# expensive passes halves the suite's time and changes no result (integer selection, single f32 adds).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def log_probs(key, tokens, n, dtype="float32"):
+    """Two [T, n] rows of log-probabilities in `dtype` (softmax of normals with a random temperature)."""
+    kx, ky, kt = jax.random.split(key, 3)
+    temperature = jax.random.uniform(kt, (tokens, 1), minval=0.3, maxval=3.0)
+    lpx = jax.nn.log_softmax(temperature * normal(kx, (tokens, n)), axis=-1)
+    lpy = jax.nn.log_softmax(temperature * normal(ky, (tokens, n)), axis=-1)
+    return lpx.astype(dtype), lpy.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "config"), compiler_options=FAST_COMPILE)
+def pallas_route(lpx, lpy, top_k, config=None):
+    return omni_router(lpx, lpy, top_k, implementation="pallas", interpret=True, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "implementation", "config"), compiler_options=FAST_COMPILE)
+def route_vjp(lpx, lpy, cotangent, top_k, implementation, config=None):
+    """(scores, indices), (d lpx, d lpy) for the cotangent of the scores: forward and backward, one compile."""
+    route = functools.partial(omni_router, top_k=top_k, implementation=implementation, interpret=True, config=config)
+    (scores, indices), vjp = jax.vjp(route, lpx, lpy)
+    return (scores, indices), vjp((cotangent, np.zeros(indices.shape, jax.dtypes.float0)))
+
+
+def assert_routes_equal(got, want):
+    (scores, indices), (want_scores, want_indices) = got, want
+    assert scores.dtype == jnp.float32 and indices.dtype == jnp.int32
+    assert scores.shape == want_scores.shape and indices.shape == want_indices.shape
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(scores, want_scores)  # the same f32 sums, bit for bit
+
+
+def check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort):
+    """Forward equal to the reference; gradients through jax.vjp with a random cotangent equal to its."""
+    k1, k2 = jax.random.split(key)
+    lpx, lpy = log_probs(k1, tokens, n, dtype)
+    cotangent = normal(k2, (tokens, top_k))
+    config = dataclasses.replace(default_config(tokens, n, top_k), axis_sort=axis_sort)
+    if block_tokens is not None:
+        config = dataclasses.replace(config, block_tokens=block_tokens)
+        assert tokens % block_tokens, "an explicit tile here is meant to leave a ragged last tile"
+    got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, "pallas", config)
+    want, (want_dx, want_dy) = route_vjp(lpx, lpy, cotangent, top_k, "xla")
+    assert_routes_equal(got, want)
+    assert bool(jnp.all(got[0][:, :-1] >= got[0][:, 1:])), "scores must be descending"
+    assert dx.dtype == lpx.dtype and dy.dtype == lpy.dtype
+    assert_close(dx, want_dx, dtype, what="d log_probs_x")
+    assert_close(dy, want_dy, dtype, what="d log_probs_y")
+
+
+@pytest.mark.parametrize(CASE_NAMES, DEFAULT)
+def test_matches_reference(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
+    check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(CASE_NAMES, FULL_PRODUCT)
+def test_matches_reference_full_product(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
+    check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
+
+
+@pytest.mark.parametrize(
+    ("n", "top_k", "axis_sort", "dtype"),
+    [(6, 5, "threshold", "bfloat16"), (6, 13, "threshold", "float32"), (6, 5, "select", "float32")],
+)
+def test_ties_match_brute_force(n, top_k, axis_sort, dtype, seed):
+    # Integer-valued log-probs tie everywhere, per axis and in the (exact) sums.
+    rng = np.random.default_rng(seed)
+    lpx = rng.integers(-3, 1, (64, n)).astype(np.float32)
+    lpy = rng.integers(-3, 1, (64, n)).astype(np.float32)
+    lpx[:4], lpy[:4] = 0.0, 0.0  # constant rows: every expert ties
+    lpx[4:8], lpy[4:8] = -np.inf, -np.inf  # nothing but -inf: every expert ties too
+    lpx, lpy = jnp.asarray(lpx, dtype), jnp.asarray(lpy, dtype)  # small integers are exact in bf16 too
+    config = dataclasses.replace(default_config(64, n, top_k), axis_sort=axis_sort)
+    got = pallas_route(lpx, lpy, top_k, config)
+    assert_routes_equal(got, omni_router_brute_force(lpx, lpy, top_k))
+    np.testing.assert_array_equal(got[1][:8], np.tile(np.arange(top_k), (8, 1)))
+
+
+def test_minus_infinity_only_ties_where_every_score_is_minus_infinity(seed):
+    # -inf absorbs the other axis: the sums tie although the axes differ, which the dominance argument (and
+    # the reference's own per-axis pruning) do not see. The scores still match, and so does every expert
+    # with a finite score; which of the tied -inf experts fill the last places may differ.
+    n, top_k = 6, 13
+    rng = np.random.default_rng(seed)
+    lpx = rng.normal(size=(64, n)).astype(np.float32)
+    lpy = rng.normal(size=(64, n)).astype(np.float32)
+    lpx[rng.random((64, n)) < 0.4] = -np.inf
+    lpy[rng.random((64, n)) < 0.4] = -np.inf
+    scores, indices = pallas_route(jnp.asarray(lpx), jnp.asarray(lpy), top_k)
+    want_scores, want_indices = omni_router_brute_force(jnp.asarray(lpx), jnp.asarray(lpy), top_k)
+    np.testing.assert_array_equal(scores, want_scores)
+    finite = np.isfinite(np.asarray(want_scores))
+    assert 0 < finite.sum() < finite.size, "the draw must mix finite and -inf scores"
+    indices = np.asarray(indices)
+    np.testing.assert_array_equal(indices[finite], np.asarray(want_indices)[finite])
+    token = np.arange(64)[:, None]
+    np.testing.assert_array_equal(lpx[token, indices // n] + lpy[token, indices % n], scores)
+    assert all(len(set(row)) == top_k for row in indices.tolist()), "an expert chosen twice"
+
+
+def sorted_positions(log_probs, k_axis):
+    """What step 1 (and the jax-triton kernel) hands to the merge: [T, k'] columns of the top k'."""
+    _, positions = jax.lax.top_k(kernel.order_key(log_probs.astype(jnp.float32)), k_axis)  # ties: lower first
+    return positions.astype(jnp.int32)
+
+
+def test_merge_from_presorted_axes_matches_reference(key):
+    # The merge kernel alone, as implementation="triton" uses it after its native sorting kernel.
+    tokens, n, top_k = 128, 100, 64
+    lpx, lpy = log_probs(key, tokens, n, "bfloat16")
+    config = default_config(tokens, n, top_k)
+    merge = functools.partial(kernel.router_merge, top_k=top_k, config=config, interpret=True)
+    merge = jax.jit(merge, compiler_options=FAST_COMPILE)
+    got = merge(lpx, lpy, sorted_positions(lpx, min(top_k, n)), sorted_positions(lpy, min(top_k, n)))
+    assert_routes_equal(got, omni_router_reference(lpx, lpy, top_k))
+
+
+def test_no_tokens():
+    empty = jnp.zeros((0, 5), jnp.float32)
+    scores, indices = omni_router(empty, empty, 3, implementation="pallas", interpret=True)
+    assert scores.shape == indices.shape == (0, 3)
+
+
+@pytest.mark.parametrize(("tokens", "n", "top_k"), [(1, 2, 1), (4096, 64, 16), (16384, 1024, 64), (4096, 320, 512)])
+def test_default_config_stays_in_budget(tokens, n, top_k):
+    config = default_config(tokens, n, top_k)
+    slots = kernel.candidate_table(n, top_k).shape[1]
+    widest = max(kernel.next_power_of_2(n), slots)
+    assert 4 <= config.num_warps <= 16
+    assert config.block_tokens * widest <= 32 * 16 * config.num_warps, "more than ~16 registers/thread/array"
+    assert config.block_tokens == 1 or -(-tokens // config.block_tokens) >= 264, "too few programs"
+    assert config.block_tokens * config.backward_block_k * kernel.next_power_of_2(n) <= 512 * config.num_warps
+
+
+def test_candidate_table_is_the_dominance_region():
+    for n, top_k in [(3, 9), (16, 16), (320, 512), (100, 1)]:
+        table = kernel.candidate_table(n, top_k)
+        pairs = {(a, b) for a, b in table.T if a >= 0}
+        k_axis = min(top_k, n)
+        want = {(a, b) for a in range(k_axis) for b in range(k_axis) if (a + 1) * (b + 1) <= top_k}
+        assert pairs == want
+        assert table.shape[1] == kernel.next_power_of_2(len(want)) and len(pairs) == int((table[0] >= 0).sum())
+    assert len(kernel.candidate_table(320, 512)[0]) == 4096  # 2,896 pairs instead of 320^2 = 102,400
+
+
+def test_order_key_follows_the_total_order():
+    values = np.array([np.nan, np.inf, 3.5, 1e-30, 0.0, -0.0, -1e-30, -2.0, -np.inf, -np.nan], np.float32)
+    keys = np.asarray(kernel.order_key(jnp.asarray(values)))
+    assert np.all(keys[:-1] > keys[1:])
+    np.testing.assert_array_equal(np.asarray(kernel.key_value(jnp.asarray(keys))).view(np.int32), values.view(np.int32))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtypes", "top_k", "config", "error", "match"),
+    [
+        ((4, 40), ("float64",) * 2, 4, None, ValueError, "dtype float64; implementation='pallas' takes float32 or"),
+        ((4, 40), ("float16",) * 2, 4, None, ValueError, "dtype float16"),
+        ((4, 40), ("float32", "bfloat16"), 4, None, ValueError, "must have one dtype"),
+        ((4, 4097), ("float32",) * 2, 2, None, ValueError, r"n=4097 experts per axis; .* takes 2 <= n <= 4096"),
+        ((4, 1), ("float32",) * 2, 1, None, ValueError, r"n=1 experts per axis"),
+        ((4, 40), ("float32",) * 2, 1025, None, ValueError, r"top_k=1025; .* takes top_k <= 1024"),
+        ((4, 40), ("float32",) * 2, 4, (8, 4), TypeError, "config must be a RouterConfig or None"),
+    ],
+)
+def test_kernel_limits_are_refused(shape, dtypes, top_k, config, error, match):
+    with jax.enable_x64(True):
+        lpx, lpy = (jnp.zeros(shape, dtype) for dtype in dtypes)
+        with pytest.raises(error, match=match):
+            omni_router(lpx, lpy, top_k, implementation="pallas", interpret=True, config=config)
+
+
+def test_auto_falls_back_to_the_reference_where_kernels_do_not_apply(monkeypatch):
+    monkeypatch.setattr(_dispatch, "on_gpu", lambda: True)  # "auto" would pick the kernel...
+    with jax.enable_x64(True):
+        lpx = jnp.log(jnp.full((3, 4), 0.25, jnp.float64))  # ...but float64 is not a kernel dtype
+        scores, indices = omni_router(lpx, lpx, 5, implementation="auto")
+        np.testing.assert_array_equal(indices, omni_router_reference(lpx, lpx, 5)[1])
+        assert scores.dtype == jnp.float64
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("block_tokens", 3, "power-of-two"),
+        ("block_tokens", 128, "<= 64"),
+        ("num_warps", 0, "power-of-two"),
+        ("num_warps", 32, "<= 16"),
+        ("backward_block_k", True, "power-of-two"),
+        ("num_stages", 0, "positive int"),
+        ("axis_sort", "sort", "must be one of"),
+    ],
+)
+def test_bad_configs_are_refused(field, value, match):
+    fields = dict(block_tokens=1, num_warps=4, num_stages=1, backward_block_k=1, axis_sort="select")
+    fields[field] = value
+    with pytest.raises(ValueError, match=f"RouterConfig.{field}={value!r}.*{match}"):
+        RouterConfig(**fields)
+
+
+def test_triton_needs_a_gpu_and_jax_triton(monkeypatch):
+    lpx = jnp.zeros((4, 8))
+    with pytest.raises(ValueError, match='implementation="triton" runs only on a GPU'):
+        omni_router(lpx, lpx, 3, implementation="triton")
+    with pytest.raises(ValueError, match="interpret=True is not available"):
+        omni_router(lpx, lpx, 3, implementation="triton", interpret=True)
+    monkeypatch.setattr(_dispatch, "on_gpu", lambda: True)
+    monkeypatch.setitem(sys.modules, "jax_triton", None)  # as if the extra were not installed
+    with pytest.raises(ImportError, match=r'pip install "omnimoe-jax\[triton\]"'):
+        omni_router(lpx, lpx, 3, implementation="triton")
+
+
+# CUDA lowering on the CPU: Pallas -> Triton IR for the GPU, which fails on anything Triton cannot lower.
+
+
+def lower_for_cuda(fn, *args):
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    return jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",))
+
+
+def check_cuda_lowering(tokens, n, top_k, dtype, axis_sort="threshold"):
+    lpx = jnp.zeros((tokens, n), dtype)
+    config = dataclasses.replace(default_config(tokens, n, top_k), axis_sort=axis_sort)
+    route = functools.partial(omni_router, top_k=top_k, implementation="pallas", interpret=False, config=config)
+    text = lower_for_cuda(route, lpx, lpx).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1, "the forward must be one Triton kernel"
+
+    def loss(a, b):
+        scores, _ = route(a, b)
+        return jnp.sum(scores * jnp.arange(top_k, dtype=jnp.float32))
+
+    text = lower_for_cuda(jax.grad(loss, argnums=(0, 1)), lpx, lpx).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2, "forward and backward kernels"
+    merge = functools.partial(kernel.router_merge, top_k=top_k, config=config, interpret=False)
+    positions = jnp.zeros((tokens, min(top_k, n)), jnp.int32)
+    lower_for_cuda(merge, lpx, lpx, positions, positions)
+
+
+@pytest.mark.parametrize(CASE_NAMES, [*DEFAULT, (16384, 4096, 1024, "float32", None, "threshold")])
+def test_lowers_for_cuda(tokens, n, top_k, dtype, block_tokens, axis_sort):
+    check_cuda_lowering(tokens, n, top_k, dtype, axis_sort)
+
+
+def test_lowers_for_cuda_with_64_bit_defaults():
+    # With x64 on, jnp reductions and index ops default to 64-bit types, which Triton kernels must not see.
+    with jax.enable_x64(True):
+        check_cuda_lowering(100, 320, 512, "float32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(CASE_NAMES, FULL_PRODUCT)
+def test_lowers_for_cuda_full_product(tokens, n, top_k, dtype, block_tokens, axis_sort):
+    check_cuda_lowering(tokens, n, top_k, dtype, axis_sort)
+
+
+def test_native_triton_kernel_compiles_for_sm90():
+    # Only where triton is installed (the `triton` extra); compiles to a cubin with triton's own ptxas.
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pallas_kernels.omni_router import triton_kernel
+
+    signature = {name: "*bf16" for name in ("lpx_ptr", "lpy_ptr")}
+    signature.update({name: "*i32" for name in ("x_pos_ptr", "y_pos_ptr")})
+    constants = dict(TOKENS=1000, N=320, N_PAD=512, K_AXIS=320, K_PAD=512, BLOCK_TOKENS=1)
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(triton_kernel.sort_axes_kernel, signature, constants)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=1, enable_fp_fusion=False)
+    )
+    assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+
+
+# The layer with the kernel router: same routing and the same gradients as with the reference router.
+
+
+def layer_config(implementation):
+    return OmniMoEConfig(
+        hidden_size=32, intermediate_size=48, num_experts=64, num_experts_per_token=6, implementation=implementation
+    )
+
+
+def test_router_module_with_the_pallas_kernel(key):
+    x = normal(key, (40, 32))
+    pallas, xla = CartesianRouter(layer_config("pallas")), CartesianRouter(layer_config("xla"))
+    variables = xla.init(jax.random.key(1), x)
+    readout = normal(jax.random.fold_in(key, 1), (40, 6))
+
+    def loss(module, params, tokens):
+        routing = module.apply({**variables, "params": params}, tokens)
+        return jnp.sum(routing.weights * readout), routing
+
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
+    (got_params, got_x), got = grad(pallas, variables["params"], x)
+    (want_params, want_x), want = grad(xla, variables["params"], x)
+    assert_routes_equal((got.scores, got.indices), (want.scores, want.indices))
+    np.testing.assert_array_equal(got.weights, want.weights)
+    for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params), strict=True):
+        assert_close(g, w, jnp.float32, what="router parameter gradient")
+    assert_close(got_x, want_x, jnp.float32, what="input gradient")
+
+
+@pytest.mark.skipif(
+    "pallas" not in expert_api.SUPPORTED_IMPLEMENTATIONS, reason="omni_expert has no Pallas implementation yet"
+)
+def test_layer_with_pallas_kernels(key):
+    x = normal(key, (40, 32))
+    variables = OmniMoE(layer_config("xla")).init(jax.random.key(1), x)
+
+    def loss(config, params, tokens):
+        y, routing = OmniMoE(config).apply({**variables, "params": params}, tokens, return_routing=True)
+        return jnp.sum(jnp.sin(y)), (y, routing.indices)
+
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
+    got_grads, (got_y, got_indices) = grad(layer_config("pallas"), variables["params"], x)
+    want_grads, (want_y, want_indices) = grad(layer_config("xla"), variables["params"], x)
+    np.testing.assert_array_equal(got_indices, want_indices)
+    assert_close(got_y, want_y, jnp.float32)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        assert_close(g, w, jnp.float32, what="layer gradient")
