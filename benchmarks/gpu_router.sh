@@ -11,9 +11,9 @@ logs="${OUT:-benchmarks/results}"
 mkdir -p "$logs" benchmarks/results
 status=0
 
-python -m pytest -m gpu tests/test_router_gpu.py -q -rfE --durations=10 2>&1 | tee "$logs/router_gpu_tests.log"
+"${PYTHON:-python3}" -m pytest -m gpu tests/test_router_gpu.py -q -rfE --durations=10 2>&1 | tee "$logs/router_gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # A failing test does not stop the timings: they still say where the time goes (each row says "exact").
-python benchmarks/router.py --budget-s 150 2>&1 | tee "$logs/router.log"
+"${PYTHON:-python3}" benchmarks/router.py --budget-s 150 2>&1 | tee "$logs/router.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit "$status"
