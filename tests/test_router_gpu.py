@@ -118,3 +118,14 @@ def test_auto_is_pallas_on_gpu(key):
     lpx, lpy = log_probs(key, 64, 32, "float32")
     text = jax.jit(functools.partial(omni_router, top_k=8)).lower(lpx, lpy).as_text()
     assert "triton" in text, "implementation='auto' should run the Pallas kernels on a GPU"
+
+
+@pytest.mark.parametrize(("top_k", "expect_triton"), [(16, False), (512, True)])
+def test_auto_picks_the_measured_faster_kernel(top_k, expect_triton, key):
+    lpx, lpy = log_probs(key, 256, 320, "bfloat16")
+    jaxpr = str(jax.make_jaxpr(lambda a, b: omni_router(a, b, top_k))(lpx, lpy))
+    assert ("triton_kernel_call" in jaxpr) == expect_triton
+    scores, indices = jax.jit(lambda a, b: omni_router(a, b, top_k))(lpx, lpy)
+    want_scores, want_indices = omni_router_brute_force(jax.device_put(lpx, CPU), jax.device_put(lpy, CPU), top_k)
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
+    np.testing.assert_array_equal(np.asarray(scores), np.asarray(want_scores))

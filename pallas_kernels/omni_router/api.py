@@ -13,6 +13,10 @@ from pallas_kernels.omni_router.kernel import RouterConfig
 from pallas_kernels.omni_router.reference import omni_router_reference
 
 SUPPORTED_IMPLEMENTATIONS = ("xla", "pallas", "triton")
+# "auto" on a GPU uses the jax-triton variant from this K up, where its native sort pays (H100,
+# benchmarks/results/router.json: n=320, K=512, T=4096 forward 0.54 ms vs 1.79 ms for "pallas"; at
+# K <= 64 "pallas" was as fast or faster for n >= 256). K between 64 and 512 is unmeasured.
+AUTO_TRITON_MIN_TOP_K = 65
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
@@ -75,7 +79,8 @@ def omni_router(
     | returns indices | [T, K] | int32, e = i * n + j |
 
     `implementation`:
-      - "auto": "pallas" on a GPU (where it takes the input), "xla" otherwise.
+      - "auto": on a GPU "pallas", or "triton" for K >= AUTO_TRITON_MIN_TOP_K when jax-triton is
+        installed (where the kernels take the input); "xla" otherwise.
       - "xla": `omni_router_reference` (plain jnp, `lax.top_k`).
       - "pallas": the Pallas kernels of `kernel.py` (Triton lowering; Pallas interpret mode off the GPU).
         Takes 2 <= n <= 4096 and K <= 1024.
@@ -100,6 +105,8 @@ def omni_router(
             impl = "xla"  # "auto" means: the kernel where it applies, the reference everywhere else
     if impl == "xla":
         return omni_router_reference(log_probs_x, log_probs_y, top_k)
+    if implementation == "auto" and top_k >= AUTO_TRITON_MIN_TOP_K and _triton_available():
+        impl = "triton"
     if config is None:
         config = kernel.default_config(log_probs_x.shape[0], log_probs_x.shape[1], top_k)
     elif not isinstance(config, RouterConfig):
@@ -110,6 +117,16 @@ def omni_router(
         _require_triton()
         return _kernel_router(log_probs_x, log_probs_y, top_k, impl, config, False)
     return _kernel_router(log_probs_x, log_probs_y, top_k, impl, config, _dispatch.resolve_interpret(interpret))
+
+
+@functools.cache
+def _triton_available() -> bool:
+    """Whether the optional jax-triton variant can run here (a GPU and the `triton` extra)."""
+    try:
+        _require_triton()
+    except (ImportError, ValueError):
+        return False
+    return True
 
 
 def _require_triton() -> None:
