@@ -29,11 +29,17 @@ Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on th
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
   2. If the expert rows are reused (T*K/N >= 2), shrink d_block (down to 32 columns) until one column
      slice of a table, N * d_block * itemsize, fits `L2_BUDGET_BYTES`.
-  3. variant "token" (walk pairs in token order: no sort in the forward, x rows reused across the K
-     pairs, table rows gathered) with `score_splits` the fewest slices whose table slice fits the budget.
-     When even the thinnest slice does not fit and rows are reused, "sorted" (walk pairs in expert order:
-     each table row read once per segment, the token rows gathered instead; x is small, so it stays in L2).
-     Without reuse (T*K/N < 2) every touched row is read about once whatever the order: "token", one slice.
+  3. variant "sorted" (walk pairs in expert order: each table row read once per segment, the token rows
+     gathered instead, from an x slice small enough for L2) when each touched expert serves at least
+     `SORTED_REUSE` pairs on average AND the table does not fit L2 whole: measured on an H100 at the
+     paper's setting (~20 pairs per expert, a 210 MB table) the expert-order score pass took 0.70 ms
+     against 0.88 ms in token order, and v2's schedule is one sort (~0.06 ms predicted) that the backward
+     reuses. Otherwise "token" (no sort in the forward, x rows reused across the K pairs, table rows
+     gathered; at ~2 pairs per expert the two orders tied, 0.077 vs 0.080 ms; between 2 and 16 nothing
+     was measured apart) with `score_splits` the fewest slices whose table slice fits the budget; but
+     when even the thinnest slice does not fit and rows are reused, "sorted" again (x is small, so it
+     stays in L2). Without reuse (T*K/N < 2) every touched row is read about once whatever the order:
+     "token", one slice.
   4. Tiles of `TILE_BYTES` per gather: R = TILE_BYTES / (d_block * itemsize) rows (at least 16).
      pair_block = R; k_block = min(K rounded up to a power of two, R), token_block = R / k_block (K is
      split over several programs when it exceeds R: their f32 partial sums are added by XLA);
@@ -43,6 +49,7 @@ Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on th
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -52,8 +59,10 @@ L2_BUDGET_BYTES = 24 * 2**20
 MAX_CHUNK_BYTES = 256
 # Narrowest chunk the L2 rule may shrink to (64 bytes in bf16: still whole 32-byte sectors).
 MIN_CHUNK_COLUMNS = 32
-# Rows are "reused" when each touched expert serves at least this many pairs on average.
+# Rows are "reused" when the pairs number at least this many per expert of the table (T*K/N).
 REUSE_THRESHOLD = 2.0
+# From this many pairs per touched expert on, the forward walks the pairs in expert order (step 3).
+SORTED_REUSE = 16.0
 # Bytes one program gathers in its single step: 64 elements per thread at 4 warps, no spills.
 TILE_BYTES = 16 * 2**10
 # jnp.dot inside a Triton kernel needs every dimension >= 16 (smaller ones give wrong results silently).
@@ -182,10 +191,15 @@ def default_config(
         return splits
 
     if variant is None:
-        table_fits = num_experts * (d // fewest_splits(num_experts)) * itemsize <= L2_BUDGET_BYTES
-        # Without reuse, or when a table slice fits L2, walk in token order; otherwise stream the table in
-        # expert order and gather x (small) instead.
-        variant = "token" if not reused or table_fits else "sorted"
+        pairs = tokens * top_k
+        per_expert = pairs / (num_experts * -math.expm1(-pairs / num_experts))  # pairs per touched expert
+        token_splits = fewest_splits(num_experts)
+        table_fits = num_experts * (d // token_splits) * itemsize <= L2_BUDGET_BYTES
+        heavy_reuse = per_expert >= SORTED_REUSE and token_splits > 1
+        if reused and (heavy_reuse or not table_fits):
+            variant = "sorted"  # table rows read once per segment; x (small) gathered instead
+        else:
+            variant = "token"
     if not reused:
         splits = 1  # every touched row is read about once whatever the slicing: keep full-width programs
     elif variant == "token":
