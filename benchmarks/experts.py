@@ -411,32 +411,38 @@ def main():
         paper, standard = Setting(4096, 512, 102400), Setting(4096, 32, 65536)
         bandwidth, rate = copy_bandwidth(), flop_rate()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, FP32 rate {rate and rate / 1e12} TFLOP/s (datasheet)")
+    name = "experts_smoke" if args.smoke else "experts"
+    columns = ["setting", "impl", "mode", "ms", "floor_ms", "x_floor", "gather_TBps", "status"]
+    rows, pieces, variations = [], [], []
+
+    def save() -> pathlib.Path:  # after every section (and into $OUT), so a run cut short keeps its numbers
+        extra = {"copy_bandwidth_Bps": bandwidth, "fp32_flops": rate, "columns": columns}
+        path = write_results(name, rows, breakdown=pieces, sweep=variations, **extra)
+        if os.environ.get("OUT"):
+            shutil.copy(path, pathlib.Path(os.environ["OUT"]) / path.name)
+        return path
+
     # The targets' settings first, then what explains them, then the rest, so the budget cuts the least useful.
     first = 5 if not args.smoke else 1
-    rows = main_table(settings[:first], deadline, bandwidth, rate)
-    pieces = [] if args.no_breakdown else breakdown(paper, deadline) + breakdown(standard, deadline)
-    variations = [] if args.no_sweep else sweep(paper, deadline) + sweep(standard, deadline)
+    rows += main_table(settings[:first], deadline, bandwidth, rate)
+    save()
+    if not args.no_breakdown:
+        pieces += breakdown(paper, deadline) + breakdown(standard, deadline)
+        save()
+    if not args.no_sweep:
+        variations += sweep(paper, deadline) + sweep(standard, deadline)
+        save()
     rows += main_table(settings[first:], deadline, bandwidth, rate)
-    columns = ["setting", "impl", "mode", "ms", "floor_ms", "x_floor", "gather_TBps", "status"]
+    path = save()
     print_table(rows, columns)
     if pieces:
         print_table(pieces, ["setting", "piece", "ms", "gather_TBps", "status"])
     if variations:
         print_table(variations, ["setting", "variation", "ms", "status"])
-    path = write_results(
-        "experts_smoke" if args.smoke else "experts",
-        rows,
-        breakdown=pieces,
-        sweep=variations,
-        copy_bandwidth_Bps=bandwidth,
-        fp32_flops=rate,
-        columns=columns,
-    )
     plot(rows, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     if os.environ.get("OUT"):
-        for produced in (path, path.with_suffix(".png")):
-            shutil.copy(produced, pathlib.Path(os.environ["OUT"]) / produced.name)
+        shutil.copy(path.with_suffix(".png"), pathlib.Path(os.environ["OUT"]) / path.with_suffix(".png").name)
 
 
 if __name__ == "__main__":

@@ -196,10 +196,8 @@ def default_config(
         token_splits = fewest_splits(num_experts)
         table_fits = num_experts * (d // token_splits) * itemsize <= L2_BUDGET_BYTES
         heavy_reuse = per_expert >= SORTED_REUSE and token_splits > 1
-        if reused and (heavy_reuse or not table_fits):
-            variant = "sorted"  # table rows read once per segment; x (small) gathered instead
-        else:
-            variant = "token"
+        # "sorted": table rows read once per segment, x (small) gathered instead.
+        variant = "sorted" if reused and (heavy_reuse or not table_fits) else "token"
     if not reused:
         splits = 1  # every touched row is read about once whatever the slicing: keep full-width programs
     elif variant == "token":
