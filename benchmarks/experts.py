@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from benchmarks.common import environment, print_table, time_fn, write_results
 from pallas_kernels import _dispatch, omni_expert
 from pallas_kernels.omni_expert import kernel
-from pallas_kernels.omni_expert.config import default_config
+from pallas_kernels.omni_expert.config import MIN_DOT_DIM, default_config
 from pallas_kernels.omni_expert.scheduling import build_schedule
 
 D = 1024
@@ -226,8 +226,21 @@ def breakdown(setting: Setting, deadline) -> list[dict]:
     schedule = jax.jit(build_schedule, static_argnums=1)(indices, setting.num_experts)
     pair_ids = jnp.arange(pairs, dtype=jnp.int32)
 
+    def segment_sum(coef, rows, schedule, like, dot_table=None):
+        return kernel.segment_sum(
+            coef.reshape(-1),
+            rows,
+            schedule.sorted_expert,
+            schedule.order,
+            jnp.zeros(like.shape, like.dtype),
+            top_k=top_k,
+            dot_table=dot_table,
+            config=token_config,
+            interpret=INTERPRET,
+        )
+
     pieces = {
-        "build_schedule (XLA argsort)": (jax.jit(build_schedule, static_argnums=1), (indices, setting.num_experts), 0),
+        "build_schedule (one XLA sort)": (jax.jit(build_schedule, static_argnums=1), (indices, setting.num_experts), 0),
         "pair_dots token order": (
             jax.jit(
                 lambda u, v: kernel.pair_dots(
@@ -256,40 +269,11 @@ def breakdown(setting: Setting, deadline) -> list[dict]:
             row_pass,
         ),
         "segment_sum + fused dots (zeros included)": (
-            jax.jit(
-                lambda c, r, t, s: kernel.segment_sum(
-                    c.reshape(-1),
-                    r,
-                    s.segment_bounds,
-                    s.sorted_expert,
-                    s.sorted_token,
-                    s.order,
-                    jnp.zeros(t.shape, t.dtype),
-                    dot_table=t,
-                    config=token_config,
-                    interpret=INTERPRET,
-                )
-            ),
-            (coef, x, down, schedule),
+            jax.jit(lambda c, r, s, t: segment_sum(c, r, s, t, dot_table=t)),
+            (coef, x, schedule, down),
             row_pass,
         ),
-        "segment_sum (zeros included)": (
-            jax.jit(
-                lambda c, r, s: kernel.segment_sum(
-                    c.reshape(-1),
-                    r,
-                    s.segment_bounds,
-                    s.sorted_expert,
-                    s.sorted_token,
-                    s.order,
-                    jnp.zeros(up.shape, up.dtype),
-                    config=token_config,
-                    interpret=INTERPRET,
-                )
-            ),
-            (coef, x, schedule),
-            row_pass,
-        ),
+        "segment_sum (zeros included)": (jax.jit(segment_sum), (coef, x, schedule, up), row_pass),
         "dense zeros [N, d] alone": (jax.jit(lambda u: jnp.zeros(u.shape, u.dtype)), (up,), 0),
     }
     for name, (fn, args, gathered) in pieces.items():
@@ -311,16 +295,24 @@ def breakdown(setting: Setting, deadline) -> list[dict]:
 
 
 def _scaled_tiles(config, factor: float):
-    """The config with every program's tile (pairs, tokens, segments per program) scaled by `factor`."""
+    """The config with every program's tile (pairs per program, in each pass) scaled by `factor`."""
 
-    def scale(value: int) -> int:
-        return max(1, int(value * factor))
+    def scale(value: int, floor: int = 1) -> int:
+        return max(floor, int(value * factor))
 
+    token_block, k_block = config.token_block, config.k_block
+    if factor < 1 and token_block == 1:
+        k_block = scale(k_block)  # one token per program already: take fewer of its pairs
+    else:
+        token_block = scale(token_block)
+    segment_block = scale(config.segment_block, MIN_DOT_DIM)
     return dataclasses.replace(
         config,
         pair_block=scale(config.pair_block),
-        token_block=scale(config.token_block),
-        segment_group=scale(config.segment_group),
+        token_block=token_block,
+        k_block=k_block,
+        segment_block=segment_block,
+        segment_slots=min(config.segment_slots, segment_block),
     )
 
 
@@ -328,9 +320,7 @@ SWEEP = {
     # name: the config tried, from the heuristic one (register counts: kernel_resources.py, in NOTES.md)
     "heuristic": lambda c, s: c,
     "8 warps": lambda c, s: dataclasses.replace(c, num_warps=8),
-    "8 warps, segment tiles / 4": lambda c, s: dataclasses.replace(
-        c, num_warps=8, segment_group=max(1, c.segment_group // 4)
-    ),
+    "segment slots 32": lambda c, s: dataclasses.replace(c, segment_slots=min(32, c.segment_block)),
     "tiles / 2": lambda c, s: _scaled_tiles(c, 0.5),
     "tiles x 2": lambda c, s: _scaled_tiles(c, 2),
     "score pass unsliced": lambda c, s: dataclasses.replace(c, score_splits=1),
@@ -421,32 +411,38 @@ def main():
         paper, standard = Setting(4096, 512, 102400), Setting(4096, 32, 65536)
         bandwidth, rate = copy_bandwidth(), flop_rate()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, FP32 rate {rate and rate / 1e12} TFLOP/s (datasheet)")
+    name = "experts_smoke" if args.smoke else "experts"
+    columns = ["setting", "impl", "mode", "ms", "floor_ms", "x_floor", "gather_TBps", "status"]
+    rows, pieces, variations = [], [], []
+
+    def save() -> pathlib.Path:  # after every section (and into $OUT), so a run cut short keeps its numbers
+        extra = {"copy_bandwidth_Bps": bandwidth, "fp32_flops": rate, "columns": columns}
+        path = write_results(name, rows, breakdown=pieces, sweep=variations, **extra)
+        if os.environ.get("OUT"):
+            shutil.copy(path, pathlib.Path(os.environ["OUT"]) / path.name)
+        return path
+
     # The targets' settings first, then what explains them, then the rest, so the budget cuts the least useful.
     first = 5 if not args.smoke else 1
-    rows = main_table(settings[:first], deadline, bandwidth, rate)
-    pieces = [] if args.no_breakdown else breakdown(paper, deadline) + breakdown(standard, deadline)
-    variations = [] if args.no_sweep else sweep(paper, deadline) + sweep(standard, deadline)
+    rows += main_table(settings[:first], deadline, bandwidth, rate)
+    save()
+    if not args.no_breakdown:
+        pieces += breakdown(paper, deadline) + breakdown(standard, deadline)
+        save()
+    if not args.no_sweep:
+        variations += sweep(paper, deadline) + sweep(standard, deadline)
+        save()
     rows += main_table(settings[first:], deadline, bandwidth, rate)
-    columns = ["setting", "impl", "mode", "ms", "floor_ms", "x_floor", "gather_TBps", "status"]
+    path = save()
     print_table(rows, columns)
     if pieces:
         print_table(pieces, ["setting", "piece", "ms", "gather_TBps", "status"])
     if variations:
         print_table(variations, ["setting", "variation", "ms", "status"])
-    path = write_results(
-        "experts_smoke" if args.smoke else "experts",
-        rows,
-        breakdown=pieces,
-        sweep=variations,
-        copy_bandwidth_Bps=bandwidth,
-        fp32_flops=rate,
-        columns=columns,
-    )
     plot(rows, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     if os.environ.get("OUT"):
-        for produced in (path, path.with_suffix(".png")):
-            shutil.copy(produced, pathlib.Path(os.environ["OUT"]) / produced.name)
+        shutil.copy(path.with_suffix(".png"), pathlib.Path(os.environ["OUT"]) / path.with_suffix(".png").name)
 
 
 if __name__ == "__main__":

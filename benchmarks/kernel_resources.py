@@ -3,7 +3,8 @@
 Lowers jax.grad of the op for CUDA (the same Triton IR the GPU would get), compiles each kernel's IR with
 the pip `triton` package for an H100 target (GPUTarget("cuda", 90, 32)) and reads registers, spills
 (LOCAL) and shared memory off the cubin with `cuobjdump -res-usage`, plus a count of the global load
-and store instructions in the SASS (LDG.E.128 = 16-byte vector loads). A development tool, not a test:
+and store instructions in the SASS (LDG.E.128 = 16-byte vector loads) and of the tensor-core instructions
+(HMMA: mma.sync; HGMMA: Hopper's warpgroup products). A development tool, not a test:
 the GPU compiles the same IR with the Triton bundled in jaxlib, so the counts are close, not identical.
 
 It reaches into one private JAX function (the Pallas-to-Triton lowering) to capture each kernel's IR; it
@@ -69,11 +70,14 @@ def resources(ir_text: str, *, num_warps: int, num_stages: int) -> dict:
         sass = subprocess.run([bin_dir / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     memory = collections.Counter(re.findall(r"\b((?:LDGSTS|LDG|STG)\.E[.A-Z0-9]*)", sass))
+    matrix = collections.Counter(re.findall(r"\b((?:HMMA|HGMMA)\.[.A-Z0-9]*)", sass))
     return {
         "registers": int(fields["REG"]),
         "local_bytes": int(fields["LOCAL"]),
-        "shared_bytes": int(fields["SHARED"]),
+        # Triton's shared memory is dynamic: the compiler's metadata has it, the cubin's static count does not.
+        "shared_bytes": compiled.metadata.shared,
         "global_ops": dict(sorted(memory.items())),
+        "matrix_ops": dict(sorted(matrix.items())),
     }
 
 

@@ -110,7 +110,8 @@ def layer_functions(config: OmniMoEConfig, x):
     return variables, forward, forward_backward
 
 
-def run(settings, deadline, bandwidth, matmul, fp32, router_used, d=D) -> list[dict]:
+def run(settings, deadline, bandwidth, matmul, fp32, router_used, d=D, save=None) -> list[dict]:
+    """Time every (setting, implementation, mode) cell; `save(rows)` after each setting if given."""
     rows = []
     for tokens, intermediate, num_experts, top_k in settings:
         label = f"T={tokens} I={intermediate} N={num_experts} K={top_k}"
@@ -151,6 +152,8 @@ def run(settings, deadline, bandwidth, matmul, fp32, router_used, d=D) -> list[d
                 print(f"{label:40s} {implementation:7s} {mode:17s} {row.get('ms', row['status'])}", flush=True)
                 rows.append(row)
             del variables, fns
+        if save is not None:
+            save(rows)
     speedups(rows)
     return rows
 
@@ -207,23 +210,23 @@ def main():
         settings, d = SETTINGS, D
         bandwidth, matmul, fp32 = copy_bandwidth(), matmul_rate(), flop_rate()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul / 1e12:.0f} TFLOP/s")
-    with router_reference_until_its_kernel_lands() as router_used:
-        rows = run(settings, deadline, bandwidth, matmul, fp32, router_used, d=d)
     columns = ["setting", "impl", "mode", "ms", "floor_ms", "x_floor", "speedup_vs_xla", "router", "status"]
+
+    def save(rows) -> pathlib.Path:  # after every setting (and into $OUT), so a run cut short keeps its numbers
+        extra = {"copy_bandwidth_Bps": bandwidth, "bf16_matmul_flops": matmul, "fp32_flops": fp32, "columns": columns}
+        path = write_results("layer_smoke" if args.smoke else "layer", rows, **extra)
+        if os.environ.get("OUT"):
+            shutil.copy(path, pathlib.Path(os.environ["OUT"]) / path.name)
+        return path
+
+    with router_reference_until_its_kernel_lands() as router_used:
+        rows = run(settings, deadline, bandwidth, matmul, fp32, router_used, d=d, save=save)
+    path = save(rows)
     print_table(rows, columns)
-    path = write_results(
-        "layer_smoke" if args.smoke else "layer",
-        rows,
-        copy_bandwidth_Bps=bandwidth,
-        bf16_matmul_flops=matmul,
-        fp32_flops=fp32,
-        columns=columns,
-    )
     plot(rows, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     if os.environ.get("OUT"):
-        for produced in (path, path.with_suffix(".png")):
-            shutil.copy(produced, pathlib.Path(os.environ["OUT"]) / produced.name)
+        shutil.copy(path.with_suffix(".png"), pathlib.Path(os.environ["OUT"]) / path.with_suffix(".png").name)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,12 @@ def _value_and_grads(fn, inputs: ExpertInputs, cast=None):
 
 
 def check_against_reference(inputs: ExpertInputs, *, interpret: bool, config=None, activation="silu") -> None:
-    """Pallas forward and all four gradients vs the f32 reference; untouched table-gradient rows exactly 0."""
+    """Pallas forward and all four gradients vs the f32 reference; untouched table-gradient rows exactly 0.
+
+    The table gradients are compared on the rows some pair touched (gathered on the device) after checking,
+    on the device, that every other row is exactly zero in both: together that is the full comparison, but
+    the host never converts the dense [N, d] arrays (at N = 1M, d = 1024 that took minutes on a GPU machine).
+    """
     indices = inputs.indices
 
     def pallas(x, up, down, weights):
@@ -88,12 +93,22 @@ def check_against_reference(inputs: ExpertInputs, *, interpret: bool, config=Non
     dtype = inputs.x.dtype
     assert y.dtype == dtype
     assert_close(y, want_y, dtype, what="y")
+    num_experts = inputs.up.shape[0]
+    touched = np.unique(np.asarray(indices))  # [U] sorted expert ids
+    untouched = jnp.ones((num_experts,), bool).at[touched].set(False)  # [N]
     names = ("dx", "d_up", "d_down", "d_weights")
     primals = (inputs.x, inputs.up, inputs.down, inputs.weights)
     for name, got, want, primal in zip(names, grads, want_grads, primals, strict=True):
         assert got.dtype == primal.dtype and got.shape == primal.shape, (name, got.dtype, got.shape)
+        if name in ("d_up", "d_down"):
+            for which, table in (("pallas", got), ("reference", want)):
+                stray = _max_abs_where(table, untouched)
+                assert stray == 0, f"{name} ({which}): rows of experts no token chose must be exactly 0, got {stray}"
+            got, want = jnp.take(got, touched, axis=0), jnp.take(want, touched, axis=0)  # [U, d]
         assert_close(got, want, dtype, what=name)
-    untouched = ~np.isin(np.arange(inputs.up.shape[0]), np.asarray(indices))
-    for name, got in (("d_up", grads[1]), ("d_down", grads[2])):
-        rows = np.asarray(got[untouched].astype(jnp.float32))
-        assert np.all(rows == 0), f"{name}: rows of experts no token chose must be exactly zero"
+
+
+@jax.jit
+def _max_abs_where(table, rows):
+    """max |table[e]| over the rows e where `rows` [N] is True (0 if none), computed on the device."""
+    return jnp.max(jnp.where(rows[:, None], jnp.abs(table.astype(jnp.float32)), 0.0))

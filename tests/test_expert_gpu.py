@@ -35,6 +35,7 @@ SHAPES = [
     (512, 32, 4096, 1024, BF16, None),
     (1000, 32, 65536, 1024, BF16, None),  # T not a multiple of any tile
     (512, 16, 1048576, 1024, BF16, None),  # ~0.01 pairs per expert: almost every row untouched
+    (2048, 64, 4096, 1024, BF16, 77),  # one expert in every token: a segment across 30+ blocks, fixed up
     (256, 512, 102400, 1024, BF16, None),  # the paper's N and K
     (64, 1024, 16777216, 16, F32, None),  # the largest N: 16.7M experts
     (64, 64, 4096, 8192, BF16, None),  # the widest d
@@ -65,38 +66,39 @@ def test_results_are_bitwise_deterministic(seed):
             np.testing.assert_array_equal(np.asarray(a.astype(F32)), np.asarray(b.astype(F32)))
 
 
-def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(seed):
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, seed):
     rng = np.random.default_rng(seed)
     tokens, top_k, num_experts, d = 2000, 8, 50000, 256
     indices = rng.integers(0, num_experts, (tokens, top_k), dtype=np.int32)
     indices[:, 0] = 12345  # and one segment 2000 pairs long
-    coef = rng.standard_normal(tokens * top_k, np.float32)
-    rows = rng.standard_normal((tokens, d), np.float32)
-    table = rng.standard_normal((num_experts, d), np.float32)
+    coef = rng.standard_normal(tokens * top_k, np.float32)  # in sorted order, like the kernel takes it
+    rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), dtype)
+    table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), dtype)
     schedule = build_schedule(jnp.asarray(indices), num_experts)
-    poison = jnp.full((num_experts, d), 7.0, F32)  # anything the kernel does not write must keep this
-    config = default_config(tokens, top_k, num_experts, d, F32)
+    poison = jnp.full((num_experts, d), 7.0, dtype)  # anything the kernels do not write must keep this
+    config = default_config(tokens, top_k, num_experts, d, dtype)
     out, dots = kernel.segment_sum(
         jnp.asarray(coef),
-        jnp.asarray(rows),
-        schedule.segment_bounds,
+        rows,
         schedule.sorted_expert,
-        schedule.sorted_token,
         schedule.order,
         poison,
-        dot_table=jnp.asarray(table),
+        top_k=top_k,
+        dot_table=table,
         config=config,
         interpret=False,
     )
-    out = np.asarray(out)
-    flat = indices.reshape(-1)
-    token_of_pair = np.arange(flat.size) // top_k
-    touched = np.isin(np.arange(num_experts), flat)
+    out = np.asarray(out.astype(F32))
+    order = np.asarray(schedule.order)
+    expert_at, token_at = indices.reshape(-1)[order], order // top_k  # [P] each, in sorted order
+    touched = np.isin(np.arange(num_experts), expert_at)
     np.testing.assert_array_equal(out[~touched], 7.0)
+    rows64, table64 = np.asarray(rows.astype(F32), np.float64), np.asarray(table.astype(F32), np.float64)
     want = np.zeros((num_experts, d))
-    np.add.at(want, flat, coef.astype(np.float64)[:, None] * rows[token_of_pair])
-    assert_close(out[touched], want[touched], F32)
-    want_dots = np.einsum("pd,pd->p", table[flat].astype(np.float64), rows[token_of_pair])
+    np.add.at(want, expert_at, coef.astype(np.float64)[:, None] * rows64[token_at])
+    assert_close(out[touched], want[touched], dtype)
+    want_dots = np.einsum("pd,pd->p", table64[expert_at], rows64[token_at])
     assert_close(dots, want_dots, F32, what="dots")
 
 

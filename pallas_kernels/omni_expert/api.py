@@ -13,7 +13,7 @@ The "pallas" implementation, with pairs p = (t, k), e = indices[t, k], and s, h,
             d_up[e] = sum_{p in seg(e)} ds_p x[t_p]    segment_sum
 
 The residuals are the inputs, s (P floats) and, when the forward sorted the pairs, its schedule;
-act(s) and act'(s) are recomputed, never stored.
+act(s) and act'(s) are recomputed, never stored. The "token" forward builds no schedule at all.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def _pair_scores(table, token_rows, indices, schedule: ExpertSchedule | None, co
         pair = jnp.arange(num_pairs, dtype=jnp.int32)  # [P]
         a_ids, b_ids, dest = indices.reshape(num_pairs), pair // top_k, pair
     else:
-        a_ids, b_ids, dest = schedule.sorted_expert, schedule.sorted_token, schedule.order
+        a_ids, b_ids, dest = schedule.sorted_expert, schedule.sorted_token, schedule.order  # [P] each
     scores = kernel.pair_dots(table, token_rows, a_ids, b_ids, dest, config=config, interpret=interpret)  # [P]
     return scores.reshape(tokens, top_k)  # [T, K]
 
@@ -182,21 +182,20 @@ def _backward(activation, config, interpret, residuals, dy):
 
     def table_gradient(coef, rows, like, dot_table=None):  # [N, d]: segment sums of coef * rows per expert
         return kernel.segment_sum(
-            coef.reshape(-1),
+            schedule.to_sorted(coef),  # [P] in sorted order: the kernel reads it contiguously
             rows,
-            schedule.segment_bounds,
             schedule.sorted_expert,
-            schedule.sorted_token,
             schedule.order,
             jnp.zeros(like.shape, like.dtype),
+            top_k=schedule.top_k,
             dot_table=dot_table,
             config=config,
             interpret=interpret,
         )
 
     # One pass over dy's rows in expert order gives d_down and dh = down[e] . dy[t] together.
-    d_down, dh = table_gradient(h, dy, down, dot_table=down)
-    dh = dh.reshape(indices.shape)  # [T, K] f32
+    d_down, dh_sorted = table_gradient(h, dy, down, dot_table=down)
+    dh = schedule.to_pairs(dh_sorted)  # [T, K] f32
     ds = dh * w * act.derivative(s)  # [T, K]
     dx = kernel.token_combine(ds, indices, up, out_dtype=x.dtype, config=config, interpret=interpret)  # [T, d]
     d_up = table_gradient(ds, x, up)

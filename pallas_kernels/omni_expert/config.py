@@ -3,34 +3,47 @@
 The kernels (kernel.py) are three passes over the T*K (token, expert) pairs, each memory-bound:
 
   score pass     s_p = a[i_p] . b[j_p]                      program = `pair_block` pairs
-  combine pass   out[t] = sum_k c[t, k] table[e_tk]         program = `token_block` tokens x `d_block` columns,
-                                                                      `k_block` of their pairs per step
-  segment pass   out[e] = sum_{p in seg(e)} c_p rows[t_p]   program = `segment_group` experts x `d_block`
-                                                                      columns, `segment_block` pairs per step
+  combine pass   out[t] = sum_k c[t, k] table[e_tk]         program = `token_block` tokens x `k_block` of their
+                                                                      pairs x `d_block` columns, in one step
+  segment pass   out[e] = sum_{p in seg(e)} c_p rows[t_p]   program = `segment_block` consecutive sorted pairs x
+                                                                      `d_block` columns, in one step; its
+                                                                      segments summed `segment_slots` at a time
 
 Every pass gathers one side's rows per pair and reuses the other (a token row across its K pairs, or an
-expert row across its sorted segment). Two things decide the speed:
+expert row across its sorted segment). Three things decide the speed:
 
-- Where the gathered rows come from: L2 (fast) or HBM. All three grids put the column slice on their slow
-  (second) axis, so the programs running at any moment share one column slice of the gathered table, and a
-  slice of N * d_block elements can sit in L2 when the whole table cannot. The score pass needs full-width
-  dots, so it cuts the columns into `score_splits` slices on its grid and sums the partial dots afterwards.
-- How many bytes each program has in flight: a program's steps are chains of dependent loads (ids, then
-  rows), so each step gathers a whole tile of about `TILE_BYTES` at once rather than one row at a time.
+- Where the gathered rows come from: L2 (fast) or HBM. All grids put the column slice on their slowest
+  axis, so the programs running at any moment share one column slice of the gathered table, and a slice
+  of N * d_block elements can sit in L2 when the whole table cannot. The score pass needs full-width dots,
+  so it cuts the columns into `score_splits` slices on its grid and sums the partial dots afterwards.
+- How many bytes are in flight: every program gathers one tile of about `TILE_BYTES` in ONE step (no
+  loop), because v1's measurements on an H100 showed that loops of dependent loads (ids, then rows) run at
+  1-2 TB/s while single-step programs reach 5-6 TB/s: the GPU hides latency across programs, not within one.
+- Registers: segments are summed by tensor-core products whose result has `segment_slots` rows of the
+  column chunk; 16 slots (the fewest a Triton dot allows) keep the segment pass near 96 registers per
+  thread at 4 warps, 32 slots take 160 and 64 slots 234 (sm_90 resource report, benchmarks/
+  kernel_resources.py). A block with more segments loops over windows of slots: more products and
+  stores, no more loads.
 
-Default heuristic (`default_config`), a hypothesis for benchmarks/experts.py on the GPU to settle:
+Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on the GPU to settle:
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
   2. If the expert rows are reused (T*K/N >= 2), shrink d_block (down to 32 columns) until one column
      slice of a table, N * d_block * itemsize, fits `L2_BUDGET_BYTES`.
-  3. variant "token" (walk pairs in token order: no sort in the forward, x rows reused across the K
-     pairs, table rows gathered) with `score_splits` the fewest slices whose table slice fits the budget.
-     When even the thinnest slice does not fit and rows are reused, "sorted" (walk pairs in expert order:
-     each table row read once per segment, the token rows gathered instead; x is small, so it stays in L2).
-     Without reuse (T*K/N < 2) every touched row is read about once whatever the order: "token", one slice.
-  4. Tiles of `TILE_BYTES` per gather: R = TILE_BYTES / (d_block * itemsize) rows; pair_block = R;
-     k_block = min(K, 16) rounded up to a power of two, token_block = R / k_block; segment_block covers a
-     typical segment in one step (mean + 2 standard deviations of a Poisson count of pairs per touched
-     expert, to a power of two, at most R), segment_group = R / segment_block.
+  3. variant "sorted" (walk pairs in expert order: each table row read once per segment, the token rows
+     gathered instead, from an x slice small enough for L2) when each touched expert serves at least
+     `SORTED_REUSE` pairs on average AND the table does not fit L2 whole: measured on an H100 at the
+     paper's setting (~20 pairs per expert, a 210 MB table) the expert-order score pass took 0.70 ms
+     against 0.88 ms in token order, and v2's schedule is one sort (~0.06 ms predicted) that the backward
+     reuses. Otherwise "token" (no sort in the forward, x rows reused across the K pairs, table rows
+     gathered; at ~2 pairs per expert the two orders tied, 0.077 vs 0.080 ms; between 2 and 16 nothing
+     was measured apart) with `score_splits` the fewest slices whose table slice fits the budget; but
+     when even the thinnest slice does not fit and rows are reused, "sorted" again (x is small, so it
+     stays in L2). Without reuse (T*K/N < 2) every touched row is read about once whatever the order:
+     "token", one slice.
+  4. Tiles of `TILE_BYTES` per gather: R = TILE_BYTES / (d_block * itemsize) rows (at least 16).
+     pair_block = R; k_block = min(K rounded up to a power of two, R), token_block = R / k_block (K is
+     split over several programs when it exceeds R: their f32 partial sums are added by XLA);
+     segment_block = R (at most 128); segment_slots = 16.
 """
 
 from __future__ import annotations
@@ -42,17 +55,21 @@ import jax.numpy as jnp
 
 # Half of an H100's 50 MB L2: the gathered slice must share the cache with the reused rows and outputs.
 L2_BUDGET_BYTES = 24 * 2**20
-# Widest row chunk a program gathers per step: two 128-byte lines.
+# Widest row chunk a program gathers: two 128-byte lines.
 MAX_CHUNK_BYTES = 256
 # Narrowest chunk the L2 rule may shrink to (64 bytes in bf16: still whole 32-byte sectors).
 MIN_CHUNK_COLUMNS = 32
-# Rows are "reused" when each touched expert serves at least this many pairs on average.
+# Rows are "reused" when the pairs number at least this many per expert of the table (T*K/N).
 REUSE_THRESHOLD = 2.0
-# Bytes one program gathers per loop step: enough independent loads in flight to cover the latency of
-# the dependent chain (ids, then rows) without spilling registers (64 elements per thread at 4 warps).
+# From this many pairs per touched expert on, the forward walks the pairs in expert order (step 3).
+SORTED_REUSE = 16.0
+# Bytes one program gathers in its single step: 64 elements per thread at 4 warps, no spills.
 TILE_BYTES = 16 * 2**10
-# Widest step over one token's K pairs in the combine pass.
-MAX_K_BLOCK = 16
+# jnp.dot inside a Triton kernel needs every dimension >= 16 (smaller ones give wrong results silently).
+MIN_DOT_DIM = 16
+# Sorted pairs per segment-pass program at most: its [segment_slots, segment_block] f32 weights and the
+# [segment_block, d_block] tile stay in registers when rows are narrow.
+MAX_SEGMENT_BLOCK = 128
 
 VARIANTS = ("token", "sorted")
 
@@ -66,37 +83,48 @@ class ExpertKernelConfig:
     """Static tuning of the expert kernels. Every block size is a power of two (a Triton requirement).
 
     Attributes:
-      variant: order of the pairs in the score passes (s forward, dh backward): "token" (no sort needed)
-        or "sorted" (expert order from the schedule).
+      variant: order of the pairs in the forward score pass: "token" (no sort needed) or "sorted" (expert
+        order from the schedule, which the backward then reuses).
       d_block: columns per program (combine, segment passes) and per loop step (score pass); divides d.
       score_splits: column slices of the score pass on its grid; divides d // d_block.
       pair_block: pairs per score-pass program.
       token_block: tokens per combine-pass program.
-      k_block: pairs of each token per loop step of a combine-pass program.
-      segment_group: expert segments per segment-pass program.
-      segment_block: sorted pairs of each segment per loop step of a segment-pass program.
-      num_warps, num_stages: Triton launch parameters, shared by the three passes.
+      k_block: pairs of each token per combine-pass program; K > k_block splits K over programs.
+      segment_block: consecutive expert-sorted pairs per segment-pass program (a dot dimension: >= 16).
+      segment_slots: segments summed per tensor-core product in a segment-pass program (>= 16, <=
+        segment_block); a block with more segments takes several products.
+      num_warps, num_stages: Triton launch parameters, shared by the passes.
     """
 
     variant: str = "token"
     d_block: int = 128
     score_splits: int = 1
     pair_block: int = 64
-    token_block: int = 8
-    k_block: int = 8
-    segment_group: int = 4
-    segment_block: int = 16
+    token_block: int = 4
+    k_block: int = 16
+    segment_block: int = 64
+    segment_slots: int = 16
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS}")
-        blocks = ("d_block", "score_splits", "pair_block", "token_block", "k_block", "segment_group", "segment_block")
+        blocks = ("d_block", "score_splits", "pair_block", "token_block", "k_block", "segment_block", "segment_slots")
         for name in (*blocks, "num_warps"):
             value = getattr(self, name)
             if not _is_power_of_two(value):
                 raise ValueError(f"{name}={value!r} must be a power of two (Triton blocks are)")
+        for name in ("d_block", "segment_block", "segment_slots"):  # dimensions of the segment pass's jnp.dot
+            if getattr(self, name) < MIN_DOT_DIM:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must be >= {MIN_DOT_DIM} (a dot dimension in the segment pass)"
+                )
+        if self.segment_slots > self.segment_block:
+            raise ValueError(
+                f"segment_slots={self.segment_slots} must be <= segment_block={self.segment_block} "
+                "(a block holds at most one segment per pair)"
+            )
         if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages!r} must be a positive int")
 
@@ -124,20 +152,16 @@ def _next_power_of_two(value: float) -> int:
     return block
 
 
-def _tiles(tokens: int, top_k: int, num_experts: int, d_block: int, itemsize: int) -> dict:
-    """Step 4 of the heuristic: block sizes that gather about TILE_BYTES per step."""
-    rows = max(1, TILE_BYTES // (d_block * itemsize))  # a power of two: every factor is
-    k_block = min(_next_power_of_two(top_k), MAX_K_BLOCK, rows)
-    pairs = tokens * top_k
-    touched = num_experts * -math.expm1(-pairs / num_experts)  # expected distinct experts among the pairs
-    per_segment = pairs / max(touched, 1.0)
-    segment_block = min(_next_power_of_two(per_segment + 2.0 * math.sqrt(per_segment)), rows)
+def _tiles(top_k: int, d_block: int, itemsize: int) -> dict:
+    """Step 4 of the heuristic: block sizes that gather about TILE_BYTES in one step."""
+    rows = max(MIN_DOT_DIM, TILE_BYTES // (d_block * itemsize))  # a power of two: every factor is
+    k_block = min(_next_power_of_two(top_k), rows)
     return {
         "pair_block": rows,
-        "token_block": rows // k_block,
+        "token_block": max(1, rows // k_block),
         "k_block": k_block,
-        "segment_group": rows // segment_block,
-        "segment_block": segment_block,
+        "segment_block": min(rows, MAX_SEGMENT_BLOCK),
+        "segment_slots": MIN_DOT_DIM,
     }
 
 
@@ -157,7 +181,7 @@ def default_config(
     if reused:
         while d_block > MIN_CHUNK_COLUMNS and num_experts * d_block * itemsize > L2_BUDGET_BYTES:
             d_block //= 2
-    tiles = _tiles(tokens, top_k, num_experts, d_block, itemsize)
+    tiles = _tiles(top_k, d_block, itemsize)
     chunks = d // d_block
 
     def fewest_splits(gathered_rows: int) -> int:  # column slices so that gathered_rows x slice fit L2
@@ -167,10 +191,13 @@ def default_config(
         return splits
 
     if variant is None:
-        table_fits = num_experts * (d // fewest_splits(num_experts)) * itemsize <= L2_BUDGET_BYTES
-        # Without reuse, or when a table slice fits L2, walk in token order; otherwise stream the table in
-        # expert order and gather x (small) instead.
-        variant = "token" if not reused or table_fits else "sorted"
+        pairs = tokens * top_k
+        per_expert = pairs / (num_experts * -math.expm1(-pairs / num_experts))  # pairs per touched expert
+        token_splits = fewest_splits(num_experts)
+        table_fits = num_experts * (d // token_splits) * itemsize <= L2_BUDGET_BYTES
+        heavy_reuse = per_expert >= SORTED_REUSE and token_splits > 1
+        # "sorted": table rows read once per segment, x (small) gathered instead.
+        variant = "sorted" if reused and (heavy_reuse or not table_fits) else "token"
     if not reused:
         splits = 1  # every touched row is read about once whatever the slicing: keep full-width programs
     elif variant == "token":

@@ -1,4 +1,4 @@
-"""The three Pallas (Triton) passes of the atomic-expert op. pallas_calls only: no autodiff, no dispatch.
+"""The Pallas (Triton) passes of the atomic-expert op. pallas_calls only: no autodiff, no dispatch.
 
 With pairs p = t * K + k, expert e_p = indices[t, k], every forward and backward quantity is one of:
 
@@ -11,14 +11,18 @@ deterministic and CPU interpret mode (whose atomics drop repeated indices) check
 
 Every gather or scatter indexes with full integer arrays (`ref.at[rows[:, None], cols[None, :]]`): that is
 what both the Triton lowering and interpret mode's masked loads accept. Masked-off lanes of a gather read
-nothing on the GPU (`other` fills them) and are excluded from every sum. All arithmetic is f32; results are
-cast to the output dtype once, at the store. No `jnp.dot` is used (the dots are row-wise: one row pair per
-output, nothing a matrix unit could batch), so Triton's >= 16 dot-dimension limit never applies.
+nothing on the GPU (`other` fills them) and are excluded from every sum; masked-off lanes of a scatter point
+past the end of the output, because interpret mode writes masked lanes back with their old values, which
+must not land on an element a valid lane writes. All sums are f32; results are cast to the output dtype
+once, at the store.
 
-Grids: the big dimension (pair blocks, token tiles, segments) is axis 0, CUDA's x axis (up to 2**31 - 1
-programs); the column slice is axis 1 (at most d / 16 = 512), so CUDA's 65,535 limit on y is never near.
-Blocks along axis 0 run before axis 1 advances, so programs in flight share one column slice of the
-gathered table (see config.py).
+The combine and segment passes gather their whole tile in one step (no loop over dependent loads): on an
+H100 that is what reached 5-6 TB/s in v1, while loops of dependent loads ran at 1-2 TB/s.
+
+Grids: the big dimension (pair blocks, token tiles) is axis 0, CUDA's x axis (up to 2**31 - 1 programs);
+the column slice is the last axis (at most d / 16 = 512) and any other axis is small (K / k_block <= 64),
+so CUDA's 65,535 limit on y and z is never near. Axis 0 runs before the last axis advances, so programs in
+flight share one column slice of the gathered table (see config.py).
 """
 
 from __future__ import annotations
@@ -43,11 +47,15 @@ def _columns(chunk, d_block: int) -> jax.Array:
     return chunk * d_block + jnp.arange(d_block, dtype=jnp.int32)
 
 
-def _gather_rows(ref, row_ids, cols, valid) -> jax.Array:
-    """ref[row_ids, cols] as f32 [*row_ids.shape, C]; where `valid` (row_ids' shape) is False: 0, not read."""
+def _load_rows(ref, row_ids, cols, valid) -> jax.Array:
+    """ref[row_ids, cols] in ref's dtype, [*row_ids.shape, C]; where `valid` (row_ids' shape) is False: 0, not read."""
     cols = cols.reshape((1,) * row_ids.ndim + cols.shape)  # [1, ..., 1, C]
-    rows = pltriton.load(ref.at[row_ids[..., None], cols], mask=valid[..., None], other=0)
-    return rows.astype(jnp.float32)
+    return pltriton.load(ref.at[row_ids[..., None], cols], mask=valid[..., None], other=0)
+
+
+def _gather_rows(ref, row_ids, cols, valid) -> jax.Array:
+    """_load_rows in f32."""
+    return _load_rows(ref, row_ids, cols, valid).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,23 +155,20 @@ def _token_combine_kernel(
     k_block: int,
     d_block: int,
 ):
-    tile, chunk = pl.program_id(0), pl.program_id(1)
-    tokens = tile * token_block + jnp.arange(token_block, dtype=jnp.int32)  # [BT]
-    token_valid = tokens < num_tokens  # the last tile is ragged
+    tile, k_slice, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    tokens = tile * token_block + jnp.arange(token_block, dtype=jnp.int32)  # [BT]; past T in the ragged last tile
+    token_valid = tokens < num_tokens
+    ks = k_slice * k_block + jnp.arange(k_block, dtype=jnp.int32)  # [KB]: K need not be a multiple of KB
+    valid = token_valid[:, None] & (ks < top_k)[None, :]  # [BT, KB]
+    pairs = tokens[:, None] * top_k + ks[None, :]  # [BT, KB]
+    experts = pltriton.load(ids_ref.at[pairs], mask=valid, other=0)  # [BT, KB]
+    coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [BT, KB]
     cols = _columns(chunk, d_block)  # [Dc]
-
-    def step(i, acc):
-        # k_block of each token's K pairs at once: many independent gathers in flight, contiguous id loads.
-        ks = i * k_block + jnp.arange(k_block, dtype=jnp.int32)  # [KB]
-        valid = token_valid[:, None] & (ks < top_k)[None, :]  # [BT, KB]: K need not be a multiple of KB
-        pairs = tokens[:, None] * top_k + ks[None, :]  # [BT, KB]
-        experts = pltriton.load(ids_ref.at[pairs], mask=valid, other=0)  # [BT, KB]
-        coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [BT, KB]
-        rows = _gather_rows(table_ref, experts, cols, valid)  # [BT, KB, Dc]
-        return acc + jnp.sum(coef[:, :, None] * rows, axis=1)  # [BT, Dc]
-
-    acc = lax.fori_loop(0, pl.cdiv(top_k, k_block), step, jnp.zeros((token_block, d_block), jnp.float32))
-    pltriton.store(out_ref.at[tokens[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=token_valid[:, None])
+    rows = _gather_rows(table_ref, experts, cols, valid)  # [BT, KB, Dc]: the whole tile in flight at once
+    acc = jnp.sum(coef[:, :, None] * rows, axis=1)  # [BT, Dc]
+    pltriton.store(
+        out_ref.at[k_slice, tokens[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=token_valid[:, None]
+    )
 
 
 def token_combine(
@@ -175,7 +180,7 @@ def token_combine(
     config: ExpertKernelConfig,
     interpret: bool,
 ) -> jax.Array:
-    """out[t] = sum_k coef[t, k] * table[ids[t, k]], accumulated in f32, written once per row.
+    """out[t] = sum_k coef[t, k] * table[ids[t, k]], accumulated in f32.
 
     | argument | shape | dtype |
     | --- | --- | --- |
@@ -184,11 +189,14 @@ def token_combine(
     | table | [N, d] | f32 or bf16 |
     | returns | [T, d] | out_dtype |
 
-    One program per (`config.token_block` tokens, `config.d_block` columns); it walks its tokens' K pairs
-    `config.k_block` at a time, so every output row is complete in registers before its single store.
+    One program per (`config.token_block` tokens, `config.k_block` of their pairs, `config.d_block`
+    columns), gathering its [token_block, k_block, d_block] tile in one step. When K fits one k_block the
+    programs write `out` directly (each row once); otherwise each of the cdiv(K, k_block) slices writes
+    f32 partial sums ([slices, T, d]) that XLA adds in a fixed order, then casts once.
     """
     tokens, top_k = ids.shape
     d = table.shape[1]
+    k_slices = pl.cdiv(top_k, config.k_block)
     kernel = functools.partial(
         _token_combine_kernel,
         num_tokens=tokens,
@@ -197,145 +205,240 @@ def token_combine(
         k_block=config.k_block,
         d_block=config.d_block,
     )
-    return pl.pallas_call(
+    partial_dtype = out_dtype if k_slices == 1 else jnp.float32
+    partial = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((tokens, d), out_dtype),
-        grid=(pl.cdiv(tokens, config.token_block), d // config.d_block),
+        out_shape=jax.ShapeDtypeStruct((k_slices, tokens, d), partial_dtype),
+        grid=(pl.cdiv(tokens, config.token_block), k_slices, d // config.d_block),
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_expert_token_combine",
-    )(ids.reshape(-1), coef.reshape(-1), table)  # flat [P] pair arrays
+    )(ids.reshape(-1), coef.reshape(-1), table)  # flat [P] pair arrays -> [slices, T, d]
+    if k_slices == 1:
+        return partial[0]  # [T, d]
+    return jnp.sum(partial, axis=0).astype(out_dtype)  # [T, d]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# segment_sum: out[e] = sum_{p in seg(e)} coef[p] * rows[t_p]
+# segment_sum: out[e] = sum_{p in seg(e)} coef[p] * rows[t_p], over the expert-sorted pairs
+#
+# Programs own FIXED blocks of `segment_block` consecutive sorted pairs (so work is balanced whatever the
+# segment lengths, and every lane of a tile is a real pair). Within a block the pairs of one expert are
+# consecutive; the block numbers its segments 0, 1, ... (a cumulative sum of "a segment opens here" flags)
+# and sums each one's contributions with a tensor-core product: weights [slots, block] (coef where the
+# pair belongs to the slot's segment, else 0) times the gathered rows [block, Dc]. A block with more
+# segments than `segment_slots` takes several products. Each segment lying wholly inside a block is
+# written by that block. A segment cut by a block boundary leaves one f32 partial row per block it
+# touches in a side buffer (the block's first segment as its "head" partial, its last as its "tail"), and
+# a second, small kernel adds those up: the block where such a segment starts walks the following blocks'
+# head partials until the segment ends, then writes the row. Every touched row is written exactly once,
+# in a fixed order: deterministic, no atomics.
 
 
-def _segment_sum_kernel(
-    bounds_ref,
+def _weighted_row_sums(weights: jax.Array, rows: jax.Array) -> jax.Array:
+    """weights [S, B] f32 @ rows [B, C] -> [S, C] f32 on the tensor cores, to f32 accuracy.
+
+    bf16 rows are exact operands; the f32 weights are split into a bf16 head and a bf16 remainder
+    (together 16 significant bits, an error of ~2**-17 relative, far under bf16's own 2**-9), so two bf16
+    products with f32 accumulation replace one f32 product. f32 rows use an IEEE f32 product (Triton's
+    default for f32 is TF32, ~1e-3 relative: too coarse).
+    """
+    if rows.dtype == jnp.float32:
+        return jnp.dot(weights, rows, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    head = weights.astype(rows.dtype)
+    rest = (weights - head.astype(jnp.float32)).astype(rows.dtype)
+    return jnp.dot(head, rows, preferred_element_type=jnp.float32) + jnp.dot(
+        rest, rows, preferred_element_type=jnp.float32
+    )
+
+
+def _any(flags: jax.Array) -> jax.Array:
+    """Scalar bool: is any element of the bool vector `flags` set (Triton has no reduce_or)."""
+    return jnp.max(flags.astype(jnp.int32)) > 0
+
+
+def _segment_blocks_kernel(
     sorted_expert_ref,
-    sorted_token_ref,
     order_ref,
     coef_ref,
     rows_ref,
     *refs,
-    num_slots: int,
     num_pairs: int,
+    top_k: int,
     num_experts: int,
-    segment_group: int,
-    segment_block: int,
+    block: int,
+    slots: int,
     d_block: int,
     with_dots: bool,
 ):
-    # refs: [dot_table_ref,] zeros_ref, out_ref[, dots_ref]: the dot table and its output only with_dots.
+    # refs: [dot_table_ref,] zeros_ref, out_ref, side_ref[, dots_ref]: the dot table and dots only with_dots.
     if with_dots:
-        dot_table_ref, zeros_ref, out_ref, dots_ref = refs
+        dot_table_ref, zeros_ref, out_ref, side_ref, dots_ref = refs
     else:
-        (zeros_ref, out_ref), dot_table_ref, dots_ref = refs, None, None
+        (zeros_ref, out_ref, side_ref), dot_table_ref, dots_ref = refs, None, None
     del zeros_ref  # aliased to out_ref: rows of experts no pair chose keep its zeros
-    group, chunk = pl.program_id(0), pl.program_id(1)
-    slots = group * segment_group + jnp.arange(segment_group, dtype=jnp.int32)  # [G]
-    slot_valid = slots < num_slots  # the last group is ragged
-    # Padding slots past the distinct experts hold start == end == P: empty, like the ragged group's tail.
-    start = pltriton.load(bounds_ref.at[slots], mask=slot_valid, other=num_pairs)  # [G]
-    end = pltriton.load(bounds_ref.at[slots + 1], mask=slot_valid, other=num_pairs)  # [G]
-    nonempty = start < end  # [G]
-    experts = pltriton.load(sorted_expert_ref.at[start], mask=nonempty, other=0)  # [G]
+    index, chunk = pl.program_id(0), pl.program_id(1)
+    lanes = jnp.arange(block, dtype=jnp.int32)  # [B]
+    positions = index * block + lanes  # [B] sorted positions; past P in the ragged last block
+    valid = positions < num_pairs
+    # Experts of the block's pairs and of their neighbours (-1: no pair there; real experts are >= 0).
+    expert = pltriton.load(sorted_expert_ref.at[positions], mask=valid, other=-1)  # [B]
+    before = pltriton.load(sorted_expert_ref.at[jnp.maximum(positions - 1, 0)], mask=valid & (positions > 0), other=-1)
+    after = pltriton.load(sorted_expert_ref.at[positions + 1], mask=positions + 1 < num_pairs, other=-1)
+    starts = valid & (expert != before)  # [B] a segment starts at this pair
+    ends = valid & (expert != after)  # [B] a segment ends at this pair
+    opens = valid & (starts | (lanes == 0))  # [B] first pair of a segment within this block
+    rank = jnp.cumsum(opens.astype(jnp.int32)) - 1  # [B] the block-local number of each pair's segment
+    num_local = jnp.sum(opens.astype(jnp.int32))  # segments meeting this block (>= 1)
+    head_cut = _any((lanes == 0) & valid & ~starts)  # the block's first segment began in an earlier block
+    last_lane = (lanes == block - 1) | (positions == num_pairs - 1)
+    tail_cut = _any(last_lane & valid & ~ends)  # the block's last segment goes on into the next block
+
+    pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [B]
+    tokens = pairs // top_k  # [B]
+    coef = pltriton.load(coef_ref.at[positions], mask=valid, other=0.0)  # [B], already in sorted order
     cols = _columns(chunk, d_block)  # [Dc]
+    rows = _load_rows(rows_ref, tokens, cols, valid)  # [B, Dc] in the rows' dtype: a dot operand as is
     if with_dots:
-        expert_rows = _gather_rows(dot_table_ref, experts, cols, nonempty)  # [G, Dc], read once per segment
+        # The same gathered rows give this column chunk's share of each pair's dot with its expert's row.
+        table_rows = _gather_rows(dot_table_ref, jnp.maximum(expert, 0), cols, valid)  # [B, Dc]
+        dots = jnp.sum(table_rows * rows.astype(jnp.float32), axis=1)  # [B]
+        pltriton.store(dots_ref.at[chunk, positions], dots, mask=valid)  # sorted order: contiguous
 
-    def step(i, acc):
-        # segment_block pairs of each of the G segments at once; the shorter segments are masked.
-        offsets = i * segment_block + jnp.arange(segment_block, dtype=jnp.int32)  # [SB]
-        positions = start[:, None] + offsets[None, :]  # [G, SB]
-        valid = positions < end[:, None]  # [G, SB]
-        tokens = pltriton.load(sorted_token_ref.at[positions], mask=valid, other=0)  # [G, SB]
-        # Masked-off lanes point past the end (see pair_dots): this index also addresses the dots' store.
-        pairs = pltriton.load(order_ref.at[positions], mask=valid, other=num_pairs)  # [G, SB]
-        coef = pltriton.load(coef_ref.at[pairs], mask=valid, other=0.0)  # [G, SB], token order -> sorted
-        rows = _gather_rows(rows_ref, tokens, cols, valid)  # [G, SB, Dc]
-        if with_dots:
-            # The same gathered rows also give this column chunk's share of each pair's dot with its expert.
-            dots = jnp.sum(expert_rows[:, None, :] * rows, axis=2)  # [G, SB]
-            pltriton.store(dots_ref.at[chunk, pairs], dots, mask=valid)
-        return acc + jnp.sum(coef[:, :, None] * rows, axis=1)  # [G, Dc]
+    side_rows = side_ref.shape[0]
 
-    # A segment of any length (one expert chosen by every token: T pairs) is walked to its end; the group
-    # takes as many steps as its longest segment needs.
-    steps = pl.cdiv(jnp.max(end - start), segment_block)
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((segment_group, d_block), jnp.float32))
-    # Empty slots are masked off; they also point past the table, so that interpret mode (which writes
-    # masked lanes back with their old values) cannot touch a real row either.
-    targets = jnp.where(nonempty, experts, num_experts)  # [G]
-    pltriton.store(out_ref.at[targets[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=nonempty[:, None])
+    def sum_slots(window, carry):
+        slot = window * slots + jnp.arange(slots, dtype=jnp.int32)  # [S] block-local segment numbers
+        member = (rank[None, :] == slot[:, None]) & valid[None, :]  # [S, B]
+        sums = _weighted_row_sums(jnp.where(member, coef[None, :], 0.0), rows)  # [S, Dc] f32
+        slot_expert = jnp.max(jnp.where(member, expert[None, :], -1), axis=1)  # [S]; -1 for unused slots
+        real = slot < num_local
+        head = real & (slot == 0) & head_cut  # (a segment cut at both ends counts as the head)
+        tail = real & (slot == num_local - 1) & tail_cut & ~head
+        whole = real & ~head & ~tail
+        # Rows of unused slots and partials point past the end (see the module doc on masked scatters).
+        out_rows = jnp.where(whole, slot_expert, num_experts)  # [S]
+        pltriton.store(out_ref.at[out_rows[:, None], cols[None, :]], sums.astype(out_ref.dtype), mask=whole[:, None])
+        cut = head | tail
+        partial_rows = jnp.where(cut, 2 * index + jnp.where(head, 0, 1), side_rows)  # [S]
+        pltriton.store(side_ref.at[partial_rows[:, None], cols[None, :]], sums, mask=cut[:, None])
+        return carry
+
+    lax.fori_loop(0, pl.cdiv(num_local, slots), sum_slots, 0)
+
+
+def _segment_fixup_kernel(
+    sorted_expert_ref,
+    side_ref,
+    partial_sums_ref,
+    out_ref,
+    *,
+    num_pairs: int,
+    block: int,
+    d_block: int,
+):
+    del partial_sums_ref  # aliased to out_ref: the rows the blocks kernel wrote stay as they are
+    index, chunk = pl.program_id(0), pl.program_id(1)
+    block_start = index * block
+    next_start = block_start + block
+    expert = sorted_expert_ref[jnp.minimum(next_start, num_pairs) - 1]  # the block's last pair's expert
+    continues = (next_start < num_pairs) & (sorted_expert_ref[jnp.minimum(next_start, num_pairs - 1)] == expert)
+    began_here = (index == 0) | (sorted_expert_ref[jnp.maximum(block_start - 1, 0)] != expert)
+
+    # The block where a cut segment starts finishes it: its tail partial plus the following blocks' heads.
+    @pl.when(continues & began_here)
+    def _():
+        cols = _columns(chunk, d_block)  # [Dc]
+
+        def add_next_head(carry):
+            following, total, _ = carry
+            total = total + pltriton.load(side_ref.at[2 * following, cols])  # [Dc]
+            after = (following + 1) * block
+            going_on = (after < num_pairs) & (sorted_expert_ref[jnp.minimum(after, num_pairs - 1)] == expert)
+            return following + 1, total, going_on
+
+        tail = pltriton.load(side_ref.at[2 * index + 1, cols])  # [Dc] f32
+        _, total, _ = lax.while_loop(lambda carry: carry[2], add_next_head, (index + 1, tail, jnp.bool_(True)))
+        pltriton.store(out_ref.at[expert, cols], total.astype(out_ref.dtype))
 
 
 def segment_sum(
     coef: jax.Array,
     rows: jax.Array,
-    segment_bounds: jax.Array,
     sorted_expert: jax.Array,
-    sorted_token: jax.Array,
     order: jax.Array,
     zeros: jax.Array,
     *,
+    top_k: int,
     dot_table: jax.Array | None = None,
     config: ExpertKernelConfig,
     interpret: bool,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """out[e] = sum over sorted positions q of expert e of coef[order[q]] * rows[sorted_token[q]].
+    """out[e] = sum over sorted positions q with sorted_expert[q] == e of coef[q] * rows[order[q] // top_k].
 
-    With `dot_table`, also dots[order[q]] = dot_table[e] . rows[sorted_token[q]] from the same gathered rows:
-    the backward's dh_p = v_e . dy_t comes free with dV_e = sum h_p dy_t (one pass over dy's rows, not two).
+    With `dot_table`, also dots[q] = dot_table[sorted_expert[q]] . rows[order[q] // top_k] from the same
+    gathered rows: the backward's dh = v_e . dy_t comes free with dV_e = sum h_p dy_t (one pass, not two).
 
     | argument | shape | dtype |
     | --- | --- | --- |
-    | coef | [P] | f32, in pair (token) order |
+    | coef | [P] | f32, in sorted order |
     | rows | [T, d] | f32 or bf16 |
-    | segment_bounds | [S + 1] | int32, from the ExpertSchedule |
-    | sorted_expert, sorted_token, order | [P] | int32, from the ExpertSchedule |
+    | sorted_expert, order | [P] | int32, from the ExpertSchedule |
     | zeros | [N, d] | the output dtype; the output's storage (aliased), so untouched rows keep it |
     | dot_table (optional) | [N, d] | f32 or bf16 |
     | returns out | [N, d] | zeros.dtype |
-    | returns dots (with dot_table) | [P] | f32, in pair (token) order |
+    | returns dots (with dot_table) | [P] | f32, in sorted order |
 
-    One program per (`config.segment_group` segment slots, `config.d_block` columns), walking its segments
-    `config.segment_block` pairs per step: each touched row is summed in f32 registers and written once, and
-    the grid is S / segment_group long, never N. The dots are summed over the column chunks by XLA
-    ([d / d_block, P] f32 partials).
+    Two pallas_calls (see the section comment above): blocks of `config.segment_block` sorted pairs x
+    `config.d_block` columns, then the fix-up of segments cut by block boundaries, from an f32 side buffer
+    of two rows per block. The dots are summed over the column chunks by XLA ([d / d_block, P] f32).
     """
     d = rows.shape[1]
-    slots = segment_bounds.shape[0] - 1
     num_pairs = sorted_expert.shape[0]
+    num_experts = zeros.shape[0]
+    block = config.segment_block
+    num_blocks = pl.cdiv(num_pairs, block)
     chunks = d // config.d_block
+    grid = (num_blocks, chunks)
     with_dots = dot_table is not None
     kernel = functools.partial(
-        _segment_sum_kernel,
-        num_slots=slots,
+        _segment_blocks_kernel,
         num_pairs=num_pairs,
-        num_experts=zeros.shape[0],
-        segment_group=config.segment_group,
-        segment_block=config.segment_block,
+        top_k=top_k,
+        num_experts=num_experts,
+        block=block,
+        slots=config.segment_slots,
         d_block=config.d_block,
         with_dots=with_dots,
     )
-    inputs = [segment_bounds, sorted_expert, sorted_token, order, coef, rows]
-    out_shape = [jax.ShapeDtypeStruct(zeros.shape, zeros.dtype)]
+    inputs = [sorted_expert, order, coef, rows]
+    # The side buffer: rows 2b and 2b + 1 hold block b's head and tail partials, written only where a
+    # segment is cut and read only there, so it needs no initialisation.
+    out_shape = [zeros, jax.ShapeDtypeStruct((2 * num_blocks, d), jnp.float32)]
     if with_dots:
         inputs.append(dot_table)
         out_shape.append(jax.ShapeDtypeStruct((chunks, num_pairs), jnp.float32))
     inputs.append(zeros)
     results = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
-        grid=(pl.cdiv(slots, config.segment_group), chunks),
+        out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shape],
+        grid=grid,
         input_output_aliases={len(inputs) - 1: 0},  # zeros -> out
         compiler_params=_compiler_params(config),
         interpret=interpret,
-        name="omni_expert_segment_sum",
+        name="omni_expert_segment_blocks",
     )(*inputs)
+    partial_out, side = results[0], results[1]
+    fixup = functools.partial(_segment_fixup_kernel, num_pairs=num_pairs, block=block, d_block=config.d_block)
+    out = pl.pallas_call(
+        fixup,
+        out_shape=jax.ShapeDtypeStruct(zeros.shape, zeros.dtype),
+        grid=grid,
+        input_output_aliases={2: 0},  # the blocks kernel's output -> out
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_expert_segment_fixup",
+    )(sorted_expert, side, partial_out)
     if not with_dots:
-        return results[0]
-    out, partial_dots = results
-    return out, jnp.sum(partial_dots, axis=0)  # [N, d], [P]
+        return out
+    return out, jnp.sum(results[2], axis=0)  # [N, d], [P] sorted order

@@ -1,19 +1,18 @@
-"""The expert-centric schedule: the T*K (token, expert) pairs sorted by expert, with their segments.
+"""The expert-centric schedule: the T*K (token, expert) pairs sorted by expert.
 
 Pair p = t * K + k stands for token t's k-th routed expert, e_p = indices[t, k]. Sorting the pairs by
-expert (stably, so a segment lists its tokens in increasing order) turns the scattered lookups into runs:
-all pairs of one expert are consecutive, so a program that walks a run of sorted pairs reads each expert
-row once and reuses it, and the backward can form d_up[e] and d_down[e] as segment sums, each row written
-by exactly one program (no atomics, a dense result).
+expert (stably, so each expert's pairs list its tokens in increasing order) turns the scattered lookups
+into runs ("segments"): all pairs of one expert are consecutive, so a program that walks a run of sorted
+pairs meets each expert row once per run, and the backward forms d_up[e] and d_down[e] as segment sums.
 
-Everything here is plain XLA under jit with static shapes: one argsort of P int32 keys and a compaction of
-the segment starts, no host round trip. The number of distinct experts is data-dependent, so the segment
-list is padded to its static bound min(N, P) with empty segments at the end.
+One XLA sort of P (expert, pair) int32 pairs under jit, static shapes, no host round trip; on a GPU XLA
+hands a sort this size to CUB's radix sort. Nothing else: the segment-sum kernel finds the segment
+boundaries itself by comparing neighbouring experts, so no compaction of segment starts (v1 computed
+one with jnp.nonzero, whose cumulative sum cost more on an H100 than the sort itself).
 
-The inverse permutation is never materialised: the kernels only move values between the two orders
-through `order` itself (gathering a token-order value for sorted position q reads `order[q]`; scattering a
-sorted-order result writes position `order[q]`), and since `order` is a permutation each destination is
-written exactly once.
+The inverse permutation is never materialised: values move between the two orders through `order`
+itself (gathering a token-order value for sorted position q reads `order[q]`; scattering a sorted-order
+result writes position `order[q]`), and since `order` is a permutation each destination is written once.
 """
 
 from __future__ import annotations
@@ -23,33 +22,28 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["order", "sorted_expert", "sorted_token", "segment_bounds", "num_segments"],
+    data_fields=["order", "sorted_expert"],
     meta_fields=["num_experts", "top_k"],
 )
 @dataclasses.dataclass(frozen=True)
 class ExpertSchedule:
-    """The (token, expert) pairs in expert order. P = T * K pairs, S = min(N, P) segment slots.
+    """The (token, expert) pairs in expert order. P = T * K pairs.
 
     | field | shape | dtype | meaning |
     | --- | --- | --- | --- |
-    | order | [P] | int32 | pair id p = t * K + k at sorted position q (a permutation of 0..P-1) |
-    | sorted_expert | [P] | int32 | e at sorted position q: non-decreasing |
-    | sorted_token | [P] | int32 | t at sorted position q (= order // K); increasing within a segment |
-    | segment_bounds | [S + 1] | int32 | segment i is sorted positions [bounds[i], bounds[i+1]); padding: P, P |
-    | num_segments | [] | int32 | distinct experts among the pairs; segments i >= num_segments are empty |
+    | order | [P] | int32 | pair id p = t * K + k at sorted position q (a permutation of 0..P-1); token t = p // K |
+    | sorted_expert | [P] | int32 | e at sorted position q: non-decreasing; a segment is a run of equal values |
 
     Static (pytree metadata): `num_experts` N and `top_k` K.
     """
 
     order: jax.Array
     sorted_expert: jax.Array
-    sorted_token: jax.Array
-    segment_bounds: jax.Array
-    num_segments: jax.Array
     num_experts: int
     top_k: int
 
@@ -58,9 +52,18 @@ class ExpertSchedule:
         return self.order.shape[0]
 
     @property
-    def num_segment_slots(self) -> int:
-        """S = min(N, P): the static bound on distinct experts, the segment-sum grid's first axis."""
-        return self.segment_bounds.shape[0] - 1
+    def sorted_token(self) -> jax.Array:
+        """[P] int32: token t at sorted position q (increasing within a segment)."""
+        return self.order // self.top_k
+
+    def to_sorted(self, values: jax.Array) -> jax.Array:
+        """[T, K] (or [P]) values in pair order -> [P] in sorted order (a gather through `order`)."""
+        return values.reshape(self.num_pairs)[self.order]
+
+    def to_pairs(self, sorted_values: jax.Array) -> jax.Array:
+        """[P] values in sorted order -> [T, K] in pair order (a scatter through `order`, each slot once)."""
+        flat = jnp.zeros((self.num_pairs,), sorted_values.dtype).at[self.order].set(sorted_values, unique_indices=True)
+        return flat.reshape(self.num_pairs // self.top_k, self.top_k)
 
 
 def build_schedule(indices: jax.Array, num_experts: int) -> ExpertSchedule:
@@ -68,21 +71,8 @@ def build_schedule(indices: jax.Array, num_experts: int) -> ExpertSchedule:
     tokens, top_k = indices.shape
     num_pairs = tokens * top_k
     flat_expert = indices.reshape(num_pairs).astype(jnp.int32)  # [P], pair p = t * K + k
-    # Stable, so equal experts keep pair order: segments list tokens increasingly (deterministic sums).
-    order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)  # [P]
-    sorted_expert = flat_expert[order]  # [P]
-    sorted_token = order // top_k  # [P]
-    is_start = jnp.concatenate([jnp.ones((1,), bool), sorted_expert[1:] != sorted_expert[:-1]])  # [P]
-    slots = min(num_experts, num_pairs)
-    # Positions where a new expert begins, compacted to the front; unused slots get P (empty segments).
-    (starts,) = jnp.nonzero(is_start, size=slots, fill_value=num_pairs)  # [S]
-    segment_bounds = jnp.concatenate([starts.astype(jnp.int32), jnp.full((1,), num_pairs, jnp.int32)])  # [S + 1]
-    return ExpertSchedule(
-        order=order,
-        sorted_expert=sorted_expert,
-        sorted_token=sorted_token,
-        segment_bounds=segment_bounds,
-        num_segments=jnp.sum(is_start, dtype=jnp.int32),
-        num_experts=num_experts,
-        top_k=top_k,
-    )
+    pair_ids = lax.iota(jnp.int32, num_pairs)  # [P]
+    # Stable, so equal experts keep pair order: segments list tokens increasingly (deterministic sums). The
+    # sort returns the sorted keys too, so sorted_expert costs no gather.
+    sorted_expert, order = lax.sort((flat_expert, pair_ids), num_keys=1, is_stable=True)  # [P], [P]
+    return ExpertSchedule(order=order, sorted_expert=sorted_expert, num_experts=num_experts, top_k=top_k)
