@@ -13,6 +13,7 @@ import pytest
 from nbclient import NotebookClient
 
 from train import cli
+from train.data import stdlib_root
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -58,7 +59,7 @@ def test_run_dir_notebooks_are_found():
 def test_notebook_studies_a_script_run(path, monkeypatch, tmp_path):
     """The OMNIMOE_RUN_DIR branch: a short run of the real `python -m train`, then the notebook reads it."""
     run_dir = tmp_path / "run"
-    data = pathlib.Path(os.__file__).parent / "argparse.py"  # one stdlib file: quick to load
+    data = stdlib_root() / "argparse.py"  # one standard-library file: quick to load
     overrides = ["--num_layers=2", "--context_length=32", "--hidden_size=32", "--intermediate_size=64"]
     overrides += ["--num_heads=2", "--num_experts=64", "--num_experts_per_token=4", "--batch_size=8", "--steps=6"]
     overrides += ["--warmup_steps=1", "--eval_every=3", "--eval_batches=1", "--log_every=3", f"--data={data}"]
