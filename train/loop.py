@@ -282,7 +282,7 @@ def compiled_train_step(steps: Steps, batch_shape: tuple[int, int, int]) -> Call
 def abstract_state(config: TrainConfig, mesh: Mesh | None = None) -> TrainState:
     """The TrainState's shapes, dtypes and shardings (on `mesh`, or the first device) without allocating:
     what a checkpoint restores into, whatever mesh it was saved from."""
-    shapes = jax.eval_shape(build_steps(config).init_state, jax.random.key(config.seed))
+    shapes = jax.eval_shape(build_steps(config, mesh).init_state, jax.random.key(config.seed))
     return mesh_lib.restore_target(shapes, mesh)
 
 
