@@ -65,11 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         except (TypeError, ValueError) as err:
             parser.error(str(err))
-    try:
-        return _run(parser, args, rest)
-    finally:
-        if args.coordinator is not None:
-            jax.distributed.shutdown()  # waits for the other processes, so none exits while others still save
+    status = _run(parser, args, rest)
+    if args.coordinator is not None:
+        # Waits for the other processes, so none exits while others still save. Only after a clean run: a
+        # process that failed exits at once, and the coordination service stops the others.
+        jax.distributed.shutdown()
+    return status
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
