@@ -1,6 +1,7 @@
 """Data + expert parallelism over a device mesh, on one host or many (`jax.distributed`).
 
-The recipe (what a training script does):
+The recipe (what a training script does; `python -m train --mesh data=2,expert=4` is the real one, see
+train/mesh.py):
 
     from omnimoe_jax import parallel
 
