@@ -1,27 +1,32 @@
-"""Scale-out of the expert-parallel OmniMoE layer: bytes exchanged per step as N grows, and tokens/s vs
-device count at equal per-device batch. Checks first, then measures; prints tables, writes JSON to
-benchmarks/results/scaling_<platform>.json (and a copy under $OUT if set).
+"""Scale-out on several GPUs: tokens/s of the `small` preset's training step on 1, 2 and 4 devices at
+equal per-device batch (scaling efficiency), and the bytes the expert-parallel layer exchanges per step as
+N grows. Checks first, then measures; prints tables, writes JSON to benchmarks/results/scaling_<platform>.json
+(and a copy under $OUT if set).
 
-    python -m benchmarks.scaling --cpu-devices 8 --parts bytes --dtype float32   # any machine: compile only
-    python -m benchmarks.scaling                                                 # GPU host: all three parts
+    PYTHONPATH=. python3 benchmarks/scaling.py                                    # a 4-GPU host, ~5 minutes
+    PYTHONPATH=. python3 benchmarks/scaling.py --cpu-devices 8 --parts bytes --dtype float32   # any machine
 
-Parts (`--parts`, comma-separated):
+Parts (`--parts`, comma-separated), run in this order within `--budget-s` seconds:
   check       the sharded layer's forward and gradients against the same layer with no mesh, on a mesh over
-              all devices, with the configured implementation ("auto" = Pallas kernels on GPU where they
-              exist): a mismatch aborts before anything is timed.
-  bytes       per device and training step (forward + backward, the input's gradient included) of one layer,
-              for each mesh (--mesh, repeatable) and N in --experts: the bytes in each kind of collective of
-              the compiled program (`parallel.collective_bytes`) and the all_to_all payload predicted from
-              the dispatch buffer shapes (`parallel.dispatch_payload_bytes`), which must agree. Compiles only
-              (abstract inputs), so N = 4M needs no memory. XLA:CPU widens bf16 collectives to f32: on CPU
-              use --dtype float32 for the prediction to match.
-  throughput  tokens/s of one layer's training step (forward, backward, AdamW update) at --tokens-per-device
-              tokens per device: the plain layer with no mesh, then meshes of 1, 2, 4, ... devices on the
-              expert axis; scaling efficiency = tokens/s on g devices / (g x tokens/s with no mesh).
+              all devices, with the configured implementation ("auto" = Pallas kernels on GPU): a mismatch
+              aborts before anything is timed.
+  throughput  the training step of `python -m train --preset small [--mesh ...]` (train.loop.build_steps:
+              model, AdamW, shardings, donation), `--sequences-per-device` sequences of the preset's length
+              per device (default: the preset's batch), random bytes as data: first on one device with no
+              mesh (the baseline), then on meshes expert=4, expert=2 (every device an expert shard: the
+              scaling efficiency = tokens/s on g devices / (g x baseline tokens/s)), then data=4, data=2
+              (plain data parallelism, for comparison). A layout that would not finish within the budget,
+              judging by the slowest so far, is skipped and listed as such.
+  bytes       per device and training step (forward + backward, the input's gradient included) of one layer
+              (d=1024, K=32 by default), for each mesh (--mesh, repeatable) and N in --experts: the bytes in
+              each kind of collective of the compiled program (`parallel.collective_bytes`) and the
+              all_to_all payload predicted from the dispatch buffer shapes (`parallel.dispatch_payload_bytes`),
+              which must agree. Compiles only (abstract inputs), so N = 4M needs no memory; the expert op is
+              the XLA one (`--bytes-implementation`), as the collectives are outside it. XLA:CPU widens bf16
+              collectives to f32: on CPU use --dtype float32 for the prediction to match.
 
-The throughput part times the layer, not a whole model: the train script's `small` preset (issue 5) belongs
-in `model_step` once it lands. The dispatch traffic is flat in N; what grows with N is the data-parallel
-all-reduce of the expert-table gradients (2 x N/E rows per device over the "data" axis), reported apart.
+The dispatch traffic is flat in N; what grows with N is the data-parallel all-reduce of the expert-table
+gradients (2 x N/E rows per device over the "data" axis), reported apart.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import pathlib
 import shutil
+import statistics
 import sys
+import time
 
 # NVLink multicast stays off on the shared GPU hosts (see the device notes); keep any value already set.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -40,10 +48,13 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from benchmarks.common import environment, print_table, time_fn, write_results
+from benchmarks.common import environment, print_table, write_results
 from omnimoe_jax import OmniMoE, OmniMoEConfig, parallel
+from train import mesh as train_mesh
+from train.config import TrainConfig, apply_overrides, parse_overrides
+from train.loop import build_steps, compiled_train_step
+from train.presets import get_preset
 
 
 def layer_config(args, num_experts: int, **changes) -> OmniMoEConfig:
@@ -112,16 +123,20 @@ def default_meshes() -> list[str]:
     return meshes
 
 
-def bytes_rows(args) -> list[dict]:
-    """Collective bytes of one layer's compiled training step per device, for each mesh and N (compile only)."""
-    rows = []
+def bytes_rows(args, deadline: float) -> tuple[list[dict], list[str]]:
+    """Collective bytes of one layer's compiled training step per device, for each mesh and N (compile only);
+    (mesh, N) pairs left when `deadline` has passed are skipped and listed."""
+    rows, skipped = [], []
     for spec in args.mesh or default_meshes():
         mesh = parallel.make_mesh(spec)
         shards = mesh.shape[parallel.EXPERT_AXIS]
         tokens = args.tokens_per_device * mesh.size
         capacity = parallel.dispatch_capacity(args.tokens_per_device, shards, args.top_k, args.capacity_factor)
         for num_experts in args.experts:
-            config = layer_config(args, num_experts)
+            if time.perf_counter() > deadline:
+                skipped.append(f"{spec} N={num_experts}")
+                continue
+            config = layer_config(args, num_experts, implementation=args.bytes_implementation)
             model = OmniMoE(config)
             x = jax.ShapeDtypeStruct((tokens, args.hidden), config.dtype, sharding=parallel.batch_sharding(mesh))
             abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(x.shape, x.dtype))
@@ -148,110 +163,150 @@ def bytes_rows(args) -> list[dict]:
             row = rows[-1]
             row["all_to_all_matches"] = row["all_to_all_mb"] == row["all_to_all_predicted_mb"]
             print(f"{spec} N={num_experts}: all_to_all {row['all_to_all_mb']:.3f} MB per device per step", flush=True)
-    return rows
+    return rows, skipped
 
 
-def model_step(args, mesh):
-    """The timed training step: (jitted step, initial state, input sets, tokens per step).
-
-    One OmniMoE layer with AdamW, its input's gradient included; the train script's `small` preset (issue 5)
-    replaces it once it lands. `mesh` None: the plain one-device layer, the baseline of the scaling table.
-    """
-    config = layer_config(args, args.throughput_experts)
-    model = OmniMoE(config)
-    tx = optax.adamw(1e-4)
-    devices = 1 if mesh is None else mesh.size
-    tokens = args.tokens_per_device * devices
-
-    def init(key):
-        variables = model.init(key, jnp.zeros((tokens, config.hidden_size), config.dtype))
-        return {**variables, "opt_state": tx.init(variables["params"])}
-
-    def step(state, x):
-        (loss, batch_stats), (grads, d_x) = gradient_step(model, state["params"], state["batch_stats"], x)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        # d x is returned so the step does the work of a layer inside a model (XLA would drop it otherwise).
-        return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, loss, d_x
-
-    inputs = [np.random.default_rng(i).standard_normal((tokens, args.hidden)).astype(np.float32) for i in range(3)]
-    if mesh is None:
-        xs = [jnp.asarray(x, config.dtype) for x in inputs]
-        return jax.jit(step), jax.jit(init)(jax.random.key(0)), xs, tokens
-    with jax.set_mesh(mesh):
-        state_shardings = parallel.shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
-        state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(0))
-        batch = parallel.batch_sharding(mesh)
-        xs = [jax.device_put(jnp.asarray(x, config.dtype), batch) for x in inputs]
-        jitted = jax.jit(step, in_shardings=(state_shardings, batch), out_shardings=(state_shardings, None, batch))
-    return jitted, state, xs, tokens
+def model_layouts() -> list[str | None]:
+    """The throughput layouts in the order they are measured (later ones are skipped first when the budget
+    runs out): one device with no mesh (the baseline), then all-expert meshes of 4 and 2 devices (the
+    scaling efficiency, the widest first), then all-data meshes (plain data parallelism, for comparison)."""
+    counts = [g for g in (4, 2) if g <= jax.device_count()]
+    return [None, *(f"expert={g}" for g in counts), *(f"data={g}" for g in counts)]
 
 
-def throughput_rows(args) -> list[dict]:
-    """Tokens/s of the step with no mesh, then on meshes of 1, 2, 4, ... devices (all on the expert axis)."""
-    rows, base = [], None
-    layouts = [None] + [g for g in (1, 2, 4, 8, 16) if g <= jax.device_count()]
-    for count in layouts:
-        mesh = None if count is None else parallel.make_mesh({"expert": count}, devices=jax.devices()[:count])
-        step, state, xs, tokens = model_step(args, mesh)
-        # The state is not donated: time_fn reuses it for every call, so each call is one real step.
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            timing = time_fn(step, [(state, x) for x in xs], reps=args.reps, batches=args.batches)
-        devices = 1 if mesh is None else mesh.size
-        rate = tokens / (timing["ms"] / 1e3)
-        base = base or rate  # the plain one-device layer
-        layout = "no mesh" if mesh is None else f"expert={count}"
-        rows.append(
-            {
-                "layout": layout,
-                "devices": devices,
-                "tokens_per_step": tokens,
-                **timing,
-                "tokens_per_s": rate,
-                "efficiency": rate / (devices * base),
-            }
+def model_config(args, devices: int) -> TrainConfig:
+    """The preset's training config with `--sequences-per-device` sequences per device, `--set` applied."""
+    overrides = parse_overrides([f"--{item}" for item in args.set])
+    preset = get_preset(args.preset)
+    sequences = args.sequences_per_device or preset.batch_size
+    overrides["batch_size"] = str(sequences * devices)
+    overrides["grad_accum"] = "1"
+    return apply_overrides(preset, overrides)
+
+
+def time_train_steps(step, state, batches, *, reps: int, rounds: int) -> tuple[dict, dict]:
+    """Median ms per training step: `reps` steps back to back (the state donated from one to the next),
+    blocking once at the end, `rounds` times; batches rotate. Also returns the last step's metrics."""
+    for batch in batches:  # warm up every input set (the step was compiled ahead)
+        state, metrics = step(state, batch)
+    jax.block_until_ready(state)
+    per_step = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for i in range(reps):
+            state, metrics = step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+        per_step.append((time.perf_counter() - start) * 1e3 / reps)
+    timing = {"ms": statistics.median(per_step), "ms_min": min(per_step), "ms_max": max(per_step)}
+    return timing, jax.device_get(metrics)
+
+
+def model_throughput(args, layout: str | None) -> dict:
+    """Tokens/s of the training step of `python -m train --preset <preset> [--mesh <layout>]`."""
+    devices = 1 if layout is None else math.prod(parallel.parse_mesh_spec(layout).values())
+    mesh = None if layout is None else parallel.make_mesh(layout, devices=jax.devices()[:devices])
+    config = model_config(args, devices)
+    shape = (1, config.batch_size, config.model.context_length + 1)  # [accum, micro, L + 1]
+    rng = np.random.default_rng(0)
+    # Random byte windows: the step's cost does not depend on which bytes, and no corpus needs loading.
+    windows = [rng.integers(0, 256, shape, dtype=np.int32) for _ in range(3)]
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        start = time.perf_counter()
+        steps = build_steps(config, mesh)
+        step = compiled_train_step(steps, shape)
+        state = steps.init_state(jax.random.key(0))
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - start
+        batches = windows if mesh is None else [train_mesh.put_batch(mesh, w, axis=1) for w in windows]
+        timing, metrics = time_train_steps(step, state, batches, reps=args.reps, rounds=args.batches)
+    tokens = config.tokens_per_step
+    return {
+        "layout": "one device, no mesh" if layout is None else layout,
+        "devices": devices,
+        "tokens_per_step": tokens,
+        "compile_s": compile_s,
+        **timing,
+        "tokens_per_s": tokens / (timing["ms"] / 1e3),
+        "loss": float(metrics["loss"]),
+        "dropped_pairs": int(metrics["dropped_pairs"]),
+    }
+
+
+def throughput_rows(args, deadline: float) -> tuple[list[dict], list[str]]:
+    """Model throughput per layout, with scaling efficiency against the no-mesh baseline; layouts that
+    would not finish before `deadline` (judging by the slowest layout so far) are skipped and listed."""
+    rows, skipped, slowest = [], [], 0.0
+    for layout in model_layouts():
+        if rows and time.perf_counter() + slowest > deadline:
+            skipped.append(str(layout))
+            print(f"skipped {layout}: the time budget is spent", flush=True)
+            continue
+        start = time.perf_counter()
+        row = model_throughput(args, layout)
+        slowest = max(slowest, time.perf_counter() - start)
+        base = rows[0]["tokens_per_s"] if rows else row["tokens_per_s"]  # the first row is the baseline
+        row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base)
+        rows.append(row)
+        print(
+            f"{row['layout']}: {row['ms']:.2f} ms per step, {row['tokens_per_s']:,.0f} tokens/s, "
+            f"efficiency {row['efficiency']:.3f} (compiled in {row['compile_s']:.0f} s)",
+            flush=True,
         )
-        print(f"{layout}: {timing['ms']:.3f} ms per step, {rate:,.0f} tokens/s", flush=True)
-        del step, state, xs  # free the devices before the next layout
-    return rows
+    return rows, skipped
 
 
 def main() -> None:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="check,bytes,throughput")
+    parser.add_argument("--parts", default="check,throughput,bytes")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="wall-time budget of the whole run")
+    parser.add_argument(
+        "--bytes-reserve-s", type=float, default=40.0, help="of the budget, kept for the bytes part (compiles only)"
+    )
     parser.add_argument("--cpu-devices", type=int, help="split the CPU into this many devices (no GPU needed)")
+    # throughput
+    parser.add_argument("--preset", default="small", help="train preset whose training step is timed")
+    parser.add_argument("--sequences-per-device", type=int, help="default: the preset's batch_size")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train config override")
+    parser.add_argument("--reps", type=int, default=5, help="training steps per timed round")
+    parser.add_argument("--batches", type=int, default=3, help="timed rounds (the median is reported)")
+    # check and bytes: one layer
     parser.add_argument(
         "--mesh",
         action="append",
         help="a mesh of the bytes part (repeatable); default: expert=all, data=2,expert=all/2",
     )
     parser.add_argument("--experts", default="65536,262144,1048576,4194304")
-    parser.add_argument("--throughput-experts", type=int, default=65536)
     parser.add_argument("--tokens-per-device", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--capacity-factor", type=float, default=None)
-    parser.add_argument("--implementation", default="auto")
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--implementation", default="auto", help="expert op of the check")
+    parser.add_argument("--bytes-implementation", default="xla", help="expert op of the compile-only bytes part")
     args = parser.parse_args()
     args.experts = [int(n) for n in args.experts.split(",")]
     parts = args.parts.split(",")
     unknown = sorted(set(parts) - {"check", "bytes", "throughput"})
     if unknown:
-        parser.error(f"unknown parts {unknown}; expected check, bytes, throughput")
+        parser.error(f"unknown parts {unknown}; expected check, throughput, bytes")
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
         jax.config.update("jax_platforms", "cpu")
+    deadline = started + args.budget_s
 
     print(environment())
-    results = {"settings": {k: v for k, v in vars(args).items() if k != "parts"}, "parts": parts}
+    results = {"settings": {k: v for k, v in vars(args).items() if k != "parts"}, "parts": parts, "skipped": []}
     if "check" in parts:
         results["check"] = check(args)
+    if "throughput" in parts:
+        rows, skipped = throughput_rows(args, deadline - (args.bytes_reserve_s if "bytes" in parts else 0))
+        columns = ["layout", "devices", "tokens_per_step", "ms", "ms_min", "ms_max", "tokens_per_s", "efficiency"]
+        print_table(rows, [*columns, "compile_s", "loss", "dropped_pairs"])
+        results["throughput"], results["skipped"] = rows, results["skipped"] + skipped
     if "bytes" in parts:
-        rows = bytes_rows(args)
+        rows, skipped = bytes_rows(args, deadline)
         print_table(
             rows,
             [
@@ -259,21 +314,18 @@ def main() -> None:
                 *("all_reduce_mb", "other_collectives_mb", "all_to_all_matches"),
             ],
         )
-        results["bytes"] = rows
+        results["bytes"], results["skipped"] = rows, results["skipped"] + skipped
         for spec in dict.fromkeys(r["mesh"] for r in rows):
             flat = len({r["all_to_all_mb"] for r in rows if r["mesh"] == spec}) == 1
             print(f"{spec}: all_to_all bytes per step are", "the same for every N" if flat else "NOT flat in N")
-    if "throughput" in parts:
-        rows = throughput_rows(args)
-        print_table(
-            rows, ["layout", "devices", "tokens_per_step", "ms", "ms_min", "ms_max", "tokens_per_s", "efficiency"]
-        )
-        results["throughput"] = rows
+    if results["skipped"]:
+        print("skipped for the time budget:", ", ".join(results["skipped"]))
+    results["seconds"] = time.perf_counter() - started
     # One file per platform: the CPU run (fake devices: bytes only mean anything) and the GPU run side by side.
     path = write_results(f"scaling_{jax.default_backend()}", results.pop("throughput", []), **results)
     if os.environ.get("OUT"):
         shutil.copy(path, pathlib.Path(os.environ["OUT"]) / path.name)
-    print("wrote", path)
+    print(f"wrote {path} after {results['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ the expert tables [N, d] are split by rows over the expert axis (E shards of N/E
 
 Per device and direction that is E * C * (d + 2K) numbers out and E * C * d back, with C <= T_l: bounded by
 tokens x shards x d and independent of N. C = T_l (the default) can never overflow, whatever the routing.
+
+The price of static shapes: each owner runs the expert op over all E * C received slots with K entries each,
+of which only those on its shard carry weight. With C = T_l that is E times the pair work of one device's
+tokens (when K >= E nearly every token needs every shard, so a capacity factor cannot shrink C either);
+a per-slot entry capacity (send only the entries on the destination shard, K/E on average) would remove
+that factor and is not implemented.
 """
 
 from __future__ import annotations
@@ -83,9 +89,11 @@ def _local_dispatch(
     token_axes: tuple[str, ...],
     activation: str,
     implementation: str,
+    interpret: bool | None,
 ) -> tuple[jax.Array, jax.Array]:
     """Body of the shard_map. x [T_l, d]; up, down [N/E, d] (this shard's rows); weights, indices [T_l, K]."""
     tokens, _ = x.shape
+    top_k = indices.shape[1]
     rows = up.shape[0]
     token_ids = jnp.arange(tokens, dtype=jnp.int32)  # [T_l]
     shard_ids = jnp.arange(num_shards, dtype=jnp.int32)  # [E]
@@ -109,7 +117,11 @@ def _local_dispatch(
     entry_here = on_shard[source, shard_ids[:, None], :] & filled[:, :, None]  # [E, C, K]
     send_x = jnp.where(filled[:, :, None], x[source], 0)  # [E, C, d]
     send_w = jnp.where(entry_here, weights[source].astype(jnp.float32), 0)  # [E, C, K]
-    send_rows = jnp.where(entry_here, local_row[source], 0)  # [E, C, K]
+    # Entries that are not on shard s keep weight 0 (they add nothing, forward or backward) but still pass
+    # through the expert op; spread their rows over the table instead of piling them on row 0, whose
+    # segment the expert-sorted kernels would otherwise walk serially.
+    spread = jnp.arange(capacity * top_k, dtype=jnp.int32).reshape(capacity, top_k) % rows  # [C, K]
+    send_rows = jnp.where(entry_here, local_row[source], spread[None])  # [E, C, K]
 
     # 3. Each shard receives the buffers addressed to it, blocks ordered by sending device.
     recv_x = _exchange(send_x, expert_axis).reshape(num_shards * capacity, -1)  # [E*C, d]
@@ -117,7 +129,9 @@ def _local_dispatch(
     recv_rows = _exchange(send_rows, expert_axis).reshape(num_shards * capacity, -1)  # [E*C, K]
 
     # 4. The same expert op as on one device, over this shard's rows; zero weights contribute nothing.
-    partial = omni_expert(recv_x, up, down, recv_w, recv_rows, activation=activation, implementation=implementation)
+    partial = omni_expert(
+        recv_x, up, down, recv_w, recv_rows, activation=activation, implementation=implementation, interpret=interpret
+    )
 
     # 5. Partials return to their senders; each token gathers its partials from its slots and adds them
     # over the shards in a fixed order (f32, then x.dtype): no scatter, so the sum is deterministic.
@@ -139,6 +153,7 @@ def expert_parallel_omni_expert(
     capacity_factor: float | None = None,
     activation: str = "silu",
     implementation: str = "auto",
+    interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`omni_expert` with the tables row-sharded over `expert_axis` of `mesh`; returns (y, dropped_pairs).
 
@@ -150,6 +165,7 @@ def expert_parallel_omni_expert(
     | returns y | [T, d] x.dtype | like x |
     | returns dropped_pairs | [] int32 | replicated: (token, expert) pairs dropped for lack of capacity, all devices |
 
+    `activation`, `implementation`, `interpret`: as in `omni_expert`, which each device runs on what it received.
     Raises ValueError if T does not divide over the mesh or N over the expert axis.
     """
     if expert_axis not in mesh.axis_names:
@@ -176,12 +192,17 @@ def expert_parallel_omni_expert(
         token_axes=token_axes,
         activation=activation,
         implementation=implementation,
+        interpret=interpret,
     )
     token_spec = PartitionSpec(token_axes)
     table_spec = PartitionSpec(expert_axis, None)
+    # check_vma=False: Pallas kernels (the GPU expert op) do not declare how their outputs vary over mesh
+    # axes, which shard_map's checker requires. The specs hold by construction: y is per token, and
+    # dropped_pairs is psum-ed over every axis that splits tokens, so it is replicated.
     return jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(token_spec, table_spec, table_spec, token_spec, token_spec),
         out_specs=(token_spec, PartitionSpec()),
+        check_vma=False,
     )(x, up, down, weights, indices)

@@ -84,9 +84,11 @@ def batch_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over `batch_axes(mesh)`, other dimensions replicated."""
-    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Dimension `axis` (the batch; default the leading one) split over `batch_axes(mesh)`, others replicated."""
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+        raise ValueError(f"axis={axis!r} must be a non-negative int (the batch dimension)")
+    return NamedSharding(mesh, PartitionSpec(*([None] * axis), batch_axes(mesh)))
 
 
 def shard_tokens(fn: Callable[..., Any], mesh: Mesh | AbstractMesh) -> Callable[..., Any]:
@@ -104,29 +106,52 @@ def shard_tokens(fn: Callable[..., Any], mesh: Mesh | AbstractMesh) -> Callable[
                     f"tokens are split over the {shards} devices of mesh {dict(mesh.shape)}, so the token count "
                     f"(batch x sequence) must be a multiple of {shards}; got an input of shape {arg.shape}"
                 )
-        return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)(*args)
+        # check_vma=False: a Pallas kernel in `fn` does not declare how its outputs vary over mesh axes; every
+        # output here is per token, as the spec says.
+        return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*args)
 
     return run
 
 
-def shard_batch(mesh: Mesh, local_batch: Any) -> Any:
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+    """Indices [R] (increasing) of the rows of a global batch of `global_rows` rows that this process's
+    devices hold under `batch_sharding(mesh)`: the rows this process hands to `shard_batch`.
+
+    One process: every row. Several: R = global_rows / jax.process_count() rows, wherever the mesh put this
+    process's devices (`make_mesh` may order devices for the topology, so do not assume a block per process).
+    """
+    shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+    if isinstance(global_rows, bool) or not isinstance(global_rows, int) or global_rows < 1 or global_rows % shards:
+        raise ValueError(
+            f"global_rows={global_rows!r}: a batch must have a positive multiple of the {shards} batch shards of "
+            f"mesh {dict(mesh.shape)} rows"
+        )
+    rows: set[int] = set()
+    for (index,) in batch_sharding(mesh).addressable_devices_indices_map((global_rows,)).values():
+        rows.update(range(*index.indices(global_rows)))  # one slice of rows per local device
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def shard_batch(mesh: Mesh, local_batch: Any, *, axis: int = 0) -> Any:
     """Global jax.Arrays, batch-sharded over `mesh`, from this process's rows (a pytree of numpy arrays).
 
-    Every process passes its own consecutive rows, in process order (one process: the whole batch). The
-    global batch has `jax.process_count()` times the local rows, which must divide over the batch shards.
+    Dimension `axis` of every leaf is the batch; each process passes the rows `process_rows(mesh, global
+    rows)` of the global batch, in that order (one process: the whole batch). The global batch has
+    `jax.process_count()` times the local rows, which must divide over the batch shards.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, axis)
     shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
     def put(path, leaf):
         leaf = np.asarray(leaf)
-        rows = leaf.shape[0] * jax.process_count() if leaf.ndim else 0
+        rows = leaf.shape[axis] * jax.process_count() if leaf.ndim > axis else 0
         if rows == 0 or rows % shards:
             raise ValueError(
                 f"batch leaf {jax.tree_util.keystr(path)} of local shape {leaf.shape} gives {rows} global rows "
-                f"over {jax.process_count()} processes; expected a positive multiple of the {shards} batch "
-                f"shards of mesh {dict(mesh.shape)}"
+                f"along axis {axis} over {jax.process_count()} processes; expected a positive multiple of the "
+                f"{shards} batch shards of mesh {dict(mesh.shape)}"
             )
-        return jax.make_array_from_process_local_data(sharding, leaf, (rows, *leaf.shape[1:]))
+        global_shape = (*leaf.shape[:axis], rows, *leaf.shape[axis + 1 :])
+        return jax.make_array_from_process_local_data(sharding, leaf, global_shape)
 
     return jax.tree_util.tree_map_with_path(put, local_batch)

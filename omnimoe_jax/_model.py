@@ -49,8 +49,9 @@ class LMConfig:
 
     FFN fields (the `OmniMoEConfig` fields, same names and meaning): hidden_size, intermediate_size,
     num_experts, num_experts_per_token, hidden_act, router_norm, router_norm_eps, router_norm_momentum,
-    norm_topk_prob, dtype (compute dtype of the whole model), param_dtype, implementation, expert_axis,
-    expert_capacity_factor (the last two: expert parallelism, see `omnimoe_jax.parallel`).
+    norm_topk_prob, dtype (compute dtype of the whole model), param_dtype, implementation,
+    expert_capacity_factor, and expert_axis (left None in configs: `python -m train --mesh` sets it for the
+    run, so a stored config trains on any mesh or none).
     """
 
     vocab_size: int = 259

@@ -1,6 +1,7 @@
 """Data + expert parallelism over a device mesh, on one host or many (`jax.distributed`).
 
-The recipe (what a training script does):
+The recipe (what a training script does; `python -m train --mesh data=2,expert=4` is the real one, see
+train/mesh.py):
 
     from omnimoe_jax import parallel
 
@@ -13,7 +14,8 @@ The recipe (what a training script does):
         state = jax.jit(init_state, out_shardings=state_shardings)()
         step = jax.jit(train_step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                        out_shardings=(state_shardings, None), donate_argnums=0)
-        state, metrics = step(state, parallel.shard_batch(mesh, local_batch))
+        rows = parallel.process_rows(mesh, len(global_batch))  # this process's rows (all, on one host)
+        state, metrics = step(state, parallel.shard_batch(mesh, global_batch[rows]))
 
 Layout: expert tables `up_embed`/`down_embed` [N, d] are row-sharded over "expert" (each shard owns N/E
 whole experts), everything else is replicated, and the batch is split over ("data", "expert"). The router
@@ -44,6 +46,7 @@ from omnimoe_jax._mesh import (
     batch_sharding,
     make_mesh,
     parse_mesh_spec,
+    process_rows,
     shard_batch,
     shard_tokens,
 )
@@ -69,6 +72,7 @@ __all__ = [
     "parse_mesh_spec",
     "partition_specs",
     "path_name",
+    "process_rows",
     "shard_batch",
     "shard_tokens",
     "shardings",

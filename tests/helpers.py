@@ -36,3 +36,11 @@ def assert_close(out, ref, dtype, *, what: str = "output") -> None:
 
 def normal(key, shape, dtype=jnp.float32, scale=1.0):
     return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def cpu_mesh(spec):
+    """A ("data", "expert") mesh from a spec such as "data=2,expert=4" over the 8 CPU devices of
+    tests/conftest.py (also on a GPU machine, where they are not the default devices)."""
+    from omnimoe_jax import parallel
+
+    return parallel.make_mesh(spec, devices=jax.devices("cpu"))

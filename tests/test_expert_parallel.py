@@ -1,19 +1,28 @@
 """Expert-parallel dispatch (8 CPU devices): the sharded layer equals the one-device layer, forward and
 backward, on several mesh shapes; overflow is counted exactly; traffic does not depend on N."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import assert_close, cpu_mesh
+from jax.sharding import AbstractMesh, AxisType
 from oracle import random_state_dict, routing_margin
-from parallel_model import cpu_mesh
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig, SharedMLP, parallel
 from omnimoe_jax.convert import from_torch_state_dict
 from pallas_kernels import omni_expert_reference
 
-MESHES = ["data=8", "data=2,expert=4", "expert=8", "data=4,expert=2"]
+# The default suite keeps two meshes whose expert axis has several shards; pure data parallelism (data=8)
+# also trains end to end there, in test_train_parallel.py (a resume onto it). The others run with -m slow.
+MESHES = [
+    "data=2,expert=4",
+    "expert=8",
+    pytest.param("data=8", marks=pytest.mark.slow),
+    pytest.param("data=4,expert=2", marks=pytest.mark.slow),
+]
 
 
 def layer_config(**changes):
@@ -126,7 +135,7 @@ def one_shard_routing(seed, config, tokens, shard, num_shards):
     return variables, x.at[:, 0].set(4.0)
 
 
-@pytest.mark.parametrize("spec", ["data=2,expert=4", "expert=8"])
+@pytest.mark.parametrize("spec", ["data=2,expert=4", pytest.param("expert=8", marks=pytest.mark.slow)])
 def test_routing_every_pair_to_one_shard_drops_exactly_what_capacity_cannot_hold(spec, seed):
     mesh = cpu_mesh(spec)
     devices, shards = mesh.size, mesh.shape["expert"]
@@ -256,6 +265,58 @@ def test_dispatch_traffic_is_what_the_shapes_say_and_does_not_grow_with_num_expe
     capacity = parallel.dispatch_capacity(tokens // mesh.size, 4, top_k, factor)
     want = parallel.dispatch_payload_bytes(4, capacity, top_k, d, jnp.float32)["forward_backward"]
     assert measured == [want, want]
+
+
+def sharded_expert_op(mesh, **options):
+    """The expert-parallel op over `mesh` as a function of (x, up, down, weights, indices) -> y."""
+
+    def op(x, up, down, weights, indices):
+        y, _ = parallel.expert_parallel_omni_expert(
+            x, up, down, weights, indices, mesh=mesh, expert_axis="expert", **options
+        )
+        return y
+
+    return op
+
+
+def test_sharded_op_runs_the_pallas_kernels(seed):
+    # The GPU path: Pallas kernels inside shard_map (interpret mode here), forward and gradients.
+    mesh = cpu_mesh("data=2,expert=4")
+    rng = np.random.default_rng(seed)
+    tokens, d, experts, top_k = 32, 16, 64, 4
+    x, up, down = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((tokens, d), (experts, d), (experts, d)))
+    weights = jnp.asarray(rng.random((tokens, top_k)), jnp.float32)
+    indices = jnp.asarray(rng.integers(0, experts, (tokens, top_k)), jnp.int32)
+    cotangent = jnp.asarray(rng.standard_normal((tokens, d)), jnp.float32)
+
+    def outputs(op):
+        y, pullback = jax.vjp(lambda *a: op(*a, indices), x, up, down, weights)
+        return y, pullback(cotangent)
+
+    want = jax.jit(outputs, static_argnums=0)(omni_expert_reference)
+    with jax.set_mesh(mesh):
+        got = jax.jit(outputs, static_argnums=0)(sharded_expert_op(mesh, implementation="pallas"))
+    assert_close(got[0], want[0], jnp.float32)
+    for name, grad, ref in zip(("x", "up", "down", "weights"), got[1], want[1], strict=True):
+        assert_close(grad, ref, jnp.float32, what=f"d {name}")
+
+
+def test_sharded_op_with_pallas_kernels_lowers_for_cuda():
+    # Deviceless: an abstract 2 x 4 mesh, lowered for CUDA on this CPU (catches what only a GPU would reject).
+    mesh = AbstractMesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto, AxisType.Auto))
+    op = sharded_expert_op(mesh, implementation="pallas", interpret=False)
+    tokens, d, experts, top_k = 256, 64, 1024, 8
+    shapes = [((tokens, d), jnp.bfloat16), ((experts, d), jnp.bfloat16), ((experts, d), jnp.bfloat16)]
+    shapes += [((tokens, top_k), jnp.float32), ((tokens, top_k), jnp.int32)]
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+
+    def loss(*args):
+        return jnp.sum(op(*args).astype(jnp.float32))
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @(__gpu\$xla\.gpu\.triton|triton_kernel_call_ffi)", text)) == 5
+    assert text.count("all_to_all") >= 4  # token rows, weights, rows out; partials back (and the transposes)
 
 
 def test_collective_bytes_reads_hlo_results():

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import cpu_mesh
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from parallel_model import cpu_mesh
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig, parallel
 
@@ -130,6 +130,24 @@ def test_shard_batch_splits_rows_over_data_and_expert():
     np.testing.assert_array_equal(placed["inputs"], batch["inputs"])
     with pytest.raises(ValueError, match=r"batch leaf \['inputs'\] of local shape \(6, 3\) gives 6 global rows"):
         parallel.shard_batch(mesh, {"inputs": np.zeros((6, 3))})
+
+
+def test_shard_batch_along_another_axis_and_process_rows(seed):
+    mesh = cpu_mesh("data=2,expert=4")
+    batch = np.random.default_rng(seed).integers(0, 100, (3, 16, 5))  # [accum, rows, L]: rows are split
+    np.testing.assert_array_equal(parallel.process_rows(mesh, 16), np.arange(16))  # one process holds all
+    placed = parallel.shard_batch(mesh, batch[:, parallel.process_rows(mesh, 16)], axis=1)
+    assert placed.sharding == NamedSharding(mesh, P(None, ("data", "expert")))
+    assert {s.data.shape for s in placed.addressable_shards} == {(3, 2, 5)}
+    np.testing.assert_array_equal(placed, batch)
+    for shard in placed.addressable_shards:  # each device holds the rows its place in the mesh says
+        np.testing.assert_array_equal(shard.data, batch[shard.index])
+    with pytest.raises(ValueError, match=r"global_rows=12: a batch must have a positive multiple of the 8"):
+        parallel.process_rows(mesh, 12)
+    with pytest.raises(ValueError, match=r"of local shape \(3, 16, 5\) gives 0 global rows along axis 3"):
+        parallel.shard_batch(mesh, batch, axis=3)
+    with pytest.raises(ValueError, match="axis=-1 must be a non-negative int"):
+        parallel.batch_sharding(mesh, axis=-1)
 
 
 def test_config_fields_for_expert_parallelism():

@@ -53,8 +53,17 @@ SHRUNK = [
     "--eval_batches=2",
     "--checkpoint_every=5",
 ]
-TRAIN_FIELDS = {"step", "loss", "grad_norm", "learning_rate", "tokens_per_s", "tokens_seen", "elapsed_s"}
-EVAL_FIELDS = {"step", "val_loss", "bits_per_byte", "tokens", "routing", "routing_per_layer"}
+TRAIN_FIELDS = {
+    "step",
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "dropped_pairs",
+    "tokens_per_s",
+    "tokens_seen",
+    "elapsed_s",
+}
+EVAL_FIELDS = {"step", "val_loss", "bits_per_byte", "tokens", "dropped_pairs", "routing", "routing_per_layer"}
 ROUTING_FIELDS = {"experts_used", "max_load", "load_entropy", "router_entropy"}
 
 
@@ -97,10 +106,12 @@ def test_main_writes_the_documented_metrics(trained_run):
         assert set(record) == TRAIN_FIELDS | {"kind"}
         assert all(math.isfinite(record[k]) for k in TRAIN_FIELDS)
         assert record["tokens_seen"] == record["step"] * 8 * 32
+        assert record["dropped_pairs"] == 0  # one device: every routed pair is computed
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [5, 10]
     for record in evals:
         assert set(record) == EVAL_FIELDS | {"kind"}
+        assert record["dropped_pairs"] == 0
         assert 0 < record["bits_per_byte"] < 9 and math.isfinite(record["val_loss"])
         assert set(record["routing"]) == ROUTING_FIELDS
         assert [layer["layer"] for layer in record["routing_per_layer"]] == [0, 1]

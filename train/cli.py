@@ -1,4 +1,6 @@
-"""Command line of `python -m train`: a preset, `--key=value` overrides, a run directory, `--resume`."""
+"""Command line of `python -m train`: a preset, `--key=value` overrides, a run directory, `--resume`, and
+the layout: `--mesh` (data + expert parallelism) and `--coordinator`/`--num-processes`/`--process-id`
+(one process per host, joined with `jax.distributed`)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import jax
+
+from omnimoe_jax import parallel
 from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
 from train.data import CorpusError
 from train.loop import RunDirectoryError, load_config, run
+from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
 
 
@@ -28,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint, exactly"
     )
+    scale = parser.add_argument_group(
+        "scale-out", "a run may resume on another mesh (or none): the layout is not part of the run's config"
+    )
+    scale.add_argument(
+        "--mesh",
+        metavar="SPEC",
+        help="train data + expert parallel on a device mesh such as data=2,expert=4 (axis sizes multiply to the "
+        "number of devices, of all processes); default: one device",
+    )
+    scale.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")
+    scale.add_argument("--num-processes", type=int, metavar="N", help="multi-process run: processes in the job")
+    scale.add_argument("--process-id", type=int, metavar="I", help="multi-process run: this process, 0 .. N-1")
     return parser
 
 
@@ -35,6 +53,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the job; returns the exit status (0 done, 2 bad input, 128 + signal number when interrupted)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    distributed = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in distributed):
+        if any(value is None for value in distributed):
+            parser.error("a multi-process run needs all of --coordinator, --num-processes and --process-id")
+        if args.mesh is None:
+            parser.error("a multi-process run needs --mesh: one mesh spans the devices of every process")
+        if args.run_dir is None:
+            parser.error("a multi-process run needs --run-dir: every process saves into the same directory")
+        try:  # first, before anything starts a JAX backend
+            parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        except (TypeError, ValueError) as err:
+            parser.error(str(err))
+    status = _run(parser, args, rest)
+    if args.coordinator is not None:
+        # Waits for the other processes, so none exits while others still save. Only after a clean run: a
+        # process that failed exits at once, and the coordination service stops the others.
+        jax.distributed.shutdown()
+    return status
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     try:
         overrides = parse_overrides(rest)
         if args.resume:
@@ -50,10 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             config: TrainConfig = apply_overrides(get_preset(args.preset), overrides)
             run_dir = pathlib.Path(args.run_dir or default_run_dir(args.preset))
+        mesh = None if args.mesh is None else parallel.make_mesh(args.mesh)
+        if mesh is not None:
+            check_mesh(config, mesh)
     except ValueError as err:
         parser.error(str(err))
     try:
-        summary = run(config, run_dir, resume=args.resume)
+        summary = run(config, run_dir, resume=args.resume, mesh=mesh)
     except (CorpusError, RunDirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -2,23 +2,27 @@
 
 `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> sums` are pure functions of
 their arguments (model and optimizer are closed over), built by `make_train_step` / `make_eval_step`;
-`run` jits them (state donated) and drives them. To run under a Mesh, jit the same functions with
-shardings instead: nothing else holds device state.
+`run` jits them (state donated) and drives them, on one device or, given a Mesh, with the TrainState's
+shardings on it (`train.mesh`): nothing else holds device state.
 
 metrics.jsonl records, one JSON object per line, `kind` first:
 
 - start: step (0, or the step resumed from), resumed, config, parameters {total, active}, corpus {source,
   byte_level, train_tokens, validation_tokens, train_documents, validation_documents}, device, jax,
-  compile_s.
+  compile_s, mesh ({"data": D, "expert": E}, or null on one device), processes.
 - train: step, loss (mean nats per target token over the step's batch), grad_norm (before clipping),
-  learning_rate (used by this step), tokens_per_s (training time only, since the previous record),
-  tokens_seen, elapsed_s.
+  learning_rate (used by this step), dropped_pairs (routed (token, expert) pairs dropped for lack of
+  expert-parallel dispatch capacity in all steps since the previous train record; 0 unless
+  expert_capacity_factor is set and the run has a mesh), tokens_per_s (training time only, since the
+  previous record), tokens_seen, elapsed_s.
 - eval: step, val_loss (mean nats per validation target token), bits_per_byte (nats / ln 2 over the byte
-  targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, routing (mean over OmniMoE layers of
-  experts_used, max_load, load_entropy, router_entropy: see `train.metrics`) and routing_per_layer (the
-  same for each OmniMoE layer, with its index). No routing fields without OmniMoE layers.
+  targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, dropped_pairs (over the evaluation),
+  routing (mean over OmniMoE layers of experts_used, max_load, load_entropy, router_entropy: see
+  `train.metrics`) and routing_per_layer (the same for each OmniMoE layer, with its index). No routing
+  fields without OmniMoE layers.
 - checkpoint: step, seconds.
-- end: step, reason ("done", "stop_at_step", "time limit", "SIGINT", "SIGTERM"), elapsed_s.
+- end: step, reason ("done", "stop_at_step", "time limit", "SIGINT", "SIGTERM", or in a multi-process
+  run "another process stopped"), dropped_pairs (in the steps after the last train record), elapsed_s.
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
 from omnimoe_jax._model import TransformerLM, parameter_counts
 from train import data as data_lib
+from train import mesh as mesh_lib
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
-from train.metrics import MetricsLog, routing_health, routing_statistics
+from train.metrics import MetricsLog, dropped_pairs, routing_health, routing_statistics
 
 
 class RunDirectoryError(ValueError):
@@ -123,29 +129,33 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
 
     Gradients of the micro-batches are averaged (a scan, so memory holds one micro-batch of activations);
     the router BatchNorm statistics are updated by each micro-batch in turn, as separate steps would.
-    metrics: loss (mean over micro-batches), grad_norm (before clipping), learning_rate (of this update).
+    metrics: loss (mean over micro-batches), grad_norm (before clipping), learning_rate (of this update),
+    dropped_pairs (int32, summed over micro-batches and layers; see `train.metrics.dropped_pairs`).
     """
     schedule = learning_rate_schedule(config)
 
     def loss_fn(params, batch_stats, tokens):
         # tokens: [b, L + 1]; predict tokens[:, 1:] from tokens[:, :-1]
         logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, tokens[:, :-1], train=True, mutable=["batch_stats"]
+            {"params": params, "batch_stats": batch_stats},
+            tokens[:, :-1],
+            train=True,
+            mutable=["batch_stats", "intermediates"],
         )  # [b, L, V]
         loss = jnp.mean(cross_entropy(logits, tokens[:, 1:]))
-        return loss, updates.get("batch_stats", batch_stats)
+        return loss, (updates.get("batch_stats", batch_stats), dropped_pairs(updates))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         def micro_step(carry, tokens):
-            grad_sum, loss_sum, batch_stats = carry
-            (loss, batch_stats), grads = grad_fn(state.params, batch_stats, tokens)
-            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, batch_stats), None
+            grad_sum, loss_sum, batch_stats, dropped_sum = carry
+            (loss, (batch_stats, dropped)), grads = grad_fn(state.params, batch_stats, tokens)
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, batch_stats, dropped_sum + dropped), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        carry = (zeros, jnp.zeros((), jnp.float32), state.batch_stats)
-        (grad_sum, loss_sum, batch_stats), _ = jax.lax.scan(micro_step, carry, batch)
+        carry = (zeros, jnp.zeros((), jnp.float32), state.batch_stats, jnp.zeros((), jnp.int32))
+        (grad_sum, loss_sum, batch_stats, dropped), _ = jax.lax.scan(micro_step, carry, batch)
         micro_batches = batch.shape[0]
         grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -159,6 +169,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
             "loss": loss_sum / micro_batches,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
+            "dropped_pairs": dropped,
         }
         return new_state, metrics
 
@@ -168,14 +179,16 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
 def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
     """eval_step(state, batch [B, L + 1]) -> sums over the batch, in eval mode (running BatchNorm stats).
 
-    Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), and per OmniMoE layer
-    expert_counts [M, N] and router_entropy [M] (see `train.metrics.routing_statistics`).
+    Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), dropped_pairs, and per OmniMoE
+    layer expert_counts [M, N] and router_entropy [M] (see `train.metrics.routing_statistics`).
     """
     num_experts = config.model.num_experts
 
     def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        logits, routings = model.apply(variables, batch[:, :-1], return_routing=True)  # [B, L, V], M results
+        (logits, routings), updates = model.apply(
+            variables, batch[:, :-1], return_routing=True, mutable=["intermediates"]
+        )  # [B, L, V], M results
         targets = batch[:, 1:]  # [B, L]
         nll = cross_entropy(logits, targets)  # [B, L]
         is_byte = targets < data_lib.BOS  # [B, L]
@@ -184,6 +197,7 @@ def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
             "tokens": jnp.asarray(nll.size, jnp.float32),
             "byte_nll": jnp.sum(jnp.where(is_byte, nll, 0.0)),
             "bytes": jnp.sum(is_byte).astype(jnp.float32),
+            "dropped_pairs": dropped_pairs(updates),
         }
         if routings:
             stats = [routing_statistics(r, num_experts) for r in routings]
@@ -220,25 +234,33 @@ _LOOP_FIELDS = (
 )
 
 
-def build_steps(config: TrainConfig) -> Steps:
+def build_steps(config: TrainConfig, mesh: Mesh | None = None) -> Steps:
     """The model, optimizer and jitted functions of `config`, shared by configs that differ only in loop
-    fields (so a resumed run or another corpus in the same process reuses the compilations)."""
+    fields (so a resumed run or another corpus in the same process reuses the compilations).
+
+    With a `mesh` the OmniMoE layers are expert-parallel and the functions are jitted with the TrainState's
+    shardings (`train.mesh`); trace and call them under `jax.set_mesh(mesh)`.
+    """
     defaults = TrainConfig(model=config.model)
-    return _build_steps(dataclasses.replace(config, **{f: getattr(defaults, f) for f in _LOOP_FIELDS}))
+    return _build_steps(dataclasses.replace(config, **{f: getattr(defaults, f) for f in _LOOP_FIELDS}), mesh)
 
 
 @functools.lru_cache(maxsize=4)
-def _build_steps(config: TrainConfig) -> Steps:
-    model = TransformerLM(config.model)
+def _build_steps(config: TrainConfig, mesh: Mesh | None) -> Steps:
     optimizer = make_optimizer(config)
-    init_state = make_init_state(model, optimizer, config)
-    return Steps(
-        model=model,
-        optimizer=optimizer,
-        init_state=jax.jit(init_state),
-        train_step=jax.jit(make_train_step(model, optimizer, config), donate_argnums=0),
-        eval_step=jax.jit(make_eval_step(model, config)),
-    )
+    # The parameters do not depend on the layout, so the plain model initialises them: its dummy batch
+    # [1, L] need not split over the devices as the expert-parallel layers' tokens must.
+    init_state = make_init_state(TransformerLM(config.model), optimizer, config)
+    if mesh is not None:
+        config = mesh_lib.with_expert_axis(config)
+    model = TransformerLM(config.model)
+    train_step, eval_step = make_train_step(model, optimizer, config), make_eval_step(model, config)
+    if mesh is None:
+        jitted = jax.jit(init_state), jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+    else:
+        jitted = mesh_lib.jit_steps(mesh, init_state, train_step, eval_step)
+    init_jit, train_jit, eval_jit = jitted
+    return Steps(model=model, optimizer=optimizer, init_state=init_jit, train_step=train_jit, eval_step=eval_jit)
 
 
 def load_config(run_dir: str | pathlib.Path) -> TrainConfig:
@@ -257,9 +279,11 @@ def compiled_train_step(steps: Steps, batch_shape: tuple[int, int, int]) -> Call
     return steps.train_step.lower(state, jax.ShapeDtypeStruct(batch_shape, jnp.int32)).compile()
 
 
-def abstract_state(config: TrainConfig) -> TrainState:
-    """The TrainState's shapes and dtypes, without allocating (what a checkpoint restores into)."""
-    return jax.eval_shape(build_steps(config).init_state, jax.random.key(config.seed))
+def abstract_state(config: TrainConfig, mesh: Mesh | None = None) -> TrainState:
+    """The TrainState's shapes, dtypes and shardings (on `mesh`, or the first device) without allocating:
+    what a checkpoint restores into, whatever mesh it was saved from."""
+    shapes = jax.eval_shape(build_steps(config, mesh).init_state, jax.random.key(config.seed))
+    return mesh_lib.restore_target(shapes, mesh)
 
 
 def evaluate(steps: Steps, state: TrainState, batches: list[np.ndarray], config: TrainConfig, *, byte_level: bool):
@@ -273,6 +297,7 @@ def evaluate(steps: Steps, state: TrainState, batches: list[np.ndarray], config:
         "val_loss": float(totals["nll"] / totals["tokens"]),
         "bits_per_byte": float(totals["byte_nll"] / totals["bytes"] / math.log(2)) if byte_level else None,
         "tokens": int(totals["tokens"]),
+        "dropped_pairs": int(totals["dropped_pairs"]),
     }
     if "expert_counts" in totals:
         layers = [
@@ -323,23 +348,35 @@ def run(
     resume: bool = False,
     stop_at_step: int | None = None,
     log: Callable[[str], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """Train `config` in `run_dir` (new, or resumed from its latest checkpoint). Returns a summary dict.
 
     Resuming restores params, optimizer state, batch_stats, step and the data sampler's RNG, so the rest
     of the run is exactly what an uninterrupted run would have done. `stop_at_step` ends the run early
     (with a checkpoint) once that many steps are done, as a signal or the time limit would.
+
+    `mesh`: train data + expert parallel on it (`train.mesh`; None = one device). A run may resume on
+    another mesh, or none: the checkpoint is restored with the new layout. In a multi-process job every
+    process calls `run` with the same arguments; process 0 alone writes config.json, metrics.jsonl and `log`
+    lines, and all of them save and restore the checkpoints.
     """
     started = time.perf_counter()
     deadline = started + 60 * config.time_limit_minutes if config.time_limit_minutes else math.inf
-    log = log or functools.partial(print, flush=True)
+    log = (log or functools.partial(print, flush=True)) if mesh_lib.is_primary() else (lambda line: None)
     run_dir = pathlib.Path(run_dir)
+    if mesh is not None:
+        mesh_lib.check_mesh(config, mesh)
     corpus, sampler, eval_batches = _prepare_data(config, log)  # fails before anything is compiled
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_log = MetricsLog(run_dir)
-    steps = build_steps(config)
-    with Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints, _StopFlag().installed() as stop:
-        state = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log)
+    metrics_log = MetricsLog(run_dir, enabled=mesh_lib.is_primary())
+    steps = build_steps(config, mesh)
+    with (
+        Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints,
+        _StopFlag().installed() as stop,
+        jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(),
+    ):
+        state = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log, mesh=mesh)
         step = int(state.step)
         if stop_at_step is not None and not step <= stop_at_step <= config.steps:
             raise ValueError(f"stop_at_step={stop_at_step} must be in [{step}, steps={config.steps}]")
@@ -347,7 +384,9 @@ def run(
         # Compile ahead so the first tokens/s figure measures training, not compilation.
         compile_start = time.perf_counter()
         train_step = compiled_train_step(steps, shape)
-        _log_start(config, corpus, step, resume, time.perf_counter() - compile_start, metrics_log, log)
+        _log_start(config, corpus, step, resume, time.perf_counter() - compile_start, metrics_log, log, mesh)
+        if mesh is not None:
+            eval_batches = [mesh_lib.put_batch(mesh, batch, axis=0) for batch in eval_batches]
 
         def save() -> None:
             save_start = time.perf_counter()
@@ -358,19 +397,30 @@ def run(
 
         reason, last_eval = "done", None
         window_start, window_steps = time.perf_counter(), 0  # tokens/s counts training time since the last record
+        window_dropped = []  # each step's dropped pairs since the last train record, read when logging
         while step < config.steps:
-            if stop.reason or step == stop_at_step or time.perf_counter() > deadline:
-                reason = stop.reason or ("stop_at_step" if step == stop_at_step else "time limit")
+            if step == stop_at_step:
+                reason = "stop_at_step"
                 break
-            batch = sampler.next().reshape(shape)  # [accum, micro, L + 1]
+            wanted = stop.reason or ("time limit" if time.perf_counter() > deadline else None)
+            # Processes must stop after the same step: they agree at logged steps (train.mesh.agree_on_stop).
+            if agreed := mesh_lib.agree_on_stop(wanted, at_agreement_point=step % config.log_every == 0):
+                reason = agreed
+                break
+            batch = sampler.next().reshape(shape)  # [accum, micro, L + 1], the global batch in every process
+            if mesh is not None:
+                batch = mesh_lib.put_batch(mesh, batch, axis=1)  # micro-batches split over the devices
             state, metrics = train_step(state, batch)  # dispatched asynchronously; read back only when logged
+            window_dropped.append(metrics["dropped_pairs"])
             step, window_steps = step + 1, window_steps + 1
             done = step == config.steps
             logged = step % config.log_every == 0 or done
             evaluated = step % config.eval_every == 0 or done
             saved = step % config.checkpoint_every == 0 or done
             if logged:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                metrics = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}  # waits for the step
+                metrics["dropped_pairs"] = int(np.sum(jax.device_get(window_dropped)))
+                window_dropped = []
                 seconds = time.perf_counter() - window_start
                 _log_train(
                     config, step, metrics, window_steps, seconds, time.perf_counter() - started, metrics_log, log
@@ -386,12 +436,16 @@ def run(
         if step not in checkpoints.all_steps():
             save()  # stopped early: keep what was done
     elapsed = round(time.perf_counter() - started, 2)
-    metrics_log.write({"kind": "end", "step": step, "reason": reason, "elapsed_s": elapsed})
+    # Steps after the last train record (a run stopped between logged steps) report their drops here.
+    unlogged_dropped = int(np.sum(jax.device_get(window_dropped)))
+    metrics_log.write(
+        {"kind": "end", "step": step, "reason": reason, "dropped_pairs": unlogged_dropped, "elapsed_s": elapsed}
+    )
     log(f"{reason} at step {step} after {_duration(elapsed)}; checkpoints in {checkpoints.directory}")
     return {"step": step, "reason": reason, "last_eval": last_eval, "elapsed_s": elapsed, "run_dir": str(run_dir)}
 
 
-def _log_start(config, corpus, step, resume, compile_s, metrics_log, log) -> None:
+def _log_start(config, corpus, step, resume, compile_s, metrics_log, log, mesh) -> None:
     counts = parameter_counts(config.model)
     metrics_log.write(
         {
@@ -404,10 +458,13 @@ def _log_start(config, corpus, step, resume, compile_s, metrics_log, log) -> Non
             "device": jax.devices()[0].device_kind,
             "jax": jax.__version__,
             "compile_s": round(compile_s, 2),
+            "mesh": None if mesh is None else dict(mesh.shape),
+            "processes": jax.process_count(),
         }
     )
+    layout = "one device" if mesh is None else f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)"
     log(
-        f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
+        f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; {layout}; "
         f"train step compiled in {compile_s:.1f} s; steps {step} -> {config.steps}"
     )
 
@@ -426,9 +483,10 @@ def _log_train(config, step, metrics, window_steps, seconds, elapsed, metrics_lo
         }
     )
     eta = (config.steps - step) * seconds / window_steps
+    dropped = f" | dropped pairs {metrics['dropped_pairs']:,}" if metrics["dropped_pairs"] else ""
     log(
         f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f} | lr {metrics['learning_rate']:.2e}"
-        f" | grad norm {metrics['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | eta {_duration(eta)}"
+        f" | grad norm {metrics['grad_norm']:.3f}{dropped} | {tokens_per_s:,.0f} tok/s | eta {_duration(eta)}"
     )
 
 
@@ -450,20 +508,23 @@ def _prepare_data(config: TrainConfig, log: Callable[[str], None]):
     return corpus, sampler, eval_batches
 
 
-def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log) -> TrainState:
-    """A fresh state (writing config.json), or the latest checkpoint's (restoring the sampler too)."""
+def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log, mesh) -> TrainState:
+    """A fresh state (writing config.json), or the latest checkpoint's laid out for `mesh` (restoring the
+    sampler too)."""
     config_path = run_dir / "config.json"
     latest = checkpoints.latest_step()
     if resume:
         if latest is None:
             raise RunDirectoryError(f"resume: {checkpoints.directory} holds no checkpoint to resume from")
-        state, data_state = checkpoints.restore(latest, abstract_state(config))
+        state, data_state = checkpoints.restore(latest, abstract_state(config, mesh))
         sampler.restore(data_state["sampler"])
         log(f"resumed {run_dir} at step {latest}")
         return state
     if latest is not None or config_path.exists():
         raise RunDirectoryError(f"run directory {str(run_dir)!r} already holds a run; resume it or choose another")
-    config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    mesh_lib.sync("run directory checked")  # before process 0 writes the config the others would take for a run
+    if mesh_lib.is_primary():
+        config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return steps.init_state(jax.random.key(config.seed))
 
 
@@ -471,6 +532,8 @@ def _eval_line(step: int, result: dict[str, Any]) -> str:
     line = f"eval {step:>6} | val loss {result['val_loss']:.4f}"
     if result["bits_per_byte"] is not None:
         line += f" | bits/byte {result['bits_per_byte']:.3f}"
+    if result["dropped_pairs"]:
+        line += f" | dropped pairs {result['dropped_pairs']:,}"
     if "routing" in result:
         r = result["routing"]
         line += (

@@ -7,6 +7,9 @@ Routing health, per OmniMoE layer, over all tokens of one evaluation (N experts,
 - load_entropy: entropy of the expert load distribution / log N (1 = uniform load).
 - router_entropy: mean over tokens of H(p_x) + H(p_y), the entropy of the token's whole routing
   distribution p_x(i) p_y(j) over the N experts, / log N (1 = uniform; falls as routing sharpens).
+
+Dropped pairs: routed (token, expert) pairs an expert-parallel layer had no dispatch slot for (only with
+`expert_capacity_factor` set on a mesh; always 0 otherwise), summed over layers (`dropped_pairs`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,19 @@ def routing_statistics(routing: RoutingResult, num_experts: int) -> tuple[jax.Ar
     return counts, jnp.sum(entropy)
 
 
+def dropped_pairs(collections: Any) -> jax.Array:
+    """[] int32: the "dropped_pairs" every OmniMoE layer sowed into the "intermediates" collection, summed.
+
+    `collections`: the mutable collections an `apply(..., mutable=["intermediates", ...])` returned.
+    """
+    total = jnp.zeros((), jnp.int32)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(collections.get("intermediates", {})):
+        # sow stores a tuple per call: path ends in ('dropped_pairs', 0)
+        if any(getattr(key, "key", None) == "dropped_pairs" for key in path):
+            total = total + leaf.astype(jnp.int32)
+    return total
+
+
 def routing_health(counts: np.ndarray, entropy_sum: float, num_tokens: int) -> dict[str, float]:
     """The table's four numbers from one layer's accumulated expert counts [N] and token entropy sum."""
     counts = np.asarray(counts, np.float64)
@@ -47,12 +63,19 @@ def routing_health(counts: np.ndarray, entropy_sum: float, num_tokens: int) -> d
 
 
 class MetricsLog:
-    """Appends one JSON object per line to <run_dir>/metrics.jsonl (flushed at once)."""
+    """Appends one JSON object per line to <run_dir>/metrics.jsonl (flushed at once).
 
-    def __init__(self, run_dir: str | pathlib.Path):
+    `enabled=False` writes nothing: the other processes of a multi-process run, whose numbers process 0
+    already records.
+    """
+
+    def __init__(self, run_dir: str | pathlib.Path, *, enabled: bool = True):
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
