@@ -10,13 +10,15 @@ metrics.jsonl records, one JSON object per line, `kind` first:
 - start: step (0, or the step resumed from), resumed, config, parameters {total, active}, corpus {source,
   byte_level, train_tokens, validation_tokens, train_documents, validation_documents}, device, jax,
   compile_s.
-- train: step, loss (mean nats per target token over the step's batch), grad_norm (before clipping),
-  learning_rate (used by this step), tokens_per_s (training time only, since the previous record),
-  tokens_seen, elapsed_s.
+- train: step, loss (mean nats per target token over the step's batch), [aux_loss (the auxiliary loss term
+  of the objective, before aux_loss_coefficient; GShard and DeepSeekMoE only)], grad_norm (before
+  clipping), learning_rate (used by this step), tokens_per_s (training time only, since the previous
+  record), tokens_seen, elapsed_s.
 - eval: step, val_loss (mean nats per validation target token), bits_per_byte (nats / ln 2 over the byte
-  targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, routing (mean over OmniMoE layers of
-  experts_used, max_load, load_entropy, router_entropy: see `train.metrics`) and routing_per_layer (the
-  same for each OmniMoE layer, with its index). No routing fields without OmniMoE layers.
+  targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, routing (mean over the sparse layers
+  of experts_used, max_load, load_entropy, and router_entropy (OmniMoE) or dropped_pairs, dropped_fraction
+  (capacity-bound MoEs) and balance_loss (MoEs): see `train.metrics`) and routing_per_layer (the same for
+  each sparse layer, with its index). No routing fields for the dense FFN.
 - checkpoint: step, seconds.
 - end: step, reason ("done", "stop_at_step", "time limit", "SIGINT", "SIGTERM"), elapsed_s.
 """
@@ -42,11 +44,11 @@ import numpy as np
 import optax
 from flax import struct
 
-from omnimoe_jax._model import TransformerLM, parameter_counts
+from omnimoe_jax._model import AUX_LOSS_KINDS, TransformerLM, parameter_counts
 from train import data as data_lib
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
-from train.metrics import MetricsLog, routing_health, routing_statistics
+from train.metrics import MetricsLog, routing_report, routing_statistics, sown_statistics
 
 
 class RunDirectoryError(ValueError):
@@ -60,7 +62,8 @@ class TrainState:
     Attributes:
       step: [] int32, optimizer steps taken.
       params: the model's "params" collection (param_dtype, f32 by default).
-      batch_stats: the routers' BatchNorm running statistics ("batch_stats"; {} without OmniMoE layers).
+      batch_stats: the BatchNorm running statistics of OmniMoE's routers and PEER's and PKM's queries
+        ("batch_stats"; {} for the other FFNs).
       opt_state: the optax state (AdamW moments in the params' dtype).
     """
 
@@ -122,30 +125,37 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
     """train_step(state, batch) -> (state, metrics), batch [grad_accum, micro_batch, L + 1] int32.
 
     Gradients of the micro-batches are averaged (a scan, so memory holds one micro-batch of activations);
-    the router BatchNorm statistics are updated by each micro-batch in turn, as separate steps would.
-    metrics: loss (mean over micro-batches), grad_norm (before clipping), learning_rate (of this update).
+    the BatchNorm statistics are updated by each micro-batch in turn, as separate steps would. The gradient
+    is that of cross-entropy + aux_loss_coefficient * the sown auxiliary losses.
+    metrics: loss (cross-entropy, mean over micro-batches), aux_loss (the sown auxiliary losses, mean over
+    micro-batches; for the FFN kinds that sow one), grad_norm (before clipping), learning_rate (of this update).
     """
     schedule = learning_rate_schedule(config)
 
     def loss_fn(params, batch_stats, tokens):
         # tokens: [b, L + 1]; predict tokens[:, 1:] from tokens[:, :-1]
         logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, tokens[:, :-1], train=True, mutable=["batch_stats"]
+            {"params": params, "batch_stats": batch_stats},
+            tokens[:, :-1],
+            train=True,
+            mutable=["batch_stats", "losses"],
         )  # [b, L, V]
         loss = jnp.mean(cross_entropy(logits, tokens[:, 1:]))
-        return loss, updates.get("batch_stats", batch_stats)
+        aux = sum(jax.tree.leaves(updates.get("losses", {})), jnp.zeros((), jnp.float32))  # one per sparse layer
+        objective = loss + config.aux_loss_coefficient * aux
+        return objective, (loss, aux, updates.get("batch_stats", batch_stats))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         def micro_step(carry, tokens):
-            grad_sum, loss_sum, batch_stats = carry
-            (loss, batch_stats), grads = grad_fn(state.params, batch_stats, tokens)
-            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, batch_stats), None
+            grad_sum, loss_sum, aux_sum, batch_stats = carry
+            (_, (loss, aux, batch_stats)), grads = grad_fn(state.params, batch_stats, tokens)
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, aux_sum + aux, batch_stats), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        carry = (zeros, jnp.zeros((), jnp.float32), state.batch_stats)
-        (grad_sum, loss_sum, batch_stats), _ = jax.lax.scan(micro_step, carry, batch)
+        carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.batch_stats)
+        (grad_sum, loss_sum, aux_sum, batch_stats), _ = jax.lax.scan(micro_step, carry, batch)
         micro_batches = batch.shape[0]
         grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -155,11 +165,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
-        metrics = {
-            "loss": loss_sum / micro_batches,
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(state.step),
-        }
+        metrics = {"loss": loss_sum / micro_batches}
+        if config.model.ffn in AUX_LOSS_KINDS:
+            metrics["aux_loss"] = aux_sum / micro_batches
+        metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
         return new_state, metrics
 
     return train_step
@@ -168,14 +177,18 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
 def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
     """eval_step(state, batch [B, L + 1]) -> sums over the batch, in eval mode (running BatchNorm stats).
 
-    Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), and per OmniMoE layer
-    expert_counts [M, N] and router_entropy [M] (see `train.metrics.routing_statistics`).
+    Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), and per sparse layer (M of them)
+    expert_counts [M, N] and router_entropy [M] for OmniMoE (`train.metrics.routing_statistics`), or
+    expert_counts [M, E] and, where sown, dropped_pairs [M] and balance_loss [M] for the baselines
+    (`train.metrics.sown_statistics`).
     """
     num_experts = config.model.num_experts
 
     def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        logits, routings = model.apply(variables, batch[:, :-1], return_routing=True)  # [B, L, V], M results
+        (logits, routings), sown = model.apply(
+            variables, batch[:, :-1], return_routing=True, mutable=["metrics"]
+        )  # [B, L, V], M OmniMoE results, the baselines' metrics
         targets = batch[:, 1:]  # [B, L]
         nll = cross_entropy(logits, targets)  # [B, L]
         is_byte = targets < data_lib.BOS  # [B, L]
@@ -189,6 +202,8 @@ def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
             stats = [routing_statistics(r, num_experts) for r in routings]
             sums["expert_counts"] = jnp.stack([counts for counts, _ in stats])  # [M, N]
             sums["router_entropy"] = jnp.stack([entropy for _, entropy in stats])  # [M]
+        if sown.get("metrics"):
+            sums.update(sown_statistics(sown["metrics"], config.model.sparse_layers))
         return sums
 
     return eval_step
@@ -275,15 +290,7 @@ def evaluate(steps: Steps, state: TrainState, batches: list[np.ndarray], config:
         "tokens": int(totals["tokens"]),
     }
     if "expert_counts" in totals:
-        layers = [
-            {"layer": layer, **routing_health(counts, entropy, int(totals["tokens"]))}
-            for layer, counts, entropy in zip(
-                config.model.sparse_layers, totals["expert_counts"], totals["router_entropy"], strict=True
-            )
-        ]
-        names = [k for k in layers[0] if k != "layer"]
-        result["routing"] = {k: float(np.mean([layer[k] for layer in layers])) for k in names}
-        result["routing_per_layer"] = layers
+        result.update(routing_report(totals, config.model.sparse_layers, num_batches=len(batches)))
     return result
 
 
@@ -426,8 +433,9 @@ def _log_train(config, step, metrics, window_steps, seconds, elapsed, metrics_lo
         }
     )
     eta = (config.steps - step) * seconds / window_steps
+    aux = f" | aux {metrics['aux_loss']:.4f}" if "aux_loss" in metrics else ""
     log(
-        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f} | lr {metrics['learning_rate']:.2e}"
+        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f}{aux} | lr {metrics['learning_rate']:.2e}"
         f" | grad norm {metrics['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | eta {_duration(eta)}"
     )
 
@@ -473,10 +481,14 @@ def _eval_line(step: int, result: dict[str, Any]) -> str:
         line += f" | bits/byte {result['bits_per_byte']:.3f}"
     if "routing" in result:
         r = result["routing"]
-        line += (
-            f" | experts used {r['experts_used']:.3f} | max load {r['max_load']:.2f}x"
-            f" | load entropy {r['load_entropy']:.3f} | router entropy {r['router_entropy']:.3f}"
-        )
+        line += f" | experts used {r['experts_used']:.3f} | max load {r['max_load']:.2f}x"
+        line += f" | load entropy {r['load_entropy']:.3f}"
+        if "router_entropy" in r:
+            line += f" | router entropy {r['router_entropy']:.3f}"
+        if "dropped_fraction" in r:
+            line += f" | dropped {r['dropped_fraction']:.2%}"
+        if "balance_loss" in r:
+            line += f" | balance {r['balance_loss']:.3f}"
     return line
 
 
