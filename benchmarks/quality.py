@@ -25,9 +25,9 @@ What it does, in order:
    the plan and every run's metrics records) and quality.png (validation bits per byte and training loss
    against tokens, one curve per kind) under benchmarks/results/, both copied to $OUT when set.
 
-The default shape is small enough that all six kinds train in about 8 minutes on one H100 (d = 128, 4 layers,
-1500 steps of 32 x 256 tokens = 12.3M tokens each); `--hidden-size`, `--steps` and overrides such as
-`--num_layers=8` scale it.
+The default shape (d = 128, 4 layers, 1500 steps of 32 x 256 tokens = 12.3M tokens per kind) is an estimate
+of what six kinds can train in 8 minutes on one H100, made before any GPU run: the table's steps column says
+whether each run finished. `--hidden-size`, `--steps` and overrides such as `--num_layers=8` scale it.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Fast kinds first: the time a run leaves unused passes to the ones after it.
 DEFAULT_KINDS = ["dense", "gshard", "deepseekmoe", "omnimoe", "peer", "pkm"]
 BASE_PRESET = "small"  # its optimizer settings; the overrides below set the shape and schedule
-# The model and batch every kind shares, besides the FFN.
-SHAPE = {"num_layers": 4, "num_heads": 4, "context_length": 256, "batch_size": 32, "learning_rate": 2e-3}
-QUICK_SHAPE = {
+# The model shape, batch and learning rate every kind shares (on top of the small preset), besides the FFN.
+SHARED = {"num_layers": 4, "num_heads": 4, "context_length": 256, "batch_size": 32, "learning_rate": 2e-3}
+QUICK_SHARED = {
     "num_layers": 1,
     "num_heads": 2,
     "context_length": 16,
@@ -73,7 +73,10 @@ STARTUP_S = 20.0  # of a run's share, left for starting Python and JAX before th
 GRACE_S = 60.0  # a run past its share gets this long (its final checkpoint, a slow compile) before it is killed
 RESULTS_NAME = "quality"
 # Keys the plan sets for every run: extra overrides may not change them (the matching, the token budget).
-RESERVED = ("hidden_size", "ffn", "intermediate_size", "num_experts", "num_experts_per_token", "steps", "seed")
+RESERVED = (
+    *("hidden_size", "ffn", "intermediate_size", "num_experts", "num_experts_per_token"),
+    *("steps", "seed", "time_limit_minutes"),
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def run_overrides(kind: str, *, hidden_size: int, steps: int, seed: int, quick: 
         raise ValueError(f"steps={steps} must be >= {EVALUATIONS} (one evaluation every steps / {EVALUATIONS})")
     eval_every = max(1, steps // EVALUATIONS) if not quick else max(1, steps // 2)
     settings = {
-        **(QUICK_SHAPE if quick else SHAPE),
+        **(QUICK_SHARED if quick else SHARED),
         **matched_ffn_overrides(kind, hidden_size),
         "steps": steps,
         "warmup_steps": max(1, steps // 10) if steps > 1 else 0,
@@ -107,7 +110,7 @@ def plan(kinds: list[str], *, hidden_size: int, steps: int, seed: int, quick: bo
     unknown = sorted(set(kinds) - set(FFN_KINDS))
     if unknown:
         raise ValueError(f"unknown FFN kinds {unknown}; expected some of {FFN_KINDS}")
-    reserved = sorted(k for k in parse_overrides(extra) if k in RESERVED or k == "time_limit_minutes" or "." in k)
+    reserved = sorted(k for k in parse_overrides(extra) if k in RESERVED or "." in k)  # "<kind>.<field>" too
     if reserved:
         raise ValueError(
             f"overrides {reserved} would unmatch the runs; use --hidden-size, --steps, --seed, --budget-minutes "
