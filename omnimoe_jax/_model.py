@@ -1,15 +1,18 @@
-"""A decoder-only Transformer language model whose feed-forward blocks are OmniMoE layers.
+"""A decoder-only Transformer language model whose feed-forward blocks are OmniMoE layers (or a baseline).
 
 Pre-norm blocks: x += Attention(RMSNorm(x)); x += FFN(RMSNorm(x)). Attention is causal, multi-head, with
 rotary positions, through `jax.nn.dot_product_attention`. The FFN of every `moe_every`-th layer is the
-sparse kind named by `LMConfig.ffn` (OmniMoE by default); the other layers use the dense SwiGLU
-`SharedMLP`. `_feed_forward` is the one place that maps the `ffn` name to a module.
+sparse kind named by `LMConfig.ffn` (OmniMoE by default, or one of the `omnimoe_jax.baselines`); the other
+layers use the dense SwiGLU `SharedMLP`. `_feed_forward` is the one place that maps the `ffn` name to a
+module, and `LMConfig.sparse_ffn_config` the one place that builds that module's config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -20,9 +23,33 @@ from omnimoe_jax._config import OmniMoEConfig
 from omnimoe_jax._layer import OmniMoE
 from omnimoe_jax._router import RoutingResult
 from omnimoe_jax._shared_mlp import SharedMLP
+from omnimoe_jax.baselines import (
+    PEER,
+    PKM,
+    DeepSeekMoE,
+    DeepSeekMoEConfig,
+    DenseFFNConfig,
+    GShardMoE,
+    GShardMoEConfig,
+    PEERConfig,
+    PKMConfig,
+)
+from omnimoe_jax.baselines.presets import FFNConfig, active_parameters, small_presets
 
+# The baseline FFN kinds: module and config class. Their sizes are `ffn_options` (see LMConfig).
+_BASELINES = {
+    "gshard": (GShardMoE, GShardMoEConfig),
+    "deepseekmoe": (DeepSeekMoE, DeepSeekMoEConfig),
+    "peer": (PEER, PEERConfig),
+    "pkm": (PKM, PKMConfig),
+}
 # Feed-forward kinds a sparse layer can use ("dense" = the SwiGLU SharedMLP everywhere).
-FFN_KINDS = ("omnimoe", "dense")
+FFN_KINDS = ("omnimoe", "dense", *_BASELINES)
+# Kinds whose module sows an auxiliary (load-balancing) loss into "losses" when training.
+AUX_LOSS_KINDS = ("gshard", "deepseekmoe")
+# Baseline config fields the model sets from its own fields of the same name, so that every FFN of a model
+# shares one width, dtype, activation and kernel choice; a baseline's other fields are its `ffn_options`.
+_MODEL_OWNED = ("hidden_size", "dtype", "param_dtype", "hidden_act", "implementation")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # LMConfig fields that are OmniMoEConfig fields: the FFN of every layer is built from them.
 _FFN_FIELDS = tuple(f.name for f in dataclasses.fields(OmniMoEConfig))
@@ -37,7 +64,14 @@ class LMConfig:
       context_length: L, longest sequence the model accepts (and is trained on).
       num_layers: Transformer blocks.
       num_heads: attention heads; head_dim = hidden_size / num_heads must be even (rotary pairs).
-      ffn: the FFN of the sparse layers, one of FFN_KINDS.
+      ffn: the FFN of the sparse layers, one of FFN_KINDS: "omnimoe", "dense" (the SwiGLU of width
+        intermediate_size), or a baseline of `omnimoe_jax.baselines`: "gshard", "deepseekmoe", "peer", "pkm".
+      ffn_options: the baseline `ffn`'s own config fields, as a dict (stored as sorted (field, value)
+        pairs; `ffn_option_types(ffn)` lists them). A field not given takes its value from
+        `omnimoe_jax.baselines.presets.small_presets(hidden_size)[ffn]`, the sizes that give every kind about
+        12 d^2 active parameters per token (so hidden_size must then be a multiple of 4, >= 12). The
+        baseline's hidden_size, dtype, param_dtype, hidden_act and implementation are the model's. Must be
+        empty for "omnimoe" and "dense", which are sized by the FFN fields below.
       moe_every: layer i (0-based) uses `ffn` when (i + 1) % moe_every == 0, the dense SwiGLU otherwise
         (1: every layer; 2: layers 1, 3, 5, ...).
       tie_embeddings: the output projection reuses the token embedding table.
@@ -71,6 +105,7 @@ class LMConfig:
     expert_axis: str | None = None
     expert_capacity_factor: float | None = None
     ffn: str = "omnimoe"
+    ffn_options: tuple[tuple[str, Any], ...] = ()
     moe_every: int = 1
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
@@ -95,6 +130,13 @@ class LMConfig:
             )
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn={self.ffn!r} must be one of {FFN_KINDS}")
+        object.__setattr__(self, "ffn_options", _option_pairs(self.ffn_options))
+        if self.ffn_options and self.ffn not in _BASELINES:
+            raise ValueError(
+                f"ffn_options={dict(self.ffn_options)} set a baseline's fields, but ffn={self.ffn!r} is sized by "
+                "LMConfig's own fields (intermediate_size, num_experts, ...)"
+            )
+        self.sparse_ffn_config()  # validates a baseline's options, naming the field
         if self.moe_every > self.num_layers:
             raise ValueError(
                 f"moe_every={self.moe_every} must be <= num_layers={self.num_layers}, or no layer would use "
@@ -117,6 +159,29 @@ class LMConfig:
         """The `OmniMoEConfig` every layer's feed-forward block is built from."""
         return OmniMoEConfig(**{name: getattr(self, name) for name in _FFN_FIELDS})
 
+    def sparse_ffn_config(self) -> FFNConfig:
+        """The config of the `ffn` module of the sparse layers: an OmniMoEConfig, a DenseFFNConfig (the SwiGLU
+        of width intermediate_size) or the baseline's config (see `ffn_options`)."""
+        if self.ffn == "omnimoe":
+            return self.ffn_config()
+        if self.ffn == "dense":
+            return DenseFFNConfig(
+                self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype, self.param_dtype
+            )
+        if self.hidden_size % 4 or self.hidden_size < 12:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be a multiple of 4 and >= 12 for ffn={self.ffn!r} (its "
+                "default sizes are omnimoe_jax.baselines.presets.small_presets(hidden_size))"
+            )
+        options = dict(self.ffn_options)
+        valid = ffn_option_types(self.ffn)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"ffn_options {unknown} are not fields of ffn={self.ffn!r}; its fields: {sorted(valid)}")
+        defaults = small_presets(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)[self.ffn]
+        owned = {name: getattr(self, name) for name in _MODEL_OWNED if hasattr(defaults, name)}
+        return defaults.replace(**owned, **options)
+
     def is_sparse_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) uses the `ffn` kind (else the dense SwiGLU)."""
         return (layer + 1) % self.moe_every == 0
@@ -132,6 +197,7 @@ class LMConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable fields (dtypes as names), inverse of `from_dict`."""
         fields = dataclasses.asdict(self)
+        fields["ffn_options"] = dict(self.ffn_options)
         fields["dtype"] = jnp.dtype(self.dtype).name
         fields["param_dtype"] = jnp.dtype(self.param_dtype).name
         return fields
@@ -143,6 +209,31 @@ class LMConfig:
         if unknown:
             raise ValueError(f"unknown LMConfig fields {unknown}; valid fields: {sorted(known)}")
         return cls(**fields)
+
+
+def ffn_option_types(kind: str) -> dict[str, Any]:
+    """{field: type} of the `ffn_options` FFN `kind` accepts: its config's fields but those the model owns
+    (hidden_size, dtype, param_dtype, hidden_act, implementation); {} for "omnimoe" and "dense"."""
+    if kind not in FFN_KINDS:
+        raise ValueError(f"ffn={kind!r} must be one of {FFN_KINDS}")
+    if kind not in _BASELINES:
+        return {}
+    hints = typing.get_type_hints(_BASELINES[kind][1])
+    return {f.name: hints[f.name] for f in dataclasses.fields(_BASELINES[kind][1]) if f.name not in _MODEL_OWNED}
+
+
+def _option_pairs(options: Any) -> tuple[tuple[str, Any], ...]:
+    """ffn_options as sorted (field, value) pairs (hashable, so equal configs compare and hash equal)."""
+    if isinstance(options, Mapping):
+        pairs = list(options.items())
+    elif isinstance(options, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in options):
+        pairs = [tuple(p) for p in options]
+    else:
+        raise ValueError(f"ffn_options={options!r} must be a dict of baseline config fields")
+    names = [name for name, _ in pairs]
+    if not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        raise ValueError(f"ffn_options={options!r} must name each field (a str) once")
+    return tuple(sorted(pairs, key=lambda pair: pair[0]))
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -215,7 +306,8 @@ class Block(nn.Module):
     def _feed_forward(self, h: jax.Array, *, train: bool) -> tuple[jax.Array, RoutingResult | None]:
         """The FFN switch: the module `config.ffn` names on sparse layers, the dense SwiGLU elsewhere.
 
-        Every kind is called as `module(h, train=train)` on [B, L, d]; OmniMoE also returns its routing.
+        Every kind is called as `module(h, train=train)` on [B, L, d]; OmniMoE also returns its routing, the
+        baselines sow theirs ("metrics") and their auxiliary losses ("losses", when training).
         """
         cfg = self.config
         kind = cfg.ffn if cfg.is_sparse_layer(self.layer) else "dense"
@@ -223,6 +315,9 @@ class Block(nn.Module):
             return SharedMLP(cfg.ffn_config(), name="ffn")(h), None
         if kind == "omnimoe":
             return OmniMoE(cfg.ffn_config(), name="ffn")(h, train=train, return_routing=True)
+        if kind in _BASELINES:
+            module = _BASELINES[kind][0]
+            return module(cfg.sparse_ffn_config(), name="ffn")(h, train=train), None
         raise ValueError(f"ffn={kind!r} has no module; expected one of {FFN_KINDS}")
 
 
@@ -231,11 +326,14 @@ class TransformerLM(nn.Module):
 
     Call: `(tokens, *, train=False, return_routing=False)`, tokens [B, L] int with L <= context_length.
     Returns logits [B, L, V] f32 and, with `return_routing`, a tuple with one `RoutingResult` ([B, L, K]
-    and [B, L, n] fields) per OmniMoE layer, in layer order (`config.sparse_layers`).
+    and [B, L, n] fields) per OmniMoE layer, in layer order (`config.sparse_layers`); empty for other kinds.
 
     Variables: "params" {embed, layer_<i>: {attention_norm, attention, ffn_norm, ffn}, final_norm,
-    [lm_head]} and, for OmniMoE layers with router_norm="batchnorm", "batch_stats" {layer_<i>: {ffn: ...}}:
-    with `train=True` pass `mutable=["batch_stats"]` to keep the updated running statistics.
+    [lm_head]} and, for OmniMoE layers with router_norm="batchnorm" and PEER/PKM layers with
+    query_norm="batchnorm", "batch_stats" {layer_<i>: {ffn: ...}}: with `train=True` pass
+    `mutable=["batch_stats"]` to keep the updated running statistics. Baseline FFNs sow, under
+    {layer_<i>: {ffn: ...}}, "losses" (GShard's and DeepSeekMoE's weighted balance loss "aux_loss", when
+    training) and "metrics" ("expert_counts", ...; see each module): list a collection in `mutable` to get it.
     """
 
     config: LMConfig
@@ -278,18 +376,18 @@ class TransformerLM(nn.Module):
 def parameter_counts(config: LMConfig) -> dict[str, int]:
     """{"total": every parameter, "active": those one token uses} without allocating (jax.eval_shape).
 
-    Active counts every parameter except the atomic-expert tables (`up_embed`, `down_embed` [N, d]), of
-    which a token uses K rows each.
+    Active counts every parameter, except that each sparse layer's FFN counts only its active parameters
+    (`omnimoe_jax.baselines.presets.active_parameters`: of OmniMoE's and PEER's expert tables and of PKM's
+    values the rows one token retrieves, of a MoE's experts the k it is routed to).
     """
     model = TransformerLM(config)
     tokens = jax.ShapeDtypeStruct((1, config.context_length), jnp.int32)
     shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
-    total = active = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
-        size = math.prod(leaf.shape)
-        total += size
-        name = getattr(path[-1], "key", None)
-        active += (
-            size // config.num_experts * config.num_experts_per_token if name in ("up_embed", "down_embed") else size
-        )
-    return {"total": total, "active": active}
+    total = _size(shapes)
+    ffn_active = active_parameters(config.sparse_ffn_config())
+    unused = sum(_size(shapes[f"layer_{i}"]["ffn"]) - ffn_active for i in config.sparse_layers)
+    return {"total": total, "active": total - unused}
+
+
+def _size(tree: Any) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))

@@ -37,7 +37,7 @@ def dense_forward(params, x, act):
 
 
 def coarse_moe_forward(params, x, *, top_k, normalize, capacity_factor, counted_choices, act):
-    """GShard / DeepSeekMoE: y [T, d], balance loss, expert load [E], dropped pairs, smallest routing margin.
+    """GShard / DeepSeekMoE: y [T, d], balance loss, expert counts [E], dropped pairs, smallest routing margin.
 
     capacity_factor None = dropless. With a capacity, pairs are admitted in priority order (every token's
     first choice before any token's second), each expert taking at most C = ceil(cf * k * T / E) <= T.
@@ -75,7 +75,7 @@ def coarse_moe_forward(params, x, *, top_k, normalize, capacity_factor, counted_
             y[t] += swiglu(params["shared"], x[t], act)
     counts = np.bincount(chosen[:, :counted_choices].ravel(), minlength=num_experts)
     balance = num_experts * np.sum(counts / counts.sum() * probs.mean(0))
-    load = np.bincount(chosen.ravel(), minlength=num_experts) / chosen.size
+    load = np.bincount(chosen.ravel(), minlength=num_experts)  # every choice, kept or dropped
     return y, balance, load, int((~kept).sum()), margin
 
 
@@ -83,7 +83,7 @@ def product_key_forward(params, batch_stats, x, *, heads, top_k, shared_keys, tr
     """PEER (expert_act given: single-neuron experts up_embed/down_embed) or PKM (values).
 
     Returns y [T, d], the smallest gap between the k-th and (k+1)-th slot score over all (token, head), and
-    the fraction of the n*n slots retrieved at least once.
+    the retrievals per slot [n*n].
     """
     x = np.asarray(x, np.float64)
     retrieval = params["retrieval"]
@@ -99,7 +99,7 @@ def product_key_forward(params, batch_stats, x, *, heads, top_k, shared_keys, tr
     n, half = sub_keys.shape[-2], sub_keys.shape[-1]
     y = np.zeros_like(x)
     margin = math.inf
-    used = set()
+    used = np.zeros(sub_keys.shape[-2] ** 2, int)
     for t in range(x.shape[0]):
         for h in range(heads):
             q = query[t, h * 2 * half : (h + 1) * 2 * half]
@@ -110,10 +110,10 @@ def product_key_forward(params, batch_stats, x, *, heads, top_k, shared_keys, tr
                 ranked = np.sort(scores)[::-1]
                 margin = min(margin, ranked[top_k - 1] - ranked[top_k])
             gates = softmax(scores[chosen])
-            used.update(int(e) for e in chosen)
+            np.add.at(used, chosen, 1)
             for g, e in zip(gates, chosen, strict=True):
                 if expert_act is None:
                     y[t] += g * params["values"][e]
                 else:
                     y[t] += g * activation(expert_act, params["up_embed"][e] @ x[t]) * params["down_embed"][e]
-    return y, margin, len(used) / (n * n)
+    return y, margin, used

@@ -198,7 +198,7 @@ def test_parameter_counts(key):
     [
         ({"num_heads": 3}, "hidden_size"),
         ({"num_heads": 16}, "hidden_size"),  # head_dim 1 is odd: rotary needs pairs
-        ({"ffn": "gshard"}, "ffn"),
+        ({"ffn": "switch"}, "ffn"),
         ({"moe_every": 3}, "moe_every"),
         ({"num_layers": 0}, "num_layers"),
         ({"context_length": 1.5}, "context_length"),

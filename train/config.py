@@ -1,20 +1,23 @@
 """TrainConfig (model + data + optimisation + bookkeeping) and `--key=value` command-line overrides.
 
-Override keys are flat: a TrainConfig field (`--steps=200`) or an LMConfig field (`--hidden_size=256`);
-dashes and underscores are interchangeable. Values are parsed by the field's type: int, float, bool
-(true/false/1/0/yes/no), str, and "none" for optional fields. An unknown key is refused with the list of
-valid ones.
+Override keys are flat: a TrainConfig field (`--steps=200`), an LMConfig field (`--hidden_size=256`), or
+`<kind>.<field>` for a field of a baseline FFN's config (`--ffn=peer --peer.num_heads=4`: an entry of
+LMConfig.ffn_options; the kind must be the model's `ffn` after this command line's `--ffn`, and a new
+`--ffn` starts from that kind's defaults). Dashes and underscores are interchangeable. Values are parsed by
+the field's type: int, float, bool (true/false/1/0/yes/no), str, and "none" for optional fields. An unknown
+key is refused with the list of valid ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from omnimoe_jax._model import LMConfig
+from omnimoe_jax._model import FFN_KINDS, LMConfig, ffn_option_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,10 @@ class TrainConfig:
       weight_decay: AdamW decoupled weight decay, on matrices and tables only (not on norm scales).
       beta1, beta2, adam_eps: AdamW moments.
       grad_clip: global gradient norm clip (0 = off).
+      aux_loss_coefficient: the objective is cross-entropy + aux_loss_coefficient * (sum of the "losses" the
+        FFNs sow when training: GShard's and DeepSeekMoE's load-balancing losses, each already weighted by
+        its config's aux_loss_weight, 0.01 and 0.001 by default). 1 keeps those published weights, 0 trains
+        without balancing. OmniMoE, PEER, PKM and dense FFNs sow none.
       eval_every: evaluate every this many steps (and at the end).
       eval_batches: validation batches (of batch_size sequences) per evaluation, the same ones each time.
       log_every: print and record a training line every this many steps.
@@ -59,6 +66,7 @@ class TrainConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    aux_loss_coefficient: float = 1.0
     eval_every: int = 200
     eval_batches: int = 8
     log_every: int = 10
@@ -88,6 +96,7 @@ class TrainConfig:
         _check_number("beta2", self.beta2, lambda v: 0 <= v < 1, "in [0, 1)")
         _check_number("adam_eps", self.adam_eps, lambda v: v > 0, "> 0")
         _check_number("grad_clip", self.grad_clip, lambda v: v >= 0, ">= 0 (0 = no clipping)")
+        _check_number("aux_loss_coefficient", self.aux_loss_coefficient, lambda v: 0 <= v < math.inf, ">= 0")
         _check_number("time_limit_minutes", self.time_limit_minutes, lambda v: v >= 0, ">= 0")
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ValueError(f"data={self.data!r} must be a non-empty path string or None")
@@ -127,9 +136,12 @@ def _check_number(field: str, value: Any, in_range: Callable[[float], bool], exp
 
 
 def override_keys() -> list[str]:
-    """Every key `apply_overrides` accepts: TrainConfig fields (but `model`) and LMConfig fields."""
+    """Every key `apply_overrides` accepts: TrainConfig fields (but `model`), LMConfig fields (but
+    `ffn_options`) and `<kind>.<field>` for the baseline FFNs' option fields."""
     train = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    return sorted(train + [f.name for f in dataclasses.fields(LMConfig)])
+    model = [f.name for f in dataclasses.fields(LMConfig) if f.name != "ffn_options"]
+    options = [f"{kind}.{field}" for kind in FFN_KINDS for field in ffn_option_types(kind)]
+    return sorted(train + model) + options
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, str]:
@@ -161,12 +173,31 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConf
     model_fields = {f.name for f in dataclasses.fields(LMConfig)}
     train_changes = {}
     model_changes = {}
+    option_texts = {}
     for key, text in overrides.items():
+        if "." in key:  # <kind>.<field>: parsed below, once the kind is known
+            option_texts[key] = text
+            continue
         owner = LMConfig if key in model_fields else TrainConfig
         value = _parse_value(key, text, typing.get_type_hints(owner)[key])
         (model_changes if owner is LMConfig else train_changes)[key] = value
+    kind = model_changes.get("ffn", config.model.ffn)
+    if option_texts or kind != config.model.ffn:
+        model_changes["ffn_options"] = _ffn_options(config.model, kind, option_texts)
     model = config.model.replace(**model_changes) if model_changes else config.model
     return dataclasses.replace(config, model=model, **train_changes)
+
+
+def _ffn_options(model: LMConfig, kind: str, texts: dict[str, str]) -> dict[str, Any]:
+    """The model's ffn_options after `<kind>.<field>` overrides; a changed `ffn` starts from no options (the
+    new kind's defaults), since the old options are fields of another config."""
+    options = dict(model.ffn_options) if kind == model.ffn else {}
+    for key, text in texts.items():
+        option_kind, field = key.split(".", 1)
+        if option_kind != kind:
+            raise ValueError(f"--{key} sets a field of ffn={option_kind!r}, but ffn={kind!r} (add --ffn={option_kind})")
+        options[field] = _parse_value(key, text, ffn_option_types(kind)[field])
+    return options
 
 
 def _parse_value(key: str, text: str, annotation: Any) -> Any:

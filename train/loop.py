@@ -10,16 +10,19 @@ metrics.jsonl records, one JSON object per line, `kind` first:
 - start: step (0, or the step resumed from), resumed, config, parameters {total, active}, corpus {source,
   byte_level, train_tokens, validation_tokens, train_documents, validation_documents}, device, jax,
   compile_s, mesh ({"data": D, "expert": E}, or null on one device), processes.
-- train: step, loss (mean nats per target token over the step's batch), grad_norm (before clipping),
-  learning_rate (used by this step), dropped_pairs (routed (token, expert) pairs dropped for lack of
-  expert-parallel dispatch capacity in all steps since the previous train record; 0 unless
+- train: step, loss (mean nats per target token over the step's batch), [aux_loss (the auxiliary loss term
+  of the objective, before aux_loss_coefficient; GShard and DeepSeekMoE only)], grad_norm (before
+  clipping), learning_rate (used by this step), dropped_pairs (routed (token, expert) pairs dropped for
+  lack of expert-parallel dispatch capacity in all steps since the previous train record; 0 unless
   expert_capacity_factor is set and the run has a mesh), tokens_per_s (training time only, since the
   previous record), tokens_seen, elapsed_s.
 - eval: step, val_loss (mean nats per validation target token), bits_per_byte (nats / ln 2 over the byte
-  targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, dropped_pairs (over the evaluation),
-  routing (mean over OmniMoE layers of experts_used, max_load, load_entropy, router_entropy: see
-  `train.metrics`) and routing_per_layer (the same for each OmniMoE layer, with its index). No routing
-  fields without OmniMoE layers.
+  targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, dropped_pairs (expert-parallel
+  dispatch drops over the evaluation, as above), routing (mean over the sparse layers of experts_used,
+  max_load, load_entropy, and router_entropy (OmniMoE) or dropped_pairs, dropped_fraction (pairs over a
+  capacity-bound MoE expert's capacity: GShard, DeepSeekMoE with dispatch="capacity") and balance_loss
+  (MoEs): see `train.metrics`) and routing_per_layer (the same for each sparse layer, with its index). No
+  routing fields for the dense FFN.
 - checkpoint: step, seconds.
 - end: step, reason ("done", "stop_at_step", "time limit", "SIGINT", "SIGTERM", or in a multi-process
   run "another process stopped"), dropped_pairs (in the steps after the last train record), elapsed_s.
@@ -47,12 +50,12 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from omnimoe_jax._model import TransformerLM, parameter_counts
+from omnimoe_jax._model import AUX_LOSS_KINDS, TransformerLM, parameter_counts
 from train import data as data_lib
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
-from train.metrics import MetricsLog, dropped_pairs, routing_health, routing_statistics
+from train.metrics import MetricsLog, dropped_pairs, routing_report, routing_statistics, sown_statistics
 
 
 class RunDirectoryError(ValueError):
@@ -66,7 +69,8 @@ class TrainState:
     Attributes:
       step: [] int32, optimizer steps taken.
       params: the model's "params" collection (param_dtype, f32 by default).
-      batch_stats: the routers' BatchNorm running statistics ("batch_stats"; {} without OmniMoE layers).
+      batch_stats: the BatchNorm running statistics of OmniMoE's routers and PEER's and PKM's queries
+        ("batch_stats"; {} for the other FFNs).
       opt_state: the optax state (AdamW moments in the params' dtype).
     """
 
@@ -128,9 +132,12 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
     """train_step(state, batch) -> (state, metrics), batch [grad_accum, micro_batch, L + 1] int32.
 
     Gradients of the micro-batches are averaged (a scan, so memory holds one micro-batch of activations);
-    the router BatchNorm statistics are updated by each micro-batch in turn, as separate steps would.
-    metrics: loss (mean over micro-batches), grad_norm (before clipping), learning_rate (of this update),
-    dropped_pairs (int32, summed over micro-batches and layers; see `train.metrics.dropped_pairs`).
+    the BatchNorm statistics are updated by each micro-batch in turn, as separate steps would. The gradient
+    is that of cross-entropy + aux_loss_coefficient * the sown auxiliary losses.
+    metrics: loss (cross-entropy, mean over micro-batches), aux_loss (the sown auxiliary losses, mean over
+    micro-batches; for the FFN kinds that sow one), grad_norm (before clipping), learning_rate (of this
+    update), dropped_pairs (int32, expert-parallel dispatch drops summed over micro-batches and layers; see
+    `train.metrics.dropped_pairs`).
     """
     schedule = learning_rate_schedule(config)
 
@@ -140,22 +147,26 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
             {"params": params, "batch_stats": batch_stats},
             tokens[:, :-1],
             train=True,
-            mutable=["batch_stats", "intermediates"],
+            mutable=["batch_stats", "intermediates", "losses"],
         )  # [b, L, V]
         loss = jnp.mean(cross_entropy(logits, tokens[:, 1:]))
-        return loss, (updates.get("batch_stats", batch_stats), dropped_pairs(updates))
+        aux = sum(jax.tree.leaves(updates.get("losses", {})), jnp.zeros((), jnp.float32))  # one per sparse layer
+        objective = loss + config.aux_loss_coefficient * aux
+        return objective, (loss, aux, updates.get("batch_stats", batch_stats), dropped_pairs(updates))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         def micro_step(carry, tokens):
-            grad_sum, loss_sum, batch_stats, dropped_sum = carry
-            (loss, (batch_stats, dropped)), grads = grad_fn(state.params, batch_stats, tokens)
-            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, batch_stats, dropped_sum + dropped), None
+            grad_sum, loss_sum, aux_sum, batch_stats, dropped_sum = carry
+            (_, (loss, aux, batch_stats, dropped)), grads = grad_fn(state.params, batch_stats, tokens)
+            carry = (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, aux_sum + aux, batch_stats)
+            return (*carry, dropped_sum + dropped), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        carry = (zeros, jnp.zeros((), jnp.float32), state.batch_stats, jnp.zeros((), jnp.int32))
-        (grad_sum, loss_sum, batch_stats, dropped), _ = jax.lax.scan(micro_step, carry, batch)
+        scalar = jnp.zeros((), jnp.float32)
+        carry = (zeros, scalar, scalar, state.batch_stats, jnp.zeros((), jnp.int32))
+        (grad_sum, loss_sum, aux_sum, batch_stats, dropped), _ = jax.lax.scan(micro_step, carry, batch)
         micro_batches = batch.shape[0]
         grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -165,12 +176,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
-        metrics = {
-            "loss": loss_sum / micro_batches,
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(state.step),
-            "dropped_pairs": dropped,
-        }
+        metrics = {"loss": loss_sum / micro_batches}
+        if config.model.ffn in AUX_LOSS_KINDS:
+            metrics["aux_loss"] = aux_sum / micro_batches
+        metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), dropped_pairs=dropped)
         return new_state, metrics
 
     return train_step
@@ -179,16 +188,18 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
 def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
     """eval_step(state, batch [B, L + 1]) -> sums over the batch, in eval mode (running BatchNorm stats).
 
-    Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), dropped_pairs, and per OmniMoE
-    layer expert_counts [M, N] and router_entropy [M] (see `train.metrics.routing_statistics`).
+    Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), dispatch_dropped_pairs
+    (expert-parallel dispatch drops), and per sparse layer (M of them) expert_counts [M, N] and router_entropy [M] for
+    OmniMoE (`train.metrics.routing_statistics`), or expert_counts [M, E] and, where sown, dropped_pairs [M]
+    and balance_loss [M] for the baselines (`train.metrics.sown_statistics`).
     """
     num_experts = config.model.num_experts
 
     def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        (logits, routings), updates = model.apply(
-            variables, batch[:, :-1], return_routing=True, mutable=["intermediates"]
-        )  # [B, L, V], M results
+        (logits, routings), collections = model.apply(
+            variables, batch[:, :-1], return_routing=True, mutable=["intermediates", "metrics"]
+        )  # [B, L, V], M OmniMoE results; the expert-parallel drops and the baselines' metrics
         targets = batch[:, 1:]  # [B, L]
         nll = cross_entropy(logits, targets)  # [B, L]
         is_byte = targets < data_lib.BOS  # [B, L]
@@ -197,12 +208,15 @@ def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
             "tokens": jnp.asarray(nll.size, jnp.float32),
             "byte_nll": jnp.sum(jnp.where(is_byte, nll, 0.0)),
             "bytes": jnp.sum(is_byte).astype(jnp.float32),
-            "dropped_pairs": dropped_pairs(updates),
+            # Not "dropped_pairs": the capacity-bound baselines sow per-layer counts under that name.
+            "dispatch_dropped_pairs": dropped_pairs(collections),
         }
         if routings:
             stats = [routing_statistics(r, num_experts) for r in routings]
             sums["expert_counts"] = jnp.stack([counts for counts, _ in stats])  # [M, N]
             sums["router_entropy"] = jnp.stack([entropy for _, entropy in stats])  # [M]
+        if collections.get("metrics"):
+            sums.update(sown_statistics(collections["metrics"], config.model.sparse_layers))
         return sums
 
     return eval_step
@@ -297,18 +311,10 @@ def evaluate(steps: Steps, state: TrainState, batches: list[np.ndarray], config:
         "val_loss": float(totals["nll"] / totals["tokens"]),
         "bits_per_byte": float(totals["byte_nll"] / totals["bytes"] / math.log(2)) if byte_level else None,
         "tokens": int(totals["tokens"]),
-        "dropped_pairs": int(totals["dropped_pairs"]),
+        "dropped_pairs": int(totals["dispatch_dropped_pairs"]),
     }
     if "expert_counts" in totals:
-        layers = [
-            {"layer": layer, **routing_health(counts, entropy, int(totals["tokens"]))}
-            for layer, counts, entropy in zip(
-                config.model.sparse_layers, totals["expert_counts"], totals["router_entropy"], strict=True
-            )
-        ]
-        names = [k for k in layers[0] if k != "layer"]
-        result["routing"] = {k: float(np.mean([layer[k] for layer in layers])) for k in names}
-        result["routing_per_layer"] = layers
+        result.update(routing_report(totals, config.model.sparse_layers, num_batches=len(batches)))
     return result
 
 
@@ -483,9 +489,10 @@ def _log_train(config, step, metrics, window_steps, seconds, elapsed, metrics_lo
         }
     )
     eta = (config.steps - step) * seconds / window_steps
+    aux = f" | aux {metrics['aux_loss']:.4f}" if "aux_loss" in metrics else ""
     dropped = f" | dropped pairs {metrics['dropped_pairs']:,}" if metrics["dropped_pairs"] else ""
     log(
-        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f} | lr {metrics['learning_rate']:.2e}"
+        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f}{aux} | lr {metrics['learning_rate']:.2e}"
         f" | grad norm {metrics['grad_norm']:.3f}{dropped} | {tokens_per_s:,.0f} tok/s | eta {_duration(eta)}"
     )
 
@@ -536,10 +543,14 @@ def _eval_line(step: int, result: dict[str, Any]) -> str:
         line += f" | dropped pairs {result['dropped_pairs']:,}"
     if "routing" in result:
         r = result["routing"]
-        line += (
-            f" | experts used {r['experts_used']:.3f} | max load {r['max_load']:.2f}x"
-            f" | load entropy {r['load_entropy']:.3f} | router entropy {r['router_entropy']:.3f}"
-        )
+        line += f" | experts used {r['experts_used']:.3f} | max load {r['max_load']:.2f}x"
+        line += f" | load entropy {r['load_entropy']:.3f}"
+        if "router_entropy" in r:
+            line += f" | router entropy {r['router_entropy']:.3f}"
+        if "dropped_fraction" in r:
+            line += f" | dropped {r['dropped_fraction']:.2%}"
+        if "balance_loss" in r:
+            line += f" | balance {r['balance_loss']:.3f}"
     return line
 
 

@@ -1,14 +1,20 @@
-"""Routing health of OmniMoE layers, and the run's metrics.jsonl.
+"""Routing health of the sparse FFN layers, and the run's metrics.jsonl.
 
-Routing health, per OmniMoE layer, over all tokens of one evaluation (N experts, K per token):
+Routing health, per sparse layer, over all tokens of one evaluation (N experts, K assignments per token;
+for PEER and PKM an assignment is a (head, slot) retrieval and PKM's "experts" are its value rows):
 
-- experts_used: fraction of the N experts chosen by at least one token (ideal 1).
+- experts_used: fraction of the N experts chosen by at least one token (ideal 1; the "used fraction").
 - max_load: the most-chosen expert's count over the mean count T K / N (ideal 1; large = a hot expert).
 - load_entropy: entropy of the expert load distribution / log N (1 = uniform load).
-- router_entropy: mean over tokens of H(p_x) + H(p_y), the entropy of the token's whole routing
+- router_entropy (OmniMoE): mean over tokens of H(p_x) + H(p_y), the entropy of the token's whole routing
   distribution p_x(i) p_y(j) over the N experts, / log N (1 = uniform; falls as routing sharpens).
+- dropped_pairs, dropped_fraction (GShard, DeepSeekMoE with dispatch="capacity"): (token, expert) pairs
+  over an expert's capacity, which contribute nothing, summed over the evaluation, and their share of T K.
+- balance_loss (GShard, DeepSeekMoE): the unweighted load-balancing loss, mean over evaluation batches
+  (1 = balanced).
 
-Dropped pairs: routed (token, expert) pairs an expert-parallel layer had no dispatch slot for (only with
+Expert-parallel dropped pairs (the train/eval record's top-level `dropped_pairs`, not the routing field
+above): routed (token, expert) pairs an expert-parallel OmniMoE layer had no dispatch slot for (only with
 `expert_capacity_factor` set on a mesh; always 0 otherwise), summed over layers (`dropped_pairs`).
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -48,17 +55,60 @@ def dropped_pairs(collections: Any) -> jax.Array:
     return total
 
 
-def routing_health(counts: np.ndarray, entropy_sum: float, num_tokens: int) -> dict[str, float]:
-    """The table's four numbers from one layer's accumulated expert counts [N] and token entropy sum."""
+def sown_statistics(metrics: dict[str, Any], layers: Sequence[int]) -> dict[str, jax.Array]:
+    """Per-layer sums for one batch from the "metrics" collection the baseline FFNs sow.
+
+    metrics: {layer_<i>: {ffn: {name: (value,)}}} (flax keeps a tuple of one value per call);
+    layers: the sparse layers, in order. Returns expert_counts [M, E] int32 and, where the layers sow them,
+    dropped_pairs [M] and balance_loss [M].
+    """
+    per_layer = [metrics[f"layer_{i}"]["ffn"] for i in layers]
+    sums = {}
+    for name in ("expert_counts", "dropped_pairs", "balance_loss"):
+        if name in per_layer[0]:
+            sums[name] = jnp.stack([sum(layer[name]) for layer in per_layer])  # [M, ...]
+    return sums
+
+
+def routing_health(counts: np.ndarray, entropy_sum: float | None, num_tokens: int) -> dict[str, float]:
+    """experts_used, max_load, load_entropy and (given the token entropy sum) router_entropy of one layer's
+    accumulated expert counts [N]."""
     counts = np.asarray(counts, np.float64)
     num_experts = counts.size
     load = counts / counts.sum()
     nonzero = load[load > 0]
-    return {
+    health = {
         "experts_used": float(np.mean(counts > 0)),
         "max_load": float(counts.max() / counts.mean()),
         "load_entropy": float(-np.sum(nonzero * np.log(nonzero)) / math.log(num_experts)),
-        "router_entropy": float(entropy_sum / num_tokens / math.log(num_experts)),
+    }
+    if entropy_sum is not None:
+        health["router_entropy"] = float(entropy_sum / num_tokens / math.log(num_experts))
+    return health
+
+
+def routing_report(totals: dict[str, np.ndarray], layers: Sequence[int], *, num_batches: int) -> dict[str, Any]:
+    """The eval record's routing fields from an evaluation's summed statistics (see the module docstring).
+
+    totals: tokens and expert_counts [M, N], and router_entropy [M] (OmniMoE) or dropped_pairs [M] and
+    balance_loss [M] (the MoEs), each summed over the `num_batches` evaluation batches.
+    Returns {"routing": mean over layers of each number, "routing_per_layer": [{"layer": i, ...}, ...]}.
+    """
+    per_layer = []
+    for m, layer in enumerate(layers):
+        counts = totals["expert_counts"][m]
+        entropy = totals["router_entropy"][m] if "router_entropy" in totals else None
+        health = routing_health(counts, entropy, int(totals["tokens"]))
+        if "dropped_pairs" in totals:
+            health["dropped_pairs"] = int(totals["dropped_pairs"][m])
+            health["dropped_fraction"] = float(totals["dropped_pairs"][m] / np.sum(counts))  # counts: every pair
+        if "balance_loss" in totals:
+            health["balance_loss"] = float(totals["balance_loss"][m] / num_batches)
+        per_layer.append({"layer": layer, **health})
+    names = [k for k in per_layer[0] if k != "layer"]
+    return {
+        "routing": {k: float(np.mean([layer[k] for layer in per_layer])) for k in names},
+        "routing_per_layer": per_layer,
     }
 
 

@@ -4,6 +4,7 @@
 | --- | --- | --- | --- | --- |
 | tiny | a 2-core CPU, minutes (the default) | d=128, 4 layers, N=32^2, K=8, f32 | 32 x 128 | 400 |
 | small | one H100, ~10 minutes | d=512, 8 layers, N=128^2, K=32, bf16 | 64 x 512 | 3000 |
+| small-<kind> | one H100 | `small` with the FFN kind at matched active parameters (below) | 64 x 512 | 3000 |
 | base | GPUs, ~125M active parameters | d=768, 12 layers, N=256^2, K=64, bf16 | 128 x 1024 | 20000 |
 | paper | documented, not run here | d=1024, 24 layers, N=320^2, K=512, bf16 | 256 x 2048 | 50000 |
 
@@ -11,12 +12,38 @@
 experts per token, shared MLP width 1024, as encoded in the seed repositories' benchmarks). The depth,
 heads, context, batch and schedule are our assumptions: the paper's full training table (1.7B active
 parameters) was not available to us. `python -m train --preset paper` would run it; nothing here has.
+
+**Matched presets** `small-<kind>` for each FFN kind (omnimoe, dense, gshard, deepseekmoe, peer, pkm): the
+`small` preset (d=512, 8 layers, everything else equal) with every FFN sized by
+`omnimoe_jax.baselines.presets.small_presets(512)`, which gives each kind 12 d^2 = 3,145,728 active
+parameters per token and layer, up to the gates' and queries' few per cent (`matched_ffn_overrides` holds
+the overrides, for any width). Per FFN layer (arithmetic in `omnimoe_jax.baselines.presets`), and for the
+whole model (`omnimoe_jax.parameter_counts`: the FFNs' 8 x 3.1M plus 8 x 4 d^2 of attention and the tied
+259 x 512 embedding):
+
+| preset | FFN (d = 512) | FFN active | model active | model total |
+| --- | --- | --- | --- | --- |
+| small-dense | SwiGLU of width 2048 | 3,145,728 | 33,695,744 | 33,695,744 |
+| small-omnimoe | shared 1024, N = 256^2, K = 1280 | 3,145,728 | 33,695,744 | 560,080,896 |
+| small-deepseekmoe | 64 experts of 256, top 6, shared 512 | 3,178,496 (+1.0%) | 33,957,888 (+0.8%) | 216,410,112 |
+| small-gshard | 16 experts of 1024, top 2 | 3,153,920 (+0.3%) | 33,761,280 (+0.2%) | 209,922,048 |
+| small-peer | N = 256^2, 8 heads x 256, key_dim 256 | 3,211,264 (+2.1%) | 34,220,032 (+1.6%) | 554,313,728 |
+| small-pkm | N = 256^2, 4 heads x 1152, key_dim 256 | 3,145,728 | 33,695,744 | 283,256,832 |
+
+(The plain `small` preset's OmniMoE, shared 1024, N = 128^2, K = 32, has 1,736,704 active FFN parameters
+and 22,423,552 for the model.) Matching active parameters makes the fine-grained kinds do much more
+gathering per token than `small`: OmniMoE touches 1280 expert rows of each table per token instead of 32,
+PEER 2048, PKM 4608 value rows, so their steps take correspondingly longer. PKM gathers its rows as PKM's
+reference code does, into a [T, 4, 1152, 512] array per layer (T tokens per micro-batch): 155 GB at the
+preset's 32768 tokens, so small-pkm accumulates 32 micro-batches of 1024 tokens (4.8 GB per layer), the
+same batch of 64 sequences per step. None of the small-<kind> presets has been timed yet.
 """
 
 from __future__ import annotations
 
-from omnimoe_jax._model import LMConfig
-from train.config import TrainConfig
+from omnimoe_jax._model import FFN_KINDS, LMConfig
+from omnimoe_jax.baselines.presets import small_presets
+from train.config import TrainConfig, apply_overrides
 
 PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(
@@ -102,6 +129,36 @@ PRESETS: dict[str, TrainConfig] = {
         checkpoint_every=2000,
     ),
 }
+
+
+def matched_ffn_overrides(kind: str, hidden_size: int) -> dict[str, str]:
+    """`--key=value` overrides (values as strings) that give a model of width `hidden_size` the FFN `kind`
+    with the sizes of `omnimoe_jax.baselines.presets.small_presets(hidden_size)[kind]`: about 12 d^2 active
+    parameters per token and layer for every kind.
+
+    omnimoe and dense are sized by LMConfig fields, so those are set; the baselines' sizes default to
+    exactly those presets (LMConfig.ffn_options), so only `ffn` is.
+    """
+    if kind not in FFN_KINDS:
+        raise ValueError(f"kind={kind!r} must be one of {FFN_KINDS}")
+    config = small_presets(hidden_size)[kind]
+    overrides = {"hidden_size": hidden_size, "ffn": kind}
+    if kind == "omnimoe":
+        overrides.update(
+            intermediate_size=config.intermediate_size,
+            num_experts=config.num_experts,
+            num_experts_per_token=config.num_experts_per_token,
+        )
+    elif kind == "dense":
+        overrides["intermediate_size"] = config.intermediate_size
+    return {key: str(value) for key, value in overrides.items()}
+
+
+# small-<kind>: the `small` preset with each FFN kind at matched active parameters (the table above).
+PRESETS.update(
+    {f"small-{kind}": apply_overrides(PRESETS["small"], matched_ffn_overrides(kind, 512)) for kind in FFN_KINDS}
+)
+PRESETS["small-pkm"] = apply_overrides(PRESETS["small-pkm"], {"grad_accum": "32"})  # see the docstring
 
 
 def get_preset(name: str) -> TrainConfig:

@@ -9,8 +9,9 @@ Public surface:
   presets                           paper_presets(), small_presets(d), active_parameters(config)
 
 Sown collections (never during `init`): "losses" holds scalars to add to the training objective (MoE
-auxiliary losses, only with train=True); "metrics" holds routing-health numbers. Each module's docstring
-lists its names.
+auxiliary losses, only with train=True); "metrics" holds routing-health numbers, among them, for every
+sparse FFN, "expert_counts" [E or N] int32 (assignments per expert or value row in the call, which add up
+over batches). Each module's docstring lists its names.
 """
 
 from omnimoe_jax.baselines import presets

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from omnimoe_jax._shared_mlp import SharedMLP
 from omnimoe_jax.baselines._config import ACTIVATION_NAMES, BaselineConfig
 from omnimoe_jax.baselines._dense import DenseFFNConfig
-from omnimoe_jax.baselines._moe import DISPATCHES, RoutedSwiGLUExperts, balance_loss, expert_load, softmax_top_k
+from omnimoe_jax.baselines._moe import DISPATCHES, RoutedSwiGLUExperts, balance_loss, expert_counts, softmax_top_k
 from omnimoe_jax.baselines._shapes import flatten_tokens
 
 
@@ -77,7 +77,7 @@ class DeepSeekMoE(nn.Module):
     Sown (outside `init`; pass the collection in `mutable=` to receive it):
       "losses"/"aux_loss": aux_loss_weight * balance loss, when `train` (add every "losses" leaf to the loss).
       "metrics"/"balance_loss": the unweighted balance loss (1.0 = perfectly balanced).
-      "metrics"/"expert_load": [E] fraction of the T*k assignments per expert.
+      "metrics"/"expert_counts": [E] int32, how many of the T*k assignments each expert received.
       "metrics"/"dropped_pairs": int32 count of (token, expert) pairs over capacity (dispatch="capacity").
     """
 
@@ -113,7 +113,7 @@ class DeepSeekMoE(nn.Module):
             if train:
                 self.sow("losses", "aux_loss", cfg.aux_loss_weight * balance)
             self.sow("metrics", "balance_loss", balance)
-            self.sow("metrics", "expert_load", expert_load(experts, cfg.num_experts))
+            self.sow("metrics", "expert_counts", expert_counts(experts, cfg.num_experts))
             if cfg.dispatch == "capacity":
                 self.sow("metrics", "dropped_pairs", dropped)
         return y.reshape(*x.shape[:-1], cfg.hidden_size)  # [..., d]

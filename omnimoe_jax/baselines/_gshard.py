@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from omnimoe_jax.baselines._config import ACTIVATION_NAMES, BaselineConfig
-from omnimoe_jax.baselines._moe import RoutedSwiGLUExperts, balance_loss, expert_load, softmax_top_k
+from omnimoe_jax.baselines._moe import RoutedSwiGLUExperts, balance_loss, expert_counts, softmax_top_k
 from omnimoe_jax.baselines._shapes import flatten_tokens
 
 
@@ -69,7 +69,8 @@ class GShardMoE(nn.Module):
       "losses"/"aux_loss": aux_loss_weight * E * sum_e f_e P_e, when `train`, with f_e the fraction of
         tokens whose first choice is e and P_e the mean gate probability of e (1.0 when balanced).
       "metrics"/"balance_loss": the unweighted balance loss.
-      "metrics"/"expert_load": [E] fraction of the T*k assignments per expert (before dropping).
+      "metrics"/"expert_counts": [E] int32, how many of the T*k assignments each expert received (before
+        dropping).
       "metrics"/"dropped_pairs": int32 count of (token, expert) pairs dropped for lack of capacity.
     """
 
@@ -99,6 +100,6 @@ class GShardMoE(nn.Module):
             if train:
                 self.sow("losses", "aux_loss", cfg.aux_loss_weight * balance)
             self.sow("metrics", "balance_loss", balance)
-            self.sow("metrics", "expert_load", expert_load(experts, cfg.num_experts))
+            self.sow("metrics", "expert_counts", expert_counts(experts, cfg.num_experts))
             self.sow("metrics", "dropped_pairs", dropped)
         return y.reshape(*x.shape[:-1], cfg.hidden_size)  # [..., d]

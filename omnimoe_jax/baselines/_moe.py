@@ -69,10 +69,11 @@ def balance_loss(probs: jax.Array, counted: jax.Array) -> jax.Array:
     return num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
 
 
-def expert_load(experts: jax.Array, num_experts: int) -> jax.Array:
-    """[E] f32: the fraction of the T*k assignments each expert received (sums to 1)."""
-    counts = jnp.zeros(num_experts, jnp.float32).at[experts.reshape(-1)].add(1.0)  # [E]
-    return counts / experts.size
+def expert_counts(experts: jax.Array, num_experts: int) -> jax.Array:
+    """[E] int32: how many of the T*k assignments each expert received (sums to T*k; before any drop).
+
+    Counts rather than fractions so that a training loop can add them up over batches."""
+    return jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.int32)  # [E]
 
 
 def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

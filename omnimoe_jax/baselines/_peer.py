@@ -17,7 +17,7 @@ from omnimoe_jax.baselines._config import (
     QUERY_NORMS,
     BaselineConfig,
 )
-from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, used_fraction
+from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, retrieval_counts
 from omnimoe_jax.baselines._shapes import flatten_tokens
 from pallas_kernels import get_activation, omni_expert
 
@@ -111,8 +111,8 @@ class PEER(nn.Module):
     Call `(x, *, train=False)`: x [..., d] -> [..., d]. Variables: "params" {retrieval: {query: {kernel
     [d, h*key_dim]}, sub_keys [2, n, key_dim/2]}, up_embed [N, d], down_embed [N, d]}; with BatchNorm,
     "batch_stats" {retrieval: {query_norm: {running_mean, running_var, num_batches_tracked}}} (pass
-    `mutable=["batch_stats"]` when training). Sown outside `init`: "metrics"/"used_fraction", the fraction
-    of the N experts that at least one (token, head) retrieved.
+    `mutable=["batch_stats"]` when training). Sown outside `init`: "metrics"/"expert_counts", [N] int32,
+    how many (token, head, slot) retrievals each expert received (experts in use: `mean(counts > 0)`).
     """
 
     config: PEERConfig
@@ -154,5 +154,5 @@ class PEER(nn.Module):
                 implementation=cfg.implementation,
             )  # [T, d]
         if not self.is_initializing():
-            self.sow("metrics", "used_fraction", used_fraction(indices, cfg.num_experts))
+            self.sow("metrics", "expert_counts", retrieval_counts(indices, cfg.num_experts))
         return y.reshape(*x.shape[:-1], cfg.hidden_size)  # [..., d]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from omnimoe_jax.baselines._config import IMPLEMENTATIONS, QUERY_NORMS, BaselineConfig
-from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, used_fraction
+from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, retrieval_counts
 from omnimoe_jax.baselines._shapes import flatten_tokens
 
 
@@ -73,8 +73,8 @@ class PKM(nn.Module):
 
     Call `(x, *, train=False)`: x [..., d] -> [..., d]. Variables: "params" {retrieval: {query: {kernel
     [d, h*key_dim]}, sub_keys [h, 2, n, key_dim/2]}, values [N, d]}; with BatchNorm, "batch_stats"
-    {retrieval: {query_norm: {...}}}. Sown outside `init`: "metrics"/"used_fraction", the fraction of the
-    N rows that at least one (token, head) retrieved.
+    {retrieval: {query_norm: {...}}}. Sown outside `init`: "metrics"/"expert_counts", [N] int32, how many
+    (token, head, slot) retrievals each value row received (the name every sparse FFN here uses for its load).
     """
 
     config: PKMConfig
@@ -103,5 +103,5 @@ class PKM(nn.Module):
         rows = jnp.take(values, indices, axis=0)  # [T, h, k, d]
         y = jnp.einsum("thk,thkd->td", gates.astype(cfg.dtype), rows, preferred_element_type=acc)  # [T, d]
         if not self.is_initializing():
-            self.sow("metrics", "used_fraction", used_fraction(indices, cfg.num_values))
+            self.sow("metrics", "expert_counts", retrieval_counts(indices, cfg.num_values))
         return y.astype(cfg.dtype).reshape(*x.shape[:-1], cfg.hidden_size)  # [..., d]

@@ -75,7 +75,8 @@ class ProductKeyRetrieval(nn.Module):
         return gates.reshape(num_tokens, heads, self.top_k), indices.reshape(num_tokens, heads, self.top_k)
 
 
-def used_fraction(indices: jax.Array, num_slots: int) -> jax.Array:
-    """f32 scalar: the fraction of the `num_slots` table rows that at least one (token, head) retrieved."""
-    used = jnp.zeros(num_slots, jnp.bool_).at[indices.reshape(-1)].set(True)  # [N]
-    return jnp.mean(used.astype(jnp.float32))
+def retrieval_counts(indices: jax.Array, num_slots: int) -> jax.Array:
+    """[N] int32: how many (token, head, slot) retrievals each of the `num_slots` table rows received.
+
+    The fraction of rows in use is `mean(counts > 0)`; counts (not that fraction) add up over batches."""
+    return jnp.bincount(indices.reshape(-1), length=num_slots).astype(jnp.int32)  # [N]

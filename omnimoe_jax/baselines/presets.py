@@ -59,7 +59,11 @@ FFNConfig = OmniMoEConfig | DenseFFNConfig | DeepSeekMoEConfig | GShardMoEConfig
 
 
 def active_parameters(config: FFNConfig) -> int:
-    """Parameters one token's output is computed from (the table in this module's docstring)."""
+    """Parameters one token's output is computed from (the table in this module's docstring).
+
+    Retrieved rows count once per retrieval (it is the compute that is matched), so at toy sizes where a
+    token's h * k retrievals outnumber a PEER or PKM table's rows, the count exceeds the table.
+    """
     if not isinstance(config, FFNConfig):
         raise TypeError(f"config must be one of the FFN configs {FFNConfig}, got {type(config).__name__}")
     d = config.hidden_size
@@ -102,11 +106,12 @@ def small_presets(
 ) -> dict[str, FFNConfig]:
     """Six FFNs of about 12 d^2 active parameters each (the dense SwiGLU of width 4d); see the module doc.
 
-    hidden_size must be a multiple of 4 and at least 8 (n = d/2 >= 4 sub-keys; k = 9d/4 rows per PKM head).
+    hidden_size must be a multiple of 4 and at least 12 (n = d/2 sub-keys per axis, and the table of n^2
+    rows must hold OmniMoE's K = 5d/2 and PKM's k = 9d/4 per head: (d/2)^2 >= 5d/2 from d = 10 on).
     """
     d = hidden_size
-    if isinstance(d, bool) or not isinstance(d, int) or d < 8 or d % 4:
-        raise ValueError(f"hidden_size={d!r} must be an int >= 8 and a multiple of 4")
+    if isinstance(d, bool) or not isinstance(d, int) or d < 12 or d % 4:
+        raise ValueError(f"hidden_size={d!r} must be an int >= 12 and a multiple of 4")
     common = dict(dtype=dtype, param_dtype=param_dtype)
     n = d // 2
     return {
