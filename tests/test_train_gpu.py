@@ -43,7 +43,10 @@ def test_auto_attention_is_cudnn_for_bf16_on_gpu():
 
 
 def test_cudnn_attention_matches_xla(key):
-    config = LMConfig(**GPU_CONFIG, attention="cudnn")
+    # The dense FFN: with OmniMoE, bf16 differences between the two attentions flip near-tied routing
+    # choices, which moves whole rows of the sparse expert-table gradients (seen on an H100: down_embed off
+    # by 7% while the loss and every attention gradient agreed). Attention is what this test compares.
+    config = LMConfig(**GPU_CONFIG, attention="cudnn", ffn="dense")
     tokens = jax.random.randint(key, (4, config.context_length), 0, config.vocab_size)
     variables = jax.jit(TransformerLM(config).init)(jax.random.fold_in(key, 1), tokens)
 
