@@ -189,6 +189,7 @@ PROCESS_0 = ["--num-processes", "2", "--process-id", "0"]
         (["--mesh", "data=2,model=4", "RUN"], "tensor parallelism"),
         (["--mesh", "data=8", "--batch_size=4", "RUN"], r"batch_size=4 / grad_accum=1 = 4 sequences is not a multiple"),
         (["--mesh", "expert=8", "--num_experts=36", "RUN"], r"num_experts=36 expert rows do not divide over the 8"),
+        (["--mesh", "data=2,expert=4", "--ffn=dense", "RUN"], r"needs ffn='omnimoe' .* use --mesh data=8"),
     ],
 )
 def test_bad_layouts_are_refused_before_anything_runs(argv, message, tmp_path, capsys):

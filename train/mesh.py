@@ -60,6 +60,12 @@ def check_mesh(config: TrainConfig, mesh: Mesh) -> None:
             f"a multiple of {shards}"
         )
     experts = mesh.shape[parallel.EXPERT_AXIS]
+    if experts > 1 and config.model.ffn != "omnimoe":
+        # The baselines have no expert-parallel dispatch: refuse rather than quietly train data-parallel.
+        raise ValueError(
+            f"an expert axis of {experts} devices needs ffn='omnimoe' (expert parallelism is implemented for "
+            f"OmniMoE layers only); ffn={config.model.ffn!r} trains data-parallel: use --mesh data={batch_shards(mesh)}"
+        )
     if config.model.ffn == "omnimoe" and config.model.sparse_layers and config.model.num_experts % experts:
         raise ValueError(
             f"num_experts={config.model.num_experts} expert rows do not divide over the {experts} devices of the "
