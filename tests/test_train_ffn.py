@@ -117,7 +117,11 @@ def check_run(kind: str, run_dir: pathlib.Path) -> None:
         else:
             assert "aux_loss" not in record
     for record in evals:
-        assert math.isfinite(record["val_loss"]) and 0 < record["bits_per_byte"] < 9
+        # Four steps teach little and a random 16-wide model starts above the uniform ln(vocab) (CI saw 9.07
+        # bits at step 2), so the bound only catches blow-ups.
+        assert math.isfinite(record["val_loss"]) and record["val_loss"] < 2 * math.log(config.model.vocab_size)
+        # Every target but the rare document separators is a byte, so bits per byte is about the loss in bits.
+        assert record["bits_per_byte"] == pytest.approx(record["val_loss"] / math.log(2), rel=0.02)
         if ROUTING_FIELDS[kind] is None:
             assert "routing" not in record and "routing_per_layer" not in record
             continue

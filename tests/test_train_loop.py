@@ -112,7 +112,10 @@ def test_main_writes_the_documented_metrics(trained_run):
     for record in evals:
         assert set(record) == EVAL_FIELDS | {"kind"}
         assert record["dropped_pairs"] == 0
-        assert 0 < record["bits_per_byte"] < 9 and math.isfinite(record["val_loss"])
+        # A loose bound: it catches blow-ups, not slow starts (a random model begins above ln(vocab)).
+        assert math.isfinite(record["val_loss"]) and record["val_loss"] < 2 * math.log(256)
+        # Every target but the rare document separators is a byte, so bits per byte is about the loss in bits.
+        assert record["bits_per_byte"] == pytest.approx(record["val_loss"] / math.log(2), rel=0.02)
         assert set(record["routing"]) == ROUTING_FIELDS
         assert [layer["layer"] for layer in record["routing_per_layer"]] == [0, 1]
         routing = record["routing"]
