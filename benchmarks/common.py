@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
 import platform
 import shlex
@@ -52,6 +53,7 @@ def environment() -> dict:
     return {
         "device": getattr(device, "device_kind", str(device)),
         "platform": device.platform,
+        "cpu_count": os.cpu_count(),  # names a CPU run's machine, where device_kind says only "cpu"
         "versions": versions,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),

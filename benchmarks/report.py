@@ -34,6 +34,11 @@ def _ratio(num, den) -> str:
 
 def _measured_on(result: dict) -> str:
     versions = result["versions"]
+    if result.get("platform") == "cpu":
+        return (
+            f"Measured on a {result['cpu_count']}-core CPU ({result['date'][:10]}, jax {versions['jax']}): "
+            f"`{_command(result)}`."
+        )
     return (
         f"Measured on an {result['device']} ({result['date'][:10]}, jax {versions['jax']}, "
         f"triton {versions.get('triton')}): `{_command(result)}`."
@@ -166,16 +171,154 @@ def layer_section(result: dict) -> list[str]:
     ]
 
 
-SECTIONS = {"router": router_section, "experts": experts_section, "layer": layer_section}
+def _row_ms(rows: list[dict], variant: str, n: int, mode: str) -> str:
+    for r in rows:
+        if r["variant"] == variant and r["N"] == n and r["mode"] == mode and r["tokens"] == 4096:
+            return _ms(r.get("ms")) if r.get("ms") is not None else "skipped"
+    return "-"
+
+
+def compare_section(results: list[dict]) -> list[str]:
+    lines = ["### OmniMoE beside the baselines (bf16, d = 1024, T = 4096, the paper's setting, ms)", ""]
+    for result in results:
+        rows = result["rows"]
+        variants = list(dict.fromkeys((r["variant"], r["N"], r["active_params"]) for r in rows if r["tokens"] == 4096))
+        table = [
+            [
+                variant,
+                str(n),
+                f"{active / 1e6:.2f}M",
+                _row_ms(rows, variant, n, "fwd"),
+                _row_ms(rows, variant, n, "fwdbwd"),
+            ]
+            for variant, n, active in variants
+        ]
+        lines += [
+            _measured_on(result) + " `skipped`: the run's time budget ran out before it.",
+            "",
+            *_table(["variant", "N", "active params", "fwd", "fwd+bwd"], table),
+            "",
+        ]
+        for target in result["targets"]:
+            if target["met"] is not None:
+                verdict = "met" if target["met"] else "NOT met"
+                lines.append(f"- {target['claim']}: {target['speedup']:.1f}x, {verdict}.")
+        lines.append("")
+    return lines[:-1]
+
+
+def training_section(tiny_metrics: list[dict] | None, small: dict | None) -> list[str]:
+    lines = ["### Training", ""]
+    if tiny_metrics:
+        start = tiny_metrics[0]
+        evals = [r for r in tiny_metrics if r["kind"] == "eval"]
+        end = tiny_metrics[-1]
+        lines += [
+            f"`python -m train` (the `tiny` preset) on the 2-core CPU machine CI runs on (jax {start['jax']}; "
+            f"`benchmarks/results/train_tiny_cpu_metrics.jsonl` is its metrics file): "
+            f"{start['parameters']['total']:,} parameters, {start['parameters']['active']:,} active per token, "
+            f"{end['elapsed_s'] / 60:.1f} minutes, validation bits per byte by step:",
+            "",
+            *_table(
+                ["step", *[str(r["step"]) for r in evals]],
+                [["bits/byte", *[f"{r['bits_per_byte']:.3f}" for r in evals]]],
+            ),
+            "",
+        ]
+    if small:
+        evals = [r for r in small["records"] if r["kind"] == "eval"]
+        model = small["config"]["model"]
+        lines += [
+            f"The `small` preset on an {small['device']} ({small['date'][:10]}, jax {small['versions']['jax']}; "
+            f"`{_command(small)}`): d={model['hidden_size']}, {model['num_layers']} layers, "
+            f"N={model['num_experts']:,}, K={model['num_experts_per_token']}, attention {model['attention']}, "
+            f"{small['summary']['step']} steps before its time limit, median "
+            f"{small['median_tokens_per_s']:,.0f} tokens/s:",
+            "",
+            *_table(
+                ["step", *[str(r["step"]) for r in evals]],
+                [["bits/byte", *[f"{r['bits_per_byte']:.3f}" for r in evals]]],
+            ),
+            "",
+            "![small preset loss](benchmarks/results/train_small_loss.png)",
+            "",
+        ]
+    return lines[:-1]
+
+
+def scaling_section(result: dict) -> list[str]:
+    rows = [
+        [r["layout"], str(r["devices"]), f"{r['ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['efficiency']:.2f}"]
+        for r in result["rows"]
+    ]
+    bytes_rows = [
+        [
+            b["mesh"],
+            f"{b['num_experts']:,}",
+            f"{b['table_mb_per_device']:,.0f}",
+            f"{b['all_to_all_mb']:.1f}",
+            f"{b['all_reduce_mb']:,.1f}",
+        ]
+        for b in result["bytes"]
+    ]
+    check = result["check"]
+    (per_gpu,) = {r["tokens_per_step"] // r["devices"] for r in result["rows"]}  # equal per-GPU batch
+    return [
+        "### Scale-out (data + expert parallel training step)",
+        "",
+        _measured_on(result) + f" Sharded layer vs one device on {check['devices']} GPUs: worst relative error "
+        f"{check['worst_relative_error']:.1e}. A training step of the `{result['settings']['preset']}` preset's "
+        f"model at {per_gpu:,} tokens per GPU; efficiency = tokens/s per GPU over one GPU's.",
+        "",
+        *_table(["layout", "GPUs", "ms/step", "tokens/s", "efficiency"], rows),
+        "",
+        "Bytes per device per step of one layer (compiled HLO; d = 1024, K = 32, 4096 tokens per device):",
+        "",
+        *_table(["mesh", "N", "table MB/device", "all_to_all MB", "all-reduce MB"], bytes_rows),
+    ]
+
+
+def quality_section(results: list[dict]) -> list[str]:
+    lines = ["### Quality at matched active parameters", ""]
+    for result in results:
+        rows = [
+            [
+                run["ffn"],
+                f"{run['active_params']:,}",
+                f"{run['steps']}/{run['planned_steps']}",
+                "-" if run.get("bits_per_byte") is None else f"{run['bits_per_byte']:.3f} (step {run['eval_step']})",
+                "-" if run.get("bits_at_common_step") is None else f"{run['bits_at_common_step']:.3f}",
+                run["status"],
+            ]
+            for run in result["rows"]
+        ]
+        header = ["ffn", "active params", "steps", "val bits/byte", f"at step {result['common_step']}", "status"]
+        lines += [_measured_on(result), "", *_table(header, rows), ""]
+    return lines[:-1]
+
+
+def _load_jsonl(name: str) -> list[dict] | None:
+    path = RESULTS / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else None
 
 
 def render() -> str:
+    sections = [
+        training_section(_load_jsonl("train_tiny_cpu_metrics.jsonl"), _load("train_small")),
+        *(section(result) for name, section in KERNEL_SECTIONS.items() if (result := _load(name)) is not None),
+        compare_section([r for r in (_load("compare"), _load("compare_peer")) if r is not None]),
+    ]
+    if (scaling := _load("scaling_gpu")) is not None:
+        sections.append(scaling_section(scaling))
+    if quality := [r for r in (_load("quality"), _load("quality_cpu")) if r is not None]:
+        sections.append(quality_section(quality))
     lines = [BEGIN, ""]
-    for name, section in SECTIONS.items():
-        result = _load(name)
-        if result is not None:
-            lines += [*section(result), ""]
+    for section in sections:
+        lines += [*section, ""]
     return "\n".join([*lines, END])
+
+
+KERNEL_SECTIONS = {"router": router_section, "experts": experts_section, "layer": layer_section}
 
 
 def main() -> None:
