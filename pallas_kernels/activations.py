@@ -77,7 +77,9 @@ def _quick_gelu_derivative(s):
 
 
 def _relu(s):
-    return jnp.maximum(s, 0.0)
+    # jax.nn.relu, not jnp.maximum: autodiff of a max gives 1/2 at s = 0, torch and _relu_derivative give 0,
+    # and the reference's gradient must equal the kernels' (zero rows, padding) there too.
+    return jax.nn.relu(s)
 
 
 def _relu_derivative(s):

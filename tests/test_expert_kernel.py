@@ -246,6 +246,30 @@ def test_experts_without_tokens_get_zero_gradient_rows(seed):
     check_against_reference(inputs, interpret=True, activation="gelu")  # the helper checks the zero rows
 
 
+def test_relu_kink_gets_the_same_gradient_as_the_reference(seed):
+    # All-zero token rows (padding) put every score at relu's kink, s = 0: the kernels' hand-written
+    # derivative and the reference's autodiff must agree there (both 0, as in torch).
+    inputs = expert_inputs(seed, 8, 2, 16, 16, F32)
+    x = jnp.zeros_like(inputs.x)
+
+    def dx(implementation):
+        def loss(x):
+            y = omni_expert(
+                x,
+                inputs.up,
+                inputs.down,
+                inputs.weights,
+                inputs.indices,
+                activation="relu",
+                implementation=implementation,
+            )
+            return jnp.sum(y * jnp.arange(16, dtype=jnp.float32))
+
+        return jax.grad(loss)(x)
+
+    np.testing.assert_array_equal(dx("pallas"), dx("xla"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["token", "sorted"])
 @pytest.mark.parametrize(

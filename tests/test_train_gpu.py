@@ -10,9 +10,9 @@ import math
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import assert_close
 
 from omnimoe_jax._model import LMConfig, TransformerLM, attention_implementation
-from tests.helpers import assert_close
 from train.config import apply_overrides
 from train.loop import build_steps
 from train.presets import get_preset

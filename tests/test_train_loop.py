@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close
 
-from tests.helpers import assert_close
 from train import cli, sample
 from train.checkpoint import Checkpoints
 from train.config import apply_overrides, parse_overrides

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, normal, rel_error, tolerance
 
 from omnimoe_jax import OmniMoE
 from omnimoe_jax._model import LMConfig, TransformerLM, parameter_counts, rotary
-from tests.helpers import assert_close, normal
 
 SMALL = dict(
     vocab_size=259,
@@ -172,7 +172,11 @@ def test_train_mode_updates_router_statistics(key):
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(key):
-    config = LMConfig(**SMALL, dtype="bfloat16")
+    # Every expert chosen (K = N): bf16 rounding cannot flip which experts a token uses (with K = 4 such
+    # flips pushed ~1% of seeds past 2e-2), so this compares arithmetic alone. Two layers of bf16 compute
+    # then differ from f32 by 0.9e-2 typically (p99 1.6e-2 over 300 seeds, a rare 2.3e-2): twice the
+    # per-op bf16 tolerance.
+    config = LMConfig(**{**SMALL, "num_experts_per_token": SMALL["num_experts"]}, dtype="bfloat16")
     tokens = random_tokens(key, config)
     shapes = jax.eval_shape(TransformerLM(config).init, key, tokens)["params"]
     assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
@@ -180,7 +184,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(key):
     logits = apply(config, variables, tokens)
     assert logits.dtype == jnp.float32
     reference = apply(config.replace(dtype="float32"), variables, tokens)
-    assert_close(logits, reference, jnp.bfloat16, what="bf16 logits")
+    error = rel_error(logits, reference)
+    assert error <= 2 * tolerance(jnp.bfloat16), f"bf16 logits: relative error {error:.3e}"
 
 
 def test_parameter_counts(key):
