@@ -79,7 +79,7 @@ class CartesianRouter(nn.Module):
     2. Each is normalised over the batch (`router_norm`) and turned into log-probabilities per axis.
     3. Expert e = i*n + j scores lp_x[i] + lp_y[j] = log p_x(i) p_y(j).
     4. The exact top K of those n*n scores comes from the top k' = min(K, n) of each axis
-       (`pallas_kernels.omni_router`), never forming all n*n.
+       (`pallas_kernels.omni_router`); the kernels never form all n*n (the "xla" reference does when K >= n).
     5. weights = exp(scores), renormalised over the K if `norm_topk_prob`.
 
     Input tokens [T, d]; returns a `RoutingResult` with [T, K] and [T, n] fields. Under expert parallelism
@@ -94,7 +94,8 @@ class CartesianRouter(nn.Module):
         cfg = self.config
         n = cfg.num_expert_sqrt
         gate = dict(features=n, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        # Normalisation and log_softmax in f32 at least: routing decisions hinge on small score gaps.
+        # Normalisation and log_softmax in f32 at least: routing decisions hinge on small score gaps. The
+        # projections themselves run in cfg.dtype, as the seed's nn.Linear does, so bf16 rounds the logits.
         acc = jnp.promote_types(cfg.dtype, jnp.float32)
         logits_x = nn.Dense(**gate, name="router_gate_x")(tokens).astype(acc)  # [T, n]
         logits_y = nn.Dense(**gate, name="router_gate_y")(tokens).astype(acc)  # [T, n]

@@ -8,6 +8,7 @@ follows the header; an optional "__metadata__" entry of strings), then the raw l
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -38,16 +39,30 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     (header_len,) = struct.unpack("<Q", raw[:8])
     if 8 + header_len > len(raw):
         raise ValueError(f"{os.fspath(path)!r} is not a safetensors file: header length {header_len} past end of file")
-    header = json.loads(raw[8 : 8 + header_len])
+    where = os.fspath(path)
+    try:
+        header = json.loads(raw[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{where!r} is not a safetensors file: its header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{where!r} is not a safetensors file: its header is a {type(header).__name__}, not an object")
     data = memoryview(raw)[8 + header_len :]
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ValueError(f"tensor {name!r} in {where!r} needs dtype, shape and data_offsets, got {info!r}")
         if info["dtype"] not in _DTYPES:
-            raise ValueError(f"tensor {name!r} in {os.fspath(path)!r} has unsupported dtype {info['dtype']}")
+            raise ValueError(f"tensor {name!r} in {where!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
         dtype = _DTYPES[info["dtype"]]
+        expected = math.prod(info["shape"]) * dtype.itemsize
+        if not 0 <= begin <= end <= len(data) or end - begin != expected:
+            raise ValueError(
+                f"tensor {name!r} in {where!r}: data_offsets [{begin}, {end}) do not hold its shape "
+                f"{info['shape']} of {info['dtype']} ({expected} bytes) within the {len(data)} data bytes"
+            )
         tensors[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(info["shape"]).copy()
     return tensors
 

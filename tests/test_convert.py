@@ -1,5 +1,8 @@
 """Seed checkpoint interop: torch-layout dict <-> Flax variables, and .safetensors files."""
 
+import json
+import struct
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -134,4 +137,32 @@ def test_truncated_safetensors_file_is_refused(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"\x10\x00")
     with pytest.raises(ValueError, match="not a safetensors file"):
+        load_safetensors(path)
+
+
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "its header is not JSON"),
+        (_safetensors_bytes([1, 2], b""), "its header is a list, not an object"),
+        (_safetensors_bytes({"w": {"dtype": "F32"}}, b""), "tensor 'w' in .* needs dtype, shape and data_offsets"),
+        (
+            _safetensors_bytes({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, bytes(16)),
+            r"tensor 'w' in .*: data_offsets \[0, 16\) do not hold its shape \[2, 3\] of F32 \(24 bytes\)",
+        ),
+        (
+            _safetensors_bytes({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}, bytes(16)),
+            r"within the 16 data bytes",
+        ),
+    ],
+)
+def test_malformed_safetensors_files_are_named(tmp_path, content, match):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
         load_safetensors(path)

@@ -17,7 +17,7 @@ from expert_checks import check_against_reference, expert_inputs
 from helpers import assert_close, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
-from pallas_kernels import omni_expert, omni_expert_reference
+from pallas_kernels import _dispatch, omni_expert, omni_expert_reference
 from pallas_kernels.omni_expert import kernel
 from pallas_kernels.omni_expert.config import L2_BUDGET_BYTES, ExpertKernelConfig, default_config
 from pallas_kernels.omni_expert.scheduling import build_schedule
@@ -360,12 +360,26 @@ def test_pallas_refuses_mixed_dtypes():
         )
 
 
-def test_pallas_refuses_out_of_range_indices():
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+def test_out_of_range_indices_are_refused(implementation):
+    # The kernels would read outside the tables; XLA's gather would clamp the index silently.
     inputs = _small()
     for bad in (-1, 8):
         indices = inputs.indices.at[2, 1].set(bad)
         with pytest.raises(ValueError, match=re.escape("indices must be in [0, N=8)")):
-            omni_expert(inputs.x, inputs.up, inputs.down, inputs.weights, indices, implementation="pallas")
+            omni_expert(inputs.x, inputs.up, inputs.down, inputs.weights, indices, implementation=implementation)
+
+
+@pytest.mark.parametrize(("d", "dtype"), [(24, F32), (32, jnp.float16)])
+def test_auto_falls_back_to_the_reference_where_kernels_do_not_apply(monkeypatch, d, dtype):
+    monkeypatch.setattr(_dispatch, "on_gpu", lambda: True)  # "auto" would pick the kernels...
+    inputs = _small(dtype=dtype, d=d)  # ...but d = 24 is not a multiple of 16, and float16 no kernel dtype
+    args = (inputs.x, inputs.up, inputs.down, inputs.weights, inputs.indices)
+    np.testing.assert_array_equal(omni_expert(*args, implementation="auto"), omni_expert_reference(*args))
+    with pytest.raises((ValueError, TypeError), match="implementation='pallas'"):
+        omni_expert(*args, implementation="pallas")
+    with pytest.raises((ValueError, TypeError), match="implementation='pallas'"):  # a config asks for kernels
+        omni_expert(*args, implementation="auto", config=ExpertKernelConfig(d_block=16))
 
 
 def test_pallas_refuses_a_bad_config():

@@ -21,7 +21,7 @@ from omnimoe_jax import OmniMoE, OmniMoEConfig
 from omnimoe_jax._router import CartesianRouter
 from pallas_kernels import _dispatch, omni_router
 from pallas_kernels.omni_expert import api as expert_api
-from pallas_kernels.omni_router import RouterConfig, default_config, kernel, omni_router_brute_force
+from pallas_kernels.omni_router import RouterConfig, api, default_config, kernel, omni_router_brute_force
 from pallas_kernels.omni_router.reference import omni_router_reference
 
 TOKENS = (1, 7, 128, 1000)
@@ -268,6 +268,16 @@ def test_triton_needs_a_gpu_and_jax_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax_triton", None)  # as if the extra were not installed
     with pytest.raises(ImportError, match=r'pip install "omnimoe-jax\[triton\]"'):
         omni_router(lpx, lpx, 3, implementation="triton")
+
+
+def test_auto_with_interpret_stays_on_pallas(monkeypatch):
+    # On a GPU with jax-triton, "auto" takes the triton variant from K = 65; it has no interpret mode, so a
+    # caller asking for interpret=True gets the Pallas kernels (interpreted) instead of an error.
+    monkeypatch.setattr(_dispatch, "on_gpu", lambda: True)
+    monkeypatch.setattr(api, "_triton_available", lambda: True)
+    lpx = jax.nn.log_softmax(normal(jax.random.key(0), (2, 16)))
+    _, indices = omni_router(lpx, lpx, 70, implementation="auto", interpret=True)
+    np.testing.assert_array_equal(indices, omni_router_reference(lpx, lpx, 70)[1])
 
 
 # CUDA lowering on the CPU: Pallas -> Triton IR for the GPU, which fails on anything Triton cannot lower.

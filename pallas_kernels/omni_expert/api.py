@@ -57,6 +57,24 @@ def validate_expert_inputs(x, up, down, weights, indices, activation) -> None:
     for name, arr in (("x", x), ("up", up), ("down", down), ("weights", weights)):
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
+    _check_concrete_indices(indices, up.shape[0])
+
+
+def _check_concrete_indices(indices, num_experts: int) -> None:
+    """ValueError for out-of-range indices the caller can see (eager calls): the kernels would read outside
+    the tables and XLA's gather would clamp them silently. Inside jit (tracers) or across processes (not
+    fully addressable) nothing can be checked without a host round trip; the docstring states the contract."""
+    try:
+        if isinstance(indices, jax.Array) and not indices.is_fully_addressable:
+            return
+        values = np.asarray(indices)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if values.size == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= num_experts:
+        raise ValueError(f"indices must be in [0, N={num_experts}), got values in [{low}, {high}]")
 
 
 def validate_kernel_inputs(x, up, down, indices, config) -> None:
@@ -88,15 +106,6 @@ def validate_kernel_inputs(x, up, down, indices, config) -> None:
         if not isinstance(config, ExpertKernelConfig):
             raise TypeError(f"config must be an ExpertKernelConfig or None, got {type(config).__name__}")
         config.check_width(d)
-    try:
-        values = np.asarray(indices)
-    except jax.errors.TracerArrayConversionError:
-        # Inside jit the values are unknown: an out-of-range index would read outside the tables, so the
-        # contract is stated in omni_expert's docstring. Concrete (eager) indices are checked here.
-        return
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= num_experts:
-        raise ValueError(f"indices must be in [0, N={num_experts}), got values in [{low}, {high}]")
 
 
 def omni_expert(
@@ -124,8 +133,9 @@ def omni_expert(
     Indices out of [0, N) raise ValueError when they are concrete; under jit nothing can check them and the
     Pallas kernels would read outside the tables.
 
-    `implementation`: "auto" (Pallas on GPU, XLA elsewhere), "xla" (plain jnp, any float dtypes) or
-    "pallas" (the kernels: d a multiple of 16 up to 8192; x and both tables all f32 or all bf16).
+    `implementation`: "auto" (the kernels on a GPU where they apply, XLA elsewhere and for inputs they do
+    not take), "xla" (plain jnp, any float dtypes) or "pallas" (the kernels: d a multiple of 16 up to 8192;
+    x and both tables all f32 or all bf16; anything else raises).
     `interpret`: run the Pallas kernels in interpret mode (None: only off a GPU). `config`: tile sizes and
     the forward variant (None: the heuristic `default_config`). Differentiable with respect to x, up, down
     and weights; the gradients of
@@ -133,9 +143,15 @@ def omni_expert(
     """
     validate_expert_inputs(x, up, down, weights, indices, activation)
     impl = _dispatch.resolve_implementation(implementation, supported=SUPPORTED_IMPLEMENTATIONS)
+    if impl != "xla":
+        try:
+            validate_kernel_inputs(x, up, down, indices, config)
+        except (ValueError, TypeError):
+            if implementation != "auto" or config is not None:  # a config asks for the kernels by name
+                raise
+            impl = "xla"  # "auto" means: the kernels where they apply, the reference everywhere else
     if impl == "xla":
         return omni_expert_reference(x, up, down, weights, indices, activation=activation)
-    validate_kernel_inputs(x, up, down, indices, config)
     interpret = _dispatch.resolve_interpret(interpret)
     if config is None:
         tokens, d = x.shape

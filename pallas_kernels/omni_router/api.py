@@ -14,8 +14,9 @@ from pallas_kernels.omni_router.reference import omni_router_reference
 
 SUPPORTED_IMPLEMENTATIONS = ("xla", "pallas", "triton")
 # "auto" on a GPU uses the jax-triton variant from this K up, where its native sort pays (H100,
-# benchmarks/results/router.json: n=320, K=512, T=4096 forward 0.54 ms vs 1.79 ms for "pallas"; at
-# K <= 64 "pallas" was as fast or faster for n >= 256). K between 64 and 512 is unmeasured.
+# benchmarks/results/router.json: n=320, K=512, T=4096 forward 0.54 ms vs 1.79 ms for "pallas"). At
+# K <= 64 the two are within ~0.03 ms of each other either way (triton ahead at n <= 128 and K = 64,
+# pallas at n = 1024), too close for a rule; K between 64 and 512 is unmeasured.
 AUTO_TRITON_MIN_TOP_K = 65
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -105,7 +106,7 @@ def omni_router(
             impl = "xla"  # "auto" means: the kernel where it applies, the reference everywhere else
     if impl == "xla":
         return omni_router_reference(log_probs_x, log_probs_y, top_k)
-    if implementation == "auto" and top_k >= AUTO_TRITON_MIN_TOP_K and _triton_available():
+    if implementation == "auto" and top_k >= AUTO_TRITON_MIN_TOP_K and not interpret and _triton_available():
         impl = "triton"
     if config is None:
         config = kernel.default_config(log_probs_x.shape[0], log_probs_x.shape[1], top_k)

@@ -2,7 +2,8 @@
 
 Expert e = i * n + j scores lp_x[i] + lp_y[j]. The top K of the n*n scores only ever uses the top
 k' = min(K, n) entries of each axis: a row ranked k' or lower on its axis is beaten by k' >= K rows of the
-same column. So the reference forms the k' x k' grid of candidate sums instead of all n*n.
+same column. So the reference forms the k' x k' grid of candidate sums instead of all n*n; when K >= n
+that grid is the whole n x n one ([T, n, n] f32: 1.7 GB at T = 4096, n = 320), which the kernels avoid.
 
 Ties are broken by the lowest expert index. `lax.top_k` puts the lower position first among equal values;
 sorting each axis's k' chosen indices ascending makes the flattened grid position increase with the
