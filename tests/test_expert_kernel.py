@@ -324,7 +324,9 @@ def test_lowers_for_cuda(tokens, top_k, num_experts, d, dtype, variant):
     grad_text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *shapes)
     # forward 2 + backward: segment_sum (blocks + fix-up) with the dots, token_combine, segment_sum (2 again)
     assert len(TRITON_CALL.findall(grad_text)) == 7
-    for axis, size in re.findall(r"grid_([yz]) = (\d+)", grad_text):  # the launch grid, where jaxlib shows it
+    grid = re.findall(r"grid_([yz]) = (\d+)", grad_text)  # the launch grid, where jaxlib shows it
+    assert grid, "no launch grid in the lowered text: its format changed, so the CUDA limit went unchecked"
+    for axis, size in grid:
         assert int(size) <= 65535, f"grid {axis} = {size} exceeds CUDA's limit"
 
 

@@ -21,8 +21,9 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 RUN_DIR_NOTEBOOKS = [p for p in NOTEBOOKS if "OMNIMOE_RUN_DIR" in p.read_text()]
 
 
-def execute(path: pathlib.Path, monkeypatch, run_dir: pathlib.Path | None) -> None:
+def execute(path: pathlib.Path, monkeypatch, tmp_path: pathlib.Path, run_dir: pathlib.Path | None) -> None:
     monkeypatch.setenv("OMNIMOE_NOTEBOOK_FAST", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # what the notebooks' tempfile.mkdtemp() writes goes with pytest's
     monkeypatch.setenv("MPLBACKEND", "Agg")
     if run_dir is None:
         monkeypatch.delenv("OMNIMOE_RUN_DIR", raising=False)
@@ -45,8 +46,17 @@ def test_notebook_is_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_top_to_bottom(path, monkeypatch):
-    execute(path, monkeypatch, run_dir=None)
+def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
+    execute(path, monkeypatch, tmp_path, run_dir=None)
+
+
+def test_the_four_notebooks_are_found():
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_quickstart.ipynb",
+        "02_routing.ipynb",
+        "03_kernels.ipynb",
+        "04_training.ipynb",
+    ]
 
 
 def test_run_dir_notebooks_are_found():
@@ -64,4 +74,4 @@ def test_notebook_studies_a_script_run(path, monkeypatch, tmp_path):
     overrides += ["--num_heads=2", "--num_experts=64", "--num_experts_per_token=4", "--batch_size=8", "--steps=6"]
     overrides += ["--warmup_steps=1", "--eval_every=3", "--eval_batches=1", "--log_every=3", f"--data={data}"]
     assert cli.main(["--run-dir", str(run_dir), *overrides]) == 0
-    execute(path, monkeypatch, run_dir=run_dir)
+    execute(path, monkeypatch, tmp_path, run_dir=run_dir)

@@ -109,22 +109,26 @@ def test_common_step_is_the_last_evaluation_every_run_reached():
 def test_quick_mode_end_to_end(tmp_path):
     repo = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(repo)}
-    done = subprocess.run(
-        [sys.executable, str(repo / "benchmarks/quality.py"), "--quick", "--name", "quality_quick_test"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    written = [repo / "benchmarks/results" / f"quality_quick_test.{ext}" for ext in ("json", "png")]
+    try:  # the script writes its results into the repository too: removed whatever the asserts say
+        done = subprocess.run(
+            [sys.executable, str(repo / "benchmarks/quality.py"), "--quick", "--name", "quality_quick_test"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "quality_quick_test.json").read_text())
     assert (tmp_path / "quality_quick_test.png").stat().st_size > 0
     assert [row["ffn"] for row in result["rows"]] == KINDS
     for row in result["rows"]:
         assert row["status"] == "done", row
-        assert 0 < row["bits_per_byte"] < 9 and row["bits_at_common_step"] == row["bits_per_byte"]
+        # Four steps of a d = 16 model: the bound catches a blow-up (2 x the uniform 8 bits), not learning.
+        assert 0 < row["bits_per_byte"] < 16 and row["bits_at_common_step"] == row["bits_per_byte"]
     assert result["common_step"] == 4
-    (repo / "benchmarks/results/quality_quick_test.json").unlink()
-    (repo / "benchmarks/results/quality_quick_test.png").unlink()

@@ -196,20 +196,22 @@ def test_resume_is_exact(tmp_path, small_corpus, seed):
     assert resumed_start["resumed"] is True and resumed_start["step"] == 5
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, small_corpus):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_stops(tmp_path, small_corpus, signum):
     config = shrunk_config(f"--data={small_corpus}", "--log_every=1")
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signum)
 
     def log(line: str) -> None:
         print(line)
         if line.startswith("step ") and line.split()[1].startswith("3/"):
-            os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop: finish the step, save, stop
+            os.kill(os.getpid(), signum)  # handled by the loop: finish the step, save, stop
 
     summary = run(config, tmp_path / "run", log=log)
-    assert summary["reason"] == "SIGTERM" and summary["step"] == 3
+    name = signal.Signals(signum).name
+    assert summary["reason"] == name and summary["step"] == 3
     assert Checkpoints(tmp_path / "run").all_steps() == [3]
-    assert read_metrics(tmp_path / "run")[-1] == {**read_metrics(tmp_path / "run")[-1], "reason": "SIGTERM"}
-    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+    assert read_metrics(tmp_path / "run")[-1] == {**read_metrics(tmp_path / "run")[-1], "reason": name}
+    assert signal.getsignal(signum) is before  # the previous handler is back
 
 
 def test_time_limit_stops_with_a_checkpoint(tmp_path, small_corpus):
@@ -243,11 +245,16 @@ def test_bad_data_fails_before_compiling(tmp_path, capsys):
 
 
 def test_sample_command_prints_the_requested_tokens(trained_run, capsys):
-    assert sample.main(["--run", str(trained_run), "--prompt", "def ", "--max-new-tokens", "20"]) == 0
+    assert sample.main(["--run", str(trained_run), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("def ")
     model, variables, step = sample.load_model(trained_run)
     assert step == 10
+    # What the command printed is the prompt and the decoded 20 tokens the same sampling draws.
+    expected = sample.generate(
+        model, variables, encode("def ")[:-1].tolist(), max_new_tokens=20, temperature=0.8, top_p=0.95, seed=3
+    )
+    assert expected.shape == (20,)
+    assert out == "def " + decode(expected) + "\n"
     prompt = encode("import os\n" * 5)[:-1].tolist()  # 51 tokens: longer than the 32-token window
     new = sample.generate(model, variables, prompt, max_new_tokens=20, temperature=0.0)
     assert new.shape == (20,) and new.dtype == np.int32
@@ -270,4 +277,5 @@ def test_sample_token_respects_temperature_and_top_p(key):
     assert set(np.asarray(tiny_p).tolist()) == {0}
     full = np.asarray(jax.vmap(lambda k: sample.sample_token(logits, k, temperature=1.0, top_p=1.0))(keys))
     counts = np.bincount(full, minlength=5) / len(full)
-    np.testing.assert_allclose(counts, jax.nn.softmax(logits), atol=0.04)
+    # 2000 draws: the standard error of a frequency near 0.45 is 0.011, so 0.06 is over 5 of them.
+    np.testing.assert_allclose(counts, jax.nn.softmax(logits), atol=0.06)

@@ -221,26 +221,22 @@ def test_two_processes_train_as_one(arguments, mesh_run, tmp_path):
     }
     env.pop("XLA_FLAGS", None)
     distributed = ["--coordinator", address, "--num-processes", "2", "--mesh", MESH, "--run-dir", str(run_dir)]
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "train", *distributed, "--process-id", str(i), *arguments],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
-        for i in range(2)
-    ]
-    outputs = []
+    # Output to files, not pipes: a worker blocked on a full pipe while the other waits for it in a
+    # collective would hang both until the timeout.
+    logs = [(tmp_path / f"worker{i}.out", tmp_path / f"worker{i}.err") for i in range(2)]
+    workers = []
     try:
-        for worker in workers:
-            out, err = worker.communicate(timeout=300)
-            assert worker.returncode == 0, err[-3000:]
-            outputs.append(out)
+        for i, (out_path, err_path) in enumerate(logs):
+            with open(out_path, "w") as out, open(err_path, "w") as err:
+                command = [sys.executable, "-m", "train", *distributed, "--process-id", str(i), *arguments]
+                workers.append(subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=tmp_path))
+        for worker, (_, err_path) in zip(workers, logs, strict=True):
+            worker.wait(timeout=300)
+            assert worker.returncode == 0, err_path.read_text()[-3000:]
     finally:
         for worker in workers:
             worker.kill()
+    outputs = [out_path.read_text() for out_path, _ in logs]
     # Process 0 alone prints progress and writes the metrics; both saved the checkpoint.
     assert f"step {STEPS:>6}/{STEPS}" in outputs[0] and "step " not in outputs[1]
     assert [r["kind"] for r in read_metrics(run_dir)].count("start") == 1
