@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,20 @@ def test_unknown_keys_are_refused_with_the_valid_ones():
     for key in ("steps", "hidden_size", "num_experts", "data"):
         assert key in str(err.value)
     assert "model" not in override_keys()  # the nested config is reached through its own fields
+
+
+def test_typos_get_a_suggestion():
+    with pytest.raises(ValueError, match=re.escape("unknown config keys ['stpes']; --stpes: did you mean --steps")):
+        apply_overrides(get_preset("tiny"), parse_overrides(["--stpes=10"]))
+    with pytest.raises(ValueError, match="--run_dir is written --run-dir"):
+        apply_overrides(get_preset("tiny"), parse_overrides(["--run_dir", "/tmp/x"]))
+
+
+def test_a_bare_bool_flag_is_true_and_never_swallows_the_next_flag():
+    config = apply_overrides(get_preset("tiny"), parse_overrides(["--norm_topk_prob", "--steps", "500"]))
+    assert config.model.norm_topk_prob is True and config.steps == 500
+    with pytest.raises(ValueError, match=re.escape("--data needs a value")):
+        apply_overrides(get_preset("tiny"), parse_overrides(["--data", "--steps=10"]))
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ eval steps (`train.loop.build_steps` caches per model/optimizer config).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -196,6 +197,26 @@ def test_resume_is_exact(tmp_path, small_corpus, seed):
     assert resumed_start["resumed"] is True and resumed_start["step"] == 5
 
 
+def test_resume_can_extend_a_finished_run(tmp_path, small_corpus, capsys):
+    config = shrunk_config(f"--data={small_corpus}")
+    run_dir = tmp_path / "run"
+    assert run(config, run_dir, log=print)["step"] == 10
+    records = len(read_metrics(run_dir))
+    assert cli.main(["--run-dir", str(run_dir), "--resume"]) == 0  # finished: says so, compiles nothing
+    assert "is complete at step 10 of 10; --steps=N continues it" in capsys.readouterr().out
+    assert len(read_metrics(run_dir)) == records
+    with pytest.raises(SystemExit):
+        cli.main(["--run-dir", str(run_dir), "--resume", "--steps=8"])
+    assert "--steps=8 is below the run's latest checkpoint, step 10" in capsys.readouterr().err
+    assert cli.main(["--run-dir", str(run_dir), "--resume", "--steps=12", "--log_every=1", "--eval_every=2"]) == 0
+    assert "changed on resume: steps 10 -> 12, eval_every 5 -> 2, log_every 2 -> 1" in capsys.readouterr().out
+    assert load_config(run_dir) == dataclasses.replace(config, steps=12, log_every=1, eval_every=2)
+    after = read_metrics(run_dir)[records:]
+    assert [r["step"] for r in after if r["kind"] == "train"] == [11, 12]
+    assert [r["step"] for r in after if r["kind"] == "eval"] == [12]
+    assert Checkpoints(run_dir).latest_step() == 12
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_checkpoint_and_stops(tmp_path, small_corpus, signum):
     config = shrunk_config(f"--data={small_corpus}", "--log_every=1")
@@ -233,8 +254,9 @@ def test_run_directory_misuse_is_refused(tmp_path, small_corpus, capsys):
     assert cli.main(["--run-dir", str(tmp_path / "empty"), "--resume"]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["--run-dir", str(tmp_path / "used"), "--resume", "--steps=20"])
-    assert "--resume continues the stored config exactly" in capsys.readouterr().err
+        cli.main(["--run-dir", str(tmp_path / "used"), "--resume", "--learning_rate=1", "--steps=20"])
+    assert "it can change only steps, time_limit_minutes, " in (err := capsys.readouterr().err)
+    assert "not ['learning_rate'] (to change those, start a new run)" in err
 
 
 def test_bad_data_fails_before_compiling(tmp_path, capsys):

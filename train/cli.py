@@ -14,11 +14,24 @@ from collections.abc import Sequence
 import jax
 
 from omnimoe_jax import parallel
+from train.checkpoint import Checkpoints
 from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
 from train.data import CorpusError
 from train.loop import RunDirectoryError, load_config, run
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
+
+# What --resume may change: how long the run goes on and what the loop around the steps records. Everything
+# else (model, optimizer, batch, data, seed) would make the rest of the run another run's.
+RESUMABLE_FIELDS = (
+    "steps",
+    "time_limit_minutes",
+    "eval_every",
+    "eval_batches",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting config (default tiny)")
     parser.add_argument("--run-dir", help="where config, metrics and checkpoints go (default runs/<preset>-<time>)")
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint, exactly"
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its latest checkpoint, exactly; may change only "
+        + ", ".join(f"--{f}" for f in RESUMABLE_FIELDS)
+        + " (a new --steps reshapes the rest of the learning-rate schedule)",
     )
     scale = parser.add_argument_group(
         "scale-out", "a run may resume on another mesh (or none): the layout is not part of the run's config"
@@ -79,13 +96,22 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
         if args.resume:
             if args.run_dir is None:
                 parser.error("--resume needs --run-dir")
-            if overrides:
-                parser.error(
-                    f"--resume continues the stored config exactly; drop the overrides {sorted(overrides)} "
-                    "(to change the config, start a new run)"
-                )
             run_dir = pathlib.Path(args.run_dir)
-            config = load_config(run_dir)
+            stored = load_config(run_dir)
+            fixed = sorted(set(overrides) - set(RESUMABLE_FIELDS))
+            if fixed:
+                parser.error(
+                    f"--resume keeps the run's model, optimizer and data; it can change only "
+                    f"{', '.join(RESUMABLE_FIELDS)}, not {fixed} (to change those, start a new run)"
+                )
+            config = apply_overrides(stored, overrides)
+            with Checkpoints(run_dir) as checkpoints:
+                latest = checkpoints.latest_step()
+            if latest is not None and config.steps < latest:
+                parser.error(f"--steps={config.steps} is below the run's latest checkpoint, step {latest}")
+            if latest is not None and latest == config.steps:
+                print(f"{run_dir} is complete at step {latest} of {config.steps}; --steps=N continues it to step N")
+                return 0
         else:
             config: TrainConfig = apply_overrides(get_preset(args.preset), overrides)
             run_dir = pathlib.Path(args.run_dir or default_run_dir(args.preset))

@@ -11,6 +11,7 @@ key is refused with the list of valid ones.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -144,9 +145,11 @@ def override_keys() -> list[str]:
     return sorted(train + model) + options
 
 
-def parse_overrides(args: Sequence[str]) -> dict[str, str]:
-    """["--steps=10", "--data", "dir"] -> {"steps": "10", "data": "dir"} (values still strings)."""
-    pairs: dict[str, str] = {}
+def parse_overrides(args: Sequence[str]) -> dict[str, str | None]:
+    """["--steps=10", "--data", "dir", "--norm_topk_prob"] -> {"steps": "10", "data": "dir", "norm_topk_prob":
+    None} (values still strings; None: the flag stood alone, which `apply_overrides` reads as true for a
+    bool field and refuses for any other). A word after a flag is its value unless it starts with "--"."""
+    pairs: dict[str, str | None] = {}
     i = 0
     while i < len(args):
         arg = args[i]
@@ -155,13 +158,30 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ValueError(f"{arg} needs a value (--key=value or --key value)")
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             key, value = arg[2:], args[i + 1]
             i += 2
+        else:
+            key, value = arg[2:], None
+            i += 1
         pairs[key.replace("-", "_")] = value
     return pairs
+
+
+def _unknown_keys_message(unknown: list[str], valid: list[str]) -> str:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=3)
+        if key in _COMMAND_LINE_FLAGS:
+            hints.append(f"--{key} is written --{key.replace('_', '-')}")
+        elif close:
+            hints.append(f"--{key}: did you mean {' or '.join('--' + c for c in close)}?")
+    hint = ("; " + "; ".join(hints)) if hints else f"; valid keys: {', '.join(valid)}"
+    return f"unknown config keys {unknown}{hint}"
+
+
+# Options of `python -m train` itself (train/cli.py), which take dashes: --run_dir is a typo of --run-dir.
+_COMMAND_LINE_FLAGS = ("run_dir", "num_processes", "process_id")
 
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
@@ -169,7 +189,7 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConf
     valid = override_keys()
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(valid)}")
+        raise ValueError(_unknown_keys_message(unknown, valid))
     model_fields = {f.name for f in dataclasses.fields(LMConfig)}
     train_changes = {}
     model_changes = {}
@@ -200,8 +220,12 @@ def _ffn_options(model: LMConfig, kind: str, texts: dict[str, str]) -> dict[str,
     return options
 
 
-def _parse_value(key: str, text: str, annotation: Any) -> Any:
+def _parse_value(key: str, text: str | None, annotation: Any) -> Any:
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if text is None:  # a flag without a value
+        if bool in options:
+            return True
+        raise ValueError(f"--{key} needs a value (--{key}=value or --{key} value)")
     if type(None) in options and text.lower() in ("none", "null"):
         return None
     kinds = [t for t in options if t is not type(None)]

@@ -526,6 +526,15 @@ def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log,
         state, data_state = checkpoints.restore(latest, abstract_state(config, mesh))
         sampler.restore(data_state["sampler"])
         log(f"resumed {run_dir} at step {latest}")
+        stored = load_config(run_dir).to_dict()
+        changed = {key: (stored[key], value) for key, value in config.to_dict().items() if stored[key] != value}
+        if changed:  # loop fields or steps (train.cli.RESUMABLE_FIELDS): config.json describes the run from here
+            log("changed on resume: " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
+            if "steps" in changed:
+                log(f"the learning-rate schedule now spans {config.steps} steps, from step {latest} on")
+            mesh_lib.sync("config read")
+            if mesh_lib.is_primary():
+                config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         return state
     if latest is not None or config_path.exists():
         raise RunDirectoryError(f"run directory {str(run_dir)!r} already holds a run; resume it or choose another")
