@@ -19,10 +19,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _float_dtype(field: str, value: Any) -> jnp.dtype:
+    """`value` as a floating jnp.dtype (a name or a type); ValueError naming `field` otherwise."""
     try:
         dtype = jnp.dtype(value)
-    except TypeError as err:
-        raise ValueError(f"{field}={value!r} is not a dtype") from err
+    except TypeError:
+        raise ValueError(
+            f"{field}={value!r} is not a dtype; expected a floating dtype such as float32 or bfloat16"
+        ) from None
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{field}={value!r} must be a floating dtype such as float32 or bfloat16")
     return dtype

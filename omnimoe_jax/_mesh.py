@@ -70,9 +70,15 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = Non
     devices = list(jax.devices() if devices is None else devices)
     shape = tuple(sizes[a] for a in MESH_AXES)
     if math.prod(shape) != len(devices):
+        hint = ""
+        if devices and devices[0].platform == "cpu":
+            hint = (
+                f" (on a CPU, set JAX_NUM_CPU_DEVICES={math.prod(shape)} before Python starts, for that many devices)"
+            )
         raise ValueError(
             f"mesh spec {spec!r} has {math.prod(shape)} devices ({' x '.join(map(str, shape))}) but "
-            f"{len(devices)} devices are available; the axis sizes must multiply to the device count"
+            f"{len(devices)} {'device is' if len(devices) == 1 else 'devices are'} available; the axis sizes must "
+            f"multiply to the device count{hint}"
         )
     # jax.make_mesh orders devices for the physical topology (it would also silently take a prefix of the
     # devices, hence the check above).

@@ -180,7 +180,10 @@ class LMConfig:
             raise ValueError(f"ffn_options {unknown} are not fields of ffn={self.ffn!r}; its fields: {sorted(valid)}")
         defaults = small_presets(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)[self.ffn]
         owned = {name: getattr(self, name) for name in _MODEL_OWNED if hasattr(defaults, name)}
-        return defaults.replace(**owned, **options)
+        try:
+            return defaults.replace(**owned, **options)
+        except ValueError as err:  # say whose field it is: "num_heads" alone reads as the attention's
+            raise ValueError(f"ffn={self.ffn!r} with ffn_options {options}: {err}") from None
 
     def is_sparse_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) uses the `ffn` kind (else the dense SwiGLU)."""

@@ -301,3 +301,11 @@ def test_sample_token_respects_temperature_and_top_p(key):
     counts = np.bincount(full, minlength=5) / len(full)
     # 2000 draws: the standard error of a frequency near 0.45 is 0.011, so 0.06 is over 5 of them.
     np.testing.assert_allclose(counts, jax.nn.softmax(logits), atol=0.06)
+
+
+def test_sample_refuses_a_run_on_pre_tokenised_files(tmp_path, capsys):
+    # Only the start record matters: the check runs before any checkpoint is read.
+    start = {"kind": "start", "step": 0, "corpus": {"source": "tokens.npy", "byte_level": False}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(start) + "\n")
+    assert sample.main(["--run-dir", str(tmp_path), "--prompt", "hello"]) == 2
+    assert "trained on pre-tokenised files (tokens.npy), not byte tokens" in capsys.readouterr().err

@@ -138,9 +138,10 @@ def _check_number(field: str, value: Any, in_range: Callable[[float], bool], exp
 
 def override_keys() -> list[str]:
     """Every key `apply_overrides` accepts: TrainConfig fields (but `model`), LMConfig fields (but
-    `ffn_options`) and `<kind>.<field>` for the baseline FFNs' option fields."""
+    `ffn_options` and `expert_axis`) and `<kind>.<field>` for the baseline FFNs' option fields."""
     train = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    model = [f.name for f in dataclasses.fields(LMConfig) if f.name != "ffn_options"]
+    # expert_axis is set by `--mesh` (train.mesh.with_expert_axis), not by hand.
+    model = [f.name for f in dataclasses.fields(LMConfig) if f.name not in ("ffn_options", "expert_axis")]
     options = [f"{kind}.{field}" for kind in FFN_KINDS for field in ffn_option_types(kind)]
     return sorted(train + model) + options
 

@@ -27,6 +27,7 @@ from omnimoe_jax._model import TransformerLM
 from train import data as data_lib
 from train.checkpoint import Checkpoints
 from train.loop import RunDirectoryError, abstract_state, load_config
+from train.metrics import read_metrics
 
 
 def load_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[TransformerLM, dict[str, Any], int]:
@@ -43,6 +44,20 @@ def load_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[Tr
         state, _ = checkpoints.restore(step, abstract_state(config))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return TransformerLM(config.model), variables, step
+
+
+def _require_byte_tokens(run_dir: str | pathlib.Path) -> None:
+    """ValueError unless the run trained on this package's byte tokens: a text prompt is encoded, and the
+    output decoded, as bytes; a run on pre-tokenised .npy/.bin files used a tokenizer this package lacks."""
+    if not (pathlib.Path(run_dir) / "metrics.jsonl").is_file():
+        return  # not a run directory: load_model says so
+    starts = [r for r in read_metrics(run_dir) if r["kind"] == "start"]
+    if starts and not starts[0]["corpus"]["byte_level"]:
+        raise ValueError(
+            f"{str(run_dir)!r} trained on pre-tokenised files ({starts[0]['corpus']['source']}), not byte tokens: "
+            "this command encodes prompts and decodes output as bytes; call train.sample.generate with your "
+            "tokenizer's ids instead"
+        )
 
 
 def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: float) -> jax.Array:
@@ -98,8 +113,14 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="run directory written by python -m train")
+    parser = argparse.ArgumentParser(
+        prog="python -m train.sample",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--run", "--run-dir", dest="run", required=True, help="run directory written by python -m train"
+    )
     parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -108,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args = parser.parse_args(argv)
     try:
+        _require_byte_tokens(args.run)
         model, variables, _ = load_model(args.run, args.step)
         prompt = data_lib.encode(args.prompt)[:-1]  # [BOS, bytes...] without the EOS
         new = generate(

@@ -8,6 +8,7 @@ from typing import Any, Self
 
 import jax.numpy as jnp
 
+from omnimoe_jax._config import _float_dtype
 from pallas_kernels.activations import ACTIVATIONS
 
 ACTIVATION_NAMES = tuple(sorted(ACTIVATIONS))
@@ -31,15 +32,8 @@ class BaselineConfig:
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
-            value = getattr(self, field)
-            try:
-                dtype = jnp.dtype(value)
-            except TypeError as err:
-                raise ValueError(f"{field}={value!r} is not a dtype") from err
-            if not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(f"{field}={value!r} must be a floating dtype such as float32 or bfloat16")
             # Normalised so equal configs compare (and hash) equal whether given as a str or a type.
-            object.__setattr__(self, field, dtype)
+            object.__setattr__(self, field, _float_dtype(field, getattr(self, field)))
 
     def _check_positive_ints(self, *fields: str) -> None:
         for field in fields:
