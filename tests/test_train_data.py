@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 
@@ -222,3 +223,20 @@ def _mixed(root: pathlib.Path) -> pathlib.Path:
     _write(root / "a.txt", b"text")
     _write(root / "b.npy", None, np.zeros(4, np.uint16))
     return root
+
+
+@pytest.mark.parametrize(("val_fraction", "held_out"), [(0.05, "doc3.txt"), (0.95, "doc2.txt")])
+def test_a_small_corpus_gets_both_splits(tmp_path, val_fraction, held_out):
+    # Three names that hash all into train at 5% and all into validation at 95%: the lowest hash ("doc3.txt")
+    # moves to validation, or the highest ("doc2.txt") to train; which one depends on the names alone.
+    names = ["doc0.txt", "doc2.txt", "doc3.txt"]
+    hashes = {name: int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64 for name in names}
+    assert all(0.05 <= h < 0.95 for h in hashes.values()), hashes  # the premise: one split takes all
+    assert min(hashes, key=hashes.get) == "doc3.txt" and max(hashes, key=hashes.get) == "doc2.txt"
+    for name in names:
+        _write(tmp_path / name, name.encode() * 40)
+    corpus = load_corpus(str(tmp_path), val_fraction=val_fraction, vocab_size=259)
+    odd_one = held_out.encode() * 40
+    lonely = corpus.validation if val_fraction < 0.5 else corpus.train
+    assert corpus.documents == ((2, 1) if val_fraction < 0.5 else (1, 2))
+    assert bytes(lonely[1:-1].astype(np.uint8)) == odd_one  # [BOS, bytes, EOS]

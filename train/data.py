@@ -26,7 +26,9 @@ Split: each document goes to validation when the SHA-256 of its name (the file's
 corpus root, plus ":<line>" for a .jsonl record) falls in the first `val_fraction` of the hash range, so
 the split is the same on every machine and run and independent of file order. A corpus of exactly one
 document (a single text file, a single token array) is split by position instead: the last
-`val_fraction` of its tokens are validation.
+`val_fraction` of its tokens are validation. When a small corpus's documents all hash into one split, the
+document with the lowest hash goes to validation (or, if all hashed there, the highest to train): still a
+function of the names alone, and `Corpus.documents` reports the counts.
 """
 
 from __future__ import annotations
@@ -94,10 +96,13 @@ def decode(tokens: Any) -> str:
     return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
 
 
+def _name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+
+
 def in_validation(name: str, val_fraction: float) -> bool:
     """Whether the document called `name` belongs to the validation split (hash of the name)."""
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < val_fraction * 2**64
+    return _name_hash(name) < val_fraction * 2**64
 
 
 def stdlib_root() -> pathlib.Path:
@@ -215,21 +220,18 @@ def _text_documents(root: pathlib.Path, files: list[pathlib.Path]) -> Iterator[t
 def _split_documents(
     documents: Iterator[tuple[str, np.ndarray]], val_fraction: float, *, source: str, byte_level: bool = True
 ) -> Corpus:
-    splits: dict[bool, list[np.ndarray]] = {False: [], True: []}
-    for name, tokens in documents:
-        splits[in_validation(name, val_fraction)].append(tokens)
-    train, validation = splits[False], splits[True]
-    if not train and not validation:
+    hashed = [(_name_hash(name), tokens) for name, tokens in documents]  # in corpus order
+    if not hashed:
         raise CorpusError(f"{source}: the corpus holds no documents")
-    if len(train) + len(validation) == 1:
-        return _split_by_position((train or validation)[0], val_fraction, source=source, byte_level=byte_level)
-    if not train or not validation:
-        empty = "train" if not train else "validation"
-        raise CorpusError(
-            f"{source}: the {empty} split is empty: all {len(train) + len(validation)} documents hash into one "
-            f"split at val_fraction={val_fraction}; add documents, change val_fraction, or pass a single file "
-            "(split by position)"
-        )
+    if len(hashed) == 1:
+        return _split_by_position(hashed[0][1], val_fraction, source=source, byte_level=byte_level)
+    is_validation = [digest < val_fraction * 2**64 for digest, _ in hashed]
+    if not any(is_validation) or all(is_validation):  # a small corpus: both splits get a document
+        digests = [digest for digest, _ in hashed]
+        moved = digests.index(min(digests)) if not any(is_validation) else digests.index(max(digests))
+        is_validation[moved] = not is_validation[moved]
+    validation = [tokens for (_, tokens), held_out in zip(hashed, is_validation, strict=True) if held_out]
+    train = [tokens for (_, tokens), held_out in zip(hashed, is_validation, strict=True) if not held_out]
     return Corpus(
         train=np.concatenate(train),
         validation=np.concatenate(validation),
