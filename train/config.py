@@ -177,8 +177,8 @@ def _unknown_keys_message(unknown: list[str], valid: list[str]) -> str:
             hints.append(f"--{key} is written --{key.replace('_', '-')}")
         elif close:
             hints.append(f"--{key}: did you mean {' or '.join('--' + c for c in close)}?")
-    hint = ("; " + "; ".join(hints)) if hints else f"; valid keys: {', '.join(valid)}"
-    return f"unknown config keys {unknown}{hint}"
+    hint = "".join(f"; {h}" for h in hints)
+    return f"unknown config keys {unknown}{hint}; valid keys: {', '.join(valid)}"
 
 
 # Options of `python -m train` itself (train/cli.py), which take dashes: --run_dir is a typo of --run-dir.
