@@ -115,6 +115,28 @@ class OmniMoEConfig:
         # Normalise dtypes so equal configs compare (and hash) equal whether given as str or type.
         object.__setattr__(self, "dtype", _float_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
+        if self.implementation == "pallas":
+            self._check_kernel_limits()
+
+    def _check_kernel_limits(self) -> None:
+        """implementation="pallas" names the kernels: refuse here, naming the field, what they cannot take
+        (the ops would refuse it at the first call, naming their own arguments)."""
+        limits = [
+            (
+                self.hidden_size % 16 == 0 and 16 <= self.hidden_size <= 8192,
+                "hidden_size",
+                "a multiple of 16 in [16, 8192]",
+            ),
+            (self.num_expert_sqrt <= 4096, "num_experts", "at most 4096^2 (the router kernel's n <= 4096)"),
+            (self.num_experts_per_token <= 1024, "num_experts_per_token", "at most 1024"),
+            (self.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)), "dtype", "float32 or bfloat16"),
+        ]
+        for ok, field, expected in limits:
+            if not ok:
+                raise ValueError(
+                    f'{field}={getattr(self, field)!r}: implementation="pallas" needs {expected} '
+                    '(implementation="auto" uses the XLA reference where the kernels do not apply)'
+                )
 
     @property
     def num_expert_sqrt(self) -> int:

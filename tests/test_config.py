@@ -39,6 +39,8 @@ def test_defaults_match_the_seed():
         ({"implementation": "cuda"}, "implementation='cuda' must be one of"),
         ({"dtype": "int32"}, "dtype='int32' must be a floating dtype"),
         ({"param_dtype": "nonsense"}, "param_dtype='nonsense' is not a dtype"),
+        ({"implementation": "pallas", "hidden_size": 24}, 'hidden_size=24: implementation="pallas" needs a multiple'),
+        ({"implementation": "pallas", "dtype": "float16"}, 'implementation="pallas" needs float32 or bfloat16'),
     ],
 )
 def test_invalid_fields_are_refused(changes, match):
