@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import jax
@@ -124,3 +125,15 @@ def test_config_round_trips_through_dict():
 def test_train_config_needs_an_lm_config():
     with pytest.raises(TypeError, match="model must be an LMConfig"):
         TrainConfig(model=dataclasses.asdict(LMConfig()))
+
+
+def test_print_config_shows_the_resolved_config_and_exits(tmp_path, capsys):
+    from train import cli
+
+    run_dir = tmp_path / "run"
+    assert cli.main(["--print-config", "--run-dir", str(run_dir), "--hidden_size=64", "--steps=500"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    config = apply_overrides(get_preset("tiny"), {"hidden_size": "64", "steps": "500"})
+    assert printed.pop("parameters") == parameter_counts(config.model)
+    assert TrainConfig.from_dict(printed) == config
+    assert not run_dir.exists()  # nothing loaded, compiled or written

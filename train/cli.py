@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import pathlib
 import signal
 import sys
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import jax
 
-from omnimoe_jax import parallel
+from omnimoe_jax import parallel, parameter_counts
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
 from train.data import CorpusError
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --run-dir from its latest checkpoint, exactly; may change only "
         + ", ".join(f"--{f}" for f in RESUMABLE_FIELDS)
         + " (a new --steps reshapes the rest of the learning-rate schedule)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (preset + overrides, or the stored run's with --resume) and its parameter "
+        "counts as JSON, then exit without loading data or compiling",
     )
     scale = parser.add_argument_group(
         "scale-out", "a run may resume on another mesh (or none): the layout is not part of the run's config"
@@ -109,12 +116,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
                 latest = checkpoints.latest_step()
             if latest is not None and config.steps < latest:
                 parser.error(f"--steps={config.steps} is below the run's latest checkpoint, step {latest}")
-            if latest is not None and latest == config.steps:
+            if latest is not None and latest == config.steps and not args.print_config:
                 print(f"{run_dir} is complete at step {latest} of {config.steps}; --steps=N continues it to step N")
                 return 0
         else:
             config: TrainConfig = apply_overrides(get_preset(args.preset), overrides)
             run_dir = pathlib.Path(args.run_dir or default_run_dir(args.preset))
+        if args.print_config:
+            print(json.dumps({**config.to_dict(), "parameters": parameter_counts(config.model)}, indent=2))
+            return 0
         mesh = None if args.mesh is None else parallel.make_mesh(args.mesh)
         if mesh is not None:
             check_mesh(config, mesh)
