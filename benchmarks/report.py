@@ -278,9 +278,9 @@ def scaling_section(result: dict) -> list[str]:
     ]
 
 
-def quality_section(results: list[dict]) -> list[str]:
+def quality_section(results: dict[str, dict]) -> list[str]:
     lines = ["### Quality at matched active parameters", ""]
-    for result in results:
+    for name, result in results.items():
         rows = [
             [
                 run["ffn"],
@@ -294,6 +294,8 @@ def quality_section(results: list[dict]) -> list[str]:
         ]
         header = ["ffn", "active params", "steps", "val bits/byte", f"at step {result['common_step']}", "status"]
         lines += [_measured_on(result), "", *_table(header, rows), ""]
+        if (RESULTS / f"{name}.png").exists():
+            lines += [f"![{name}](benchmarks/results/{name}.png)", ""]
     return lines[:-1]
 
 
@@ -310,7 +312,7 @@ def render() -> str:
     ]
     if (scaling := _load("scaling_gpu")) is not None:
         sections.append(scaling_section(scaling))
-    if quality := [r for r in (_load("quality"), _load("quality_cpu")) if r is not None]:
+    if quality := {name: r for name in ("quality", "quality_cpu") if (r := _load(name)) is not None}:
         sections.append(quality_section(quality))
     lines = [BEGIN, ""]
     for section in sections:
