@@ -6,23 +6,7 @@
 # there with the logs.
 #
 #   bash benchmarks/gpu_expert.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-logs="${OUT:-benchmarks/results}"
-mkdir -p "$logs" benchmarks/results
-python="${PYTHON:-python3}"
-status=0
-
-step() {  # step NAME TIMEOUT_S COMMAND...: run, tee the log, report the exit status and the time taken
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
-    local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc after $((SECONDS - start)) s"
-    [ "$rc" -eq 0 ] || status=1
-}
+source "$(dirname "$0")/gpu_common.sh"
 
 # A failing test does not stop the timings: they still say where the time goes.
 step expert_gpu_tests 180 "$python" -m pytest -m gpu tests/test_expert_gpu.py -q -rfE --durations=10

@@ -8,23 +8,7 @@
 # Results land in benchmarks/results/ and, when $OUT is set, are copied there with the logs.
 #
 #   bash benchmarks/gpu_verify.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-logs="${OUT:-benchmarks/results}"
-mkdir -p "$logs" benchmarks/results
-python="${PYTHON:-python3}"
-status=0
-
-step() {  # step NAME TIMEOUT_S COMMAND...: run, tee the log, report the exit status and the time taken
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
-    local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc after $((SECONDS - start)) s"
-    [ "$rc" -eq 0 ] || status=1
-}
+source "$(dirname "$0")/gpu_common.sh"
 
 step gpu_tests 330 "$python" -m pytest -m gpu tests/ -q -rfE --durations=15 --junitxml="$logs/gpu_tests.xml"
 step quality 240 "$python" benchmarks/quality.py --ffn dense,omnimoe --budget-minutes 3.5 --steps 300

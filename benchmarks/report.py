@@ -207,6 +207,13 @@ def compare_section(results: list[dict]) -> list[str]:
     return lines[:-1]
 
 
+def _bits_by_step(evals: list[dict]) -> list[str]:
+    """A one-row table: validation bits per byte at each evaluation step."""
+    return _table(
+        ["step", *[str(r["step"]) for r in evals]], [["bits/byte", *[f"{r['bits_per_byte']:.3f}" for r in evals]]]
+    )
+
+
 def training_section(tiny_metrics: list[dict] | None, small: dict | None) -> list[str]:
     lines = ["### Training", ""]
     if tiny_metrics:
@@ -219,10 +226,7 @@ def training_section(tiny_metrics: list[dict] | None, small: dict | None) -> lis
             f"{start['parameters']['total']:,} parameters, {start['parameters']['active']:,} active per token, "
             f"{end['elapsed_s'] / 60:.1f} minutes, validation bits per byte by step:",
             "",
-            *_table(
-                ["step", *[str(r["step"]) for r in evals]],
-                [["bits/byte", *[f"{r['bits_per_byte']:.3f}" for r in evals]]],
-            ),
+            *_bits_by_step(evals),
             "",
         ]
     if small:
@@ -235,10 +239,7 @@ def training_section(tiny_metrics: list[dict] | None, small: dict | None) -> lis
             f"{small['summary']['step']} steps before its time limit, median "
             f"{small['median_tokens_per_s']:,.0f} tokens/s:",
             "",
-            *_table(
-                ["step", *[str(r["step"]) for r in evals]],
-                [["bits/byte", *[f"{r['bits_per_byte']:.3f}" for r in evals]]],
-            ),
+            *_bits_by_step(evals),
             "",
             "![small preset loss](benchmarks/results/train_small_loss.png)",
             "",

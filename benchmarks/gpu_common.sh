@@ -1,0 +1,20 @@
+# Sourced by the gpu_*.sh scripts: run from the repository root, results under benchmarks/results/ (and the
+# logs in $OUT when set), and `step NAME TIMEOUT_S COMMAND...`, which runs a command, tees its log, reports
+# its exit status and time, and records a failure in $status without stopping the script.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+logs="${OUT:-benchmarks/results}"
+mkdir -p "$logs" benchmarks/results
+python="${PYTHON:-python3}"
+status=0
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
