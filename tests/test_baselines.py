@@ -222,11 +222,15 @@ def test_one_expert_taking_every_token_leaves_the_others_empty(seed):
 
 
 # (The dense FFN is SharedMLP, flax Dense layers: nothing of ours to differentiate. DeepSeekMoE's dropless
-# path differentiates through jax.lax.ragged_dot, the costliest f64 compile here: slow; the default suite
-# trains DeepSeekMoE through `python -m train` in tests/test_train_ffn.py.)
+# path differentiates through jax.lax.ragged_dot, the costliest f64 compile here: slow; its capacity path,
+# the same experts, gate, shared experts and balance loss, is checked in the default suite.)
 GRADIENT_CASES = [
     pytest.param(
         DeepSeekMoEConfig(8, 4, 6, 2, shared_intermediate_size=6), id="deepseek-sorted", marks=pytest.mark.slow
+    ),
+    pytest.param(
+        DeepSeekMoEConfig(8, 4, 6, 2, shared_intermediate_size=6, dispatch="capacity", capacity_factor=4.0),
+        id="deepseek-capacity",
     ),
     pytest.param(GShardMoEConfig(8, 4, 6, 2, capacity_factor=0.75), id="gshard-drops"),
     pytest.param(PEERConfig(8, 16, 2, 3, 4), id="peer"),
