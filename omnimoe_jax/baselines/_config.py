@@ -8,11 +8,11 @@ from typing import Any, Self
 
 import jax.numpy as jnp
 
+from omnimoe_jax._config import IMPLEMENTATIONS as IMPLEMENTATIONS  # re-exported: one list for every config
 from omnimoe_jax._config import _float_dtype
 from pallas_kernels.activations import ACTIVATIONS
 
 ACTIVATION_NAMES = tuple(sorted(ACTIVATIONS))
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
 QUERY_NORMS = ("batchnorm", "none")
 
 
