@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Self
 
 import jax.numpy as jnp
 
@@ -31,8 +31,32 @@ def _float_dtype(field: str, value: Any) -> jnp.dtype:
     return dtype
 
 
+class ConfigMethods:
+    """replace / to_dict / from_dict of the frozen, validated configs (OmniMoEConfig, LMConfig, the
+    baselines'): no fields of its own; subclasses have `dtype` and `param_dtype`, stored as names."""
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable fields (dtypes as names), inverse of `from_dict`."""
+        fields = dataclasses.asdict(self)
+        fields["dtype"] = jnp.dtype(self.dtype).name
+        fields["param_dtype"] = jnp.dtype(self.param_dtype).name
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Self:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**fields)
+
+
 @dataclasses.dataclass(frozen=True)
-class OmniMoEConfig:
+class OmniMoEConfig(ConfigMethods):
     """Sizes and switches of one OmniMoE layer. Field names follow the seed's `OmniMoEConfig`.
 
     Attributes:
@@ -142,22 +166,3 @@ class OmniMoEConfig:
     def num_expert_sqrt(self) -> int:
         """n: experts per router axis (the seed's name)."""
         return math.isqrt(self.num_experts)
-
-    def replace(self, **changes: Any) -> OmniMoEConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable fields (dtypes as names), inverse of `from_dict`."""
-        fields = dataclasses.asdict(self)
-        fields["dtype"] = jnp.dtype(self.dtype).name
-        fields["param_dtype"] = jnp.dtype(self.param_dtype).name
-        return fields
-
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> OmniMoEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"unknown OmniMoEConfig fields {unknown}; valid fields: {sorted(known)}")
-        return cls(**fields)

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._config import ConfigMethods, OmniMoEConfig
 from omnimoe_jax._layer import OmniMoE
 from omnimoe_jax._router import RoutingResult
 from omnimoe_jax._shared_mlp import SharedMLP
@@ -56,7 +56,7 @@ _FFN_FIELDS = tuple(f.name for f in dataclasses.fields(OmniMoEConfig))
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
+class LMConfig(ConfigMethods):
     """Sizes and switches of the language model, validated at construction.
 
     Model fields:
@@ -193,25 +193,9 @@ class LMConfig:
     def sparse_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_layers) if self.is_sparse_layer(i))
 
-    def replace(self, **changes: Any) -> LMConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable fields (dtypes as names), inverse of `from_dict`."""
-        fields = dataclasses.asdict(self)
-        fields["ffn_options"] = dict(self.ffn_options)
-        fields["dtype"] = jnp.dtype(self.dtype).name
-        fields["param_dtype"] = jnp.dtype(self.param_dtype).name
-        return fields
-
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> LMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"unknown LMConfig fields {unknown}; valid fields: {sorted(known)}")
-        return cls(**fields)
+        return {**super().to_dict(), "ffn_options": dict(self.ffn_options)}
 
 
 def ffn_option_types(kind: str) -> dict[str, Any]:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Self
-
-import jax.numpy as jnp
+from typing import Any
 
 from omnimoe_jax._config import IMPLEMENTATIONS as IMPLEMENTATIONS  # re-exported: one list for every config
-from omnimoe_jax._config import _float_dtype
+from omnimoe_jax._config import ConfigMethods, _float_dtype
 from pallas_kernels.activations import ACTIVATIONS
 
 ACTIVATION_NAMES = tuple(sorted(ACTIVATIONS))
@@ -25,7 +23,7 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class BaselineConfig:
+class BaselineConfig(ConfigMethods):
     """Base of the baseline configs (no fields of its own). Subclasses call the `_check_*` helpers from
     `__post_init__` and then `super().__post_init__()`, which normalises `dtype` and `param_dtype` (every
     subclass has both)."""
@@ -87,22 +85,3 @@ class BaselineConfig:
                 f"column); nearest valid counts: {nearest}"
             )
         return n
-
-    def replace(self, **changes: Any) -> Self:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable fields (dtypes as names), inverse of `from_dict`."""
-        fields = dataclasses.asdict(self)
-        fields["dtype"] = jnp.dtype(self.dtype).name
-        fields["param_dtype"] = jnp.dtype(self.param_dtype).name
-        return fields
-
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> Self:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(known)}")
-        return cls(**fields)
