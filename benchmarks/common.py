@@ -81,3 +81,35 @@ def write_results(name: str, rows: list[dict], **extra: Any) -> pathlib.Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**environment(), **extra, "rows": rows}, indent=2) + "\n")
     return path
+
+
+def plot_latency_bars(rows: list[dict], implementations: Sequence[str], what: str, path: pathlib.Path) -> None:
+    """Forward and forward+backward bars per setting and implementation (log ms), each setting's floor as
+    a tick: the PNG beside experts.json and layer.json. Rows: setting, impl, mode, ms (if run), floor_ms, d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    width = 0.8 / len(implementations)
+    centres = [j + 0.4 - width / 2 for j in range(len(settings))]  # the middle of each setting's bars
+    for ax, mode in zip(axes, ("forward", "forward+backward"), strict=True):
+        for i, impl in enumerate(implementations):
+            values = []
+            for setting in settings:
+                match = [r for r in rows if r["setting"] == setting and r["impl"] == impl and r["mode"] == mode]
+                values.append(match[0].get("ms", float("nan")) if match else float("nan"))
+            ax.bar([j + i * width for j in range(len(settings))], values, width, label=impl)
+        floors = [next((r["floor_ms"] for r in rows if r["setting"] == s and r["mode"] == mode), 0) for s in settings]
+        ax.scatter(centres, floors, marker="_", s=300, c="k", label="floor")
+        ax.set_yscale("log")
+        ax.set_title(f"{what} {mode}, bf16, d={rows[0]['d']}")
+        ax.set_xticks(centres)
+        ax.set_xticklabels([s.replace(" ", "\n") for s in settings], fontsize=7)
+        ax.set_ylabel("ms (log)")
+    axes[0].legend()
+    fig.suptitle(environment()["device"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -28,7 +28,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import environment, print_table, time_fn, write_results
+from benchmarks.common import plot_latency_bars, print_table, time_fn, write_results
 from pallas_kernels import _dispatch, omni_expert
 from pallas_kernels.omni_expert import kernel
 from pallas_kernels.omni_expert.config import MIN_DOT_DIM, default_config
@@ -365,35 +365,6 @@ def _one_line(row: dict) -> str:
     return f"{row['setting']:28s} {row['impl']:14s} {row['mode']:17s} {ms}"
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
-    width = 0.8 / len(IMPLEMENTATIONS)
-    for ax, mode in zip(axes, ("forward", "forward+backward"), strict=True):
-        for i, impl in enumerate(IMPLEMENTATIONS):
-            values = []
-            for setting in settings:
-                match = [r for r in rows if r["setting"] == setting and r["impl"] == impl and r["mode"] == mode]
-                values.append(match[0].get("ms", float("nan")) if match else float("nan"))
-            ax.bar([j + i * width for j in range(len(settings))], values, width, label=impl)
-        floors = [next((r["floor_ms"] for r in rows if r["setting"] == s and r["mode"] == mode), 0) for s in settings]
-        ax.scatter([j + 0.4 - width / 2 for j in range(len(settings))], floors, marker="_", s=300, c="k", label="floor")
-        ax.set_yscale("log")
-        ax.set_title(f"omni_expert {mode}, bf16, d={rows[0]['d']}")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))])
-        ax.set_xticklabels([s.replace(" ", "\n") for s in settings], fontsize=7)
-        ax.set_ylabel("ms (log)")
-    axes[0].legend()
-    fig.suptitle(environment()["device"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=150.0, help="skip what is left after this many seconds")
@@ -439,7 +410,7 @@ def main():
         print_table(pieces, ["setting", "piece", "ms", "gather_TBps", "status"])
     if variations:
         print_table(variations, ["setting", "variation", "ms", "status"])
-    plot(rows, path.with_suffix(".png"))
+    plot_latency_bars(rows, IMPLEMENTATIONS, "omni_expert", path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     if os.environ.get("OUT"):
         shutil.copy(path.with_suffix(".png"), pathlib.Path(os.environ["OUT"]) / path.with_suffix(".png").name)

@@ -26,7 +26,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import environment, print_table, time_fn, write_results
+from benchmarks.common import plot_latency_bars, print_table, time_fn, write_results
 from benchmarks.experts import copy_bandwidth, flop_rate, is_out_of_memory, timed, work
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 
@@ -168,35 +168,6 @@ def speedups(rows: list[dict]) -> None:
             row["speedup_vs_xla"] = twin[0]["ms"] / row["ms"]
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
-    width = 0.8 / len(IMPLEMENTATIONS)
-    for ax, mode in zip(axes, ("forward", "forward+backward"), strict=True):
-        for i, impl in enumerate(IMPLEMENTATIONS):
-            values = []
-            for setting in settings:
-                match = [r for r in rows if r["setting"] == setting and r["impl"] == impl and r["mode"] == mode]
-                values.append(match[0].get("ms", float("nan")) if match else float("nan"))
-            ax.bar([j + i * width for j in range(len(settings))], values, width, label=impl)
-        floors = [next((r["floor_ms"] for r in rows if r["setting"] == s and r["mode"] == mode), 0) for s in settings]
-        ax.scatter([j + width / 2 for j in range(len(settings))], floors, marker="_", s=300, c="k", label="floor")
-        ax.set_yscale("log")
-        ax.set_title(f"OmniMoE layer {mode}, bf16, d={rows[0]['d']}")
-        ax.set_xticks([j + width / 2 for j in range(len(settings))])
-        ax.set_xticklabels([s.replace(" ", "\n") for s in settings], fontsize=7)
-        ax.set_ylabel("ms (log)")
-    axes[0].legend()
-    fig.suptitle(environment()["device"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=100.0, help="skip what is left after this many seconds")
@@ -223,7 +194,7 @@ def main():
         rows = run(settings, deadline, bandwidth, matmul, fp32, router_used, d=d, save=save)
     path = save(rows)
     print_table(rows, columns)
-    plot(rows, path.with_suffix(".png"))
+    plot_latency_bars(rows, IMPLEMENTATIONS, "OmniMoE layer", path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     if os.environ.get("OUT"):
         shutil.copy(path.with_suffix(".png"), pathlib.Path(os.environ["OUT"]) / path.with_suffix(".png").name)
