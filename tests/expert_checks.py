@@ -112,3 +112,21 @@ def check_against_reference(inputs: ExpertInputs, *, interpret: bool, config=Non
 def _max_abs_where(table, rows):
     """max |table[e]| over the rows e where `rows` [N] is True (0 if none), computed on the device."""
     return jnp.max(jnp.where(rows[:, None], jnp.abs(table.astype(jnp.float32)), 0.0))
+
+
+def check_segment_sum(out, dots, *, coef, rows, table, indices, order, dtype) -> None:
+    """segment_sum's outputs against a float64 sum: `out` [N, d] holds sum_p coef_p rows[t_p] in every row
+    some pair touched and the poison value 7 everywhere else; `dots` [P] the fused table . row dots."""
+    num_experts, top_k = table.shape[0], indices.shape[1]
+    out = np.asarray(out.astype(jnp.float32))
+    order = np.asarray(order)
+    expert_at, token_at = indices.reshape(-1)[order], order // top_k  # [P] each, in sorted order
+    touched = np.isin(np.arange(num_experts), expert_at)
+    np.testing.assert_array_equal(out[~touched], 7.0)
+    rows64 = np.asarray(rows.astype(jnp.float32), np.float64)
+    table64 = np.asarray(table.astype(jnp.float32), np.float64)
+    want = np.zeros(out.shape)
+    np.add.at(want, expert_at, coef.astype(np.float64)[:, None] * rows64[token_at])
+    assert_close(out[touched], want[touched], dtype)
+    want_dots = np.einsum("pd,pd->p", table64[expert_at], rows64[token_at])
+    assert_close(dots, want_dots, jnp.float32, what="dots")  # from the operands as given: f32 sums either way

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from expert_checks import check_against_reference, expert_inputs
+from expert_checks import check_against_reference, check_segment_sum, expert_inputs
 from helpers import assert_close, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
@@ -89,17 +89,7 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, s
         config=config,
         interpret=False,
     )
-    out = np.asarray(out.astype(F32))
-    order = np.asarray(schedule.order)
-    expert_at, token_at = indices.reshape(-1)[order], order // top_k  # [P] each, in sorted order
-    touched = np.isin(np.arange(num_experts), expert_at)
-    np.testing.assert_array_equal(out[~touched], 7.0)
-    rows64, table64 = np.asarray(rows.astype(F32), np.float64), np.asarray(table.astype(F32), np.float64)
-    want = np.zeros((num_experts, d))
-    np.add.at(want, expert_at, coef.astype(np.float64)[:, None] * rows64[token_at])
-    assert_close(out[touched], want[touched], dtype)
-    want_dots = np.einsum("pd,pd->p", table64[expert_at], rows64[token_at])
-    assert_close(dots, want_dots, F32, what="dots")
+    check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
