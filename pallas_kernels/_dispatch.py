@@ -20,6 +20,22 @@ def resolve_implementation(implementation: str, *, supported: tuple[str, ...]) -
     return implementation
 
 
+def choose_implementation(implementation: str, *, supported: tuple[str, ...], check_kernel_inputs) -> str:
+    """`resolve_implementation`, then `check_kernel_inputs(impl)` for a kernel choice: "auto" means the
+    kernels where they apply and "xla" for inputs they do not take; a kernel named outright raises the
+    check's ValueError/TypeError, which names the argument."""
+    impl = resolve_implementation(implementation, supported=supported)
+    if impl == "xla":
+        return impl
+    try:
+        check_kernel_inputs(impl)
+    except (ValueError, TypeError):
+        if implementation != "auto":
+            raise
+        return "xla"
+    return impl
+
+
 def resolve_interpret(interpret: bool | None) -> bool:
     """None means: run the kernel natively on a GPU, in Pallas interpret mode anywhere else."""
     if interpret is None:

@@ -142,14 +142,11 @@ def omni_expert(
     up and down are dense [N, d] with exact zeros in rows no token chose.
     """
     validate_expert_inputs(x, up, down, weights, indices, activation)
-    impl = _dispatch.resolve_implementation(implementation, supported=SUPPORTED_IMPLEMENTATIONS)
-    if impl != "xla":
-        try:
-            validate_kernel_inputs(x, up, down, indices, config)
-        except (ValueError, TypeError):
-            if implementation != "auto" or config is not None:  # a config asks for the kernels by name
-                raise
-            impl = "xla"  # "auto" means: the kernels where they apply, the reference everywhere else
+    impl = _dispatch.choose_implementation(
+        "pallas" if config is not None else implementation,  # a config asks for the kernels by name
+        supported=SUPPORTED_IMPLEMENTATIONS,
+        check_kernel_inputs=lambda _: validate_kernel_inputs(x, up, down, indices, config),
+    )
     if impl == "xla":
         return omni_expert_reference(x, up, down, weights, indices, activation=activation)
     interpret = _dispatch.resolve_interpret(interpret)

@@ -96,14 +96,11 @@ def omni_router(
     of its expert (summed where a token picks one row or column several times).
     """
     validate_router_inputs(log_probs_x, log_probs_y, top_k)
-    impl = _dispatch.resolve_implementation(implementation, supported=SUPPORTED_IMPLEMENTATIONS)
-    if impl != "xla":
-        try:
-            validate_kernel_inputs(log_probs_x, log_probs_y, top_k, impl)
-        except ValueError:
-            if implementation != "auto":
-                raise
-            impl = "xla"  # "auto" means: the kernel where it applies, the reference everywhere else
+    impl = _dispatch.choose_implementation(
+        implementation,
+        supported=SUPPORTED_IMPLEMENTATIONS,
+        check_kernel_inputs=lambda impl: validate_kernel_inputs(log_probs_x, log_probs_y, top_k, impl),
+    )
     if impl == "xla":
         return omni_router_reference(log_probs_x, log_probs_y, top_k)
     if implementation == "auto" and top_k >= AUTO_TRITON_MIN_TOP_K and not interpret and _triton_available():
