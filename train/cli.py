@@ -18,21 +18,13 @@ from omnimoe_jax import parallel, parameter_counts
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
 from train.data import CorpusError
-from train.loop import RunDirectoryError, load_config, run
+from train.loop import RECORDING_FIELDS, RunDirectoryError, load_config, run
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
 
-# What --resume may change: how long the run goes on and what the loop around the steps records. Everything
-# else (model, optimizer, batch, data, seed) would make the rest of the run another run's.
-RESUMABLE_FIELDS = (
-    "steps",
-    "time_limit_minutes",
-    "eval_every",
-    "eval_batches",
-    "log_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-)
+# What --resume may change: how long the run goes on and what the loop records. Everything else (model,
+# optimizer, batch, data, seed) would make the rest of the run another run's.
+RESUMABLE_FIELDS = ("steps", *RECORDING_FIELDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -233,12 +233,10 @@ class Steps:
     eval_step: Callable[[TrainState, jax.Array], dict[str, jax.Array]]
 
 
-# TrainConfig fields that steer only the loop around the steps (data, evaluation, logging, checkpoints).
-_LOOP_FIELDS = (
-    "data",
-    "val_fraction",
-    "token_dtype",
-    "seed",
+# TrainConfig fields that steer only the loop around the steps: what it feeds them, and what it records and
+# when it stops. A resumed run may change the second kind (and `steps`): train.cli's --resume.
+_DATA_FIELDS = ("data", "val_fraction", "token_dtype", "seed")
+RECORDING_FIELDS = (
     "eval_every",
     "eval_batches",
     "log_every",
@@ -246,6 +244,7 @@ _LOOP_FIELDS = (
     "keep_checkpoints",
     "time_limit_minutes",
 )
+_LOOP_FIELDS = _DATA_FIELDS + RECORDING_FIELDS
 
 
 def build_steps(config: TrainConfig, mesh: Mesh | None = None) -> Steps:
@@ -528,7 +527,7 @@ def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log,
         log(f"resumed {run_dir} at step {latest}")
         stored = load_config(run_dir).to_dict()
         changed = {key: (stored[key], value) for key, value in config.to_dict().items() if stored[key] != value}
-        if changed:  # loop fields or steps (train.cli.RESUMABLE_FIELDS): config.json describes the run from here
+        if changed:  # RECORDING_FIELDS or steps (train.cli checks): config.json describes the run from here
             log("changed on resume: " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
             if "steps" in changed:
                 log(f"the learning-rate schedule now spans {config.steps} steps, from step {latest} on")
