@@ -17,4 +17,5 @@ step() {
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] || status=1
+    return "$rc"  # for a step run in the background, whose $status change stays in its subshell
 }

@@ -393,13 +393,38 @@ def segment_sum(
     `config.d_block` columns, then the fix-up of segments cut by block boundaries, from an f32 side buffer
     of two rows per block. The dots are summed over the column chunks by XLA ([d / d_block, P] f32).
     """
+    partial_out, side, dots = segment_blocks(
+        coef, rows, sorted_expert, order, zeros, top_k=top_k, dot_table=dot_table, config=config, interpret=interpret
+    )
+    out = segment_fixup(partial_out, side, sorted_expert, config=config, interpret=interpret)
+    if dots is None:
+        return out
+    return out, jnp.sum(dots, axis=0)  # [N, d], [P] sorted order
+
+
+def segment_blocks(
+    coef: jax.Array,
+    rows: jax.Array,
+    sorted_expert: jax.Array,
+    order: jax.Array,
+    zeros: jax.Array,
+    *,
+    top_k: int,
+    dot_table: jax.Array | None,
+    config: ExpertKernelConfig,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """segment_sum's first pallas_call: (out with the uncut segments, side [2 * blocks, d] f32, dots or None).
+
+    dots, with `dot_table`, are per column chunk: [d / d_block, P] f32. Public so that
+    benchmarks/segment_probe.py can time this call apart from the fix-up.
+    """
     d = rows.shape[1]
     num_pairs = sorted_expert.shape[0]
     num_experts = zeros.shape[0]
     block = config.segment_block
     num_blocks = pl.cdiv(num_pairs, block)
     chunks = d // config.d_block
-    grid = (num_blocks, chunks)
     with_dots = dot_table is not None
     kernel = functools.partial(
         _segment_blocks_kernel,
@@ -422,23 +447,29 @@ def segment_sum(
     results = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shape],
-        grid=grid,
+        grid=(num_blocks, chunks),
         input_output_aliases={len(inputs) - 1: 0},  # zeros -> out
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_expert_segment_blocks",
     )(*inputs)
-    partial_out, side = results[0], results[1]
+    return results[0], results[1], results[2] if with_dots else None
+
+
+def segment_fixup(
+    partial_out: jax.Array, side: jax.Array, sorted_expert: jax.Array, *, config: ExpertKernelConfig, interpret: bool
+) -> jax.Array:
+    """segment_sum's second pallas_call: partial_out with the rows of the segments cut by block boundaries."""
+    num_pairs = sorted_expert.shape[0]
+    block = config.segment_block
+    grid = (pl.cdiv(num_pairs, block), partial_out.shape[1] // config.d_block)
     fixup = functools.partial(_segment_fixup_kernel, num_pairs=num_pairs, block=block, d_block=config.d_block)
-    out = pl.pallas_call(
+    return pl.pallas_call(
         fixup,
-        out_shape=jax.ShapeDtypeStruct(zeros.shape, zeros.dtype),
+        out_shape=jax.ShapeDtypeStruct(partial_out.shape, partial_out.dtype),
         grid=grid,
         input_output_aliases={2: 0},  # the blocks kernel's output -> out
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_expert_segment_fixup",
     )(sorted_expert, side, partial_out)
-    if not with_dots:
-        return out
-    return out, jnp.sum(results[2], axis=0)  # [N, d], [P] sorted order

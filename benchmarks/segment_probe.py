@@ -1,0 +1,182 @@
+"""Where the segment pass loses its time: the pass taken apart, one piece added at a time (issue 4).
+
+The backward's two segment passes gather at 1.6-2.0 TB/s on an H100 where pair_dots, which gathers the same
+rows in the same order, reaches 6 TB/s (NOTES.md, "v2 measured"). This script times, at one setting, a
+ladder of kernels that share the segment pass's grid, tile and loads and each add one piece of it:
+
+  gather          the loads (experts, order, coef, the [segment_block, d_block] tile of rows) and a plain
+                  weighted sum over the block, one f32 row per program stored: the gather rate of this grid
+  + dots          + the segment numbering (cumsum) and the tensor-core products of the first window of
+                  slots; their rows summed into one row per program so nothing is elided
+  + row stores    the products' rows stored to their experts' rows of the [N, d] output, as the real pass
+                  does (scattered rows), first window only, no side buffer
+  blocks          the real first pallas_call (every window, the side buffer for cut segments)
+  segment_sum     the real pass: blocks + the fix-up of cut segments
+  pair_dots       the forward's expert-order score pass at the same setting, the rate to compare with
+
+Each rung's time minus the one before is that piece's cost. Every rung gathers the same bytes (one row
+chunk per pair), so the table's TB/s are comparable.
+
+    PYTHONPATH=. python benchmarks/segment_probe.py               # the paper's setting and N = 65536, GPU
+    PYTHONPATH=. python benchmarks/segment_probe.py --smoke       # tiny, interpret mode: the machinery (CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # benchmarks/ is a folder of scripts, not a package
+
+from pallas_kernels.omni_expert import kernel
+from pallas_kernels.omni_expert.config import default_config
+from pallas_kernels.omni_expert.scheduling import build_schedule
+
+DTYPE = jnp.bfloat16
+SETTINGS = [(4096, 512, 102400, 1024), (4096, 32, 65536, 1024)]  # (T, K, N, d): the paper's; the layer's N
+SMOKE_SETTINGS = [(64, 8, 256, 64)]
+STAGES = ("gather", "dots", "row stores")
+
+
+def _probe_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, *refs, stage, num_pairs, top_k, block, slots,
+                  d_block, num_experts):  # fmt: skip
+    """The segment pass's loads, then as much of its work as `stage` says (see the module doc)."""
+    if stage == "row stores":
+        zeros_ref, out_ref = refs
+        del zeros_ref  # aliased to out_ref
+    else:
+        (out_ref,) = refs
+    index, chunk = pl.program_id(0), pl.program_id(1)
+    lanes = jnp.arange(block, dtype=jnp.int32)
+    positions = index * block + lanes
+    valid = positions < num_pairs
+    expert = pltriton.load(sorted_expert_ref.at[positions], mask=valid, other=-1)
+    before = pltriton.load(sorted_expert_ref.at[jnp.maximum(positions - 1, 0)], mask=valid & (positions > 0), other=-1)
+    pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)
+    coef = pltriton.load(coef_ref.at[positions], mask=valid, other=0.0)
+    cols = kernel._columns(chunk, d_block)
+    rows = kernel._load_rows(rows_ref, pairs // top_k, cols, valid)  # [B, Dc] in the rows' dtype
+    if stage == "gather":
+        total = jnp.sum(coef[:, None] * rows.astype(jnp.float32), axis=0)  # [Dc]
+        pltriton.store(out_ref.at[index, cols], total)
+        return
+    opens = valid & ((expert != before) | (lanes == 0))
+    rank = jnp.cumsum(opens.astype(jnp.int32)) - 1
+    slot = jnp.arange(slots, dtype=jnp.int32)
+    member = (rank[None, :] == slot[:, None]) & valid[None, :]  # [S, B], first window only
+    sums = kernel._weighted_row_sums(jnp.where(member, coef[None, :], 0.0), rows)  # [S, Dc] f32
+    if stage == "dots":
+        pltriton.store(out_ref.at[index, cols], jnp.sum(sums, axis=0))
+        return
+    slot_expert = jnp.max(jnp.where(member, expert[None, :], -1), axis=1)  # [S]
+    used = slot_expert >= 0
+    out_rows = jnp.where(used, slot_expert, num_experts)
+    pltriton.store(out_ref.at[out_rows[:, None], cols[None, :]], sums.astype(out_ref.dtype), mask=used[:, None])
+
+
+def probe(stage, coef, rows, sorted_expert, order, zeros, *, top_k, config, interpret):
+    num_pairs, d = sorted_expert.shape[0], rows.shape[1]
+    num_blocks = pl.cdiv(num_pairs, config.segment_block)
+    body = functools.partial(
+        _probe_kernel,
+        stage=stage,
+        num_pairs=num_pairs,
+        top_k=top_k,
+        block=config.segment_block,
+        slots=config.segment_slots,
+        d_block=config.d_block,
+        num_experts=zeros.shape[0],
+    )
+    inputs = [sorted_expert, order, coef, rows]
+    if stage == "row stores":
+        out_shape, aliases = jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), {4: 0}
+        inputs.append(zeros)
+    else:
+        out_shape, aliases = jax.ShapeDtypeStruct((num_blocks, d), jnp.float32), {}
+    return pl.pallas_call(
+        body,
+        out_shape=out_shape,
+        grid=(num_blocks, d // config.d_block),
+        input_output_aliases=aliases,
+        compiler_params=kernel._compiler_params(config),
+        interpret=interpret,
+        name=f"segment_probe_{stage.replace(' ', '_')}",
+    )(*inputs)
+
+
+def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
+    kx, ku, ki, kc = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (tokens, d), DTYPE)
+    up = (d**-0.5 * jax.random.normal(ku, (num_experts, d), jnp.float32)).astype(DTYPE)
+    indices = jax.random.randint(ki, (tokens, top_k), 0, num_experts, jnp.int32)
+    coef = jax.random.normal(kc, (tokens * top_k,), jnp.float32)
+    schedule = jax.jit(build_schedule, static_argnums=1)(indices, num_experts)
+    config = default_config(tokens, top_k, num_experts, d, DTYPE, variant="sorted")
+    common_kwargs = {"top_k": top_k, "config": config, "interpret": interpret}
+    fresh = lambda: jnp.zeros(up.shape, up.dtype)  # the real pass pays for its zeros too
+
+    def stage_fn(stage):
+        return jax.jit(lambda c, r, s: probe(stage, c, r, s.sorted_expert, s.order, fresh(), **common_kwargs))
+
+    rungs = {stage: stage_fn(stage) for stage in STAGES}
+    rungs["blocks"] = jax.jit(
+        lambda c, r, s: kernel.segment_blocks(c, r, s.sorted_expert, s.order, fresh(), dot_table=None, **common_kwargs)
+    )
+    rungs["segment_sum"] = jax.jit(
+        lambda c, r, s: kernel.segment_sum(c, r, s.sorted_expert, s.order, fresh(), **common_kwargs)
+    )
+    rungs["pair_dots"] = jax.jit(
+        lambda c, r, s: kernel.pair_dots(
+            up, r, s.sorted_expert, s.sorted_token, s.order, config=config, interpret=interpret
+        )
+    )
+    gathered = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one row per pair
+    rows, previous = [], None
+    for name, fn in rungs.items():
+        row = {"setting": f"T={tokens} K={top_k} N={num_experts} d={d}", "rung": name, "config": str(config)}
+        if time.monotonic() > deadline:
+            rows.append({**row, "status": "skipped (time budget)"})
+            continue
+        try:
+            row.update(common.time_fn(fn, [(coef, x, schedule)], reps=3 if interpret else 20))
+            row["gather_TBps"] = gathered / (row["ms"] * 1e-3) / 1e12
+            if previous is not None and name != "pair_dots":
+                row["added_ms"] = row["ms"] - previous
+            previous = row["ms"]
+            row["status"] = "ok"
+        except Exception as err:  # one failing rung must not cost the others
+            row["status"] = f"error: {type(err).__name__}"
+            row["error"] = traceback.format_exc(limit=3)[-2000:]
+        print({k: v for k, v in row.items() if k != "config"}, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
+    parser.add_argument("--budget-s", type=float, default=150.0)
+    args = parser.parse_args()
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    settings = SMOKE_SETTINGS if args.smoke else SETTINGS
+    rows = [r for s in settings for r in ladder(*s, interpret=args.smoke, deadline=deadline)]
+    print()
+    common.print_table(rows, ["setting", "rung", "ms", "added_ms", "gather_TBps", "status"])
+    if not args.smoke:
+        path = common.write_results("segment_probe", rows, wall_s=round(time.monotonic() - start, 1))
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
