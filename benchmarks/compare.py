@@ -122,6 +122,9 @@ N_SWEEP = [16384, 262144, 1048576]  # 128^2, 512^2, 1024^2; the paper's 102400 =
 MODES = ["fwd", "fwdbwd"]
 PAPER_SPEEDUP_OVER_PEER = 10.9  # 73 ms / 6.7 ms at 4,096 tokens, the OmniMoE paper's ratio
 GRACE_S = 45.0  # a worker past its share gets this long to finish the configuration in flight
+# The checks compile four pairs of models (f32, highest precision) at ~40 s each on an H100: 120 s cut the
+# fourth off. They get at most this long, and at most half the budget.
+CHECKS_TIMEOUT_S = 240.0
 RESULTS_NAME = "compare"
 
 
@@ -471,14 +474,14 @@ def print_tables(rows: list[dict], checks: list[dict], claims: list[dict]) -> No
         print(f"  {claim['claim']}: {speedup} -> {verdict}")
 
 
-def plot(rows: list[dict], path: pathlib.Path, target: int, setting: str) -> None:
+def plot(rows: list[dict], path: pathlib.Path, target: int, setting: str, device: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    device = common.environment()["device"]
+    device = device or common.environment()["device"]
     variants = list(dict.fromkeys(row["variant"] for row in rows))
     colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}  # one colour per variant in every panel
     for ax, mode in zip(axes[:2], MODES, strict=True):
@@ -513,17 +516,83 @@ def plot(rows: list[dict], path: pathlib.Path, target: int, setting: str) -> Non
     plt.close(fig)
 
 
+def combine(results: list[dict]) -> list[dict]:
+    """The rows of several runs, one per configuration and mode: a measured row wins over one that was skipped
+    or failed, and among equals the later run (the order given) wins. Each row records its run's index."""
+    merged: dict[tuple, dict] = {}
+    for index, result in enumerate(results):
+        for row in result["rows"]:
+            key = (row["variant"], row["sweep"], row["tokens"], row["N"], row["mode"])
+            held = merged.get(key)
+            if held is None or "ms" in row or "ms" not in held:
+                merged[key] = {**row, "source": index}
+    return list(merged.values())
+
+
+def write_combined(stems: list[str], name: str) -> None:
+    """`--combine`: one table, plot and JSON (with every source run's device, versions, date and command)
+    from runs that each measured part of the sweep, for example after a run's time budget ran out."""
+    results = []
+    for stem in stems:
+        path = common.RESULTS / f"{stem}.json"
+        if not path.exists():
+            raise SystemExit(f"--combine: {path} does not exist")
+        results.append(json.loads(path.read_text()))
+    devices = {r["device"] for r in results}
+    if len(devices) > 1:
+        raise SystemExit(f"--combine: the runs were measured on different devices {sorted(devices)}")
+    settings = {r["setting"] for r in results}
+    if len(settings) > 1:
+        raise SystemExit(f"--combine: the runs used different settings {sorted(settings)}")
+    rows = combine(results)
+    checks = [check for r in results for check in r["checks"]]
+    claims = targets(rows, TARGET_TOKENS)
+    print_tables(rows, checks, claims)
+    png = common.RESULTS / f"{name}.png"
+    (device,), (setting,) = devices, settings
+    plot(rows, png, TARGET_TOKENS, setting, device=device)
+    sources = [
+        {key: r[key] for key in ("device", "versions", "date", "command", "wall_s")} | {"name": stem}
+        for stem, r in zip(stems, results, strict=True)
+    ]
+    configs = {k: v for r in results for k, v in r["configs"].items()}
+    variants = {k: v for r in results for k, v in r["variants"].items()}
+    versions = [r["versions"] for r in results]
+    path = common.write_results(
+        name,
+        rows,
+        setting=setting,
+        checks=checks,
+        targets=claims,
+        configs=configs,
+        variants=variants,
+        sources=sources,
+        device=device,
+        platform=results[0]["platform"],
+        versions=versions[0] if all(v == versions[0] for v in versions) else None,
+        date=max(r["date"] for r in results),
+    )  # fmt: skip (the measuring runs' device, versions and last date; this command is `command`)
+    print(f"\nwrote {path} and {png} from {', '.join(stems)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 4096 only and no N sweep")
     parser.add_argument("--smoke", action="store_true", help="tiny f32 configs (d = 64): the machinery on a CPU")
     parser.add_argument("--ffn", default=",".join(DEFAULT_FFNS), help=f"variants, from {sorted(VARIANTS)}")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts (default 1k..16k)")
-    parser.add_argument("--n-sweep", default=None, help="comma-separated table sizes N (perfect squares)")
+    parser.add_argument(
+        "--n-sweep", default=None, help="comma-separated table sizes N (perfect squares), or 'none' for no N sweep"
+    )
     parser.add_argument("--no-checks", action="store_true", help="skip the implementation-agreement checks")
     parser.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget for everything")
     parser.add_argument("--target-s", type=float, default=0.2, help="seconds of timed calls per batch")
     parser.add_argument("--name", default=RESULTS_NAME, help="results file stem (another name keeps a 2nd run apart)")
+    parser.add_argument(
+        "--combine",
+        default=None,
+        help="measure nothing: merge the results files with these comma-separated stems into --name's JSON and plot",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-checks", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -531,6 +600,8 @@ def main(argv: list[str] | None = None) -> None:
         return run_worker(json.loads(args.worker))
     if args.worker_checks:
         return run_checks(args.worker_checks)
+    if args.combine:
+        return write_combined([stem.strip() for stem in args.combine.split(",") if stem.strip()], args.name)
 
     start = time.time()
     setting = "smoke" if args.smoke else "paper"
@@ -541,7 +612,9 @@ def main(argv: list[str] | None = None) -> None:
     default_tokens = [64, 128] if args.smoke else ([TARGET_TOKENS] if args.quick else TOKENS)
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else default_tokens
     default_n = [256] if args.smoke else ([] if args.quick else N_SWEEP)
-    n_sweep = [int(n) for n in args.n_sweep.split(",")] if args.n_sweep else default_n
+    n_sweep = default_n
+    if args.n_sweep:
+        n_sweep = [] if args.n_sweep == "none" else [int(n) for n in args.n_sweep.split(",")]
     for n in n_sweep:
         if math.isqrt(n) ** 2 != n:
             parser.error(f"--n-sweep value {n} is not a perfect square")
@@ -553,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     checks = []
     if not args.no_checks:
         _, checks, note = _run_subprocess(
-            "--worker-checks", setting, timeout=min(120.0, args.budget_s / 3), env=child_env
+            "--worker-checks", setting, timeout=min(CHECKS_TIMEOUT_S, args.budget_s / 2), env=child_env
         )
         if note:
             checks.append({"check": "checks worker", "passed": False, "error": note})

@@ -14,6 +14,13 @@ ladder of kernels that share the segment pass's grid, tile and loads and each ad
   segment_sum     the real pass: blocks + the fix-up of cut segments
   pair_dots       the forward's expert-order score pass at the same setting, the rate to compare with
 
+and two variations, each against the rung it changes:
+
+  dots, one product       "+ dots" with one bf16 product (weights rounded to bf16, not exact enough for the
+                          real pass) instead of the two that keep f32 accuracy: what the second one costs
+  row stores, contiguous  "+ row stores" writing each program's slot rows to its own consecutive rows of a
+                          [blocks * slots, d] buffer instead of its experts' rows: what scattering costs
+
 Each rung's time minus the one before is that piece's cost. Every rung gathers the same bytes (one row
 chunk per pair), so the table's TB/s are comparable.
 
@@ -46,12 +53,13 @@ DTYPE = jnp.bfloat16
 SETTINGS = [(4096, 512, 102400, 1024), (4096, 32, 65536, 1024)]  # (T, K, N, d): the paper's; the layer's N
 SMOKE_SETTINGS = [(64, 8, 256, 64)]
 STAGES = ("gather", "dots", "row stores")
+VARIATIONS = ("dots, one product", "row stores, contiguous")
 
 
 def _probe_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, *refs, stage, num_pairs, top_k, block, slots,
                   d_block, num_experts):  # fmt: skip
     """The segment pass's loads, then as much of its work as `stage` says (see the module doc)."""
-    if stage == "row stores":
+    if stage in ("row stores", "row stores, contiguous"):
         zeros_ref, out_ref = refs
         del zeros_ref  # aliased to out_ref
     else:
@@ -74,13 +82,19 @@ def _probe_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, *refs, stage
     rank = jnp.cumsum(opens.astype(jnp.int32)) - 1
     slot = jnp.arange(slots, dtype=jnp.int32)
     member = (rank[None, :] == slot[:, None]) & valid[None, :]  # [S, B], first window only
-    sums = kernel._weighted_row_sums(jnp.where(member, coef[None, :], 0.0), rows)  # [S, Dc] f32
-    if stage == "dots":
+    weights = jnp.where(member, coef[None, :], 0.0)  # [S, B] f32
+    if stage == "dots, one product":
+        sums = jnp.dot(weights.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
+    else:
+        sums = kernel._weighted_row_sums(weights, rows)  # [S, Dc] f32
+    if stage in ("dots", "dots, one product"):
         pltriton.store(out_ref.at[index, cols], jnp.sum(sums, axis=0))
         return
     slot_expert = jnp.max(jnp.where(member, expert[None, :], -1), axis=1)  # [S]
     used = slot_expert >= 0
     out_rows = jnp.where(used, slot_expert, num_experts)
+    if stage == "row stores, contiguous":
+        out_rows = jnp.where(used, index * slots + slot, out_ref.shape[0])
     pltriton.store(out_ref.at[out_rows[:, None], cols[None, :]], sums.astype(out_ref.dtype), mask=used[:, None])
 
 
@@ -101,6 +115,10 @@ def probe(stage, coef, rows, sorted_expert, order, zeros, *, top_k, config, inte
     if stage == "row stores":
         out_shape, aliases = jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), {4: 0}
         inputs.append(zeros)
+    elif stage == "row stores, contiguous":
+        buffer = jnp.zeros((num_blocks * config.segment_slots, d), zeros.dtype)
+        out_shape, aliases = jax.ShapeDtypeStruct(buffer.shape, buffer.dtype), {4: 0}
+        inputs.append(buffer)
     else:
         out_shape, aliases = jax.ShapeDtypeStruct((num_blocks, d), jnp.float32), {}
     return pl.pallas_call(
@@ -129,6 +147,7 @@ def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
         return jax.jit(lambda c, r, s: probe(stage, c, r, s.sorted_expert, s.order, fresh(), **common_kwargs))
 
     rungs = {stage: stage_fn(stage) for stage in STAGES}
+    variations = {stage: stage_fn(stage) for stage in VARIATIONS}
     rungs["blocks"] = jax.jit(
         lambda c, r, s: kernel.segment_blocks(c, r, s.sorted_expert, s.order, fresh(), dot_table=None, **common_kwargs)
     )
@@ -142,7 +161,7 @@ def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     )
     gathered = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one row per pair
     rows, previous = [], None
-    for name, fn in rungs.items():
+    for name, fn in [*rungs.items(), *variations.items()]:
         row = {"setting": f"T={tokens} K={top_k} N={num_experts} d={d}", "rung": name, "config": str(config)}
         if time.monotonic() > deadline:
             rows.append({**row, "status": "skipped (time budget)"})
@@ -150,7 +169,10 @@ def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
         try:
             row.update(common.time_fn(fn, [(coef, x, schedule)], reps=3 if interpret else 20))
             row["gather_TBps"] = gathered / (row["ms"] * 1e-3) / 1e12
-            if previous is not None and name != "pair_dots":
+            if name in VARIATIONS:
+                changed = {"dots, one product": "dots", "row stores, contiguous": "row stores"}[name]
+                row["added_ms"] = row["ms"] - next(r["ms"] for r in rows if r["rung"] == changed and "ms" in r)
+            elif previous is not None and name != "pair_dots":
                 row["added_ms"] = row["ms"] - previous
             previous = row["ms"]
             row["status"] = "ok"

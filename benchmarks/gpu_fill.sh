@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The rows the full runs' budgets left out (issue 7) and the segment-pass probe's variations (issue 4), in
+# two device calls of at most 10 minutes each (H100); `--combine` then merges the compare runs (no device).
+#
+#   bash benchmarks/gpu_fill.sh a   # segment probe; OmniMoE, PEER and PKM at T = 4096 against N, with the checks
+#   bash benchmarks/gpu_fill.sh b   # the token points still missing; DeepSeekMoE and PKM trained to the end
+#   python benchmarks/compare.py --combine compare,compare_more,compare_nsweep,compare_fill --name compare_all
+source "$(dirname "$0")/gpu_common.sh"
+case "${1:-}" in
+    a)
+        step segment_probe 90 "$python" benchmarks/segment_probe.py --budget-s 60
+        step compare_nsweep 500 "$python" benchmarks/compare.py --ffn omnimoe,peer-omni,pkm --tokens 4096 \
+            --budget-s 430 --name compare_nsweep
+        results=(segment_probe compare_nsweep)
+        ;;
+    b)
+        step compare_fill 280 "$python" benchmarks/compare.py \
+            --ffn pkm,peer-omni,deepseekmoe-capacity,peer-reference,deepseekmoe,deepseekmoe-matched \
+            --tokens 1024,2048,8192,16384 --n-sweep none --no-checks --budget-s 215 --name compare_fill
+        step quality_rest 320 "$python" benchmarks/quality.py --ffn deepseekmoe,pkm --budget-minutes 4.6 \
+            --name quality_rest
+        results=(compare_fill quality_rest)
+        ;;
+    *)
+        echo "usage: bash benchmarks/gpu_fill.sh a|b" >&2
+        exit 2
+        ;;
+esac
+if [ -n "${OUT:-}" ]; then
+    for name in "${results[@]}"; do cp benchmarks/results/"$name".{json,png} "$OUT/" 2>/dev/null; done
+fi
+echo "== total $SECONDS s"
+exit "$status"
