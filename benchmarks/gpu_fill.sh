@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_fill.sh a   # segment probe; OmniMoE, PEER and PKM at T = 4096 against N, with the checks
 #   bash benchmarks/gpu_fill.sh b   # the token points still missing; DeepSeekMoE and PKM trained to the end
+#   bash benchmarks/gpu_fill.sh c   # PKM on the embedding_bag kernels: its gpu tests, latency, training
 #   python benchmarks/compare.py --combine compare,compare_more,compare_nsweep,compare_fill --name compare_all
 source "$(dirname "$0")/gpu_common.sh"
 case "${1:-}" in
@@ -21,8 +22,15 @@ case "${1:-}" in
             --name quality_rest
         results=(compare_fill quality_rest)
         ;;
+    c)
+        step embedding_bag_gpu_tests 150 "$python" -m pytest -m gpu tests/test_embedding_bag.py -q -rfE \
+            --durations=5 --junitxml="$logs/embedding_bag_gpu_tests.xml"
+        step compare_pkm 240 "$python" benchmarks/compare.py --ffn pkm --no-checks --budget-s 180 --name compare_pkm
+        step quality_pkm 200 "$python" benchmarks/quality.py --ffn pkm --budget-minutes 2.8 --name quality_pkm
+        results=(compare_pkm quality_pkm)
+        ;;
     *)
-        echo "usage: bash benchmarks/gpu_fill.sh a|b" >&2
+        echo "usage: bash benchmarks/gpu_fill.sh a|b|c" >&2
         exit 2
         ;;
 esac

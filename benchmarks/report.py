@@ -171,40 +171,86 @@ def layer_section(result: dict) -> list[str]:
     ]
 
 
-def _row_ms(rows: list[dict], variant: str, n: int, mode: str) -> str:
+def _compare_cell(rows: list[dict], variant: str, tokens: int, n: int, mode: str) -> str:
+    """One latency, or why there is none ("oom", "error", "skipped"), or "-" where nothing was planned."""
     for r in rows:
-        if r["variant"] == variant and r["N"] == n and r["mode"] == mode and r["tokens"] == 4096:
-            return _ms(r.get("ms")) if r.get("ms") is not None else "skipped"
+        if (r["variant"], r["tokens"], r["N"], r["mode"]) == (variant, tokens, n, mode):
+            if r.get("ms") is not None:
+                return _ms(r["ms"])
+            error = r.get("error", "")
+            if "RESOURCE_EXHAUSTED" in error or "out of memory" in error.lower():
+                return "oom"
+            return "skipped" if "skipped" in error else "error"
     return "-"
 
 
-def compare_section(results: list[dict]) -> list[str]:
-    lines = ["### OmniMoE beside the baselines (bf16, d = 1024, T = 4096, the paper's setting, ms)", ""]
-    for result in results:
-        rows = result["rows"]
-        variants = list(dict.fromkeys((r["variant"], r["N"], r["active_params"]) for r in rows if r["tokens"] == 4096))
+def _compare_sources(result: dict) -> list[str]:
+    if "sources" not in result:
+        return [_measured_on(result)]
+    versions = result["versions"] or {}
+    lines = [
+        f"Measured on an {result['device']} (jax {versions.get('jax')}, triton {versions.get('triton')}) in "
+        f"{len(result['sources'])} runs, merged by `{_command(result)}` (a measured cell wins over a skipped one):",
+        "",
+    ]
+    lines += [f"- {source['date'][:10]}: `{_command(source)}`" for source in result["sources"]]
+    return lines
+
+
+def compare_section(result: dict) -> list[str]:
+    rows = result["rows"]
+    own_n = {r["variant"]: r["N"] for r in rows if r["sweep"] == "tokens"}  # each variant's paper-setting N
+    active = {r["variant"]: r["active_params"] for r in rows if r["sweep"] == "tokens" and r["active_params"]}
+    variants = list(own_n)
+    tokens = sorted({r["tokens"] for r in rows if r["sweep"] == "tokens"})
+    lines = [
+        "### OmniMoE beside the baselines (bf16, d = 1024, the paper's setting, ms)",
+        "",
+        *_compare_sources(result),
+        "",
+        "Each cell is forward / forward+backward (train mode, every gradient). `oom`: out of memory on the "
+        "device; `skipped`: the run's time budget ran out first; `error`: see the JSON.",
+        "",
+    ]
+    table = [
+        [
+            variant,
+            f"{own_n[variant]:,}",
+            f"{active[variant] / 1e6:.2f}M" if variant in active else "-",
+            *(
+                f"{_compare_cell(rows, variant, t, own_n[variant], 'fwd')} / "
+                f"{_compare_cell(rows, variant, t, own_n[variant], 'fwdbwd')}"
+                for t in tokens
+            ),
+        ]
+        for variant in variants
+    ]
+    lines += [*_table(["variant", "N", "active params", *(f"T={t}" for t in tokens)], table), ""]
+    for target_row in result["targets"]:
+        if target_row["met"] is not None:
+            verdict = "met" if target_row["met"] else "NOT met"
+            lines.append(f"- {target_row['claim']}: {target_row['speedup']:.1f}x, {verdict}.")
+    sweep_n = sorted({r["N"] for r in rows if r["sweep"] == "N"})
+    sweep_t = sorted({r["tokens"] for r in rows if r["sweep"] == "N"})
+    fine = [v for v in variants if any(r["variant"] == v and r["sweep"] == "N" for r in rows)]
+    for t in sweep_t:
+        ns = sorted({*sweep_n, *(own_n[v] for v in fine)})
         table = [
             [
                 variant,
-                str(n),
-                f"{active / 1e6:.2f}M",
-                _row_ms(rows, variant, n, "fwd"),
-                _row_ms(rows, variant, n, "fwdbwd"),
+                *(
+                    f"{_compare_cell(rows, variant, t, n, 'fwd')} / {_compare_cell(rows, variant, t, n, 'fwdbwd')}"
+                    for n in ns
+                ),
             ]
-            for variant, n, active in variants
+            for variant in fine
         ]
-        lines += [
-            _measured_on(result) + " `skipped`: the run's time budget ran out before it.",
-            "",
-            *_table(["variant", "N", "active params", "fwd", "fwd+bwd"], table),
-            "",
-        ]
-        for target in result["targets"]:
-            if target["met"] is not None:
-                verdict = "met" if target["met"] else "NOT met"
-                lines.append(f"- {target['claim']}: {target['speedup']:.1f}x, {verdict}.")
-        lines.append("")
-    return lines[:-1]
+        lines += ["", f"Against the table size N at T={t} (fwd / fwd+bwd, ms):", ""]
+        lines += _table(["variant", *(f"N={n:,}" for n in ns)], table)
+    name = result.get("name")
+    if name and (RESULTS / f"{name}.png").exists():
+        lines += ["", f"![compare](benchmarks/results/{name}.png)"]
+    return lines
 
 
 def _bits_by_step(evals: list[dict]) -> list[str]:
@@ -309,11 +355,14 @@ def render() -> str:
     sections = [
         training_section(_load_jsonl("train_tiny_cpu_metrics.jsonl"), _load("train_small")),
         *(section(result) for name, section in KERNEL_SECTIONS.items() if (result := _load(name)) is not None),
-        compare_section([r for r in (_load("compare"), _load("compare_peer")) if r is not None]),
     ]
+    for name in ("compare_all", "compare"):  # the merged runs when there are several, else the one run
+        if (result := _load(name)) is not None:
+            sections.append(compare_section({**result, "name": name}))
+            break
     if (scaling := _load("scaling_gpu")) is not None:
         sections.append(scaling_section(scaling))
-    if quality := {name: r for name in ("quality", "quality_cpu") if (r := _load(name)) is not None}:
+    if quality := {name: r for name in ("quality", "quality_rest", "quality_cpu") if (r := _load(name)) is not None}:
         sections.append(quality_section(quality))
     lines = [BEGIN, ""]
     for section in sections:

@@ -5,12 +5,15 @@ and the `implementation="xla"` path), `kernel.py` (the pallas_calls) and `api.py
 """
 
 from pallas_kernels.activations import ACTIVATIONS, Activation, get_activation
+from pallas_kernels.embedding_bag import embedding_bag, embedding_bag_reference
 from pallas_kernels.omni_expert import omni_expert, omni_expert_reference
 from pallas_kernels.omni_router import omni_router, omni_router_reference
 
 __all__ = [
     "ACTIVATIONS",
     "Activation",
+    "embedding_bag",
+    "embedding_bag_reference",
     "get_activation",
     "omni_expert",
     "omni_expert_reference",

@@ -197,6 +197,30 @@ def test_product_key_ffn_matches_per_token_loop(config, train, seed):
         assert int(after) == int(before) + 1
 
 
+def test_pkm_on_the_kernels_matches_pkm_on_xla(seed):
+    # implementation="pallas" reads the values through embedding_bag's kernels (interpret mode here): the
+    # same output and the same gradient of every parameter and of the input as the plain-XLA path.
+    config = PKMConfig(D, 49, 2, 4, 6, implementation="xla")
+    _, variables, x, _ = decisive_draw(config, seed, train=True)
+    cotangent = normal(jax.random.key(seed), x.shape)
+
+    def value_and_grads(model):
+        def apply(params, tokens):
+            return model.apply({**variables, "params": params}, tokens, train=True, mutable=["batch_stats"])[0]
+
+        def run(params, tokens):
+            y, vjp = jax.vjp(apply, params, tokens)
+            return y, vjp(cotangent)
+
+        return jax.jit(run)(variables["params"], x)
+
+    want_y, want_grads = value_and_grads(module_for(config))
+    y, grads = value_and_grads(module_for(config.replace(implementation="pallas")))
+    assert_close(y, want_y, jnp.float32)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True):
+        assert_close(g, w, jnp.float32, what=jax.tree_util.keystr(path))
+
+
 def test_one_expert_taking_every_token_leaves_the_others_empty(seed):
     # Positive tokens and a gate that only sees expert 2: every first choice is expert 2, the other experts'
     # logits tie at exactly 0 (second choices go to the lowest index, 0). Empty groups reach ragged_dot.

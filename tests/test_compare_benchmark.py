@@ -1,5 +1,5 @@
 """benchmarks/compare.py's bookkeeping (no device work, nothing timed): the plan each variant's worker gets,
-the targets computed from rows, the one-line-per-configuration summary."""
+the targets computed from rows, the one-line-per-configuration summary, the merging of several runs."""
 
 import pathlib
 import sys
@@ -54,3 +54,30 @@ def test_summary_puts_both_modes_of_a_configuration_on_one_line():
     (line,) = compare.summary(rows)
     assert line["fwd ms"] == 1.0 and line["fwdbwd ms"] is None
     assert line["note"] == "fwdbwd: RESOURCE_EXHAUSTED"
+
+
+def _skipped(variant, mode, tokens=4096):
+    row = {**_row(variant, mode, None, tokens), "error": "skipped: the variant's time share ran out"}
+    del row["ms"]
+    return row
+
+
+def test_combine_keeps_a_measured_row_over_a_skipped_one_and_the_later_of_two_measured():
+    first = {"rows": [_row("omnimoe", "fwd", 2.0), _skipped("omnimoe", "fwdbwd"), _row("pkm", "fwd", 30.0)]}
+    second = {"rows": [_skipped("omnimoe", "fwd"), _row("omnimoe", "fwdbwd", 7.0), _row("pkm", "fwd", 31.0)]}
+    merged = {(r["variant"], r["mode"]): r for r in compare.combine([first, second])}
+    assert len(merged) == 3
+    assert merged["omnimoe", "fwd"]["ms"] == 2.0 and merged["omnimoe", "fwd"]["source"] == 0  # measured wins
+    assert merged["omnimoe", "fwdbwd"]["ms"] == 7.0 and merged["omnimoe", "fwdbwd"]["source"] == 1
+    assert merged["pkm", "fwd"]["ms"] == 31.0 and merged["pkm", "fwd"]["source"] == 1  # the later run wins
+
+
+def test_combine_refuses_runs_from_different_devices(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare.common, "RESULTS", tmp_path)
+    base = {"setting": "paper", "rows": [], "checks": [], "configs": {}, "variants": {}}
+    for name, device in (("a", "NVIDIA H100 80GB HBM3"), ("b", "NVIDIA H200")):
+        (tmp_path / f"{name}.json").write_text(compare.json.dumps({**base, "device": device}))
+    with pytest.raises(SystemExit, match="different devices"):
+        compare.write_combined(["a", "b"], "merged")
+    with pytest.raises(SystemExit, match="does not exist"):
+        compare.write_combined(["a", "missing"], "merged")

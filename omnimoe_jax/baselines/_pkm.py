@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from omnimoe_jax.baselines._config import IMPLEMENTATIONS, QUERY_NORMS, BaselineConfig
 from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, retrieval_counts
 from omnimoe_jax.baselines._shapes import flatten_tokens
+from pallas_kernels import embedding_bag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,8 @@ class PKMConfig(BaselineConfig):
       key_dim: query length per head, even; each half (key_dim / 2) scores one sub-key table.
       query_norm: "batchnorm" (non-affine query BatchNorm, torch semantics) or "none".
       query_norm_eps, query_norm_momentum: BatchNorm constants (torch defaults).
-      implementation: "auto", "xla" or "pallas", passed to `omni_router` (the product-key top-k).
+      implementation: "auto", "xla" or "pallas", passed to `omni_router` (the product-key top-k) and to
+        `embedding_bag` (the value read).
       dtype, param_dtype: compute and storage dtypes.
     """
 
@@ -69,7 +71,7 @@ class PKM(nn.Module):
     1. Flatten the input's leading dims to tokens [T, d].
     2. `retrieval`: per head, a query (with BatchNorm) scores the N rows through the head's two sub-key
        tables; the exact top k; softmax over those k (`ProductKeyRetrieval`, one key pair per head).
-    3. Gather the h*k value rows and sum them with the gates (f32 sums), one fused pass per token.
+    3. Sum the h*k value rows weighted by the gates (`pallas_kernels.embedding_bag`, f32 sums).
 
     Call `(x, *, train=False)`: x [..., d] -> [..., d]. Variables: "params" {retrieval: {query: {kernel
     [d, h*key_dim]}, sub_keys [h, 2, n, key_dim/2]}, values [N, d]}; with BatchNorm, "batch_stats"
@@ -99,12 +101,16 @@ class PKM(nn.Module):
         )(tokens, train=train)  # [T, h, k] each
         init = nn.initializers.normal(stddev=cfg.hidden_size**-0.5)
         values = self.param("values", init, (cfg.num_values, cfg.hidden_size), cfg.param_dtype).astype(cfg.dtype)
-        acc = jnp.promote_types(cfg.dtype, jnp.float32)
-        # A gather, a product and a sum that XLA fuses into one pass over the h*k rows of each token. As an
-        # einsum (a dot_general) the [T, h, k, d] gathered rows were materialised first: 20 GiB at the
-        # paper's setting (T = 4096, h*k = 2500, d = 1024, bf16), out of memory at T = 16384 on an H100.
-        rows = jnp.take(values, indices, axis=0).astype(acc)  # [T, h, k, d], fused away
-        y = jnp.sum(gates.astype(acc)[..., None] * rows, axis=(1, 2))  # [T, d]
+        num_tokens, heads, k = indices.shape
+        # The h*k rows of each token read and summed in one gathered pass by the kernels (the "xla" path,
+        # like XLA's own lowering of a gather and a sum, materialises [T, h*k, d]: 20 GiB at the paper's
+        # setting, T = 4096, h*k = 2500, d = 1024).
+        y = embedding_bag(
+            values,
+            gates.reshape(num_tokens, heads * k),
+            indices.reshape(num_tokens, heads * k),
+            implementation=cfg.implementation,
+        )  # [T, d] in values' dtype, summed in f32
         if not self.is_initializing():
             self.sow("metrics", "expert_counts", retrieval_counts(indices, cfg.num_values))
         return y.astype(cfg.dtype).reshape(*x.shape[:-1], cfg.hidden_size)  # [..., d]
