@@ -516,12 +516,17 @@ def plot(rows: list[dict], path: pathlib.Path, target: int, setting: str, device
     plt.close(fig)
 
 
-def combine(results: list[dict]) -> list[dict]:
+def combine(results: list[dict], only_from: dict[str, int] | None = None) -> list[dict]:
     """The rows of several runs, one per configuration and mode: a measured row wins over one that was skipped
-    or failed, and among equals the later run (the order given) wins. Each row records its run's index."""
+    or failed, and among equals the later run (the order given) wins. Each row records its run's index.
+    `only_from` {variant: run index} takes that variant's rows from that run alone (its code changed since
+    the others measured it)."""
+    only_from = only_from or {}
     merged: dict[tuple, dict] = {}
     for index, result in enumerate(results):
         for row in result["rows"]:
+            if only_from.get(row["variant"], index) != index:
+                continue
             key = (row["variant"], row["sweep"], row["tokens"], row["N"], row["mode"])
             held = merged.get(key)
             if held is None or "ms" in row or "ms" not in held:
@@ -529,9 +534,16 @@ def combine(results: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
-def write_combined(stems: list[str], name: str) -> None:
+def write_combined(stems: list[str], name: str, only_from: dict[str, str] | None = None) -> None:
     """`--combine`: one table, plot and JSON (with every source run's device, versions, date and command)
-    from runs that each measured part of the sweep, for example after a run's time budget ran out."""
+    from runs that each measured part of the sweep, for example after a run's time budget ran out.
+    `only_from` {variant: stem}: that variant's rows (and checks) come from that run alone."""
+    only_from = only_from or {}
+    for variant, stem in only_from.items():
+        if variant not in VARIANTS or stem not in stems:
+            raise SystemExit(
+                f"--only-from {variant}={stem}: expected a variant of {sorted(VARIANTS)} and a run of {stems}"
+            )
     results = []
     for stem in stems:
         path = common.RESULTS / f"{stem}.json"
@@ -544,8 +556,14 @@ def write_combined(stems: list[str], name: str) -> None:
     settings = {r["setting"] for r in results}
     if len(settings) > 1:
         raise SystemExit(f"--combine: the runs used different settings {sorted(settings)}")
-    rows = combine(results)
-    checks = [check for r in results for check in r["checks"]]
+    rows = combine(results, {variant: stems.index(stem) for variant, stem in only_from.items()})
+    sources_of = {variant: stems.index(stem) for variant, stem in only_from.items()}
+    checks = [  # "<variant>: ..." checks follow their variant's rows
+        check
+        for index, r in enumerate(results)
+        for check in r["checks"]
+        if sources_of.get(check["check"].split(":")[0], index) == index
+    ]
     claims = targets(rows, TARGET_TOKENS)
     print_tables(rows, checks, claims)
     png = common.RESULTS / f"{name}.png"
@@ -593,15 +611,26 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="measure nothing: merge the results files with these comma-separated stems into --name's JSON and plot",
     )
+    parser.add_argument(
+        "--only-from",
+        action="append",
+        default=[],
+        metavar="VARIANT=STEM",
+        help="with --combine: take this variant's rows from that run alone (repeatable)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-checks", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    bad = [pair for pair in args.only_from if "=" not in pair]
+    if bad:
+        parser.error(f"--only-from takes VARIANT=STEM, got {bad}")
     if args.worker:
         return run_worker(json.loads(args.worker))
     if args.worker_checks:
         return run_checks(args.worker_checks)
     if args.combine:
-        return write_combined([stem.strip() for stem in args.combine.split(",") if stem.strip()], args.name)
+        only_from = dict(pair.split("=", 1) for pair in args.only_from)
+        return write_combined([stem.strip() for stem in args.combine.split(",") if stem.strip()], args.name, only_from)
 
     start = time.time()
     setting = "smoke" if args.smoke else "paper"

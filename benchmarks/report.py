@@ -190,7 +190,8 @@ def _compare_sources(result: dict) -> list[str]:
     versions = result["versions"] or {}
     lines = [
         f"Measured on an {result['device']} (jax {versions.get('jax')}, triton {versions.get('triton')}) in "
-        f"{len(result['sources'])} runs, merged by `{_command(result)}` (a measured cell wins over a skipped one):",
+        f"{len(result['sources'])} runs, merged by `{_command(result)}` (a measured cell wins over a skipped "
+        "one; a variant named in `--only-from` comes from that run alone):",
         "",
     ]
     lines += [f"- {source['date'][:10]}: `{_command(source)}`" for source in result["sources"]]
@@ -362,7 +363,9 @@ def render() -> str:
             break
     if (scaling := _load("scaling_gpu")) is not None:
         sections.append(scaling_section(scaling))
-    if quality := {name: r for name in ("quality", "quality_rest", "quality_cpu") if (r := _load(name)) is not None}:
+    if quality := {
+        name: r for name in ("quality", "quality_rest", "quality_pkm", "quality_cpu") if (r := _load(name)) is not None
+    }:
         sections.append(quality_section(quality))
     lines = [BEGIN, ""]
     for section in sections:

@@ -81,3 +81,12 @@ def test_combine_refuses_runs_from_different_devices(tmp_path, monkeypatch):
         compare.write_combined(["a", "b"], "merged")
     with pytest.raises(SystemExit, match="does not exist"):
         compare.write_combined(["a", "missing"], "merged")
+
+
+def test_combine_only_from_takes_a_variants_rows_from_one_run_alone():
+    old = {"rows": [_row("pkm", "fwd", 30.0), _row("pkm", "fwd", 60.0, tokens=8192), _row("omnimoe", "fwd", 2.0)]}
+    new = {"rows": [_row("pkm", "fwd", 8.0), _skipped("pkm", "fwd", tokens=8192)]}
+    merged = {(r["variant"], r["tokens"]): r for r in compare.combine([old, new], {"pkm": 1})}
+    assert merged["pkm", 4096]["ms"] == 8.0
+    assert "ms" not in merged["pkm", 8192]  # the old code's measurement does not stand in for the new one
+    assert merged["omnimoe", 4096]["ms"] == 2.0 and merged["omnimoe", 4096]["source"] == 0
