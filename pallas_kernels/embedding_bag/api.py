@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from pallas_kernels import _dispatch
 from pallas_kernels.embedding_bag.reference import embedding_bag_reference
 from pallas_kernels.omni_expert import kernel
-from pallas_kernels.omni_expert.api import INT32_LIMIT, KERNEL_DTYPES, MAX_WIDTH, _check_concrete_indices
+from pallas_kernels.omni_expert.api import check_concrete_indices, check_kernel_dtype, check_kernel_limits
 from pallas_kernels.omni_expert.config import ExpertKernelConfig, default_config
 from pallas_kernels.omni_expert.scheduling import build_schedule
 
@@ -41,30 +41,13 @@ def validate_inputs(table, weights, indices) -> None:
     for name, arr in (("table", table), ("weights", weights)):
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
-    _check_concrete_indices(indices, table.shape[0])
+    check_concrete_indices(indices, table.shape[0])
 
 
 def validate_kernel_inputs(table, indices, config) -> None:
     """What the kernels need beyond the op's own contract (the "xla" path takes any of these)."""
-    num_rows, d = table.shape
-    tokens, top_k = indices.shape
-    if jnp.dtype(table.dtype) not in KERNEL_DTYPES:
-        raise TypeError(
-            f"table has dtype {table.dtype}; implementation='pallas' takes float32 or bfloat16 "
-            "(use implementation='xla' for others)"
-        )
-    if d % 16 or not 16 <= d <= MAX_WIDTH:
-        raise ValueError(f"table has d={d}; implementation='pallas' needs d a multiple of 16 in [16, {MAX_WIDTH}]")
-    if tokens < 1 or top_k < 1:
-        raise ValueError(f"indices has shape {indices.shape}; implementation='pallas' needs T >= 1 and K >= 1")
-    if tokens * top_k > INT32_LIMIT or num_rows > INT32_LIMIT:
-        raise ValueError(
-            f"T*K={tokens * top_k} pairs and N={num_rows} rows must each fit int32 for implementation='pallas'"
-        )
-    if config is not None:
-        if not isinstance(config, ExpertKernelConfig):
-            raise TypeError(f"config must be an ExpertKernelConfig or None, got {type(config).__name__}")
-        config.check_width(d)
+    check_kernel_dtype("table", table)
+    check_kernel_limits("table", table.shape[1], indices, table.shape[0], "rows", config)
 
 
 def embedding_bag(

@@ -57,10 +57,10 @@ def validate_expert_inputs(x, up, down, weights, indices, activation) -> None:
     for name, arr in (("x", x), ("up", up), ("down", down), ("weights", weights)):
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
-    _check_concrete_indices(indices, up.shape[0])
+    check_concrete_indices(indices, up.shape[0])
 
 
-def _check_concrete_indices(indices, num_experts: int) -> None:
+def check_concrete_indices(indices, num_experts: int) -> None:
     """ValueError for out-of-range indices the caller can see (eager calls): the kernels would read outside
     the tables and XLA's gather would clamp them silently. Inside jit (tracers) or across processes (not
     fully addressable) nothing can be checked without a host round trip; the docstring states the contract."""
@@ -79,28 +79,37 @@ def _check_concrete_indices(indices, num_experts: int) -> None:
 
 def validate_kernel_inputs(x, up, down, indices, config) -> None:
     """What the Pallas kernels need beyond the op's own contract (the "xla" path takes any of these)."""
-    tokens, d = x.shape
-    num_experts = up.shape[0]
-    top_k = indices.shape[1]
     for name, arr in (("x", x), ("up", up), ("down", down)):
-        if jnp.dtype(arr.dtype) not in KERNEL_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {arr.dtype}; implementation='pallas' takes float32 or bfloat16 "
-                "(use implementation='xla' for others)"
-            )
+        check_kernel_dtype(name, arr)
     if not x.dtype == up.dtype == down.dtype:
         # The layer casts all three to its compute dtype; mixed inputs are a path nobody tests.
         raise TypeError(
             f"x, up and down have dtypes {x.dtype}, {up.dtype}, {down.dtype}; implementation='pallas' "
             "needs one dtype for all three"
         )
+    check_kernel_limits("x", x.shape[1], indices, up.shape[0], "experts", config)
+
+
+def check_kernel_dtype(name: str, arr) -> None:
+    """TypeError unless `arr` (the argument `name`) is f32 or bf16, the kernels' dtypes."""
+    if jnp.dtype(arr.dtype) not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {arr.dtype}; implementation='pallas' takes float32 or bfloat16 "
+            "(use implementation='xla' for others)"
+        )
+
+
+def check_kernel_limits(width_of: str, d: int, indices, num_rows: int, rows_are: str, config) -> None:
+    """ValueError/TypeError for sizes or a config the kernels cannot take, shared by every op built on them:
+    rows of width d (the argument `width_of`'s), [T, K] indices into `num_rows` rows (`rows_are` names them)."""
+    tokens, top_k = indices.shape
     if d % 16 or not 16 <= d <= MAX_WIDTH:
-        raise ValueError(f"x has d={d}; implementation='pallas' needs d a multiple of 16 in [16, {MAX_WIDTH}]")
+        raise ValueError(f"{width_of} has d={d}; implementation='pallas' needs d a multiple of 16 in [16, {MAX_WIDTH}]")
     if tokens < 1 or top_k < 1:
         raise ValueError(f"indices has shape {indices.shape}; implementation='pallas' needs T >= 1 and K >= 1")
-    if tokens * top_k > INT32_LIMIT or num_experts > INT32_LIMIT:
+    if tokens * top_k > INT32_LIMIT or num_rows > INT32_LIMIT:
         raise ValueError(
-            f"T*K={tokens * top_k} pairs and N={num_experts} experts must each fit int32 for implementation='pallas'"
+            f"T*K={tokens * top_k} pairs and N={num_rows} {rows_are} must each fit int32 for implementation='pallas'"
         )
     if config is not None:
         if not isinstance(config, ExpertKernelConfig):
