@@ -516,11 +516,18 @@ def plot(rows: list[dict], path: pathlib.Path, target: int, setting: str, device
     plt.close(fig)
 
 
+def _standing(row: dict) -> int:
+    """How much a row says: a measurement (2), an error or out-of-memory (1), a skip for lack of time (0)."""
+    if "ms" in row:
+        return 2
+    return 0 if "skipped" in row.get("error", "") else 1
+
+
 def combine(results: list[dict], only_from: dict[str, int] | None = None) -> list[dict]:
-    """The rows of several runs, one per configuration and mode: a measured row wins over one that was skipped
-    or failed, and among equals the later run (the order given) wins. Each row records its run's index.
-    `only_from` {variant: run index} takes that variant's rows from that run alone (its code changed since
-    the others measured it)."""
+    """The rows of several runs, one per configuration and mode: a measured row wins over a failed one, a
+    failed one over a skipped one, and among equals the later run (the order given) wins. Each row records
+    its run's index. `only_from` {variant: run index} takes that variant's rows from that run alone (its
+    code changed since the others measured it)."""
     only_from = only_from or {}
     merged: dict[tuple, dict] = {}
     for index, result in enumerate(results):
@@ -529,8 +536,24 @@ def combine(results: list[dict], only_from: dict[str, int] | None = None) -> lis
                 continue
             key = (row["variant"], row["sweep"], row["tokens"], row["N"], row["mode"])
             held = merged.get(key)
-            if held is None or "ms" in row or "ms" not in held:
+            if held is None or _standing(row) >= _standing(held):
                 merged[key] = {**row, "source": index}
+    return list(merged.values())
+
+
+def combine_checks(results: list[dict], only_from: dict[str, int] | None = None) -> list[dict]:
+    """The checks of several runs, one per name, the later run's winning. "<variant>: ..." checks follow their
+    variant's rows (`only_from`); a "checks worker" failure (its time ran out) is dropped once a later run
+    ran its checks to the end."""
+    only_from = only_from or {}
+    merged: dict[str, dict] = {}
+    for index, result in enumerate(results):
+        checks = result["checks"]
+        if checks and not any(c["check"] == "checks worker" for c in checks):
+            merged.pop("checks worker", None)
+        for check in checks:
+            if only_from.get(check["check"].split(":")[0], index) == index:
+                merged[check["check"]] = {**check, "source": index}
     return list(merged.values())
 
 
@@ -556,26 +579,26 @@ def write_combined(stems: list[str], name: str, only_from: dict[str, str] | None
     settings = {r["setting"] for r in results}
     if len(settings) > 1:
         raise SystemExit(f"--combine: the runs used different settings {sorted(settings)}")
-    rows = combine(results, {variant: stems.index(stem) for variant, stem in only_from.items()})
-    sources_of = {variant: stems.index(stem) for variant, stem in only_from.items()}
-    checks = [  # "<variant>: ..." checks follow their variant's rows
-        check
-        for index, r in enumerate(results)
-        for check in r["checks"]
-        if sources_of.get(check["check"].split(":")[0], index) == index
-    ]
+    source_of = {variant: stems.index(stem) for variant, stem in only_from.items()}
+    rows = combine(results, source_of)
+    checks = combine_checks(results, source_of)
     claims = targets(rows, TARGET_TOKENS)
     print_tables(rows, checks, claims)
     png = common.RESULTS / f"{name}.png"
     (device,), (setting,) = devices, settings
     plot(rows, png, TARGET_TOKENS, setting, device=device)
     sources = [
-        {key: r[key] for key in ("device", "versions", "date", "command", "wall_s")} | {"name": stem}
+        {key: r.get(key) for key in ("device", "cpu_count", "versions", "date", "command", "wall_s")} | {"name": stem}
         for stem, r in zip(stems, results, strict=True)
     ]
     configs = {k: v for r in results for k, v in r["configs"].items()}
     variants = {k: v for r in results for k, v in r["variants"].items()}
-    versions = [r["versions"] for r in results]
+
+    def shared(field):  # the sources' common value of a field, or None where they differ
+        values = [r.get(field) for r in results]
+        return values[0] if all(v == values[0] for v in values) else None
+
+    # The measuring runs' device, machine, versions and last date; `command` is this merge's.
     path = common.write_results(
         name,
         rows,
@@ -585,11 +608,13 @@ def write_combined(stems: list[str], name: str, only_from: dict[str, str] | None
         configs=configs,
         variants=variants,
         sources=sources,
+        only_from=only_from,
         device=device,
         platform=results[0]["platform"],
-        versions=versions[0] if all(v == versions[0] for v in versions) else None,
+        cpu_count=shared("cpu_count"),
+        versions=shared("versions"),
         date=max(r["date"] for r in results),
-    )  # fmt: skip (the measuring runs' device, versions and last date; this command is `command`)
+    )
     print(f"\nwrote {path} and {png} from {', '.join(stems)}")
 
 

@@ -5,7 +5,10 @@
 #   bash benchmarks/gpu_fill.sh a   # segment probe; OmniMoE, PEER and PKM at T = 4096 against N, with the checks
 #   bash benchmarks/gpu_fill.sh b   # the token points still missing; DeepSeekMoE and PKM trained to the end
 #   bash benchmarks/gpu_fill.sh c   # PKM on the embedding_bag kernels: its gpu tests, latency, training
-#   python benchmarks/compare.py --combine compare,compare_more,compare_nsweep,compare_fill --name compare_all
+#   bash benchmarks/gpu_fill.sh d   # the segment probe again (no zero fills in its timed rungs); all the checks
+# and then, on any machine (it measures nothing):
+#   python benchmarks/compare.py --combine compare_peer,compare,compare_more,compare_nsweep,compare_fill,\
+#       compare_pkm,compare_checks --only-from pkm=compare_pkm --name compare_all
 source "$(dirname "$0")/gpu_common.sh"
 case "${1:-}" in
     a)
@@ -29,8 +32,15 @@ case "${1:-}" in
         step quality_pkm 200 "$python" benchmarks/quality.py --ffn pkm --budget-minutes 2.8 --name quality_pkm
         results=(compare_pkm quality_pkm)
         ;;
+    d)
+        step segment_probe 90 "$python" benchmarks/segment_probe.py --budget-s 60
+        # The implementation-agreement checks (PKM's now on embedding_bag) with the one cheap row they need.
+        step compare_checks 300 "$python" benchmarks/compare.py --ffn dense --tokens 4096 --n-sweep none \
+            --budget-s 480 --name compare_checks
+        results=(segment_probe compare_checks)
+        ;;
     *)
-        echo "usage: bash benchmarks/gpu_fill.sh a|b|c" >&2
+        echo "usage: bash benchmarks/gpu_fill.sh a|b|c|d" >&2
         exit 2
         ;;
 esac

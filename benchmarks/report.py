@@ -187,7 +187,7 @@ def _compare_cell(rows: list[dict], variant: str, tokens: int, n: int, mode: str
 def _compare_sources(result: dict) -> list[str]:
     if "sources" not in result:
         return [_measured_on(result)]
-    versions = result["versions"] or {}
+    versions = result["versions"] or result["sources"][-1]["versions"]  # the runs' own, or the latest's
     lines = [
         f"Measured on an {result['device']} (jax {versions.get('jax')}, triton {versions.get('triton')}) in "
         f"{len(result['sources'])} runs, merged by `{_command(result)}` (a measured cell wins over a skipped "

@@ -10,7 +10,9 @@ ladder of kernels that share the segment pass's grid, tile and loads and each ad
                   slots; their rows summed into one row per program so nothing is elided
   + row stores    the products' rows stored to their experts' rows of the [N, d] output, as the real pass
                   does (scattered rows), first window only, no side buffer
-  blocks          the real first pallas_call (every window, the side buffer for cut segments)
+  blocks          the real first pallas_call (every window, the side buffer for cut segments), with the zero
+                  fill of its [N, d] output (timed alone as "zeros [N, d]"; the rungs before write into
+                  uninitialised outputs)
   segment_sum     the real pass: blocks + the fix-up of cut segments
   pair_dots       the forward's expert-order score pass at the same setting, the rate to compare with
 
@@ -59,11 +61,7 @@ VARIATIONS = ("dots, one product", "row stores, contiguous")
 def _probe_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, *refs, stage, num_pairs, top_k, block, slots,
                   d_block, num_experts):  # fmt: skip
     """The segment pass's loads, then as much of its work as `stage` says (see the module doc)."""
-    if stage in ("row stores", "row stores, contiguous"):
-        zeros_ref, out_ref = refs
-        del zeros_ref  # aliased to out_ref
-    else:
-        (out_ref,) = refs
+    (out_ref,) = refs
     index, chunk = pl.program_id(0), pl.program_id(1)
     lanes = jnp.arange(block, dtype=jnp.int32)
     positions = index * block + lanes
@@ -98,7 +96,8 @@ def _probe_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, *refs, stage
     pltriton.store(out_ref.at[out_rows[:, None], cols[None, :]], sums.astype(out_ref.dtype), mask=used[:, None])
 
 
-def probe(stage, coef, rows, sorted_expert, order, zeros, *, top_k, config, interpret):
+def probe(stage, coef, rows, sorted_expert, order, like, *, top_k, config, interpret):
+    """One rung's pallas_call; `like` [N, d] gives the "row stores" output its shape and dtype."""
     num_pairs, d = sorted_expert.shape[0], rows.shape[1]
     num_blocks = pl.cdiv(num_pairs, config.segment_block)
     body = functools.partial(
@@ -109,27 +108,24 @@ def probe(stage, coef, rows, sorted_expert, order, zeros, *, top_k, config, inte
         block=config.segment_block,
         slots=config.segment_slots,
         d_block=config.d_block,
-        num_experts=zeros.shape[0],
+        num_experts=like.shape[0],
     )
-    inputs = [sorted_expert, order, coef, rows]
+    # The store rungs write into uninitialised outputs (rows they do not store keep garbage, which nothing
+    # reads): a zero fill inside the timed call would add a memset of a different size to each.
     if stage == "row stores":
-        out_shape, aliases = jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), {4: 0}
-        inputs.append(zeros)
+        out_shape = jax.ShapeDtypeStruct(like.shape, like.dtype)
     elif stage == "row stores, contiguous":
-        buffer = jnp.zeros((num_blocks * config.segment_slots, d), zeros.dtype)
-        out_shape, aliases = jax.ShapeDtypeStruct(buffer.shape, buffer.dtype), {4: 0}
-        inputs.append(buffer)
+        out_shape = jax.ShapeDtypeStruct((num_blocks * config.segment_slots, d), like.dtype)
     else:
-        out_shape, aliases = jax.ShapeDtypeStruct((num_blocks, d), jnp.float32), {}
+        out_shape = jax.ShapeDtypeStruct((num_blocks, d), jnp.float32)
     return pl.pallas_call(
         body,
         out_shape=out_shape,
         grid=(num_blocks, d // config.d_block),
-        input_output_aliases=aliases,
         compiler_params=kernel._compiler_params(config),
         interpret=interpret,
         name=f"segment_probe_{stage.replace(' ', '_')}",
-    )(*inputs)
+    )(sorted_expert, order, coef, rows)
 
 
 def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
@@ -141,10 +137,10 @@ def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     schedule = jax.jit(build_schedule, static_argnums=1)(indices, num_experts)
     config = default_config(tokens, top_k, num_experts, d, DTYPE, variant="sorted")
     common_kwargs = {"top_k": top_k, "config": config, "interpret": interpret}
-    fresh = lambda: jnp.zeros(up.shape, up.dtype)  # the real pass pays for its zeros too
+    fresh = lambda: jnp.zeros(up.shape, up.dtype)  # the real pass pays for its zeros (see "zeros [N, d]")
 
     def stage_fn(stage):
-        return jax.jit(lambda c, r, s: probe(stage, c, r, s.sorted_expert, s.order, fresh(), **common_kwargs))
+        return jax.jit(lambda c, r, s: probe(stage, c, r, s.sorted_expert, s.order, up, **common_kwargs))
 
     rungs = {stage: stage_fn(stage) for stage in STAGES}
     variations = {stage: stage_fn(stage) for stage in VARIATIONS}
@@ -154,6 +150,7 @@ def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     rungs["segment_sum"] = jax.jit(
         lambda c, r, s: kernel.segment_sum(c, r, s.sorted_expert, s.order, fresh(), **common_kwargs)
     )
+    rungs["zeros [N, d]"] = jax.jit(lambda c, r, s: fresh())  # in blocks and segment_sum, not in the rungs before
     rungs["pair_dots"] = jax.jit(
         lambda c, r, s: kernel.pair_dots(
             up, r, s.sorted_expert, s.sorted_token, s.order, config=config, interpret=interpret
@@ -168,11 +165,12 @@ def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
             continue
         try:
             row.update(common.time_fn(fn, [(coef, x, schedule)], reps=3 if interpret else 20))
-            row["gather_TBps"] = gathered / (row["ms"] * 1e-3) / 1e12
+            if name != "zeros [N, d]":  # the one rung that gathers nothing
+                row["gather_TBps"] = gathered / (row["ms"] * 1e-3) / 1e12
             if name in VARIATIONS:
                 changed = {"dots, one product": "dots", "row stores, contiguous": "row stores"}[name]
                 row["added_ms"] = row["ms"] - next(r["ms"] for r in rows if r["rung"] == changed and "ms" in r)
-            elif previous is not None and name != "pair_dots":
+            elif previous is not None and name not in ("pair_dots", "zeros [N, d]"):
                 row["added_ms"] = row["ms"] - previous
             previous = row["ms"]
             row["status"] = "ok"

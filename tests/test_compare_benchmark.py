@@ -90,3 +90,21 @@ def test_combine_only_from_takes_a_variants_rows_from_one_run_alone():
     assert merged["pkm", 4096]["ms"] == 8.0
     assert "ms" not in merged["pkm", 8192]  # the old code's measurement does not stand in for the new one
     assert merged["omnimoe", 4096]["ms"] == 2.0 and merged["omnimoe", 4096]["source"] == 0
+
+
+def test_combine_ranks_a_failure_above_a_skip_and_keeps_checks_by_name():
+    first = {
+        "rows": [{**_row("deepseekmoe", "fwdbwd", None), "error": "RESOURCE_EXHAUSTED: Out of memory"}],
+        "checks": [{"check": "omnimoe: auto vs xla", "passed": True}, {"check": "checks worker", "passed": False}],
+    }
+    del first["rows"][0]["ms"]
+    second = {
+        "rows": [_skipped("deepseekmoe", "fwdbwd")],
+        "checks": [{"check": "pkm: auto vs xla", "passed": True}],  # a run whose checks all finished
+    }
+    (row,) = compare.combine([first, second])
+    assert "Out of memory" in row["error"]  # an out-of-memory says more than a skip
+    checks = {c["check"]: c["source"] for c in compare.combine_checks([first, second])}
+    assert checks == {"omnimoe: auto vs xla": 0, "pkm: auto vs xla": 1}  # the timed-out worker is superseded
+    only_new_pkm = {c["check"] for c in compare.combine_checks([second, first], {"pkm": 1})}
+    assert "pkm: auto vs xla" not in only_new_pkm  # PKM's checks follow its rows to run 1, which has none
