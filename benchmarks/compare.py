@@ -523,16 +523,16 @@ def _standing(row: dict) -> int:
     return 0 if "skipped" in row.get("error", "") else 1
 
 
-def combine(results: list[dict], only_from: dict[str, int] | None = None) -> list[dict]:
+def combine(results: list[dict], only_from: dict[str, set[int]] | None = None) -> list[dict]:
     """The rows of several runs, one per configuration and mode: a measured row wins over a failed one, a
     failed one over a skipped one, and among equals the later run (the order given) wins. Each row records
-    its run's index. `only_from` {variant: run index} takes that variant's rows from that run alone (its
+    its run's index. `only_from` {variant: run indices} takes that variant's rows from those runs alone (its
     code changed since the others measured it)."""
     only_from = only_from or {}
     merged: dict[tuple, dict] = {}
     for index, result in enumerate(results):
         for row in result["rows"]:
-            if only_from.get(row["variant"], index) != index:
+            if index not in only_from.get(row["variant"], {index}):
                 continue
             key = (row["variant"], row["sweep"], row["tokens"], row["N"], row["mode"])
             held = merged.get(key)
@@ -541,7 +541,7 @@ def combine(results: list[dict], only_from: dict[str, int] | None = None) -> lis
     return list(merged.values())
 
 
-def combine_checks(results: list[dict], only_from: dict[str, int] | None = None) -> list[dict]:
+def combine_checks(results: list[dict], only_from: dict[str, set[int]] | None = None) -> list[dict]:
     """The checks of several runs, one per name, the later run's winning. "<variant>: ..." checks follow their
     variant's rows (`only_from`); a "checks worker" failure (its time ran out) is dropped once a later run
     ran its checks to the end."""
@@ -552,21 +552,22 @@ def combine_checks(results: list[dict], only_from: dict[str, int] | None = None)
         if checks and not any(c["check"] == "checks worker" for c in checks):
             merged.pop("checks worker", None)
         for check in checks:
-            if only_from.get(check["check"].split(":")[0], index) == index:
+            if index in only_from.get(check["check"].split(":")[0], {index}):
                 merged[check["check"]] = {**check, "source": index}
     return list(merged.values())
 
 
-def write_combined(stems: list[str], name: str, only_from: dict[str, str] | None = None) -> None:
+def write_combined(stems: list[str], name: str, only_from: dict[str, list[str]] | None = None) -> None:
     """`--combine`: one table, plot and JSON (with every source run's device, versions, date and command)
     from runs that each measured part of the sweep, for example after a run's time budget ran out.
-    `only_from` {variant: stem}: that variant's rows (and checks) come from that run alone."""
+    `only_from` {variant: stems}: that variant's rows (and checks) come from those runs alone."""
     only_from = only_from or {}
-    for variant, stem in only_from.items():
-        if variant not in VARIANTS or stem not in stems:
-            raise SystemExit(
-                f"--only-from {variant}={stem}: expected a variant of {sorted(VARIANTS)} and a run of {stems}"
-            )
+    for variant, chosen in only_from.items():
+        for stem in chosen:
+            if variant not in VARIANTS or stem not in stems:
+                raise SystemExit(
+                    f"--only-from {variant}={stem}: expected a variant of {sorted(VARIANTS)} and a run of {stems}"
+                )
     results = []
     for stem in stems:
         path = common.RESULTS / f"{stem}.json"
@@ -579,7 +580,7 @@ def write_combined(stems: list[str], name: str, only_from: dict[str, str] | None
     settings = {r["setting"] for r in results}
     if len(settings) > 1:
         raise SystemExit(f"--combine: the runs used different settings {sorted(settings)}")
-    source_of = {variant: stems.index(stem) for variant, stem in only_from.items()}
+    source_of = {variant: {stems.index(stem) for stem in chosen} for variant, chosen in only_from.items()}
     rows = combine(results, source_of)
     checks = combine_checks(results, source_of)
     claims = targets(rows, TARGET_TOKENS)
@@ -641,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="VARIANT=STEM",
-        help="with --combine: take this variant's rows from that run alone (repeatable)",
+        help="with --combine: take this variant's rows and checks from that run (repeatable: from those runs) alone",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-checks", help=argparse.SUPPRESS)
@@ -654,7 +655,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker_checks:
         return run_checks(args.worker_checks)
     if args.combine:
-        only_from = dict(pair.split("=", 1) for pair in args.only_from)
+        only_from: dict[str, list[str]] = {}
+        for pair in args.only_from:
+            variant, stem = pair.split("=", 1)
+            only_from.setdefault(variant, []).append(stem)
         return write_combined([stem.strip() for stem in args.combine.split(",") if stem.strip()], args.name, only_from)
 
     start = time.time()

@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_fill.sh d   # the segment probe again (no zero fills in its timed rungs); all the checks
 # and then, on any machine (it measures nothing):
 #   python benchmarks/compare.py --combine compare_peer,compare,compare_more,compare_nsweep,compare_fill,\
-#       compare_pkm,compare_checks --only-from pkm=compare_pkm --name compare_all
+#       compare_pkm,compare_checks --only-from pkm=compare_pkm --only-from pkm=compare_checks --name compare_all
 source "$(dirname "$0")/gpu_common.sh"
 case "${1:-}" in
     a)

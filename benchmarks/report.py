@@ -190,8 +190,9 @@ def _compare_sources(result: dict) -> list[str]:
     versions = result["versions"] or result["sources"][-1]["versions"]  # the runs' own, or the latest's
     lines = [
         f"Measured on an {result['device']} (jax {versions.get('jax')}, triton {versions.get('triton')}) in "
-        f"{len(result['sources'])} runs, merged by `{_command(result)}` (a measured cell wins over a skipped "
-        "one; a variant named in `--only-from` comes from that run alone):",
+        f"{len(result['sources'])} runs, merged by `{_command(result)}` (a measured cell wins over a failed "
+        "one, a failed one over a skipped one, and otherwise the later run; a variant named in `--only-from` "
+        "comes from those runs alone):",
         "",
     ]
     lines += [f"- {source['date'][:10]}: `{_command(source)}`" for source in result["sources"]]

@@ -86,7 +86,7 @@ def test_combine_refuses_runs_from_different_devices(tmp_path, monkeypatch):
 def test_combine_only_from_takes_a_variants_rows_from_one_run_alone():
     old = {"rows": [_row("pkm", "fwd", 30.0), _row("pkm", "fwd", 60.0, tokens=8192), _row("omnimoe", "fwd", 2.0)]}
     new = {"rows": [_row("pkm", "fwd", 8.0), _skipped("pkm", "fwd", tokens=8192)]}
-    merged = {(r["variant"], r["tokens"]): r for r in compare.combine([old, new], {"pkm": 1})}
+    merged = {(r["variant"], r["tokens"]): r for r in compare.combine([old, new], {"pkm": {1}})}
     assert merged["pkm", 4096]["ms"] == 8.0
     assert "ms" not in merged["pkm", 8192]  # the old code's measurement does not stand in for the new one
     assert merged["omnimoe", 4096]["ms"] == 2.0 and merged["omnimoe", 4096]["source"] == 0
@@ -106,5 +106,5 @@ def test_combine_ranks_a_failure_above_a_skip_and_keeps_checks_by_name():
     assert "Out of memory" in row["error"]  # an out-of-memory says more than a skip
     checks = {c["check"]: c["source"] for c in compare.combine_checks([first, second])}
     assert checks == {"omnimoe: auto vs xla": 0, "pkm: auto vs xla": 1}  # the timed-out worker is superseded
-    only_new_pkm = {c["check"] for c in compare.combine_checks([second, first], {"pkm": 1})}
+    only_new_pkm = {c["check"] for c in compare.combine_checks([second, first], {"pkm": {1}})}
     assert "pkm: auto vs xla" not in only_new_pkm  # PKM's checks follow its rows to run 1, which has none
