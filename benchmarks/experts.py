@@ -232,7 +232,7 @@ def breakdown(setting: Setting, deadline) -> list[dict]:
             rows,
             schedule.sorted_expert,
             schedule.order,
-            jnp.zeros(like.shape, like.dtype),
+            out_like=like,
             top_k=top_k,
             dot_table=dot_table,
             config=token_config,
@@ -268,12 +268,12 @@ def breakdown(setting: Setting, deadline) -> list[dict]:
             (coef, down),
             row_pass,
         ),
-        "segment_sum + fused dots (zeros included)": (
+        "segment_sum + fused dots (untouched rows zeroed)": (
             jax.jit(lambda c, r, s, t: segment_sum(c, r, s, t, dot_table=t)),
             (coef, x, schedule, down),
             row_pass,
         ),
-        "segment_sum (zeros included)": (jax.jit(segment_sum), (coef, x, schedule, up), row_pass),
+        "segment_sum (untouched rows zeroed)": (jax.jit(segment_sum), (coef, x, schedule, up), row_pass),
         "dense zeros [N, d] alone": (jax.jit(lambda u: jnp.zeros(u.shape, u.dtype)), (up,), 0),
     }
     for name, (fn, args, gathered) in pieces.items():

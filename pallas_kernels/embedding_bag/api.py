@@ -113,7 +113,7 @@ def _backward(config, interpret, residuals, dy):
         dy.astype(table.dtype),
         schedule.sorted_expert,
         schedule.order,
-        jnp.zeros(table.shape, table.dtype),
+        out_like=table,
         top_k=schedule.top_k,
         dot_table=table,  # d_w = table[e] . dy[t] from the same gathered dy rows
         config=config,

@@ -208,7 +208,7 @@ def _backward(activation, config, interpret, residuals, dy):
             rows,
             schedule.sorted_expert,
             schedule.order,
-            jnp.zeros(like.shape, like.dtype),
+            out_like=like,
             top_k=schedule.top_k,
             dot_table=dot_table,
             config=config,

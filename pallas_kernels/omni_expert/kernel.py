@@ -271,12 +271,13 @@ def _segment_blocks_kernel(
     d_block: int,
     with_dots: bool,
 ):
-    # refs: [dot_table_ref,] zeros_ref, out_ref, side_ref[, dots_ref]: the dot table and dots only with_dots.
+    # refs: [dot_table_ref,] out_ref, side_ref[, dots_ref]: the dot table and dots only with_dots. out_ref
+    # starts uninitialised: this kernel writes the uncut segments' rows, the fix-up the cut ones and
+    # zero_untouched_rows the rest.
     if with_dots:
-        dot_table_ref, zeros_ref, out_ref, side_ref, dots_ref = refs
+        dot_table_ref, out_ref, side_ref, dots_ref = refs
     else:
-        (zeros_ref, out_ref, side_ref), dot_table_ref, dots_ref = refs, None, None
-    del zeros_ref  # aliased to out_ref: rows of experts no pair chose keep its zeros
+        (out_ref, side_ref), dot_table_ref, dots_ref = refs, None, None
     index, chunk = pl.program_id(0), pl.program_id(1)
     lanes = jnp.arange(block, dtype=jnp.int32)  # [B]
     positions = index * block + lanes  # [B] sorted positions; past P in the ragged last block
@@ -367,14 +368,15 @@ def segment_sum(
     rows: jax.Array,
     sorted_expert: jax.Array,
     order: jax.Array,
-    zeros: jax.Array,
     *,
+    out_like,
     top_k: int,
     dot_table: jax.Array | None = None,
     config: ExpertKernelConfig,
     interpret: bool,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """out[e] = sum over sorted positions q with sorted_expert[q] == e of coef[q] * rows[order[q] // top_k].
+    """out[e] = sum over sorted positions q with sorted_expert[q] == e of coef[q] * rows[order[q] // top_k],
+    and exactly 0 in the rows of experts no pair chose.
 
     With `dot_table`, also dots[q] = dot_table[sorted_expert[q]] . rows[order[q] // top_k] from the same
     gathered rows: the backward's dh = v_e . dy_t comes free with dV_e = sum h_p dy_t (one pass, not two).
@@ -384,19 +386,31 @@ def segment_sum(
     | coef | [P] | f32, in sorted order |
     | rows | [T, d] | f32 or bf16 |
     | sorted_expert, order | [P] | int32, from the ExpertSchedule |
-    | zeros | [N, d] | the output dtype; the output's storage (aliased), so untouched rows keep it |
+    | out_like | [N, d] | the output's shape and dtype (anything with .shape and .dtype; never read) |
     | dot_table (optional) | [N, d] | f32 or bf16 |
-    | returns out | [N, d] | zeros.dtype |
+    | returns out | [N, d] | out_like.dtype |
     | returns dots (with dot_table) | [P] | f32, in sorted order |
 
-    Two pallas_calls (see the section comment above): blocks of `config.segment_block` sorted pairs x
-    `config.d_block` columns, then the fix-up of segments cut by block boundaries, from an f32 side buffer
-    of two rows per block. The dots are summed over the column chunks by XLA ([d / d_block, P] f32).
+    Three pallas_calls (see the section comment above), each writing its own rows of one uninitialised
+    output: blocks of `config.segment_block` sorted pairs x `config.d_block` columns; the fix-up of the
+    segments cut by block boundaries, from an f32 side buffer of two rows per block; zeros in the untouched
+    rows (cheaper than zero-filling all of [N, d] first, which ran at 1.4 TB/s on an H100: at ~20 pairs
+    per expert almost no row is untouched). The dots are summed over the column chunks by XLA.
     """
+    out_shape = jax.ShapeDtypeStruct(out_like.shape, out_like.dtype)
     partial_out, side, dots = segment_blocks(
-        coef, rows, sorted_expert, order, zeros, top_k=top_k, dot_table=dot_table, config=config, interpret=interpret
+        coef,
+        rows,
+        sorted_expert,
+        order,
+        out_shape,
+        top_k=top_k,
+        dot_table=dot_table,
+        config=config,
+        interpret=interpret,
     )
     out = segment_fixup(partial_out, side, sorted_expert, config=config, interpret=interpret)
+    out = zero_untouched_rows(out, sorted_expert, config=config, interpret=interpret)
     if dots is None:
         return out
     return out, jnp.sum(dots, axis=0)  # [N, d], [P] sorted order
@@ -407,21 +421,22 @@ def segment_blocks(
     rows: jax.Array,
     sorted_expert: jax.Array,
     order: jax.Array,
-    zeros: jax.Array,
+    out_shape: jax.ShapeDtypeStruct,
     *,
     top_k: int,
     dot_table: jax.Array | None,
     config: ExpertKernelConfig,
     interpret: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """segment_sum's first pallas_call: (out with the uncut segments, side [2 * blocks, d] f32, dots or None).
+    """segment_sum's first pallas_call: (out with the uncut segments' rows written and the others not,
+    side [2 * blocks, d] f32, dots or None).
 
     dots, with `dot_table`, are per column chunk: [d / d_block, P] f32. Public so that
     benchmarks/segment_probe.py can time this call apart from the fix-up.
     """
     d = rows.shape[1]
     num_pairs = sorted_expert.shape[0]
-    num_experts = zeros.shape[0]
+    num_experts = out_shape.shape[0]
     block = config.segment_block
     num_blocks = pl.cdiv(num_pairs, block)
     chunks = d // config.d_block
@@ -439,16 +454,14 @@ def segment_blocks(
     inputs = [sorted_expert, order, coef, rows]
     # The side buffer: rows 2b and 2b + 1 hold block b's head and tail partials, written only where a
     # segment is cut and read only there, so it needs no initialisation.
-    out_shape = [zeros, jax.ShapeDtypeStruct((2 * num_blocks, d), jnp.float32)]
+    outputs = [out_shape, jax.ShapeDtypeStruct((2 * num_blocks, d), jnp.float32)]
     if with_dots:
         inputs.append(dot_table)
-        out_shape.append(jax.ShapeDtypeStruct((chunks, num_pairs), jnp.float32))
-    inputs.append(zeros)
+        outputs.append(jax.ShapeDtypeStruct((chunks, num_pairs), jnp.float32))
     results = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shape],
+        out_shape=outputs,
         grid=(num_blocks, chunks),
-        input_output_aliases={len(inputs) - 1: 0},  # zeros -> out
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_expert_segment_blocks",
@@ -473,3 +486,40 @@ def segment_fixup(
         interpret=interpret,
         name="omni_expert_segment_fixup",
     )(sorted_expert, side, partial_out)
+
+
+def _zero_untouched_kernel(touched_ref, partial_ref, out_ref, *, num_rows: int, rows_per_program: int, d_block: int):
+    del partial_ref  # aliased to out_ref: the rows the segment kernels wrote stay as they are
+    index, chunk = pl.program_id(0), pl.program_id(1)
+    row_ids = index * rows_per_program + jnp.arange(rows_per_program, dtype=jnp.int32)  # [R] consecutive rows
+    in_table = row_ids < num_rows
+    untouched = in_table & (pltriton.load(touched_ref.at[row_ids], mask=in_table, other=1) == 0)  # [R]
+    row_ids = jnp.where(untouched, row_ids, num_rows)  # masked lanes point past the end (module doc)
+    cols = _columns(chunk, d_block)  # [Dc]
+    zeros = jnp.zeros((rows_per_program, d_block), out_ref.dtype)
+    pltriton.store(out_ref.at[row_ids[:, None], cols[None, :]], zeros, mask=untouched[:, None])
+
+
+def zero_untouched_rows(
+    out: jax.Array, sorted_expert: jax.Array, *, config: ExpertKernelConfig, interpret: bool
+) -> jax.Array:
+    """out [N, d] with exact zeros in the rows no sorted pair names, the other rows as they are.
+
+    The touched flags [N] are one XLA scatter of the P sorted experts; the kernel walks the rows in
+    consecutive runs of `config.segment_block` and writes only the untouched ones.
+    """
+    num_rows, d = out.shape
+    touched = jnp.zeros((num_rows,), jnp.int32).at[sorted_expert].set(1, mode="drop")  # [N]
+    rows_per_program = config.segment_block
+    kernel = functools.partial(
+        _zero_untouched_kernel, num_rows=num_rows, rows_per_program=rows_per_program, d_block=config.d_block
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
+        grid=(pl.cdiv(num_rows, rows_per_program), d // config.d_block),
+        input_output_aliases={1: 0},  # out -> out
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_expert_zero_untouched",
+    )(touched, out)
