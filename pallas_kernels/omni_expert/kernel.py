@@ -231,8 +231,9 @@ def token_combine(
 # written by that block. A segment cut by a block boundary leaves one f32 partial row per block it
 # touches in a side buffer (the block's first segment as its "head" partial, its last as its "tail"), and
 # a second, small kernel adds those up: the block where such a segment starts walks the following blocks'
-# head partials until the segment ends, then writes the row. Every touched row is written exactly once,
-# in a fixed order: deterministic, no atomics.
+# head partials until the segment ends, then writes the row. A third kernel writes zeros into the rows no
+# pair touched (the output starts uninitialised: zero-filling all of it first cost more wherever most rows
+# are touched). Every row is written exactly once, in a fixed order: deterministic, no atomics.
 
 
 def _weighted_row_sums(weights: jax.Array, rows: jax.Array) -> jax.Array:
