@@ -14,6 +14,7 @@ import os
 import pathlib
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -73,6 +74,16 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return "" if value is None else str(value)
+
+
+def copy_to_out(*paths: pathlib.Path) -> None:
+    """Copy result files into $OUT when it is set: what the GPU machine's command leaves there comes back."""
+    out = os.environ.get("OUT")
+    if not out:
+        return
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        shutil.copy(path, pathlib.Path(out) / path.name)
 
 
 def write_results(name: str, rows: list[dict], **extra: Any) -> pathlib.Path:

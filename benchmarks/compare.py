@@ -37,7 +37,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -721,12 +720,7 @@ def main(argv: list[str] | None = None) -> None:
         wall_s=time.time() - start,
     )
     print(f"\nwrote {path} and {png} in {time.time() - start:.0f} s")
-    out = os.environ.get("OUT")
-    if out:
-        pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-        for file in (path, png):
-            shutil.copy(file, pathlib.Path(out) / file.name)
-        print(f"copied both to {out}")
+    common.copy_to_out(path, png)
 
 
 if __name__ == "__main__":

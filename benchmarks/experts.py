@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import pathlib
-import shutil
 import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import plot_latency_bars, print_table, time_fn, write_results
+from benchmarks.common import copy_to_out, plot_latency_bars, print_table, time_fn, write_results
 from pallas_kernels import _dispatch, omni_expert
 from pallas_kernels.omni_expert import kernel
 from pallas_kernels.omni_expert.config import MIN_DOT_DIM, default_config
@@ -389,8 +387,7 @@ def main():
     def save() -> pathlib.Path:  # after every section (and into $OUT), so a run cut short keeps its numbers
         extra = {"copy_bandwidth_Bps": bandwidth, "fp32_flops": rate, "columns": columns}
         path = write_results(name, rows, breakdown=pieces, sweep=variations, **extra)
-        if os.environ.get("OUT"):
-            shutil.copy(path, pathlib.Path(os.environ["OUT"]) / path.name)
+        copy_to_out(path)
         return path
 
     # The targets' settings first, then what explains them, then the rest, so the budget cuts the least useful.
@@ -412,8 +409,7 @@ def main():
         print_table(variations, ["setting", "variation", "ms", "status"])
     plot_latency_bars(rows, IMPLEMENTATIONS, "omni_expert", path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
-    if os.environ.get("OUT"):
-        shutil.copy(path.with_suffix(".png"), pathlib.Path(os.environ["OUT"]) / path.with_suffix(".png").name)
+    copy_to_out(path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,5 @@ step expert_gpu_tests 230 "$python" -m pytest -m gpu tests/test_expert_gpu.py te
 step experts 175 "$python" benchmarks/experts.py --budget-s 135
 step layer 105 "$python" benchmarks/layer.py --budget-s 70
 step segment_probe 50 "$python" benchmarks/segment_probe.py --budget-s 35
-[ -n "${OUT:-}" ] && cp benchmarks/results/{layer,segment_probe}.{json,png} "$OUT/" 2>/dev/null
 echo "== total $SECONDS s"
 exit "$status"

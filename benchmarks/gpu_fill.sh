@@ -15,7 +15,6 @@ case "${1:-}" in
         step segment_probe 90 "$python" benchmarks/segment_probe.py --budget-s 60
         step compare_nsweep 500 "$python" benchmarks/compare.py --ffn omnimoe,peer-omni,pkm --tokens 4096 \
             --budget-s 430 --name compare_nsweep
-        results=(segment_probe compare_nsweep)
         ;;
     b)
         step compare_fill 280 "$python" benchmarks/compare.py \
@@ -23,29 +22,23 @@ case "${1:-}" in
             --tokens 1024,2048,8192,16384 --n-sweep none --no-checks --budget-s 215 --name compare_fill
         step quality_rest 320 "$python" benchmarks/quality.py --ffn deepseekmoe,pkm --budget-minutes 4.6 \
             --name quality_rest
-        results=(compare_fill quality_rest)
         ;;
     c)
         step embedding_bag_gpu_tests 150 "$python" -m pytest -m gpu tests/test_embedding_bag.py -q -rfE \
             --durations=5 --junitxml="$logs/embedding_bag_gpu_tests.xml"
         step compare_pkm 240 "$python" benchmarks/compare.py --ffn pkm --no-checks --budget-s 180 --name compare_pkm
         step quality_pkm 200 "$python" benchmarks/quality.py --ffn pkm --budget-minutes 2.8 --name quality_pkm
-        results=(compare_pkm quality_pkm)
         ;;
     d)
         step segment_probe 90 "$python" benchmarks/segment_probe.py --budget-s 60
         # The implementation-agreement checks (PKM's now on embedding_bag) with the one cheap row they need.
         step compare_checks 300 "$python" benchmarks/compare.py --ffn dense --tokens 4096 --n-sweep none \
             --budget-s 480 --name compare_checks
-        results=(segment_probe compare_checks)
         ;;
     *)
         echo "usage: bash benchmarks/gpu_fill.sh a|b|c|d" >&2
         exit 2
         ;;
 esac
-if [ -n "${OUT:-}" ]; then
-    for name in "${results[@]}"; do cp benchmarks/results/"$name".{json,png} "$OUT/" 2>/dev/null; done
-fi
 echo "== total $SECONDS s"
 exit "$status"

@@ -23,6 +23,5 @@ wait "$experts" || status=1
 wait "$router_train" || status=1
 step gpu_test_timed 90 "${pytest_gpu[@]}" "$timed_test" --junitxml="$logs/gpu_test_timed.xml"
 step segment_probe 150 "$python" benchmarks/segment_probe.py --budget-s 120
-[ -n "${OUT:-}" ] && cp benchmarks/results/segment_probe.json "$OUT/" 2>/dev/null
 echo "== total $SECONDS s"
 exit "$status"

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import pathlib
-import shutil
 import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import plot_latency_bars, print_table, time_fn, write_results
+from benchmarks.common import copy_to_out, plot_latency_bars, print_table, time_fn, write_results
 from benchmarks.experts import copy_bandwidth, flop_rate, is_out_of_memory, timed, work
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 
@@ -186,8 +184,7 @@ def main():
     def save(rows) -> pathlib.Path:  # after every setting (and into $OUT), so a run cut short keeps its numbers
         extra = {"copy_bandwidth_Bps": bandwidth, "bf16_matmul_flops": matmul, "fp32_flops": fp32, "columns": columns}
         path = write_results("layer_smoke" if args.smoke else "layer", rows, **extra)
-        if os.environ.get("OUT"):
-            shutil.copy(path, pathlib.Path(os.environ["OUT"]) / path.name)
+        copy_to_out(path)
         return path
 
     with router_reference_until_its_kernel_lands() as router_used:
@@ -196,8 +193,7 @@ def main():
     print_table(rows, columns)
     plot_latency_bars(rows, IMPLEMENTATIONS, "OmniMoE layer", path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
-    if os.environ.get("OUT"):
-        shutil.copy(path.with_suffix(".png"), pathlib.Path(os.environ["OUT"]) / path.with_suffix(".png").name)
+    copy_to_out(path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

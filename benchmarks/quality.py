@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import shutil
 import statistics
 import subprocess
 import sys
@@ -383,12 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         wall_s=round(time.time() - start, 1),
     )
     print(f"\nwrote {path} and {png} in {time.time() - start:.0f} s")
-    out = os.environ.get("OUT")
-    if out:
-        pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-        for file in (path, png):
-            shutil.copy(file, pathlib.Path(out) / file.name)
-        print(f"copied both to {out}")
+    common.copy_to_out(path, png)
     return 0
 
 

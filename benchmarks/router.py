@@ -17,16 +17,13 @@ import argparse
 import dataclasses
 import functools
 import itertools
-import os
-import pathlib
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import print_table, time_fn, write_results
+from benchmarks.common import copy_to_out, print_table, time_fn, write_results
 from pallas_kernels import omni_router
 from pallas_kernels.omni_router import RouterConfig, default_config
 from pallas_kernels.omni_router.kernel import AXIS_SORTS
@@ -169,10 +166,7 @@ def main(argv=None) -> None:
         print(f"over the {args.budget_s} s budget, skipped: {skipped}")
     path = write_results("router", rows, dtype="bfloat16", tiling_sweep=sweep_rows, skipped=skipped)
     print(f"wrote {path}")
-    if os.environ.get("OUT"):
-        out = pathlib.Path(os.environ["OUT"])
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, out / path.name)
+    copy_to_out(path)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ import contextlib
 import functools
 import math
 import os
-import pathlib
-import shutil
 import statistics
 import sys
 import time
@@ -49,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, print_table, write_results
+from benchmarks.common import copy_to_out, environment, print_table, write_results
 from omnimoe_jax import OmniMoE, OmniMoEConfig, parallel
 from train import mesh as train_mesh
 from train.config import TrainConfig, apply_overrides, parse_overrides
@@ -323,8 +321,7 @@ def main() -> None:
     results["seconds"] = time.perf_counter() - started
     # One file per platform: the CPU run (fake devices: bytes only mean anything) and the GPU run side by side.
     path = write_results(f"scaling_{jax.default_backend()}", results.pop("throughput", []), **results)
-    if os.environ.get("OUT"):
-        shutil.copy(path, pathlib.Path(os.environ["OUT"]) / path.name)
+    copy_to_out(path)
     print(f"wrote {path} after {results['seconds']:.0f} s")
 
 

@@ -199,6 +199,7 @@ def main():
     common.print_table(rows, ["setting", "rung", "ms", "added_ms", "gather_TBps", "status"])
     if not args.smoke:
         path = common.write_results("segment_probe", rows, wall_s=round(time.monotonic() - start, 1))
+        common.copy_to_out(path)
         print(f"\nwrote {path}")
 
 
