@@ -31,6 +31,14 @@ def _float_dtype(field: str, value: Any) -> jnp.dtype:
     return dtype
 
 
+def check_known_fields(cls: type, fields: dict[str, Any]) -> None:
+    """ValueError naming the keys of `fields` that are not fields of the dataclass `cls` (a from_dict's input)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(known)}")
+
+
 class ConfigMethods:
     """replace / to_dict / from_dict of the frozen, validated configs (OmniMoEConfig, LMConfig, the
     baselines'): no fields of its own; subclasses have `dtype` and `param_dtype`, stored as names."""
@@ -48,10 +56,7 @@ class ConfigMethods:
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> Self:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(known)}")
+        check_known_fields(cls, fields)
         return cls(**fields)
 
 

@@ -18,6 +18,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from omnimoe_jax._config import check_known_fields
 from omnimoe_jax._model import FFN_KINDS, LMConfig, ffn_option_types
 
 
@@ -119,10 +120,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; valid fields: {sorted(known)}")
+        check_known_fields(cls, fields)
         return cls(**{**fields, "model": LMConfig.from_dict(fields["model"])})
 
 
