@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,15 @@ def assert_close(out, ref, dtype, *, what: str = "output") -> None:
     err = rel_error(out, ref)
     tol = tolerance(dtype)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({jnp.dtype(dtype).name})"
+
+
+# A Pallas kernel in lowered StableHLO: jax 0.10 names the custom call one way, 0.11 the other.
+_TRITON_CALL = re.compile(r"custom_call @(__gpu\$xla\.gpu\.triton|triton_kernel_call_ffi)")
+
+
+def count_triton_calls(lowered_text: str) -> int:
+    """How many Triton kernel launches a program lowered for CUDA (`.lower(...).as_text()`) contains."""
+    return len(_TRITON_CALL.findall(lowered_text))
 
 
 def normal(key, shape, dtype=jnp.float32, scale=1.0):
