@@ -62,8 +62,9 @@ def validate_expert_inputs(x, up, down, weights, indices, activation) -> None:
 
 def check_concrete_indices(indices, num_experts: int) -> None:
     """ValueError for out-of-range indices the caller can see (eager calls): the kernels would read outside
-    the tables and the references' jnp.take would return NaN rows. Inside jit (tracers) or across processes (not
-    fully addressable) nothing can be checked without a host round trip; the docstring states the contract."""
+    the tables and the references' jnp.take would return NaN rows. Inside jit (tracers) or across processes
+    (not fully addressable) nothing can be checked without a host round trip; the docstring states the
+    contract."""
     try:
         if isinstance(indices, jax.Array) and not indices.is_fully_addressable:
             return
