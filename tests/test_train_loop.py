@@ -25,6 +25,7 @@ from train import cli, sample
 from train.checkpoint import Checkpoints
 from train.config import apply_overrides, parse_overrides
 from train.data import decode, encode
+from train.flops import model_flops_per_token
 from train.loop import (
     RunDirectoryError,
     abstract_state,
@@ -100,12 +101,15 @@ def test_main_writes_the_documented_metrics(trained_run):
     assert start["step"] == 0 and start["resumed"] is False
     assert start["corpus"]["source"].startswith("stdlib:") and start["corpus"]["byte_level"]
     assert start["parameters"]["active"] < start["parameters"]["total"]
+    assert start["model_flops_per_token"] == model_flops_per_token(shrunk_config().model)["model_flops_per_token"]
+    assert start["peak_flops_per_device"] is None
     assert start["config"] == json.loads((trained_run / "config.json").read_text())
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10]
     for record in train:
-        assert set(record) == TRAIN_FIELDS | {"kind"}
+        assert set(record) == TRAIN_FIELDS | {"kind", "mfu"}
         assert all(math.isfinite(record[k]) for k in TRAIN_FIELDS)
+        assert record["mfu"] is None  # a CPU has no datasheet bf16 peak in train.flops
         assert record["tokens_seen"] == record["step"] * 8 * 32
         assert record["dropped_pairs"] == 0  # one device: every routed pair is computed
     evals = [r for r in records if r["kind"] == "eval"]

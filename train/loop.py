@@ -9,13 +9,15 @@ metrics.jsonl records, one JSON object per line, `kind` first:
 
 - start: step (0, or the step resumed from), resumed, config, parameters {total, active}, corpus {source,
   byte_level, train_tokens, validation_tokens, train_documents, validation_documents}, device, jax,
-  compile_s, mesh ({"data": D, "expert": E}, or null on one device), processes.
+  compile_s, model_flops_per_token (`train.flops`), peak_flops_per_device (the datasheet bf16 peak of the
+  device kind, null where unknown), mesh ({"data": D, "expert": E}, or null on one device), processes.
 - train: step, loss (mean nats per target token over the step's batch), [aux_loss (the auxiliary loss term
   of the objective, before aux_loss_coefficient; GShard and DeepSeekMoE only)], grad_norm (before
   clipping), learning_rate (used by this step), dropped_pairs (routed (token, expert) pairs dropped for
   lack of expert-parallel dispatch capacity in all steps since the previous train record; 0 unless
   expert_capacity_factor is set and the run has a mesh), tokens_per_s (training time only, since the
-  previous record), tokens_seen, elapsed_s.
+  previous record), mfu (model FLOPs utilisation of that throughput against every device's datasheet bf16
+  peak; null where the device kind is unknown, as on a CPU), tokens_seen, elapsed_s.
 - eval: step, val_loss (mean nats per validation target token), bits_per_byte (nats / ln 2 over the byte
   targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, dropped_pairs (expert-parallel
   dispatch drops over the evaluation, as above), routing (mean over the sparse layers of experts_used,
@@ -55,7 +57,9 @@ from train import data as data_lib
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
+from train.flops import model_flops_per_token, peak_flops
 from train.metrics import MetricsLog, dropped_pairs, routing_report, routing_statistics, sown_statistics
+from train.prefetch import BatchPrefetcher
 
 
 class RunDirectoryError(ValueError):
@@ -379,6 +383,7 @@ def run(
     with (
         Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints,
         _StopFlag().installed() as stop,
+        contextlib.ExitStack() as stack,
         jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(),
     ):
         state = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log, mesh=mesh)
@@ -393,13 +398,23 @@ def run(
         if mesh is not None:
             eval_batches = [mesh_lib.put_batch(mesh, batch, axis=0) for batch in eval_batches]
 
+        # The sampler runs ahead of the step (train.prefetch); the state after the last batch used is saved.
+        sampler_state = sampler.state()
+
+        def put(batch: np.ndarray) -> jax.Array:
+            batch = batch.reshape(shape)  # [accum, micro, L + 1], the global batch in every process
+            if mesh is None:
+                return jax.device_put(batch)
+            return mesh_lib.put_batch(mesh, batch, axis=1)  # micro-batches split over the devices
+
         def save() -> None:
             save_start = time.perf_counter()
-            checkpoints.save(step, state, {"sampler": sampler.state()})
+            checkpoints.save(step, state, {"sampler": sampler_state})
             metrics_log.write(
                 {"kind": "checkpoint", "step": step, "seconds": round(time.perf_counter() - save_start, 2)}
             )
 
+        prefetcher = stack.enter_context(BatchPrefetcher(sampler.next, put=put, state=sampler.state))
         reason, last_eval = "done", None
         window_start, window_steps = time.perf_counter(), 0  # tokens/s counts training time since the last record
         window_dropped = []  # each step's dropped pairs since the last train record, read when logging
@@ -412,9 +427,7 @@ def run(
             if agreed := mesh_lib.agree_on_stop(wanted, at_agreement_point=step % config.log_every == 0):
                 reason = agreed
                 break
-            batch = sampler.next().reshape(shape)  # [accum, micro, L + 1], the global batch in every process
-            if mesh is not None:
-                batch = mesh_lib.put_batch(mesh, batch, axis=1)  # micro-batches split over the devices
+            batch, sampler_state = prefetcher.next()  # on the device already
             state, metrics = train_step(state, batch)  # dispatched asynchronously; read back only when logged
             window_dropped.append(metrics["dropped_pairs"])
             step, window_steps = step + 1, window_steps + 1
@@ -463,6 +476,8 @@ def _log_start(config, corpus, step, resume, compile_s, metrics_log, log, mesh) 
             "device": jax.devices()[0].device_kind,
             "jax": jax.__version__,
             "compile_s": round(compile_s, 2),
+            "model_flops_per_token": model_flops_per_token(config.model)["model_flops_per_token"],
+            "peak_flops_per_device": peak_flops(jax.devices()[0].device_kind),
             "mesh": None if mesh is None else dict(mesh.shape),
             "processes": jax.process_count(),
         }
@@ -477,12 +492,14 @@ def _log_start(config, corpus, step, resume, compile_s, metrics_log, log, mesh) 
 def _log_train(config, step, metrics, window_steps, seconds, elapsed, metrics_log, log) -> None:
     """The train record and progress line for the `window_steps` steps that took `seconds`."""
     tokens_per_s = window_steps * config.tokens_per_step / seconds
+    utilisation = _mfu(config, tokens_per_s)
     metrics_log.write(
         {
             "kind": "train",
             "step": step,
             **metrics,
             "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": None if utilisation is None else round(utilisation, 4),
             "tokens_seen": step * config.tokens_per_step,
             "elapsed_s": round(elapsed, 2),
         }
@@ -492,8 +509,20 @@ def _log_train(config, step, metrics, window_steps, seconds, elapsed, metrics_lo
     dropped = f" | dropped pairs {metrics['dropped_pairs']:,}" if metrics["dropped_pairs"] else ""
     log(
         f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f}{aux} | lr {metrics['learning_rate']:.2e}"
-        f" | grad norm {metrics['grad_norm']:.3f}{dropped} | {tokens_per_s:,.0f} tok/s | eta {_duration(eta)}"
+        f" | grad norm {metrics['grad_norm']:.3f}{dropped} | {tokens_per_s:,.0f} tok/s"
+        + ("" if utilisation is None else f" | mfu {utilisation:.1%}")
+        + f" | eta {_duration(eta)}"
     )
+
+
+def _mfu(config: TrainConfig, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation against the first device's datasheet bf16 peak, summed over the devices
+    (None on a device kind `train.flops.PEAK_BF16_FLOPS` does not know, such as a CPU)."""
+    peak = peak_flops(jax.devices()[0].device_kind)
+    if peak is None:
+        return None
+    flops = model_flops_per_token(config.model)["model_flops_per_token"]
+    return flops * tokens_per_s / (peak * jax.device_count())
 
 
 def _prepare_data(config: TrainConfig, log: Callable[[str], None]):

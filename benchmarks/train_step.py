@@ -1,0 +1,301 @@
+"""Training-step throughput of the presets: tokens/s, MFU, peak memory and where the step's time goes.
+
+    PYTHONPATH=. python benchmarks/train_step.py [--presets tiny,small,small-dense,...] [--steps 60]
+        [--steady-steps 200] [--trace] [--key=value ...]
+
+One process per preset (a preset that runs out of memory cannot poison the next). Each process:
+
+1. compiles the real `train.loop` train step of the preset (its model, optimizer, batch shape
+   [grad_accum, micro_batch, L + 1]), timing the compilation, and reads XLA's memory estimate of it
+   (`Compiled.memory_analysis()`); a step whose estimate exceeds the device's memory is reported as
+   "does not fit" with the estimate instead of being run;
+2. device-bound timing: `--steps` steps on batches already on the device, dispatched back to back, timed
+   in windows of 10 steps (a block at each window's end); the median window gives the step time;
+3. loop timing: the same number of steps the way `train.loop.run` feeds them (the sampler draws each batch
+   on the host, `train.loop.BatchPrefetcher` puts it on the device ahead of the step), blocking once at
+   the end; loop minus device-bound time is what the host adds per step;
+4. steady state: with `--steady-steps S`, the device-bound window tokens/s at step 50 and at step S;
+5. with `--trace`, a `jax.profiler` trace of three steps whose device kernels are summed by name: the
+   device-busy fraction of the traced wall time and the kernels that take the most of it.
+
+Model FLOPs per token (`train.flops.model_flops_per_token`): 6 x active parameters (forward 2, backward 4
+per parameter and token) + 12 x layers x context x d for the attention scores and values (the PaLM
+appendix's count, causal masking not discounted). MFU divides achieved model FLOP/s by the bf16 matrix
+rate of an 8192^3 product measured in the same run (`benchmarks/layer.py`'s `matmul_rate`).
+
+Writes train_step.json (environment, rows) under $OUT when set, else benchmarks/results/, and prints a
+table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+DEFAULT_PRESETS = (
+    "tiny",
+    "small",
+    "small-dense",
+    "small-omnimoe",
+    "small-deepseekmoe",
+    "small-gshard",
+    "small-peer",
+    "small-pkm",
+)
+WINDOW = 10  # steps per timed window
+COLUMNS = [
+    "preset",
+    "status",
+    "active_params",
+    "compile_s",
+    "step_ms",
+    "tokens_per_s",
+    "mfu",
+    "loop_step_ms",
+    "host_ms_per_step",
+    "device_busy",
+    "peak_gb",
+    "estimate_gb",
+    "steady_ratio",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement (>= 50)")
+    parser.add_argument("--steady-steps", type=int, default=0, help="also time a window at this step (0: skip)")
+    parser.add_argument("--trace", action="store_true", help="profile three steps and sum kernels by name")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per preset")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--matmul-flops", type=float, help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+    if args.steps < WINDOW:
+        parser.error(f"--steps={args.steps} must be >= {WINDOW}")
+    if args.worker:
+        result = measure(args.worker, args, overrides)
+        pathlib.Path(args.result).write_text(json.dumps(result))
+        return
+
+    import jax
+
+    from benchmarks.common import RESULTS, environment, print_table
+    from benchmarks.layer import matmul_rate
+
+    # 8192^3 saturates a GPU; a CPU (a smoke run) would take minutes over it.
+    matmul = matmul_rate() if jax.default_backend() == "gpu" else cpu_matmul_rate()
+    print(f"matmul rate {matmul / 1e12:.3f} TFLOP/s", flush=True)
+    rows = []
+    for preset in args.presets.split(","):
+        rows.append(_run_worker(preset, args, overrides, matmul))
+        print(json.dumps(rows[-1]), flush=True)
+    out = pathlib.Path(os.environ.get("OUT") or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "train_step.json"
+    path.write_text(
+        json.dumps({**environment(), "bf16_matmul_flops": matmul, "columns": COLUMNS, "rows": rows}, indent=2) + "\n"
+    )
+    print_table(rows, COLUMNS)
+    print(f"wrote {path}")
+
+
+def cpu_matmul_rate() -> float:
+    """The f32 matrix-product rate of a 1024^3 product (FLOP/s), for runs off a GPU."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.common import time_fn
+
+    n = 1024
+    pairs = [(jnp.ones((n, n)), jnp.ones((n, n)))]
+    return 2 * n**3 / (time_fn(jax.jit(jnp.matmul), pairs, reps=3, batches=2)["ms"] * 1e-3)
+
+
+def _run_worker(preset: str, args, overrides: list[str], matmul: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = pathlib.Path(tmp) / "result.json"
+        command = [
+            sys.executable,
+            __file__,
+            f"--worker={preset}",
+            f"--result={result}",
+            f"--steps={args.steps}",
+            f"--steady-steps={args.steady_steps}",
+            f"--matmul-flops={matmul}",
+            *(["--trace"] if args.trace else []),
+            *overrides,
+        ]
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"preset": preset, "status": f"timed out after {args.timeout:.0f} s"}
+        if result.is_file():
+            return json.loads(result.read_text())
+        tail = (proc.stdout + proc.stderr)[-1500:]
+        kind = "out of memory" if "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower() else "failed"
+        return {"preset": preset, "status": kind, "error": tail}
+
+
+def measure(preset: str, args, overrides: list[str]) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from train.config import apply_overrides, parse_overrides
+    from train.flops import model_flops_per_token
+    from train.loop import _prepare_data, build_steps, compiled_train_step
+    from train.prefetch import BatchPrefetcher
+    from train.presets import get_preset
+
+    config = apply_overrides(get_preset(preset), parse_overrides(overrides))
+    steps = build_steps(config)
+    shape = (config.grad_accum, config.micro_batch_size, config.model.context_length + 1)
+    tokens_per_step = config.grad_accum * config.micro_batch_size * config.model.context_length
+    flops = model_flops_per_token(config.model)
+    row = {
+        "preset": preset,
+        "ffn": config.model.ffn,
+        "active_params": flops["active_parameters"],
+        "model_flops_per_token": flops["model_flops_per_token"],
+        "tokens_per_step": tokens_per_step,
+        "batch_shape": list(shape),
+    }
+    device = jax.devices()[0]
+    start = time.perf_counter()
+    train_step = compiled_train_step(steps, shape)
+    row["compile_s"] = round(time.perf_counter() - start, 1)
+    estimate = _memory_estimate(train_step)
+    row["estimate_gb"] = round(estimate / 1e9, 2) if estimate else None
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if estimate and limit and estimate > limit:
+        row["status"] = f"does not fit: estimate {estimate / 1e9:.1f} GB > {limit / 1e9:.1f} GB"
+        return row
+
+    state = steps.init_state(jax.random.key(config.seed))
+    _, sampler, _ = _prepare_data(config, log=lambda line: None)  # the loop's own corpus and sampler
+    batches = [jax.device_put(sampler.next().reshape(shape)) for _ in range(4)]
+    for i in range(2):  # warm up (the first calls also allocate)
+        state, metrics = train_step(state, batches[i])
+    jax.block_until_ready(state)
+
+    def device_bound_windows(count: int) -> list[float]:
+        nonlocal state
+        seconds = []
+        for w in range(count // WINDOW):
+            start = time.perf_counter()
+            for i in range(WINDOW):
+                state, _ = train_step(state, batches[(w * WINDOW + i) % len(batches)])
+            jax.block_until_ready(state)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    windows = device_bound_windows(args.steps)
+    step_s = statistics.median(windows) / WINDOW
+    row["step_ms"] = round(step_s * 1e3, 2)
+    row["step_ms_min"] = round(min(windows) / WINDOW * 1e3, 2)
+    row["step_ms_max"] = round(max(windows) / WINDOW * 1e3, 2)
+    row["tokens_per_s"] = round(tokens_per_step / step_s)
+    row["mfu"] = round(flops["model_flops_per_token"] * tokens_per_step / step_s / args.matmul_flops, 4)
+
+    # The loop's way: host-drawn batches put on the device ahead of the step, one block at the end.
+    prefetcher = BatchPrefetcher(lambda: sampler.next().reshape(shape), put=jax.device_put)
+    with prefetcher:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = train_step(state, prefetcher.next()[0])
+        jax.block_until_ready(state)
+    loop_s = (time.perf_counter() - start) / args.steps
+    row["loop_step_ms"] = round(loop_s * 1e3, 2)
+    row["host_ms_per_step"] = round((loop_s - step_s) * 1e3, 2)
+    row["loop_tokens_per_s"] = round(tokens_per_step / loop_s)
+
+    if args.steady_steps:
+        done = 2 + len(windows) * WINDOW + args.steps
+        later = device_bound_windows(max(WINDOW, args.steady_steps - done))
+        row["steady_ratio"] = round(statistics.median(windows) / later[-1], 3)  # tokens/s late / early
+        row["steady_step"] = done + len(later) * WINDOW
+    if args.trace:
+
+        def advance():
+            nonlocal state
+            state, _ = train_step(state, batches[0])  # the state is donated: each call takes the last one's
+            return state
+
+        row.update(_trace(advance))
+    stats = device.memory_stats() or {}
+    row["peak_gb"] = round(stats.get("peak_bytes_in_use", 0) / 1e9, 2) or None
+    row["loss"] = float(np.asarray(jax.device_get(metrics["loss"])))
+    row["loss_finite"] = bool(jnp.isfinite(row["loss"]))
+    row["status"] = "ran"
+    return row
+
+
+def _memory_estimate(compiled) -> int | None:
+    """Bytes XLA plans for the step: arguments + outputs + temporaries, less the donated aliases."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # not every backend reports one
+        return None
+    if analysis is None:
+        return None
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+    total = sum(getattr(analysis, f, 0) or 0 for f in fields)
+    return total - (getattr(analysis, "alias_size_in_bytes", 0) or 0)
+
+
+def _trace(step) -> dict:
+    """Profile three steps; sum the device kernels' durations by name from the Perfetto trace."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.block_until_ready(step())
+        start = time.perf_counter()
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(3):
+                last = step()
+            jax.block_until_ready(last)
+        wall_us = (time.perf_counter() - start) * 1e6
+        files = sorted(pathlib.Path(tmp).rglob("*.json.gz"))
+        if not files:
+            return {"trace": "no trace file written"}
+        with gzip.open(files[0]) as file:
+            trace = json.loads(file.read())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in names.items() if "gpu" in name.lower() or "device" in name.lower()}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device_pids
+    }
+    # The device process also has op- and module-level rows spanning the kernels: count the streams only.
+    streams = {key for key, name in threads.items() if "stream" in name.lower()} or None
+    kernels: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        key = (e.get("pid"), e.get("tid"))
+        on_stream = key in streams if streams is not None else e.get("pid") in device_pids
+        if e.get("ph") == "X" and on_stream and "dur" in e:
+            kernels[e["name"]] += e["dur"]
+    busy = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
+    return {
+        "device_busy": round(busy / wall_us, 3) if wall_us else None,
+        "trace_processes": sorted(set(names.values())),
+        "trace_streams": sorted(set(threads.values())),
+        "top_kernels_ms_per_step": [[name[:120], round(us / 3e3, 3)] for name, us in top],
+    }
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    main()
