@@ -83,7 +83,9 @@ def main() -> None:
     if args.steps < WINDOW:
         parser.error(f"--steps={args.steps} must be >= {WINDOW}")
     if args.worker:
-        result = measure(args.worker, args, overrides)
+        result = measure(
+            args.worker, args, overrides, save=lambda row: pathlib.Path(args.result).write_text(json.dumps(row))
+        )
         pathlib.Path(args.result).write_text(json.dumps(result))
         return
 
@@ -139,14 +141,16 @@ def _run_worker(preset: str, args, overrides: list[str], matmul: float) -> dict:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
         except subprocess.TimeoutExpired:
             return {"preset": preset, "status": f"timed out after {args.timeout:.0f} s"}
-        if result.is_file():
-            return json.loads(result.read_text())
+        row = json.loads(result.read_text()) if result.is_file() else {"preset": preset}
+        if proc.returncode == 0 and row.get("status"):
+            return row
         tail = (proc.stdout + proc.stderr)[-1500:]
         kind = "out of memory" if "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower() else "failed"
-        return {"preset": preset, "status": kind, "error": tail}
+        return {**row, "status": kind, "error": tail}  # with what was measured before it failed
 
 
-def measure(preset: str, args, overrides: list[str]) -> dict:
+def measure(preset: str, args, overrides: list[str], save) -> dict:
+    """The row of one preset; `save(row)` keeps what is known so far, should a later part fail."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -176,6 +180,7 @@ def measure(preset: str, args, overrides: list[str]) -> dict:
     row["compile_s"] = round(time.perf_counter() - start, 1)
     estimate = _memory_estimate(train_step)
     row["estimate_gb"] = round(estimate / 1e9, 2) if estimate else None
+    save(row)
     limit = (device.memory_stats() or {}).get("bytes_limit")
     if estimate and limit and estimate > limit:
         row["status"] = f"does not fit: estimate {estimate / 1e9:.1f} GB > {limit / 1e9:.1f} GB"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -234,3 +235,42 @@ def test_bad_tokens_are_refused(key):
         model.apply(variables, tokens.astype(jnp.float32))
     with pytest.raises(ValueError, match="context_length"):
         model.apply(variables, random_tokens(key, config, length=config.context_length + 1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_hot_embedding_is_the_gather_bit_for_bit(dtype):
+    import flax.linen as nn
+
+    from omnimoe_jax._model import _embed_tokens
+
+    embed = nn.Embed(259, 64, dtype=dtype, embedding_init=nn.initializers.normal(1.0))
+    tokens = jax.random.randint(jax.random.key(3), (3, 17), 0, 259)
+    variables = embed.init(jax.random.key(4), tokens)
+    gathered = embed.apply(variables, tokens)  # [3, 17, 64]
+    one_hot = embed.apply(variables, tokens, method=lambda module, t: _embed_tokens(module, t, dtype))
+    assert one_hot.dtype == gathered.dtype
+    np.testing.assert_array_equal(np.asarray(one_hot, np.float32), np.asarray(gathered, np.float32))
+
+
+def test_remat_changes_neither_the_logits_nor_the_gradients():
+    config = LMConfig(num_experts=16 * 16, num_experts_per_token=4, hidden_size=64, intermediate_size=64)
+    remat = dataclasses.replace(config, remat=True)
+    tokens = random_tokens(jax.random.key(5), config)
+    variables = TransformerLM(config).init(jax.random.key(6), tokens)
+
+    def loss(params, cfg):
+        logits, _ = TransformerLM(cfg).apply(
+            {**variables, "params": params}, tokens, train=True, mutable=["batch_stats"]
+        )  # [B, L, V]
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    value, grads = jax.value_and_grad(loss)(variables["params"], config)
+    value_remat, grads_remat = jax.value_and_grad(loss)(variables["params"], remat)
+    assert_close(value_remat, value, jnp.float32, what="loss")
+    for got, want in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads), strict=True):
+        assert_close(got, want, jnp.float32, what="gradient")
+
+
+def test_remat_must_be_a_bool():
+    with pytest.raises(ValueError, match="remat"):
+        LMConfig(remat="yes")
