@@ -130,7 +130,7 @@ def test_init_does_not_count_a_batch(key):
     np.testing.assert_array_equal(stats["running_var"], 1.0)
 
 
-@pytest.mark.parametrize("lead", [(), (7,), (2, 3), (2, 1, 4)])
+@pytest.mark.parametrize("lead", [(), (2, 1, 4)])  # one token alone, and several leading dims
 def test_any_leading_dims_give_the_seeds_shapes(lead, key):
     config = small_config()
     model = FlashMoE(config)
