@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, normal
+from helpers import assert_close, cpu_mesh, normal
 from jax.test_util import check_grads
 from oracle import flashmoe_forward, flashmoe_routing_margin, random_flashmoe_state_dict
 
-from omnimoe_jax import FlashMoE, FlashMoEConfig, OmniMoEConfig
+from omnimoe_jax import FlashMoE, FlashMoEConfig, OmniMoEConfig, parallel
 from omnimoe_jax.convert import from_torch_state_dict, to_torch_state_dict
 
 SEED_KEYS = [  # the seed module's state_dict, in its order
@@ -217,6 +217,41 @@ def test_pallas_kernels_in_interpret_mode_match_xla(seed):
     leaves = zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads), strict=True)
     for (path, got), want in leaves:
         assert_close(got, want, jnp.float32, what=f"gradient {jax.tree_util.keystr(path)}")
+
+
+def test_expert_parallel_layer_matches_the_single_device_layer(seed):
+    # Tables row-sharded over "expert", tokens over "data" x "expert" (the 8 CPU devices of conftest.py): the
+    # same outputs, gradients and BatchNorm statistics (of the global batch) as with no mesh in context.
+    config = small_config(expert_axis="expert")
+    state, x = decisive_inputs(seed, config, 64, train=True)
+    variables = from_torch_state_dict(state, config)
+    cotangent = np.random.default_rng(seed + 1).standard_normal(x.shape).astype(np.float32)
+    model = FlashMoE(config)
+
+    def step(variables, x, cotangent):
+        def run(params, tokens):
+            (y, router_logits), updates = model.apply(
+                {**variables, "params": params}, tokens, train=True, mutable=["batch_stats", "intermediates"]
+            )
+            return (y, router_logits), updates
+
+        (y, router_logits), pullback, updates = jax.vjp(run, variables["params"], x, has_aux=True)
+        d_params, d_x = pullback((cotangent, jnp.ones_like(router_logits)))
+        return y, router_logits, d_params, d_x, updates["batch_stats"]
+
+    want = jax.jit(step)(variables, jnp.asarray(x), cotangent)
+    mesh = cpu_mesh("data=2,expert=4")
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(variables, parallel.shardings(variables, mesh))
+        inputs = jax.device_put((jnp.asarray(x), cotangent), parallel.batch_sharding(mesh))
+        compiled = jax.jit(step).lower(sharded, *inputs).compile()
+        got = compiled(sharded, *inputs)
+    assert parallel.collective_bytes(compiled.as_text())["all-to-all"] > 0  # the dispatch ran
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        if jnp.issubdtype(g.dtype, jnp.floating):
+            assert_close(g, w, jnp.float32, what=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(g, w)
 
 
 # ----------------------------------------------------------------------------------------------------------
