@@ -1,4 +1,5 @@
-"""Latency and memory of OmniMoE beside the baseline FFNs (dense, GShard, DeepSeekMoE, PEER, PKM), on one device.
+"""Latency and memory of OmniMoE beside FlashMoE and the baseline FFNs (dense, GShard, DeepSeekMoE, PEER, PKM), on
+one device.
 
 Run from the repository root (the GPU machine; see the README's results section):
 
@@ -10,8 +11,8 @@ The budget bounds the wall time (plus up to GRACE_S for a configuration in fligh
 does not fit is recorded as skipped, and `--ffn/--tokens/--n-sweep --name other` measures it in a second run.
 
 What it does, in order:
-1. Checks on the device: pairs of implementations that must compute the same function (OmniMoE and PKM with
-   the kernels vs plain XLA; PEER through omni_router + omni_expert vs PEER's reference; DeepSeekMoE sorted
+1. Checks on the device: pairs of implementations that must compute the same function (OmniMoE, FlashMoE and
+   PKM with the kernels vs plain XLA; PEER through omni_router + omni_expert vs PEER's reference; DeepSeekMoE sorted
    ragged_dot vs capacity buffers with room for every pair), outputs and gradients, f32.
 2. Latency, forward (eval) and forward+backward (train mode, gradients of every parameter and the input, the
    auxiliary losses included), bf16, of each FFN in the paper's setting (`omnimoe_jax.baselines.presets.
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # benchmarks/ is a folder of scripts, not a package
 
-from omnimoe_jax import OmniMoE, OmniMoEConfig
+from omnimoe_jax import FlashMoE, FlashMoEConfig, OmniMoE, OmniMoEConfig
 from omnimoe_jax.baselines import (
     PEER,
     PKM,
@@ -65,6 +66,7 @@ from omnimoe_jax.baselines import (
 
 MODULES = {
     OmniMoEConfig: OmniMoE,
+    FlashMoEConfig: FlashMoE,
     DenseFFNConfig: DenseFFN,
     DeepSeekMoEConfig: DeepSeekMoE,
     GShardMoEConfig: GShardMoE,
@@ -87,6 +89,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool, bool, str]] = {
     ),
     "omnimoe": ("omnimoe", {"implementation": "auto"}, True, True, "OmniMoE, kernels on GPU where available"),
     "omnimoe-xla": ("omnimoe", {"implementation": "xla"}, True, True, "OmniMoE, plain jnp"),
+    "flashmoe": (
+        "flashmoe",
+        {"implementation": "auto"},
+        True,
+        True,
+        "FlashMoE (input BatchNorm, one joint gate) at OmniMoE's sizes, kernels on GPU where available",
+    ),
     "peer-omni": (
         "peer",
         {"expert_implementation": "omni_expert", "implementation": "auto"},
@@ -111,6 +120,7 @@ DEFAULT_FFNS = [
     "deepseekmoe-matched",
     "deepseekmoe-capacity",
     "omnimoe",
+    "flashmoe",
     "peer-omni",
     "pkm",
     "peer-reference",
@@ -121,9 +131,9 @@ N_SWEEP = [16384, 262144, 1048576]  # 128^2, 512^2, 1024^2; the paper's 102400 =
 MODES = ["fwd", "fwdbwd"]
 PAPER_SPEEDUP_OVER_PEER = 10.9  # 73 ms / 6.7 ms at 4,096 tokens, the OmniMoE paper's ratio
 GRACE_S = 45.0  # a worker past its share gets this long to finish the configuration in flight
-# The checks compile four pairs of models (f32, highest precision) at ~40 s each on an H100: 120 s cut the
-# fourth off. They get at most this long, and at most half the budget.
-CHECKS_TIMEOUT_S = 240.0
+# The checks compile pairs of models (f32, highest precision) at ~40 s each on an H100: 120 s cut the fourth
+# of four off. They get at most this long (five pairs since FlashMoE's), and at most half the budget.
+CHECKS_TIMEOUT_S = 300.0
 RESULTS_NAME = "compare"
 
 
@@ -194,14 +204,20 @@ def _init(model, config, key):
     return jax.jit(model.init)(key, x)
 
 
+def _output(out):
+    """y of a module's output: FlashMoE returns (y, router_logits), the others y."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _fwd_fn(model):
-    return lambda variables, x: model.apply(variables, x)
+    return lambda variables, x: _output(model.apply(variables, x))
 
 
 def _fwdbwd_fn(model):
     def fwdbwd(variables, x, cotangent):
         def loss(params, x):
-            y, state = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats", "losses"])
+            out, state = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats", "losses"])
+            y = _output(out)
             aux = sum(jax.tree.leaves(state.get("losses", {})), jnp.float32(0))
             return jnp.sum(y.astype(jnp.float32) * cotangent.astype(jnp.float32)) + aux
 
@@ -304,6 +320,12 @@ def check_pairs(setting: str) -> list[tuple[str, Any, dict, float]]:
     kernels, xla = 2e-3, 1e-4
     return [
         ("omnimoe: implementation auto vs xla", OmniMoEConfig(d, 2 * d, 4096, 32), {"implementation": "xla"}, kernels),
+        (
+            "flashmoe: implementation auto vs xla",
+            FlashMoEConfig(d, 2 * d, "silu", 4096, 32),
+            {"implementation": "xla"},
+            kernels,
+        ),
         (
             "peer: omni_router + omni_expert vs PEER's reference",
             PEERConfig(d, 4096, 4, 32, 64, expert_implementation="omni_expert", implementation="auto"),

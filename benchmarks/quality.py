@@ -2,7 +2,7 @@
 
 Run from the repository root (the GPU machine; see the README's results section):
 
-    PYTHONPATH=. python benchmarks/quality.py                      # six kinds, at most --budget-minutes 8
+    PYTHONPATH=. python benchmarks/quality.py                      # seven kinds, at most --budget-minutes 8
     PYTHONPATH=. python benchmarks/quality.py --quick              # tiny f32 runs: the machinery, on a CPU
     PYTHONPATH=. python benchmarks/quality.py --ffn omnimoe,peer --steps 3000 --budget-minutes 10 --learning_rate=1e-3
 
@@ -26,8 +26,9 @@ What it does, in order:
    against tokens, one curve per kind) under benchmarks/results/, both copied to $OUT when set.
 
 The default shape (d = 128, 4 layers, 1500 steps of 32 x 256 tokens = 12.3M tokens per kind) is an estimate
-of what six kinds can train in 8 minutes on one H100, made before any GPU run: the table's steps column says
-whether each run finished. `--hidden-size`, `--steps` and overrides such as `--num_layers=8` scale it.
+of what six kinds can train in 8 minutes on one H100 (made before any GPU run, and before FlashMoE made them
+seven): the table's steps column says whether each run finished. `--hidden-size`, `--steps` and overrides
+such as `--num_layers=8` scale it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from train.presets import get_preset, matched_ffn_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Fast kinds first: the time a run leaves unused passes to the ones after it.
-DEFAULT_KINDS = ["dense", "gshard", "deepseekmoe", "omnimoe", "peer", "pkm"]
+DEFAULT_KINDS = ["dense", "gshard", "deepseekmoe", "omnimoe", "flashmoe", "peer", "pkm"]
 BASE_PRESET = "small"  # its optimizer settings; the overrides below set the shape and schedule
 # The model shape, batch and learning rate every kind shares (on top of the small preset), besides the FFN.
 SHARED = {"num_layers": 4, "num_heads": 4, "context_length": 256, "batch_size": 32, "learning_rate": 2e-3}

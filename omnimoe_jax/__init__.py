@@ -3,6 +3,7 @@
 Public surface:
   OmniMoEConfig   sizes and switches of one layer, validated
   OmniMoE         the layer: shared SwiGLU MLP + routed atomic experts
+  FlashMoEConfig, FlashMoE   the FlashMoE variant (flash-algo/flash-moe): input BatchNorm, one joint gate
   CartesianRouter, AtomicExperts, SharedMLP, RouterBatchNorm, RoutingResult   its parts
   LMConfig, TransformerLM, parameter_counts   a decoder-only language model with OmniMoE feed-forwards
   convert         seed PyTorch checkpoint interop
@@ -10,8 +11,9 @@ Public surface:
 """
 
 from omnimoe_jax import convert, parallel
-from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._config import FlashMoEConfig, OmniMoEConfig
 from omnimoe_jax._experts import AtomicExperts
+from omnimoe_jax._flashmoe import FlashMoE
 from omnimoe_jax._layer import OmniMoE
 from omnimoe_jax._model import FFN_KINDS, LMConfig, TransformerLM, parameter_counts
 from omnimoe_jax._router import CartesianRouter, RouterBatchNorm, RoutingResult
@@ -23,6 +25,8 @@ __all__ = [
     "FFN_KINDS",
     "AtomicExperts",
     "CartesianRouter",
+    "FlashMoE",
+    "FlashMoEConfig",
     "LMConfig",
     "OmniMoE",
     "OmniMoEConfig",

@@ -1,4 +1,4 @@
-"""OmniMoEConfig: the seed's configuration fields, validated at construction."""
+"""OmniMoEConfig and FlashMoEConfig: the seeds' configuration fields, validated at construction."""
 
 from __future__ import annotations
 
@@ -60,6 +60,73 @@ class ConfigMethods:
         return cls(**fields)
 
 
+def check_layer_fields(config: Any, *, top_k_field: str) -> None:
+    """The checks OmniMoEConfig and FlashMoEConfig share, each error naming the field; normalises the dtypes.
+
+    `config` has hidden_size, intermediate_size, num_experts, hidden_act, router_norm_eps,
+    router_norm_momentum, norm_topk_prob, dtype, param_dtype, implementation, expert_axis and
+    expert_capacity_factor, and K under the name `top_k_field` (the seeds spell it differently).
+    """
+    top_k = getattr(config, top_k_field)
+    for field in ("hidden_size", "intermediate_size", "num_experts", top_k_field):
+        value = getattr(config, field)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{field}={value!r} must be a positive int")
+    n = math.isqrt(config.num_experts)
+    if n * n != config.num_experts or n < 2:
+        below = max(n, 2) ** 2
+        above = (n + 1) ** 2 if n >= 2 else 9
+        nearest = sorted({below, above} - {config.num_experts})
+        raise ValueError(
+            f"num_experts={config.num_experts} must be a perfect square n*n with n >= 2 (the Cartesian "
+            f"router indexes experts by a row and a column); nearest valid counts: {nearest}"
+        )
+    if top_k > config.num_experts:
+        raise ValueError(f"{top_k_field}={top_k} must be <= num_experts={config.num_experts}")
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+    eps, momentum = config.router_norm_eps, config.router_norm_momentum
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"router_norm_eps={eps!r} must be a positive number")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+        raise ValueError(f"router_norm_momentum={momentum!r} must be in (0, 1]")
+    if not isinstance(config.norm_topk_prob, bool):
+        raise ValueError(f"norm_topk_prob={config.norm_topk_prob!r} must be a bool")
+    if config.implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={config.implementation!r} must be one of {IMPLEMENTATIONS}")
+    axis = config.expert_axis
+    if axis is not None and not (isinstance(axis, str) and axis):
+        raise ValueError(f"expert_axis={axis!r} must be a mesh axis name (a non-empty str) or None")
+    factor = config.expert_capacity_factor
+    if factor is not None and (
+        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf
+    ):
+        raise ValueError(f"expert_capacity_factor={factor!r} must be None or a positive finite number")
+    # Normalise dtypes so equal configs compare (and hash) equal whether given as str or type.
+    object.__setattr__(config, "dtype", _float_dtype("dtype", config.dtype))
+    object.__setattr__(config, "param_dtype", _float_dtype("param_dtype", config.param_dtype))
+    if config.implementation != "pallas":
+        return
+    # implementation="pallas" names the kernels: refuse here, naming the field, what they cannot take (the ops
+    # would refuse it at the first call, naming their own arguments).
+    limits = [
+        (
+            config.hidden_size % 16 == 0 and 16 <= config.hidden_size <= 8192,
+            "hidden_size",
+            "a multiple of 16 in [16, 8192]",
+        ),
+        (n <= 4096, "num_experts", "at most 4096^2 (the router kernel's n <= 4096)"),
+        (top_k <= 1024, top_k_field, "at most 1024"),
+        (config.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)), "dtype", "float32 or bfloat16"),
+    ]
+    for ok, field, expected in limits:
+        if not ok:
+            raise ValueError(
+                f'{field}={getattr(config, field)!r}: implementation="pallas" needs {expected} '
+                '(implementation="auto" uses the XLA reference where the kernels do not apply)'
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class OmniMoEConfig(ConfigMethods):
     """Sizes and switches of one OmniMoE layer. Field names follow the seed's `OmniMoEConfig`.
@@ -105,69 +172,51 @@ class OmniMoEConfig(ConfigMethods):
     expert_capacity_factor: float | None = None
 
     def __post_init__(self):
-        for field in ("hidden_size", "intermediate_size", "num_experts", "num_experts_per_token"):
-            value = getattr(self, field)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{field}={value!r} must be a positive int")
-        n = math.isqrt(self.num_experts)
-        if n * n != self.num_experts or n < 2:
-            below = max(n, 2) ** 2
-            above = (n + 1) ** 2 if n >= 2 else 9
-            nearest = sorted({below, above} - {self.num_experts})
-            raise ValueError(
-                f"num_experts={self.num_experts} must be a perfect square n*n with n >= 2 (the Cartesian "
-                f"router indexes experts by a row and a column); nearest valid counts: {nearest}"
-            )
-        if self.num_experts_per_token > self.num_experts:
-            raise ValueError(
-                f"num_experts_per_token={self.num_experts_per_token} must be <= num_experts={self.num_experts}"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        check_layer_fields(self, top_k_field="num_experts_per_token")
         if self.router_norm not in ROUTER_NORMS:
             raise ValueError(f"router_norm={self.router_norm!r} must be one of {ROUTER_NORMS}")
-        if not isinstance(self.router_norm_eps, (int, float)) or not self.router_norm_eps > 0:
-            raise ValueError(f"router_norm_eps={self.router_norm_eps!r} must be a positive number")
-        if not isinstance(self.router_norm_momentum, (int, float)) or not 0 < self.router_norm_momentum <= 1:
-            raise ValueError(f"router_norm_momentum={self.router_norm_momentum!r} must be in (0, 1]")
-        if not isinstance(self.norm_topk_prob, bool):
-            raise ValueError(f"norm_topk_prob={self.norm_topk_prob!r} must be a bool")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation={self.implementation!r} must be one of {IMPLEMENTATIONS}")
-        if self.expert_axis is not None and not (isinstance(self.expert_axis, str) and self.expert_axis):
-            raise ValueError(f"expert_axis={self.expert_axis!r} must be a mesh axis name (a non-empty str) or None")
-        factor = self.expert_capacity_factor
-        if factor is not None and (
-            isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf
-        ):
-            raise ValueError(f"expert_capacity_factor={factor!r} must be None or a positive finite number")
-        # Normalise dtypes so equal configs compare (and hash) equal whether given as str or type.
-        object.__setattr__(self, "dtype", _float_dtype("dtype", self.dtype))
-        object.__setattr__(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
-        if self.implementation == "pallas":
-            self._check_kernel_limits()
-
-    def _check_kernel_limits(self) -> None:
-        """implementation="pallas" names the kernels: refuse here, naming the field, what they cannot take
-        (the ops would refuse it at the first call, naming their own arguments)."""
-        limits = [
-            (
-                self.hidden_size % 16 == 0 and 16 <= self.hidden_size <= 8192,
-                "hidden_size",
-                "a multiple of 16 in [16, 8192]",
-            ),
-            (self.num_expert_sqrt <= 4096, "num_experts", "at most 4096^2 (the router kernel's n <= 4096)"),
-            (self.num_experts_per_token <= 1024, "num_experts_per_token", "at most 1024"),
-            (self.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)), "dtype", "float32 or bfloat16"),
-        ]
-        for ok, field, expected in limits:
-            if not ok:
-                raise ValueError(
-                    f'{field}={getattr(self, field)!r}: implementation="pallas" needs {expected} '
-                    '(implementation="auto" uses the XLA reference where the kernels do not apply)'
-                )
 
     @property
     def num_expert_sqrt(self) -> int:
         """n: experts per router axis (the seed's name)."""
+        return math.isqrt(self.num_experts)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashMoEConfig(ConfigMethods):
+    """Sizes and switches of one FlashMoE layer (`omnimoe_jax.FlashMoE`). The first six fields are the seed's
+    `FlashMoEConfig` (flash-algo/flash-moe), in its order; the rest are `OmniMoEConfig`'s, validated alike.
+
+    Attributes:
+      hidden_size: d, the model width.
+      intermediate_size: I, width of the shared SwiGLU MLP.
+      hidden_act: activation of the shared MLP gate and of the atomic experts (transformers `ACT2FN` name).
+      num_experts: N = n*n atomic experts, n >= 2 (the seed floors sqrt(N) silently; we refuse).
+      num_experts_per_tok: K experts per token, 1 <= K <= N.
+      norm_topk_prob: renormalise the K routing weights to sum to one.
+      router_norm_eps, router_norm_momentum: the input BatchNorm's constants (torch's `BatchNorm1d`
+        defaults, which the seed uses).
+      dtype, param_dtype, implementation, expert_axis, expert_capacity_factor: as in `OmniMoEConfig`.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    hidden_act: str
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool = False
+    router_norm_eps: float = 1e-5
+    router_norm_momentum: float = 0.1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    implementation: str = "auto"
+    expert_axis: str | None = None
+    expert_capacity_factor: float | None = None
+
+    def __post_init__(self):
+        check_layer_fields(self, top_k_field="num_experts_per_tok")
+
+    @property
+    def num_expert_sqrt(self) -> int:
+        """n: experts per router axis (the seed's `num_keys`)."""
         return math.isqrt(self.num_experts)

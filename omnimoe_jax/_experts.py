@@ -15,7 +15,8 @@ class AtomicExperts(nn.Module):
     """y[t] = sum_k w[t,k] * act(u_e . x[t]) * v_e over the token's K routed experts e.
 
     Each atomic expert is one neuron: a row u_e of `up_embed` [N, d] and a row v_e of `down_embed` [N, d]
-    (the seed's `nn.Embedding` tables). The K experts a token picks assemble, on the fly, a K-wide MLP of
+    (the seed's `nn.Embedding` tables; with score_table="down_embed", FlashMoE's roles, u_e is the row of
+    `down_embed` and v_e that of `up_embed`). The K experts a token picks assemble, on the fly, a K-wide MLP of
     its own. The work runs in `pallas_kernels.omni_expert` (expert-centric kernels on GPU).
 
     Initialisation: rows ~ N(0, 1/d), so u_e . x is O(1) for unit-scale x. (The seed's `nn.Embedding`
@@ -29,7 +30,10 @@ class AtomicExperts(nn.Module):
     `mutable=["intermediates", ...]` to `apply` to read it (`init` leaves it out).
     """
 
-    config: OmniMoEConfig
+    config: OmniMoEConfig  # or a FlashMoEConfig: the same fields are read
+    # The table whose rows are dotted with the token; the other one's rows are summed into the output.
+    # "up_embed" in OmniMoE (u_e = up_embed[e]); FlashMoE, with the same two tables, reads them the other way.
+    score_table: str = "up_embed"
 
     @nn.compact
     def __call__(self, tokens: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
@@ -39,7 +43,10 @@ class AtomicExperts(nn.Module):
         init = nn.initializers.normal(stddev=cfg.hidden_size**-0.5)
         up = self.param("up_embed", init, shape, cfg.param_dtype)
         down = self.param("down_embed", init, shape, cfg.param_dtype)
-        args = (tokens.astype(cfg.dtype), up.astype(cfg.dtype), down.astype(cfg.dtype), weights, indices)
+        if self.score_table not in ("up_embed", "down_embed"):
+            raise ValueError(f"score_table={self.score_table!r} must be 'up_embed' or 'down_embed'")
+        scored, summed = (up, down) if self.score_table == "up_embed" else (down, up)
+        args = (tokens.astype(cfg.dtype), scored.astype(cfg.dtype), summed.astype(cfg.dtype), weights, indices)
         ops = dict(activation=cfg.hidden_act, implementation=cfg.implementation)
         mesh = expert_parallel_mesh(cfg.expert_axis)
         if mesh is not None:

@@ -2,7 +2,8 @@
 
 Pre-norm blocks: x += Attention(RMSNorm(x)); x += FFN(RMSNorm(x)). Attention is causal, multi-head, with
 rotary positions, through `jax.nn.dot_product_attention`. The FFN of every `moe_every`-th layer is the
-sparse kind named by `LMConfig.ffn` (OmniMoE by default, or one of the `omnimoe_jax.baselines`); the other
+sparse kind named by `LMConfig.ffn` (OmniMoE by default, its FlashMoE variant, or one of the
+`omnimoe_jax.baselines`); the other
 layers use the dense SwiGLU `SharedMLP`. `_feed_forward` is the one place that maps the `ffn` name to a
 module, and `LMConfig.sparse_ffn_config` the one place that builds that module's config.
 """
@@ -19,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnimoe_jax._config import ConfigMethods, OmniMoEConfig
+from omnimoe_jax._config import ConfigMethods, FlashMoEConfig, OmniMoEConfig
+from omnimoe_jax._flashmoe import FlashMoE
 from omnimoe_jax._layer import OmniMoE
 from omnimoe_jax._router import RoutingResult
 from omnimoe_jax._shared_mlp import SharedMLP
@@ -44,7 +46,10 @@ _BASELINES = {
     "pkm": (PKM, PKMConfig),
 }
 # Feed-forward kinds a sparse layer can use ("dense" = the SwiGLU SharedMLP everywhere).
-FFN_KINDS = ("omnimoe", "dense", *_BASELINES)
+FFN_KINDS = ("omnimoe", "dense", "flashmoe", *_BASELINES)
+# Kinds of atomic-expert tables routed by the Cartesian router: sized by LMConfig's own FFN fields, returning a
+# RoutingResult per layer, and with expert-parallel tables (`omnimoe_jax.parallel`).
+ROUTED_KINDS = ("omnimoe", "flashmoe")
 # Kinds whose module sows an auxiliary (load-balancing) loss into "losses" when training.
 AUX_LOSS_KINDS = ("gshard", "deepseekmoe")
 # Baseline config fields the model sets from its own fields of the same name, so that every FFN of a model
@@ -53,6 +58,9 @@ _MODEL_OWNED = ("hidden_size", "dtype", "param_dtype", "hidden_act", "implementa
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # LMConfig fields that are OmniMoEConfig fields: the FFN of every layer is built from them.
 _FFN_FIELDS = tuple(f.name for f in dataclasses.fields(OmniMoEConfig))
+# The FlashMoEConfig fields LMConfig has under the same name (all but num_experts_per_tok: K is
+# num_experts_per_token here, as in OmniMoEConfig).
+_FLASHMOE_FIELDS = tuple(f.name for f in dataclasses.fields(FlashMoEConfig) if f.name in _FFN_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +73,15 @@ class LMConfig(ConfigMethods):
       num_layers: Transformer blocks.
       num_heads: attention heads; head_dim = hidden_size / num_heads must be even (rotary pairs).
       ffn: the FFN of the sparse layers, one of FFN_KINDS: "omnimoe", "dense" (the SwiGLU of width
-        intermediate_size), or a baseline of `omnimoe_jax.baselines`: "gshard", "deepseekmoe", "peer", "pkm".
+        intermediate_size), "flashmoe" (`omnimoe_jax.FlashMoE`, sized by the same fields as "omnimoe"; it has
+        no router_norm="none"), or a baseline of `omnimoe_jax.baselines`: "gshard", "deepseekmoe", "peer",
+        "pkm".
       ffn_options: the baseline `ffn`'s own config fields, as a dict (stored as sorted (field, value)
         pairs; `ffn_option_types(ffn)` lists them). A field not given takes its value from
         `omnimoe_jax.baselines.presets.small_presets(hidden_size)[ffn]`, the sizes that give every kind about
         12 d^2 active parameters per token (so hidden_size must then be a multiple of 4, >= 12). The
         baseline's hidden_size, dtype, param_dtype, hidden_act and implementation are the model's. Must be
-        empty for "omnimoe" and "dense", which are sized by the FFN fields below.
+        empty for "omnimoe", "flashmoe" and "dense", which are sized by the FFN fields below.
       moe_every: layer i (0-based) uses `ffn` when (i + 1) % moe_every == 0, the dense SwiGLU otherwise
         (1: every layer; 2: layers 1, 3, 5, ...).
       tie_embeddings: the output projection reuses the token embedding table.
@@ -166,10 +176,19 @@ class LMConfig(ConfigMethods):
         return OmniMoEConfig(**{name: getattr(self, name) for name in _FFN_FIELDS})
 
     def sparse_ffn_config(self) -> FFNConfig:
-        """The config of the `ffn` module of the sparse layers: an OmniMoEConfig, a DenseFFNConfig (the SwiGLU
-        of width intermediate_size) or the baseline's config (see `ffn_options`)."""
+        """The config of the `ffn` module of the sparse layers: an OmniMoEConfig, a FlashMoEConfig (from the
+        same fields), a DenseFFNConfig (the SwiGLU of width intermediate_size) or the baseline's config (see
+        `ffn_options`)."""
         if self.ffn == "omnimoe":
             return self.ffn_config()
+        if self.ffn == "flashmoe":
+            if self.router_norm != "batchnorm":
+                raise ValueError(
+                    f"router_norm={self.router_norm!r}: ffn='flashmoe' always normalises its input tokens with a "
+                    "BatchNorm (router_norm='batchnorm')"
+                )
+            fields = {name: getattr(self, name) for name in _FLASHMOE_FIELDS}
+            return FlashMoEConfig(**fields, num_experts_per_tok=self.num_experts_per_token)
         if self.ffn == "dense":
             return DenseFFNConfig(
                 self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype, self.param_dtype
@@ -206,7 +225,7 @@ class LMConfig(ConfigMethods):
 
 def ffn_option_types(kind: str) -> dict[str, Any]:
     """{field: type} of the `ffn_options` FFN `kind` accepts: its config's fields but those the model owns
-    (hidden_size, dtype, param_dtype, hidden_act, implementation); {} for "omnimoe" and "dense"."""
+    (hidden_size, dtype, param_dtype, hidden_act, implementation); {} for "omnimoe", "flashmoe" and "dense"."""
     if kind not in FFN_KINDS:
         raise ValueError(f"ffn={kind!r} must be one of {FFN_KINDS}")
     if kind not in _BASELINES:
@@ -303,8 +322,8 @@ class Block(nn.Module):
     def _feed_forward(self, h: jax.Array, *, train: bool) -> tuple[jax.Array, RoutingResult | None]:
         """The FFN switch: the module `config.ffn` names on sparse layers, the dense SwiGLU elsewhere.
 
-        Every kind is called as `module(h, train=train)` on [B, L, d]; OmniMoE also returns its routing, the
-        baselines sow theirs ("metrics") and their auxiliary losses ("losses", when training).
+        Every kind is called as `module(h, train=train)` on [B, L, d]; OmniMoE and FlashMoE also return their
+        routing, the baselines sow theirs ("metrics") and their auxiliary losses ("losses", when training).
         """
         cfg = self.config
         kind = cfg.ffn if cfg.is_sparse_layer(self.layer) else "dense"
@@ -312,6 +331,8 @@ class Block(nn.Module):
             return SharedMLP(cfg.ffn_config(), name="ffn")(h), None
         if kind == "omnimoe":
             return OmniMoE(cfg.ffn_config(), name="ffn")(h, train=train, return_routing=True)
+        if kind == "flashmoe":
+            return FlashMoE(cfg.sparse_ffn_config(), name="ffn")(h, train=train, return_routing=True)
         if kind in _BASELINES:
             module = _BASELINES[kind][0]
             return module(cfg.sparse_ffn_config(), name="ffn")(h, train=train), None
@@ -323,10 +344,11 @@ class TransformerLM(nn.Module):
 
     Call: `(tokens, *, train=False, return_routing=False)`, tokens [B, L] int with L <= context_length.
     Returns logits [B, L, V] f32 and, with `return_routing`, a tuple with one `RoutingResult` ([B, L, K]
-    and [B, L, n] fields) per OmniMoE layer, in layer order (`config.sparse_layers`); empty for other kinds.
+    and [B, L, n] fields) per OmniMoE or FlashMoE layer, in layer order (`config.sparse_layers`); empty for
+    other kinds.
 
     Variables: "params" {embed, layer_<i>: {attention_norm, attention, ffn_norm, ffn}, final_norm,
-    [lm_head]} and, for OmniMoE layers with router_norm="batchnorm" and PEER/PKM layers with
+    [lm_head]} and, for OmniMoE layers with router_norm="batchnorm", FlashMoE layers and PEER/PKM layers with
     query_norm="batchnorm", "batch_stats" {layer_<i>: {ffn: ...}}: with `train=True` pass
     `mutable=["batch_stats"]` to keep the updated running statistics. Baseline FFNs sow, under
     {layer_<i>: {ffn: ...}}, "losses" (GShard's and DeepSeekMoE's weighted balance loss "aux_loss", when

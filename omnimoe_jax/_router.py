@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,7 +36,8 @@ class RoutingResult:
 
 
 class RouterBatchNorm(nn.Module):
-    """Non-affine BatchNorm over tokens with PyTorch's `BatchNorm1d(affine=False)` semantics.
+    """Non-affine BatchNorm over tokens with PyTorch's `BatchNorm1d(affine=False)` semantics: on each router
+    axis's logits in OmniMoE, on the input tokens in FlashMoE.
 
     Training normalises with the batch mean and biased variance and moves the running statistics by
     `momentum` toward the batch mean and the *unbiased* variance (as torch does, so seed checkpoints keep
@@ -50,7 +52,7 @@ class RouterBatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, logits: jax.Array, *, train: bool) -> jax.Array:
-        # logits: [T, n] f32 (f64 in a float64 layer); statistics are stored in f32
+        # logits: [T, F] f32 (f64 in a float64 layer), F = num_features; statistics are stored in f32
         running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (self.num_features,), jnp.float32)
         running_var = self.variable("batch_stats", "running_var", jnp.ones, (self.num_features,), jnp.float32)
         batches = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
@@ -60,8 +62,8 @@ class RouterBatchNorm(nn.Module):
             tokens = logits.shape[0]
             if tokens < 2:
                 raise ValueError(f"train=True needs at least 2 tokens for the router BatchNorm, got {tokens}")
-            mean = jnp.mean(logits, axis=0)  # [n]
-            var = jnp.mean(jnp.square(logits - mean), axis=0)  # [n], biased
+            mean = jnp.mean(logits, axis=0)  # [F]
+            var = jnp.mean(jnp.square(logits - mean), axis=0)  # [F], biased
             if not self.is_initializing():
                 unbiased = var * (tokens / (tokens - 1))
                 new_mean = (1 - self.momentum) * running_mean.value + self.momentum * mean
@@ -103,16 +105,27 @@ class CartesianRouter(nn.Module):
             norm = dict(num_features=n, eps=cfg.router_norm_eps, momentum=cfg.router_norm_momentum)
             logits_x = RouterBatchNorm(**norm, name="router_norm_x")(logits_x, train=train)
             logits_y = RouterBatchNorm(**norm, name="router_norm_y")(logits_y, train=train)
-        log_probs_x = jax.nn.log_softmax(logits_x, axis=-1)  # [T, n]
-        log_probs_y = jax.nn.log_softmax(logits_y, axis=-1)  # [T, n]
-        route = functools.partial(omni_router, top_k=cfg.num_experts_per_token, implementation=cfg.implementation)
-        mesh = expert_parallel_mesh(cfg.expert_axis)
-        if mesh is not None:
-            # Top-K is per token, so each device ranks its own tokens; left to XLA's partitioner, top_k (and
-            # any Pallas kernel) would be computed on the gathered global batch by every device.
-            route = shard_tokens(route, mesh)
-        scores, indices = route(log_probs_x, log_probs_y)  # [T, K] each
-        weights = jnp.exp(scores)  # [T, K]
-        if cfg.norm_topk_prob:
-            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        return RoutingResult(scores=scores, indices=indices, weights=weights, logits_x=logits_x, logits_y=logits_y)
+        return cartesian_routing(logits_x, logits_y, cfg, top_k=cfg.num_experts_per_token)
+
+
+def cartesian_routing(logits_x: jax.Array, logits_y: jax.Array, config: Any, *, top_k: int) -> RoutingResult:
+    """Steps 3-5 of `CartesianRouter` from the two axes' final logits [T, n] (f32): log_softmax per axis, the
+    exact top-K of the n*n sums through `omni_router`, weights exp(score) (renormalised if
+    `config.norm_topk_prob`). Shared by OmniMoE's router and FlashMoE's (which has one joint gate and
+    normalises the input tokens instead of the logits).
+
+    `config`: an OmniMoEConfig or FlashMoEConfig (norm_topk_prob, implementation, expert_axis are read).
+    """
+    log_probs_x = jax.nn.log_softmax(logits_x, axis=-1)  # [T, n]
+    log_probs_y = jax.nn.log_softmax(logits_y, axis=-1)  # [T, n]
+    route = functools.partial(omni_router, top_k=top_k, implementation=config.implementation)
+    mesh = expert_parallel_mesh(config.expert_axis)
+    if mesh is not None:
+        # Top-K is per token, so each device ranks its own tokens; left to XLA's partitioner, top_k (and
+        # any Pallas kernel) would be computed on the gathered global batch by every device.
+        route = shard_tokens(route, mesh)
+    scores, indices = route(log_probs_x, log_probs_y)  # [T, K] each
+    weights = jnp.exp(scores)  # [T, K]
+    if config.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return RoutingResult(scores=scores, indices=indices, weights=weights, logits_x=logits_x, logits_y=logits_y)

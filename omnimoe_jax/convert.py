@@ -1,4 +1,4 @@
-"""Seed (PyTorch) checkpoint interop: the seed `OmniMoE` module's state dict <-> Flax variables.
+"""Seed (PyTorch) checkpoint interop: the seed `OmniMoE` and `FlashMoE` modules' state dicts <-> Flax variables.
 
 The seed stores `nn.Linear` weights as [out, in] and `nn.Embedding` tables as [N, d]; Flax `Dense` kernels
 are [in, out]. Every key maps to exactly one variable:
@@ -12,6 +12,15 @@ are [in, out]. Every key maps to exactly one variable:
 | router_norm_{x,y}.running_mean / running_var | [n] | batch_stats/router/router_norm_{x,y}/... | [n] |
 | router_norm_{x,y}.num_batches_tracked | [] int64 | batch_stats/router/router_norm_{x,y}/... | [] int32 |
 
+A `FlashMoEConfig` selects the FlashMoE seed's keys (flash-algo/flash-moe), with the same shared MLP rows:
+
+| torch key | torch shape | Flax variable | Flax shape |
+| --- | --- | --- | --- |
+| router_gate.weight | [2n, d] | params/router_gate/kernel | [d, 2n] |
+| down_embed.weight, up_embed.weight | [N, d] | params/experts/{down,up}_embed | [N, d] |
+| router_norm.running_mean / running_var | [d] | batch_stats/router_norm/... | [d] |
+| router_norm.num_batches_tracked | [] int64 | batch_stats/router_norm/num_batches_tracked | [] int32 |
+
 No torch import: values are numpy arrays (or array-likes), read from a dict or a `.safetensors` file.
 """
 
@@ -24,19 +33,38 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._config import FlashMoEConfig, OmniMoEConfig
 from omnimoe_jax._safetensors import load_safetensors, save_safetensors
 
 __all__ = ["from_torch_state_dict", "load_safetensors", "save_safetensors", "to_torch_state_dict"]
 
 
-def _layout(config: OmniMoEConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
+LayerConfig = OmniMoEConfig | FlashMoEConfig
+
+
+def _layout(config: LayerConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
     """(torch key, Flax variable path, torch shape, transpose) for every entry of the seed's state dict."""
+    if not isinstance(config, LayerConfig):
+        raise TypeError(f"config must be an OmniMoEConfig or a FlashMoEConfig, got {type(config).__name__}")
     d, inter, n, experts = config.hidden_size, config.intermediate_size, config.num_expert_sqrt, config.num_experts
     rows = [
         ("gate_proj.weight", ("params", "shared", "gate_proj", "kernel"), (inter, d), True),
         ("up_proj.weight", ("params", "shared", "up_proj", "kernel"), (inter, d), True),
         ("down_proj.weight", ("params", "shared", "down_proj", "kernel"), (d, inter), True),
+    ]
+    if isinstance(config, FlashMoEConfig):
+        # The seed module's state_dict order: shared MLP, router_gate, router_norm, down_embed, up_embed.
+        norm = ("batch_stats", "router_norm")
+        rows += [
+            ("router_gate.weight", ("params", "router_gate", "kernel"), (2 * n, d), True),
+            ("router_norm.running_mean", (*norm, "running_mean"), (d,), False),
+            ("router_norm.running_var", (*norm, "running_var"), (d,), False),
+            ("router_norm.num_batches_tracked", (*norm, "num_batches_tracked"), (), False),
+            ("down_embed.weight", ("params", "experts", "down_embed"), (experts, d), False),
+            ("up_embed.weight", ("params", "experts", "up_embed"), (experts, d), False),
+        ]
+        return rows
+    rows += [
         ("router_gate_x.weight", ("params", "router", "router_gate_x", "kernel"), (n, d), True),
         ("router_gate_y.weight", ("params", "router", "router_gate_y", "kernel"), (n, d), True),
         ("up_embed.weight", ("params", "experts", "up_embed"), (experts, d), False),
@@ -59,11 +87,12 @@ def _is_counter(key: str) -> bool:
 
 def from_torch_state_dict(
     state_dict: Mapping[str, Any] | str | os.PathLike,
-    config: OmniMoEConfig,
+    config: LayerConfig,
     *,
     prefix: str = "",
 ) -> dict[str, Any]:
-    """Flax variables {"params", "batch_stats"} for `OmniMoE(config)` from a seed state dict.
+    """Flax variables {"params", "batch_stats"} for `OmniMoE(config)` or `FlashMoE(config)` (whichever
+    `config` is for) from a seed state dict.
 
     Args:
       state_dict: mapping of torch keys to arrays, or the path of a `.safetensors` file.
@@ -109,9 +138,10 @@ def from_torch_state_dict(
 
 
 def to_torch_state_dict(
-    variables: Mapping[str, Any], config: OmniMoEConfig, *, prefix: str = ""
+    variables: Mapping[str, Any], config: LayerConfig, *, prefix: str = ""
 ) -> dict[str, np.ndarray]:
-    """The seed's state dict (numpy arrays in torch layout) for `OmniMoE(config)` variables.
+    """The seed's state dict (numpy arrays in torch layout) for `OmniMoE(config)` or `FlashMoE(config)`
+    variables.
 
     Parameters keep their dtype (bf16 as `ml_dtypes.bfloat16`); `num_batches_tracked` is int64 as in torch.
     Write it with `save_safetensors(path, state_dict)`.

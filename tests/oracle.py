@@ -1,6 +1,6 @@
-"""An independent, obviously-correct OmniMoE in numpy float64, one token at a time.
+"""Independent, obviously-correct OmniMoE and FlashMoE layers in numpy float64, one token at a time.
 
-It reads the seed's torch-layout state dict directly (no Flax, no conversion code, no JAX) and scores all
+Each reads its seed's torch-layout state dict directly (no Flax, no conversion code, no JAX) and scores all
 N = n*n experts per token, so it checks the factorised router, the conversion and the layer at once.
 """
 
@@ -128,6 +128,91 @@ def routing_margin(state, config, x, *, train: bool) -> float:
     margin = math.inf
     for t in range(x.shape[0]):
         lp_x, lp_y = log_softmax(logits["x"][t]), log_softmax(logits["y"][t])
+        scores = np.sort((lp_x[:, None] + lp_y[None, :]).ravel())[::-1]
+        margin = min(margin, scores[top_k - 1] - scores[top_k])
+    return margin
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FlashMoE (flash-algo/flash-moe), from the description of issue 17: BatchNorm on the input tokens, one joint
+# gate d -> 2n, experts act(down_embed[e] . x) * w * up_embed[e] on the raw tokens.
+
+
+def random_flashmoe_state_dict(rng: np.random.Generator, config, *, dtype=np.float32):
+    """A FlashMoE seed-layout state dict with random values and running statistics far from (0, 1)."""
+    d, inter, n, experts = config.hidden_size, config.intermediate_size, config.num_expert_sqrt, config.num_experts
+    shapes = {
+        "gate_proj.weight": ((inter, d), d**-0.5),
+        "up_proj.weight": ((inter, d), d**-0.5),
+        "down_proj.weight": ((d, inter), inter**-0.5),
+        "router_gate.weight": ((2 * n, d), d**-0.5),
+        "down_embed.weight": ((experts, d), d**-0.5),
+        "up_embed.weight": ((experts, d), d**-0.5),
+    }
+    state = {k: (scale * rng.standard_normal(shape)).astype(dtype) for k, (shape, scale) in shapes.items()}
+    state["router_norm.running_mean"] = (0.3 * rng.standard_normal(d)).astype(np.float32)
+    state["router_norm.running_var"] = rng.uniform(0.5, 2.0, d).astype(np.float32)
+    state["router_norm.num_batches_tracked"] = np.array(int(rng.integers(0, 1000)), np.int64)
+    return state
+
+
+def flashmoe_router_logits(state, config, x, *, train: bool):
+    """router_logits [2, T, n] and the BatchNorm's new running statistics (train) for tokens x [T, d]."""
+    x = np.asarray(x, np.float64)
+    w = {k: np.asarray(v, np.float64) for k, v in state.items()}
+    n, momentum = config.num_expert_sqrt, config.router_norm_momentum
+    if train:
+        count = x.shape[0]
+        mean, var = x.mean(0), x.var(0)  # per feature over the tokens; biased, as torch normalises with
+        new_stats = {
+            "router_norm.running_mean": (1 - momentum) * w["router_norm.running_mean"] + momentum * mean,
+            "router_norm.running_var": (1 - momentum) * w["router_norm.running_var"]
+            + momentum * var * count / (count - 1),
+        }
+    else:
+        mean, var, new_stats = w["router_norm.running_mean"], w["router_norm.running_var"], {}
+    normed = batch_norm(x, mean, var, config.router_norm_eps)  # [T, d]
+    joint = normed @ w["router_gate.weight"].T  # [T, 2n]: torch Linear
+    return np.stack([joint[:, :n], joint[:, n:]]), new_stats  # the first n columns are the row axis
+
+
+def flashmoe_forward(state, config, x, *, train: bool):
+    """y [T, d], router_logits [2, T, n], indices [T, K], weights [T, K], new running stats (train)."""
+    x = np.asarray(x, np.float64)
+    w = {k: np.asarray(v, np.float64) for k, v in state.items()}
+    n, top_k = config.num_expert_sqrt, config.num_experts_per_tok
+    router_logits, new_stats = flashmoe_router_logits(state, config, x, train=train)
+    tokens, d = x.shape
+    y = np.zeros((tokens, d))
+    all_indices = np.zeros((tokens, top_k), np.int64)
+    all_weights = np.zeros((tokens, top_k))
+    for t in range(tokens):
+        lp_x, lp_y = log_softmax(router_logits[0, t]), log_softmax(router_logits[1, t])
+        scores = np.array([lp_x[e // n] + lp_y[e % n] for e in range(n * n)])
+        chosen = top_k_by_score_then_index(scores, top_k)
+        gates = np.exp(scores[chosen])
+        if config.norm_topk_prob:
+            gates = gates / gates.sum()
+        routed = np.zeros(d)
+        for e, g in zip(chosen, gates, strict=True):
+            h = activation(config.hidden_act, w["down_embed.weight"][e] @ x[t]) * g
+            routed += h * w["up_embed.weight"][e]
+        gate = activation(config.hidden_act, w["gate_proj.weight"] @ x[t])
+        shared = w["down_proj.weight"] @ (gate * (w["up_proj.weight"] @ x[t]))
+        y[t] = shared + routed
+        all_indices[t], all_weights[t] = chosen, gates
+    return y, router_logits, all_indices, all_weights, new_stats
+
+
+def flashmoe_routing_margin(state, config, x, *, train: bool) -> float:
+    """As `routing_margin`, for FlashMoE: the smallest gap between the K-th and (K+1)-th score over tokens."""
+    top_k = config.num_experts_per_tok
+    if top_k == config.num_experts:
+        return math.inf
+    router_logits, _ = flashmoe_router_logits(state, config, x, train=train)
+    margin = math.inf
+    for t in range(router_logits.shape[1]):
+        lp_x, lp_y = log_softmax(router_logits[0, t]), log_softmax(router_logits[1, t])
         scores = np.sort((lp_x[:, None] + lp_y[None, :]).ravel())[::-1]
         margin = min(margin, scores[top_k - 1] - scores[top_k])
     return margin

@@ -16,7 +16,7 @@ from baselines_oracle import as_float64, coarse_moe_forward, dense_forward, prod
 from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import assert_close, normal
 
-from omnimoe_jax import OmniMoE, OmniMoEConfig
+from omnimoe_jax import FlashMoE, FlashMoEConfig, OmniMoE, OmniMoEConfig
 from omnimoe_jax.baselines import (
     PEER,
     PKM,
@@ -36,6 +36,7 @@ D = 16  # hidden size of the small test configs
 TOKENS = 20
 MODULES = {
     OmniMoEConfig: OmniMoE,
+    FlashMoEConfig: FlashMoE,
     DenseFFNConfig: DenseFFN,
     DeepSeekMoEConfig: DeepSeekMoE,
     GShardMoEConfig: GShardMoE,
@@ -46,6 +47,11 @@ MODULES = {
 
 def module_for(config):
     return MODULES[type(config)](config)
+
+
+def ffn_output(out):
+    """y of an FFN's output: FlashMoE returns (y, router_logits), the others y."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def random_variables(model, x, seed):
@@ -308,8 +314,9 @@ def test_any_leading_dims_under_jit_and_bf16(name, key):
 
     @jax.jit
     def run(variables, x):  # one compile for the four applies
-        single = model.apply(variables, x[0, 0, 0])  # one token, no leading dims
-        return model.apply(variables, x), model.apply(variables, flat), single, bf16_model.apply(variables, x)
+        apply = lambda module, inputs: ffn_output(module.apply(variables, inputs))
+        single = apply(model, x[0, 0, 0])  # one token, no leading dims
+        return apply(model, x), apply(model, flat), single, apply(bf16_model, x)
 
     y, y_flat, single, bf16 = run(variables, x)
     assert y.shape == x.shape and y.dtype == jnp.float32
@@ -324,7 +331,8 @@ def test_init_holds_only_params_and_batch_stats(name):
     x = jax.ShapeDtypeStruct((6, D), jnp.float32)
     for train in (False, True):
         variables = jax.eval_shape(functools.partial(model.init, train=train), jax.random.key(0), x)
-        assert set(variables) == ({"params", "batch_stats"} if name in ("omnimoe", "peer", "pkm") else {"params"})
+        normalised = name in ("omnimoe", "flashmoe", "peer", "pkm")  # a BatchNorm: running statistics
+        assert set(variables) == ({"params", "batch_stats"} if normalised else {"params"})
         assert {leaf.dtype for leaf in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
     with pytest.raises(ValueError, match=rf"x must be \[\.\.\., hidden_size={D}\], got shape \(6, 5\)"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.ones((6, 5)))
@@ -367,6 +375,8 @@ def _count_from_parameters(config):
     params = jax.eval_shape(module_for(config).init, jax.random.key(0), x)["params"]
     if isinstance(config, (OmniMoEConfig, DeepSeekMoEConfig, GShardMoEConfig)):
         tables, used, rows = params.pop("experts"), config.num_experts_per_token, config.num_experts
+    elif isinstance(config, FlashMoEConfig):
+        tables, used, rows = params.pop("experts"), config.num_experts_per_tok, config.num_experts
     elif isinstance(config, PEERConfig):
         tables = {name: params.pop(name) for name in ("up_embed", "down_embed")}
         used, rows = config.num_heads * config.experts_per_head, config.num_experts
@@ -384,6 +394,7 @@ def _count_from_parameters(config):
 PAPER = presets.paper_presets()
 PAPER_ACTIVE = {  # the table in presets' docstring
     "omnimoe": 4_849_664,
+    "flashmoe": 4_849_664,
     "dense": 4_915_200,
     "deepseekmoe": 6_553_600,
     "deepseekmoe-matched": 4_980_736,
@@ -414,18 +425,19 @@ def test_paper_presets_are_the_papers_setting():
     assert (gs.num_experts, gs.expert_intermediate_size, gs.num_experts_per_token) == (128, 512, 2)
     # Everything but the paper's own coarse settings is within 3% of OmniMoE.
     target = PAPER_ACTIVE["omnimoe"]
-    for name in ("dense", "deepseekmoe-matched", "gshard-matched", "peer", "pkm"):
+    for name in ("dense", "flashmoe", "deepseekmoe-matched", "gshard-matched", "peer", "pkm"):
         assert abs(PAPER_ACTIVE[name] / target - 1) < 0.03, name
 
 
 @pytest.mark.parametrize("hidden_size", [16, 256, 1024])
 def test_small_presets_match_twelve_d_squared(hidden_size):
     configs = presets.small_presets(hidden_size)
-    assert set(configs) == {"dense", "omnimoe", "deepseekmoe", "gshard", "peer", "pkm"}
+    assert set(configs) == {"dense", "omnimoe", "flashmoe", "deepseekmoe", "gshard", "peer", "pkm"}
     d = hidden_size
     documented = {
         "dense": 12 * d * d,
         "omnimoe": 12 * d * d,
+        "flashmoe": 12 * d * d,
         "deepseekmoe": 12 * d * d + 64 * d,
         "gshard": 12 * d * d + 16 * d,
         "peer": 12 * d * d + d * d // 4,
@@ -445,7 +457,7 @@ def test_preset_and_active_parameter_refusals():
         presets.small_presets(30)
     with pytest.raises(ValueError, match="hidden_size=8 must be an int >= 12"):
         presets.small_presets(8)  # (d/2)^2 = 16 rows cannot hold OmniMoE's K = 20
-    assert set(presets.small_presets(12)) == {"dense", "omnimoe", "deepseekmoe", "gshard", "peer", "pkm"}
+    assert set(presets.small_presets(12)) == {"dense", "omnimoe", "flashmoe", "deepseekmoe", "gshard", "peer", "pkm"}
     with pytest.raises(TypeError, match="config must be one of the FFN configs"):
         presets.active_parameters(object())
 

@@ -1,5 +1,5 @@
 """benchmarks/quality.py's planning and bookkeeping (nothing trained or timed in the default suite), and its
---quick mode end to end (slow: six training processes)."""
+--quick mode end to end (slow: a training process per kind)."""
 
 import dataclasses
 import json

@@ -25,7 +25,7 @@ def test_every_preset_constructs_abstractly(name):
     # AdamW keeps two moments per parameter, in the parameters' dtype.
     moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.shape != ()]
     assert sum(leaf.size for leaf in moments) == 2 * sum(leaf.size for leaf in params)
-    normalised = config.model.ffn in ("omnimoe", "peer", "pkm")  # BatchNorm in the router or the queries
+    normalised = config.model.ffn in ("omnimoe", "flashmoe", "peer", "pkm")  # BatchNorm in the router, queries, inputs
     assert len(state.batch_stats) == (len(config.model.sparse_layers) if normalised else 0)
 
 

@@ -1,8 +1,8 @@
 """Every FFN kind through the training job: `python -m train --ffn KIND` (the real main) on a shrunken config,
 the baselines' options on the command line, the matched-active-parameter presets, and an exact resume.
 
-OmniMoE's own run through main is tests/test_train_loop.py's. Here the four baselines run once each (one
-layer, d = 16, 4 steps) and the tests read those runs: GShard and PKM in bf16 compute, so the baselines' bf16
+OmniMoE's own run through main is tests/test_train_loop.py's. Here the four baselines and FlashMoE run once each
+(one layer, d = 16, 4 steps) and the tests read those runs: GShard and PKM in bf16 compute, so the baselines' bf16
 paths run too, and GShard with moe_every=2, so a dense SwiGLU layer trains beside it. The "dense" kind's own
 run is marked slow (CPU compiles dominate; its SwiGLU is that same layer).
 """
@@ -49,9 +49,15 @@ ROUTING_FIELDS = {
     "deepseekmoe": HEALTH | {"balance_loss"},  # dropless "sorted" dispatch by default
     "peer": HEALTH,
     "pkm": HEALTH,
+    "flashmoe": HEALTH | {"router_entropy"},  # the statistics OmniMoE reports
 }
-NORMALISED_KINDS = ("omnimoe", "peer", "pkm")  # BatchNorm in the router / the queries: batch_stats
-EXTRA = {"gshard": ["--dtype=bfloat16", "--num_layers=2", "--moe_every=2"], "pkm": ["--dtype=bfloat16"]}
+# Where a kind's BatchNorm (on the queries, on FlashMoE's input tokens) keeps its statistics: batch_stats.
+NORM_PATHS = {"peer": ("retrieval", "query_norm"), "pkm": ("retrieval", "query_norm"), "flashmoe": ("router_norm",)}
+EXTRA = {
+    "gshard": ["--dtype=bfloat16", "--num_layers=2", "--moe_every=2"],
+    "pkm": ["--dtype=bfloat16"],
+    "flashmoe": ["--intermediate_size=32", "--num_experts=64", "--num_experts_per_token=8"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +95,14 @@ def train_kind(kind: str, run_dir: pathlib.Path, corpus: str, seed: int) -> None
 @pytest.mark.parametrize("kind", BASELINE_KINDS)
 def test_main_trains_every_ffn_kind(runs, kind):
     check_run(kind, runs[kind])
+
+
+def test_main_trains_flashmoe(corpus, tmp_path, seed):
+    train_kind("flashmoe", tmp_path / "run", corpus, seed % 2**16)
+    check_run("flashmoe", tmp_path / "run")
+    config = load_config(tmp_path / "run")
+    ffn = config.model.sparse_ffn_config()
+    assert (ffn.num_experts, ffn.num_experts_per_tok, ffn.intermediate_size) == (64, 8, 32)
 
 
 @pytest.mark.slow
@@ -135,14 +149,17 @@ def check_run(kind: str, run_dir: pathlib.Path) -> None:
             assert 0 <= routing["dropped_fraction"] < 1
         if "balance_loss" in routing:
             assert routing["balance_loss"] > 0
-    # The checkpoint restores for every kind; the PEER/PKM query BatchNorms counted all 4 training batches.
+    # The checkpoint restores for every kind; the BatchNorms (PEER/PKM queries, FlashMoE's input) counted all 4
+    # training batches.
     with Checkpoints(run_dir) as checkpoints:
         assert checkpoints.all_steps() == [4]
         state, _ = checkpoints.restore(4, abstract_state(config))
     assert int(state.step) == 4
-    if kind in NORMALISED_KINDS:
+    if kind in NORM_PATHS:
         (layer,) = config.model.sparse_layers
-        stats = state.batch_stats[f"layer_{layer}"]["ffn"]["retrieval"]["query_norm"]
+        stats = state.batch_stats[f"layer_{layer}"]["ffn"]
+        for name in NORM_PATHS[kind]:
+            stats = stats[name]
         assert int(stats["num_batches_tracked"]) == 4
         assert not np.allclose(stats["running_mean"], 0)
     else:
@@ -218,6 +235,20 @@ def test_ffn_options_are_refused_where_they_cannot_apply():
         LMConfig(ffn="gshard", ffn_options={"num_heads": 2})
     with pytest.raises(ValueError, match="must be a dict"):
         LMConfig(ffn="gshard", ffn_options="num_experts=4")
+    with pytest.raises(ValueError, match="ffn='flashmoe' is sized by LMConfig's own fields"):
+        LMConfig(ffn="flashmoe", ffn_options={"num_experts_per_tok": 2})
+    with pytest.raises(ValueError, match="router_norm='none': ffn='flashmoe' always normalises its input tokens"):
+        LMConfig(ffn="flashmoe", router_norm="none")
+
+
+def test_flashmoe_is_built_from_the_models_ffn_fields():
+    model = LMConfig(ffn="flashmoe", hidden_size=64, intermediate_size=96, num_experts=256, num_experts_per_token=12)
+    ffn = model.sparse_ffn_config()
+    assert (ffn.hidden_size, ffn.intermediate_size, ffn.num_experts, ffn.num_experts_per_tok) == (64, 96, 256, 12)
+    assert (ffn.hidden_act, ffn.dtype, ffn.implementation) == (model.hidden_act, model.dtype, model.implementation)
+    assert ffn_option_types("flashmoe") == {}
+    # One joint gate [d, 2n] has the two gates' parameters: the same counts as OmniMoE at the same sizes.
+    assert parameter_counts(model) == parameter_counts(model.replace(ffn="omnimoe"))
 
 
 def test_matched_presets_have_the_documented_active_parameters():
@@ -226,6 +257,7 @@ def test_matched_presets_have_the_documented_active_parameters():
     documented = {
         "dense": (3_145_728, 33_695_744),
         "omnimoe": (3_145_728, 33_695_744),
+        "flashmoe": (3_145_728, 33_695_744),
         "deepseekmoe": (3_178_496, 33_957_888),
         "gshard": (3_153_920, 33_761_280),
         "peer": (3_211_264, 34_220_032),

@@ -21,7 +21,7 @@ metrics.jsonl records, one JSON object per line, `kind` first:
 - eval: step, val_loss (mean nats per validation target token), bits_per_byte (nats / ln 2 over the byte
   targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, dropped_pairs (expert-parallel
   dispatch drops over the evaluation, as above), routing (mean over the sparse layers of experts_used,
-  max_load, load_entropy, and router_entropy (OmniMoE) or dropped_pairs, dropped_fraction (pairs over a
+  max_load, load_entropy, and router_entropy (OmniMoE, FlashMoE) or dropped_pairs, dropped_fraction (pairs over a
   capacity-bound MoE expert's capacity: GShard, DeepSeekMoE with dispatch="capacity") and balance_loss
   (MoEs): see `train.metrics`) and routing_per_layer (the same for each sparse layer, with its index). No
   routing fields for the dense FFN.
@@ -73,7 +73,7 @@ class TrainState:
     Attributes:
       step: [] int32, optimizer steps taken.
       params: the model's "params" collection (param_dtype, f32 by default).
-      batch_stats: the BatchNorm running statistics of OmniMoE's routers and PEER's and PKM's queries
+      batch_stats: the BatchNorm running statistics of OmniMoE's routers, FlashMoE's inputs, PEER's and PKM's queries
         ("batch_stats"; {} for the other FFNs).
       opt_state: the optax state (AdamW moments in the params' dtype).
     """
@@ -194,8 +194,8 @@ def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
 
     Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), dispatch_dropped_pairs
     (expert-parallel dispatch drops), and per sparse layer (M of them) expert_counts [M, N] and router_entropy [M] for
-    OmniMoE (`train.metrics.routing_statistics`), or expert_counts [M, E] and, where sown, dropped_pairs [M]
-    and balance_loss [M] for the baselines (`train.metrics.sown_statistics`).
+    OmniMoE and FlashMoE (`train.metrics.routing_statistics`), or expert_counts [M, E] and, where sown,
+    dropped_pairs [M] and balance_loss [M] for the baselines (`train.metrics.sown_statistics`).
     """
     num_experts = config.model.num_experts
 
@@ -203,7 +203,7 @@ def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         (logits, routings), collections = model.apply(
             variables, batch[:, :-1], return_routing=True, mutable=["intermediates", "metrics"]
-        )  # [B, L, V], M OmniMoE results; the expert-parallel drops and the baselines' metrics
+        )  # [B, L, V], M OmniMoE/FlashMoE results; the expert-parallel drops and the baselines' metrics
         targets = batch[:, 1:]  # [B, L]
         nll = cross_entropy(logits, targets)  # [B, L]
         is_byte = targets < data_lib.BOS  # [B, L]

@@ -2,8 +2,8 @@
 
 `python -m train --mesh data=2,expert=4` trains the same model with the same numbers as on one device:
 
-- the FFN configs get `expert_axis="expert"`, so OmniMoE layers dispatch each token's (token, expert)
-  pairs to the devices owning those expert rows (`omnimoe_jax.parallel`);
+- the FFN configs get `expert_axis="expert"`, so OmniMoE and FlashMoE layers dispatch each token's (token,
+  expert) pairs to the devices owning those expert rows (`omnimoe_jax.parallel`);
 - the whole TrainState (step, params, batch_stats, AdamW moments) is laid out by `parallel.shardings`
   (expert tables and their moments row-sharded over "expert", the rest replicated); the init, train and
   eval steps are jitted with those in/out shardings, the train step donating its state;
@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omnimoe_jax import parallel
+from omnimoe_jax._model import ROUTED_KINDS
 from train.config import TrainConfig
 
 
@@ -60,13 +61,14 @@ def check_mesh(config: TrainConfig, mesh: Mesh) -> None:
             f"a multiple of {shards}"
         )
     experts = mesh.shape[parallel.EXPERT_AXIS]
-    if experts > 1 and config.model.ffn != "omnimoe":
+    if experts > 1 and config.model.ffn not in ROUTED_KINDS:
         # The baselines have no expert-parallel dispatch: refuse rather than quietly train data-parallel.
         raise ValueError(
-            f"an expert axis of {experts} devices needs ffn='omnimoe' (expert parallelism is implemented for "
-            f"OmniMoE layers only); ffn={config.model.ffn!r} trains data-parallel: use --mesh data={batch_shards(mesh)}"
+            f"an expert axis of {experts} devices needs ffn='omnimoe' or 'flashmoe' (expert parallelism is "
+            f"implemented for their atomic experts only); ffn={config.model.ffn!r} trains data-parallel: use --mesh "
+            f"data={batch_shards(mesh)}"
         )
-    if config.model.ffn == "omnimoe" and config.model.sparse_layers and config.model.num_experts % experts:
+    if config.model.ffn in ROUTED_KINDS and config.model.sparse_layers and config.model.num_experts % experts:
         raise ValueError(
             f"num_experts={config.model.num_experts} expert rows do not divide over the {experts} devices of the "
             f"mesh's expert axis {dict(mesh.shape)}"

@@ -6,7 +6,7 @@ for PEER and PKM an assignment is a (head, slot) retrieval and PKM's "experts" a
 - experts_used: fraction of the N experts chosen by at least one token (ideal 1; the "used fraction").
 - max_load: the most-chosen expert's count over the mean count T K / N (ideal 1; large = a hot expert).
 - load_entropy: entropy of the expert load distribution / log N (1 = uniform load).
-- router_entropy (OmniMoE): mean over tokens of H(p_x) + H(p_y), the entropy of the token's whole routing
+- router_entropy (OmniMoE, FlashMoE): mean over tokens of H(p_x) + H(p_y), the entropy of the token's whole routing
   distribution p_x(i) p_y(j) over the N experts, / log N (1 = uniform; falls as routing sharpens).
 - dropped_pairs, dropped_fraction (GShard, DeepSeekMoE with dispatch="capacity"): (token, expert) pairs
   over an expert's capacity, which contribute nothing, summed over the evaluation, and their share of T K.

@@ -13,7 +13,7 @@ experts per token, shared MLP width 1024, as encoded in the seed repositories' b
 heads, context, batch and schedule are our assumptions: the paper's full training table (1.7B active
 parameters) was not available to us. `python -m train --preset paper` would run it; nothing here has.
 
-**Matched presets** `small-<kind>` for each FFN kind (omnimoe, dense, gshard, deepseekmoe, peer, pkm): the
+**Matched presets** `small-<kind>` for each FFN kind (omnimoe, dense, flashmoe, gshard, deepseekmoe, peer, pkm): the
 `small` preset (d=512, 8 layers, everything else equal) with every FFN sized by
 `omnimoe_jax.baselines.presets.small_presets(512)`, which gives each kind 12 d^2 = 3,145,728 active
 parameters per token and layer, up to the gates' and queries' few per cent (`matched_ffn_overrides` holds
@@ -25,6 +25,7 @@ whole model (`omnimoe_jax.parameter_counts`: the FFNs' 8 x 3.1M plus 8 x 4 d^2 o
 | --- | --- | --- | --- | --- |
 | small-dense | SwiGLU of width 2048 | 3,145,728 | 33,695,744 | 33,695,744 |
 | small-omnimoe | shared 1024, N = 256^2, K = 1280 | 3,145,728 | 33,695,744 | 560,080,896 |
+| small-flashmoe | as small-omnimoe (one joint gate d -> 2n) | 3,145,728 | 33,695,744 | 560,080,896 |
 | small-deepseekmoe | 64 experts of 256, top 6, shared 512 | 3,178,496 (+1.0%) | 33,957,888 (+0.8%) | 216,410,112 |
 | small-gshard | 16 experts of 1024, top 2 | 3,153,920 (+0.3%) | 33,761,280 (+0.2%) | 209,922,048 |
 | small-peer | N = 256^2, 8 heads x 256, key_dim 256 | 3,211,264 (+2.1%) | 34,220,032 (+1.6%) | 554,313,728 |
@@ -41,7 +42,7 @@ same batch of 64 sequences per step. None of the small-<kind> presets has been t
 
 from __future__ import annotations
 
-from omnimoe_jax._model import FFN_KINDS, LMConfig
+from omnimoe_jax._model import FFN_KINDS, ROUTED_KINDS, LMConfig
 from omnimoe_jax.baselines.presets import small_presets
 from train.config import TrainConfig, apply_overrides
 
@@ -136,18 +137,17 @@ def matched_ffn_overrides(kind: str, hidden_size: int) -> dict[str, str]:
     with the sizes of `omnimoe_jax.baselines.presets.small_presets(hidden_size)[kind]`: about 12 d^2 active
     parameters per token and layer for every kind.
 
-    omnimoe and dense are sized by LMConfig fields, so those are set; the baselines' sizes default to
+    omnimoe, flashmoe and dense are sized by LMConfig fields, so those are set; the baselines' sizes default to
     exactly those presets (LMConfig.ffn_options), so only `ffn` is.
     """
     if kind not in FFN_KINDS:
         raise ValueError(f"kind={kind!r} must be one of {FFN_KINDS}")
     config = small_presets(hidden_size)[kind]
     overrides = {"hidden_size": hidden_size, "ffn": kind}
-    if kind == "omnimoe":
+    if kind in ROUTED_KINDS:
+        top_k = config.num_experts_per_token if kind == "omnimoe" else config.num_experts_per_tok
         overrides.update(
-            intermediate_size=config.intermediate_size,
-            num_experts=config.num_experts,
-            num_experts_per_token=config.num_experts_per_token,
+            intermediate_size=config.intermediate_size, num_experts=config.num_experts, num_experts_per_token=top_k
         )
     elif kind == "dense":
         overrides["intermediate_size"] = config.intermediate_size

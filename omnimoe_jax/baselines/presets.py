@@ -8,6 +8,7 @@ only the rows a token retrieves count. Non-affine BatchNorms have no parameters.
 | --- | --- |
 | DenseFFN (width I) | 3 d I |
 | OmniMoE (shared width I, N = n*n, K) | 3 d I + 2 d n (two router gates) + 2 d K (u_e, v_e per expert) |
+| FlashMoE (shared width I, N = n*n, K) | 3 d I + 2 d n (one joint gate d -> 2n) + 2 d K |
 | DeepSeekMoE (E experts of width I_e, top k, shared width I_s) | 3 d I_s + d E (gate) + 3 d I_e k |
 | GShardMoE (E experts of width I_e, top k) | d E (gate) + 3 d I_e k |
 | PEER (N = n*n, h heads, k per head, key_dim c) | d h c (queries) + n c (2 shared sub-key tables, n x c/2) + 2 d h k |
@@ -21,6 +22,7 @@ expert width (GShard) so that they match too; the paper's own coarse settings ar
 | preset | configuration | active parameters | vs OmniMoE |
 | --- | --- | --- | --- |
 | omnimoe | N = 102400 (320^2), K = 512, shared 1024 | 3,145,728 + 655,360 + 1,048,576 = 4,849,664 | 1 |
+| flashmoe | as omnimoe (the FlashMoE variant) | 4,849,664 | 0 |
 | dense | width 1600 | 4,915,200 | +1.4% |
 | deepseekmoe | 256 experts of 256, top 4, shared 1024 | 3,145,728 + 262,144 + 3,145,728 = 6,553,600 | +35.1% |
 | deepseekmoe-matched | 256 experts of 256, top 4, shared 512 | 1,572,864 + 262,144 + 3,145,728 = 4,980,736 | +2.7% |
@@ -36,6 +38,7 @@ expert width (GShard) so that they match too; the paper's own coarse settings ar
 | --- | --- | --- |
 | dense | width 4d | 12 d^2 |
 | omnimoe | shared 2d, N = (d/2)^2, K = 5d/2 | 6 d^2 + d^2 + 5 d^2 = 12 d^2 |
+| flashmoe | as omnimoe | 12 d^2 |
 | deepseekmoe | 64 experts of d/2, top 6, shared d | 3 d^2 + 64 d + 9 d^2 = 12 d^2 + 64 d |
 | gshard | 16 experts of 2d, top 2 | 16 d + 12 d^2 |
 | peer | N = (d/2)^2, 8 heads x d/2, key_dim d/2 | 4 d^2 + d^2/4 + 8 d^2 = 12.25 d^2 |
@@ -48,14 +51,16 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._config import FlashMoEConfig, OmniMoEConfig
 from omnimoe_jax.baselines._deepseek import DeepSeekMoEConfig
 from omnimoe_jax.baselines._dense import DenseFFNConfig
 from omnimoe_jax.baselines._gshard import GShardMoEConfig
 from omnimoe_jax.baselines._peer import PEERConfig
 from omnimoe_jax.baselines._pkm import PKMConfig
 
-FFNConfig = OmniMoEConfig | DenseFFNConfig | DeepSeekMoEConfig | GShardMoEConfig | PEERConfig | PKMConfig
+FFNConfig = (
+    OmniMoEConfig | FlashMoEConfig | DenseFFNConfig | DeepSeekMoEConfig | GShardMoEConfig | PEERConfig | PKMConfig
+)
 
 
 def active_parameters(config: FFNConfig) -> int:
@@ -67,8 +72,9 @@ def active_parameters(config: FFNConfig) -> int:
     if not isinstance(config, FFNConfig):
         raise TypeError(f"config must be one of the FFN configs {FFNConfig}, got {type(config).__name__}")
     d = config.hidden_size
-    if isinstance(config, OmniMoEConfig):
-        return 3 * d * config.intermediate_size + 2 * d * config.num_expert_sqrt + 2 * d * config.num_experts_per_token
+    if isinstance(config, OmniMoEConfig | FlashMoEConfig):
+        top_k = config.num_experts_per_token if isinstance(config, OmniMoEConfig) else config.num_experts_per_tok
+        return 3 * d * config.intermediate_size + 2 * d * config.num_expert_sqrt + 2 * d * top_k
     if isinstance(config, DenseFFNConfig):
         return 3 * d * config.intermediate_size
     if isinstance(config, DeepSeekMoEConfig):
@@ -84,13 +90,15 @@ def active_parameters(config: FFNConfig) -> int:
 
 
 def paper_presets(*, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> dict[str, FFNConfig]:
-    """The OmniMoE paper's latency setting (d = 1024) plus two matched coarse variants; see the module doc."""
+    """The OmniMoE paper's latency setting (d = 1024), FlashMoE at OmniMoE's sizes, and two matched coarse
+    variants; see the module doc."""
     d = 1024
     common = dict(dtype=dtype, param_dtype=param_dtype)
     deepseek = DeepSeekMoEConfig(d, 256, 256, 4, shared_intermediate_size=1024, **common)
     gshard = GShardMoEConfig(d, 128, 512, 2, **common)
     return {
         "omnimoe": OmniMoEConfig(d, 1024, 102400, 512, **common),
+        "flashmoe": FlashMoEConfig(d, 1024, "silu", 102400, 512, **common),
         "dense": DenseFFNConfig(d, 1600, **common),
         "deepseekmoe": deepseek,
         "deepseekmoe-matched": deepseek.replace(shared_intermediate_size=512),
@@ -104,7 +112,7 @@ def paper_presets(*, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -
 def small_presets(
     hidden_size: int = 256, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> dict[str, FFNConfig]:
-    """Six FFNs of about 12 d^2 active parameters each (the dense SwiGLU of width 4d); see the module doc.
+    """Seven FFNs of about 12 d^2 active parameters each (the dense SwiGLU of width 4d); see the module doc.
 
     hidden_size must be a multiple of 4 and at least 12 (n = d/2 sub-keys per axis, and the table of n^2
     rows must hold OmniMoE's K = 5d/2 and PKM's k = 9d/4 per head: (d/2)^2 >= 5d/2 from d = 10 on).
@@ -117,6 +125,7 @@ def small_presets(
     return {
         "dense": DenseFFNConfig(d, 4 * d, **common),
         "omnimoe": OmniMoEConfig(d, 2 * d, n * n, 5 * d // 2, **common),
+        "flashmoe": FlashMoEConfig(d, 2 * d, "silu", n * n, 5 * d // 2, **common),
         "deepseekmoe": DeepSeekMoEConfig(d, 64, d // 2, 6, shared_intermediate_size=d, **common),
         "gshard": GShardMoEConfig(d, 16, 2 * d, 2, **common),
         "peer": PEERConfig(d, n * n, num_heads=8, experts_per_head=n, key_dim=n, **common),
