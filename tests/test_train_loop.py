@@ -249,10 +249,12 @@ def test_run_directory_misuse_is_refused(tmp_path, small_corpus, capsys):
         run(config, tmp_path / "used", log=print)
     with pytest.raises(RunDirectoryError, match="not a run directory"):
         load_config(tmp_path / "nowhere")
+    # A run that never saved a checkpoint (it died compiling): --resume starts it from step 0.
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(config.to_dict()))
-    assert cli.main(["--run-dir", str(tmp_path / "empty"), "--resume"]) == 2
-    assert "holds no checkpoint" in capsys.readouterr().err
+    assert cli.main(["--run-dir", str(tmp_path / "empty"), "--resume"]) == 0
+    assert "never saved a checkpoint: starting it again from step 0" in capsys.readouterr().out
+    assert Checkpoints(tmp_path / "empty").all_steps() == [0]
     with pytest.raises(SystemExit):
         cli.main(["--run-dir", str(tmp_path / "used"), "--resume", "--learning_rate=1", "--steps=20"])
     assert "it can change only steps, eval_every, " in (err := capsys.readouterr().err)
