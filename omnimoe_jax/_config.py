@@ -122,12 +122,13 @@ class OmniMoEConfig(ConfigMethods):
             raise ValueError(
                 f"num_experts_per_token={self.num_experts_per_token} must be <= num_experts={self.num_experts}"
             )
-        if self.hidden_act not in ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
         if self.router_norm not in ROUTER_NORMS:
             raise ValueError(f"router_norm={self.router_norm!r} must be one of {ROUTER_NORMS}")
-        if not isinstance(self.router_norm_eps, (int, float)) or not self.router_norm_eps > 0:
-            raise ValueError(f"router_norm_eps={self.router_norm_eps!r} must be a positive number")
+        eps = self.router_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"router_norm_eps={eps!r} must be a positive finite number")
         if not isinstance(self.router_norm_momentum, (int, float)) or not 0 < self.router_norm_momentum <= 1:
             raise ValueError(f"router_norm_momentum={self.router_norm_momentum!r} must be in (0, 1]")
         if not isinstance(self.norm_topk_prob, bool):

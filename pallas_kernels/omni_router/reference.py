@@ -41,7 +41,8 @@ def omni_router_reference(log_probs_x: jax.Array, log_probs_y: jax.Array, top_k:
     vals_x, idx_x = _top_indices_ascending(log_probs_x.astype(acc), k_axis)  # [T, k']
     vals_y, idx_y = _top_indices_ascending(log_probs_y.astype(acc), k_axis)  # [T, k']
     grid = vals_x[:, :, None] + vals_y[:, None, :]  # [T, k', k']
-    scores, pos = jax.lax.top_k(grid.reshape(grid.shape[0], -1), top_k)  # [T, K]
+    # [T, k'*k'] spelled out: reshape(T, -1) cannot infer the size when T = 0
+    scores, pos = jax.lax.top_k(grid.reshape(grid.shape[0], k_axis * k_axis), top_k)  # [T, K]
     rows = jnp.take_along_axis(idx_x, pos // k_axis, axis=-1)  # [T, K]
     cols = jnp.take_along_axis(idx_y, pos % k_axis, axis=-1)  # [T, K]
     return scores, (rows * n + cols).astype(jnp.int32)
