@@ -84,16 +84,6 @@ def trained_run(tmp_path_factory) -> pathlib.Path:
     return run_dir
 
 
-@pytest.fixture
-def small_corpus(tmp_path) -> str:
-    """About 100 kB of real Python in one file (split by position; faster to load than the whole stdlib)."""
-    root = pathlib.Path(json.__file__).parent.parent  # the stdlib directory
-    names = ("json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "bisect.py")
-    corpus = tmp_path / "corpus.py"
-    corpus.write_bytes(b"\n".join((root / name).read_bytes() for name in names))
-    return str(corpus)
-
-
 def test_main_writes_the_documented_metrics(trained_run):
     records = read_metrics(trained_run)
     kinds = [r["kind"] for r in records]

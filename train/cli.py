@@ -16,10 +16,10 @@ import jax
 
 from omnimoe_jax import parallel, parameter_counts
 from train import divergence
-from train.checkpoint import Checkpoints
+from train.checkpoint import CheckpointError, Checkpoints
 from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
 from train.data import CorpusError
-from train.loop import RECORDING_FIELDS, RunDirectoryError, load_config, run
+from train.loop import RECORDING_FIELDS, RunDirectoryError, abstract_state, load_config, run
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
 
@@ -115,9 +115,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
             with Checkpoints(run_dir) as checkpoints:
                 # Read-only here (the run, once it holds the directory's lock, moves bad ones aside).
                 latest = checkpoints.latest_verified_step()
+                # "complete" only if that checkpoint restores, too; else the run resumes from an older one
+                complete = latest == config.steps and _restores(checkpoints, latest, config)
             if latest is not None and config.steps < latest:
                 parser.error(f"--steps={config.steps} is below the run's latest checkpoint, step {latest}")
-            if latest is not None and latest == config.steps and not args.print_config:
+            if complete and not args.print_config:
                 print(f"{run_dir} is complete at step {latest} of {config.steps}; --steps=N continues it to step N")
                 return 0
         else:
@@ -149,6 +151,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
     if summary["reason"] in ("SIGINT", "SIGTERM"):
         return 128 + int(getattr(signal, summary["reason"]))
     return 0
+
+
+def _restores(checkpoints: Checkpoints, step: int, config: TrainConfig) -> bool:
+    try:
+        checkpoints.restore(step, abstract_state(config))
+    except CheckpointError:
+        return False
+    return True
 
 
 def default_run_dir(preset: str) -> pathlib.Path:
