@@ -83,11 +83,11 @@ def check_layer_fields(config: Any, *, top_k_field: str) -> None:
         )
     if top_k > config.num_experts:
         raise ValueError(f"{top_k_field}={top_k} must be <= num_experts={config.num_experts}")
-    if config.hidden_act not in ACTIVATIONS:
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACTIVATIONS:
         raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
     eps, momentum = config.router_norm_eps, config.router_norm_momentum
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"router_norm_eps={eps!r} must be a positive number")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"router_norm_eps={eps!r} must be a positive finite number")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
         raise ValueError(f"router_norm_momentum={momentum!r} must be in (0, 1]")
     if not isinstance(config.norm_topk_prob, bool):

@@ -9,6 +9,7 @@ from omnimoe_jax._config import OmniMoEConfig
 from omnimoe_jax._experts import AtomicExperts
 from omnimoe_jax._router import CartesianRouter, RoutingResult
 from omnimoe_jax._shared_mlp import SharedMLP
+from omnimoe_jax.baselines._shapes import flatten_tokens
 
 
 class OmniMoE(nn.Module):
@@ -32,10 +33,8 @@ class OmniMoE(nn.Module):
         self, x: jax.Array, *, train: bool = False, return_routing: bool = False
     ) -> jax.Array | tuple[jax.Array, RoutingResult]:
         cfg = self.config
-        if x.ndim < 1 or x.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"x must be [..., hidden_size={cfg.hidden_size}], got shape {x.shape}")
+        tokens = flatten_tokens(x, cfg.hidden_size, cfg.dtype)  # [T, d]
         lead = x.shape[:-1]
-        tokens = x.astype(cfg.dtype).reshape(-1, cfg.hidden_size)  # [T, d]
         routing = CartesianRouter(cfg, name="router")(tokens, train=train)
         routed = AtomicExperts(cfg, name="experts")(tokens, routing.weights, routing.indices)  # [T, d]
         shared = SharedMLP(cfg, name="shared")(tokens)  # [T, d]

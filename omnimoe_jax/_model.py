@@ -162,8 +162,8 @@ class LMConfig(ConfigMethods):
             raise ValueError(f"remat={self.remat!r} must be a bool")
         for field in ("rope_theta", "norm_eps"):
             value = getattr(self, field)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{field}={value!r} must be a positive number")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"{field}={value!r} must be a positive finite number")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import secrets
 
 import jax
@@ -27,6 +29,17 @@ def seed(request) -> int:
 @pytest.fixture
 def key(seed) -> jax.Array:
     return jax.random.key(seed)
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> str:
+    """About 100 kB of real Python in one file (split by position; faster to load than the whole stdlib), for
+    the training runs of tests/test_train_loop.py and tests/test_run_integrity.py."""
+    root = pathlib.Path(json.__file__).parent.parent  # the stdlib directory
+    names = ("json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "bisect.py")
+    corpus = tmp_path / "corpus.py"
+    corpus.write_bytes(b"\n".join((root / name).read_bytes() for name in names))
+    return str(corpus)
 
 
 def pytest_runtest_makereport(item, call):

@@ -154,6 +154,29 @@ def test_input_with_the_wrong_width_is_refused(key):
         model.init(key, jnp.zeros((4, 31)))
 
 
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_zero_tokens_give_an_empty_result(lead, key):
+    config = small_config()
+    model = OmniMoE(config)
+    variables = model.init(key, jnp.ones((4, config.hidden_size)))
+    x = jnp.zeros((*lead, config.hidden_size))
+    y, routing = jax.jit(lambda v, a: model.apply(v, a, return_routing=True))(variables, x)
+    assert y.shape == x.shape and y.dtype == jnp.float32
+    assert routing.indices.shape == (*lead, config.num_experts_per_token)
+    # Nothing to differentiate through: every parameter's gradient is zero (and finite).
+    grads = jax.grad(lambda p: model.apply({**variables, "params": p}, x).sum())(variables["params"])
+    for g in jax.tree.leaves(grads):
+        np.testing.assert_array_equal(g, 0.0)
+
+
+def test_complex_input_is_refused(key):
+    # A cast to float32 would silently drop the imaginary part.
+    model = OmniMoE(small_config())
+    x = jnp.ones((4, 32), jnp.complex64) * (1 + 2j)
+    with pytest.raises(TypeError, match="x has dtype complex64: a real input is expected"):
+        model.init(key, x)
+
+
 def test_training_on_one_token_is_refused(key):
     config = small_config()
     model = OmniMoE(config)

@@ -33,6 +33,19 @@ def test_reference_equals_brute_force(n, top_k, key):
     assert bool(jnp.all(scores[:, :-1] >= scores[:, 1:])), "scores must be descending"
 
 
+@pytest.mark.parametrize("top_k", [1, 5, 25])
+def test_zero_tokens_give_empty_results(top_k):
+    # T = 0 (an empty batch): the reference and the xla path return [0, K], as the Pallas path does.
+    empty = jnp.zeros((0, 5), jnp.float32)
+    for scores, indices in (
+        omni_router_reference(empty, empty, top_k),
+        omni_router_brute_force(empty, empty, top_k),
+        omni_router(empty, empty, top_k, implementation="xla"),
+    ):
+        assert scores.shape == indices.shape == (0, top_k)
+        assert scores.dtype == jnp.float32 and indices.dtype == jnp.int32
+
+
 def test_scores_are_the_sums_of_the_chosen_axes(key):
     lpx, lpy = log_probs(key, 16, 10)
     scores, indices = omni_router(lpx, lpy, 7)

@@ -108,6 +108,19 @@ def test_a_bare_bool_flag_is_true_and_never_swallows_the_next_flag():
         (["--num_experts=1000"], "num_experts=1000 must be a perfect square"),
         (["--val_fraction=1"], "val_fraction"),
         (["--token_dtype=int64"], "token_dtype"),
+        # Non-finite hyperparameters train nothing but NaNs: refused like every other bad field.
+        (["--learning_rate=inf"], "learning_rate=inf must be a finite number > 0"),
+        (["--learning_rate=nan"], "learning_rate=nan must be a finite number > 0"),
+        (["--weight_decay=inf"], "weight_decay=inf must be a finite number >= 0"),
+        (["--adam_eps=inf"], "adam_eps=inf must be a finite number > 0"),
+        (["--grad_clip=inf"], "grad_clip=inf must be a finite number >= 0"),
+        (["--time_limit_minutes=inf"], "time_limit_minutes=inf must be a finite number >= 0"),
+        (["--norm_eps=inf"], "norm_eps=inf must be a positive finite number"),
+        (["--router_norm_eps=inf"], "router_norm_eps=inf must be a positive finite number"),
+        (["--seed=1e20"], "--seed='1e20': expected int"),
+        # jax.random.key keeps 32 bits: 2**32 would be seed 0 again
+        ([f"--seed={2**32}"], f"seed={2**32} must be an int in [0, {2**32 - 1}]"),
+        ([f"--seed={10**20}"], f"seed={10**20} must be an int in [0, {2**32 - 1}]"),
     ],
 )
 def test_bad_overrides_raise_naming_the_key(args, message):

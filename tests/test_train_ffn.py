@@ -219,7 +219,7 @@ def test_baseline_options_on_the_command_line():
         (["--ffn=peer", "--peer.num_heads=0"], "ffn='peer' with ffn_options {'num_heads': 0}: num_heads=0 must be"),
         (["--ffn=pkm", "--pkm.values_per_head=5000"], "values_per_head=5000 must be <= num_values=4096"),
         (["--ffn=gshard", "--hidden_size=8", "--num_heads=2"], "hidden_size=8 must be a multiple of 4 and >= 12"),
-        (["--aux_loss_coefficient=-1"], "aux_loss_coefficient=-1.0 must be a number >= 0"),
+        (["--aux_loss_coefficient=-1"], "aux_loss_coefficient=-1.0 must be a finite number >= 0"),
         (["--ffn=kan"], "ffn='kan' must be one of"),
     ],
 )

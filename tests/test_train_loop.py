@@ -7,6 +7,7 @@ eval steps (`train.loop.build_steps` caches per model/optimizer config).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 from helpers import assert_close
 
+from omnimoe_jax import TransformerLM
 from train import cli, sample
 from train.checkpoint import Checkpoints
 from train.config import apply_overrides, parse_overrides
@@ -81,16 +83,6 @@ def trained_run(tmp_path_factory) -> pathlib.Path:
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     assert cli.main(["--run-dir", str(run_dir), *SHRUNK, f"--seed={seed}"]) == 0
     return run_dir
-
-
-@pytest.fixture
-def small_corpus(tmp_path) -> str:
-    """About 100 kB of real Python in one file (split by position; faster to load than the whole stdlib)."""
-    root = pathlib.Path(json.__file__).parent.parent  # the stdlib directory
-    names = ("json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "bisect.py")
-    corpus = tmp_path / "corpus.py"
-    corpus.write_bytes(b"\n".join((root / name).read_bytes() for name in names))
-    return str(corpus)
 
 
 def test_main_writes_the_documented_metrics(trained_run):
@@ -253,10 +245,12 @@ def test_run_directory_misuse_is_refused(tmp_path, small_corpus, capsys):
         run(config, tmp_path / "used", log=print)
     with pytest.raises(RunDirectoryError, match="not a run directory"):
         load_config(tmp_path / "nowhere")
+    # A run that never saved a checkpoint (it died compiling): --resume starts it from step 0.
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(config.to_dict()))
-    assert cli.main(["--run-dir", str(tmp_path / "empty"), "--resume"]) == 2
-    assert "holds no checkpoint" in capsys.readouterr().err
+    assert cli.main(["--run-dir", str(tmp_path / "empty"), "--resume"]) == 0
+    assert "never saved a checkpoint: starting it again from step 0" in capsys.readouterr().out
+    assert Checkpoints(tmp_path / "empty").all_steps() == [0]
     with pytest.raises(SystemExit):
         cli.main(["--run-dir", str(tmp_path / "used"), "--resume", "--learning_rate=1", "--steps=20"])
     assert "it can change only steps, eval_every, " in (err := capsys.readouterr().err)
@@ -305,6 +299,23 @@ def test_sample_token_respects_temperature_and_top_p(key):
     counts = np.bincount(full, minlength=5) / len(full)
     # 2000 draws: the standard error of a frequency near 0.45 is 0.011, so 0.06 is over 5 of them.
     np.testing.assert_allclose(counts, jax.nn.softmax(logits), atol=0.06)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45])
+def test_a_vanishing_temperature_is_greedy(key, temperature):
+    # Dividing the raw logits by 1e-38 overflowed them all to +-inf: NaN probabilities, tokens 0 or 1.
+    logits = jnp.array([-10.0, 5.0, 20.0, 25.0, 10.0, -30.0])
+    keys = jax.random.split(key, 200)
+    for top_p in (1.0, 0.9):
+        draw = functools.partial(sample.sample_token, logits, temperature=temperature, top_p=top_p)
+        assert set(np.asarray(jax.vmap(draw)(keys)).tolist()) == {3}
+
+
+@pytest.mark.parametrize("temperature", [math.inf, math.nan, -1.0])
+def test_sample_refuses_a_bad_temperature(temperature):
+    model = TransformerLM(shrunk_config().model)
+    with pytest.raises(ValueError, match=f"temperature={temperature!r} must be a finite number >= 0"):
+        sample.generate(model, {}, [1, 2], max_new_tokens=1, temperature=temperature)
 
 
 def test_sample_refuses_a_run_on_pre_tokenised_files(tmp_path, capsys):

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 import jax
 
 from omnimoe_jax import parallel, parameter_counts
-from train.checkpoint import Checkpoints
+from train import divergence
+from train.checkpoint import CheckpointError, Checkpoints
 from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
 from train.data import CorpusError
-from train.loop import RECORDING_FIELDS, RunDirectoryError, load_config, run
+from train.loop import RECORDING_FIELDS, RunDirectoryError, abstract_state, load_config, run
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
 
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any config field can be overridden with --key=value (or --key value): " + ", ".join(override_keys()),
         allow_abbrev=False,  # an override such as --r=... must never be taken for --run-dir
     )
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting config (default tiny)")
+    # default None, read as tiny: so --resume can tell a --preset it would ignore from none given
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="starting config (default tiny)")
     parser.add_argument("--run-dir", help="where config, metrics and checkpoints go (default runs/<preset>-<time>)")
     parser.add_argument(
         "--resume",
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the job; returns the exit status (0 done, 2 bad input, 128 + signal number when interrupted)."""
+    """Runs the job; returns the exit status (0 done, 2 bad input or an unusable run directory, 3 diverged (a
+    non-finite loss; nothing of it saved), 128 + signal number when interrupted)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     distributed = (args.coordinator, args.num_processes, args.process_id)
@@ -95,6 +98,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
         if args.resume:
             if args.run_dir is None:
                 parser.error("--resume needs --run-dir")
+            if args.preset is not None:
+                parser.error(
+                    f"--resume continues the run stored in --run-dir; --preset {args.preset} would be ignored "
+                    "(a preset starts a new run)"
+                )
             run_dir = pathlib.Path(args.run_dir)
             stored = load_config(run_dir)
             fixed = sorted(set(overrides) - set(RESUMABLE_FIELDS))
@@ -105,15 +113,19 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
                 )
             config = apply_overrides(stored, overrides)
             with Checkpoints(run_dir) as checkpoints:
-                latest = checkpoints.latest_step()
+                # Read-only here (the run, once it holds the directory's lock, moves bad ones aside).
+                latest = checkpoints.latest_verified_step()
+                # "complete" only if that checkpoint restores, too; else the run resumes from an older one
+                complete = latest == config.steps and _restores(checkpoints, latest, config)
             if latest is not None and config.steps < latest:
                 parser.error(f"--steps={config.steps} is below the run's latest checkpoint, step {latest}")
-            if latest is not None and latest == config.steps and not args.print_config:
+            if complete and not args.print_config:
                 print(f"{run_dir} is complete at step {latest} of {config.steps}; --steps=N continues it to step N")
                 return 0
         else:
-            config: TrainConfig = apply_overrides(get_preset(args.preset), overrides)
-            run_dir = pathlib.Path(args.run_dir or default_run_dir(args.preset))
+            preset = args.preset or "tiny"
+            config: TrainConfig = apply_overrides(get_preset(preset), overrides)
+            run_dir = pathlib.Path(args.run_dir or default_run_dir(preset))
         if args.print_config:
             print(json.dumps({**config.to_dict(), "parameters": parameter_counts(config.model)}, indent=2))
             return 0
@@ -134,9 +146,19 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
     except (CorpusError, RunDirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if summary["reason"] == divergence.REASON:
+        return 3
     if summary["reason"] in ("SIGINT", "SIGTERM"):
         return 128 + int(getattr(signal, summary["reason"]))
     return 0
+
+
+def _restores(checkpoints: Checkpoints, step: int, config: TrainConfig) -> bool:
+    try:
+        checkpoints.restore(step, abstract_state(config))
+    except CheckpointError:
+        return False
+    return True
 
 
 def default_run_dir(preset: str) -> pathlib.Path:

@@ -82,7 +82,8 @@ class TrainConfig:
         positive = ("batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every")
         for field in (*positive, "checkpoint_every", "keep_checkpoints"):
             _check_int(field, getattr(self, field), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        # jax.random.key keeps 32 bits without x64: seed 2**32 would silently be seed 0.
+        _check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
@@ -98,7 +99,7 @@ class TrainConfig:
         _check_number("beta2", self.beta2, lambda v: 0 <= v < 1, "in [0, 1)")
         _check_number("adam_eps", self.adam_eps, lambda v: v > 0, "> 0")
         _check_number("grad_clip", self.grad_clip, lambda v: v >= 0, ">= 0 (0 = no clipping)")
-        _check_number("aux_loss_coefficient", self.aux_loss_coefficient, lambda v: 0 <= v < math.inf, ">= 0")
+        _check_number("aux_loss_coefficient", self.aux_loss_coefficient, lambda v: v >= 0, ">= 0")
         _check_number("time_limit_minutes", self.time_limit_minutes, lambda v: v >= 0, ">= 0")
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ValueError(f"data={self.data!r} must be a non-empty path string or None")
@@ -124,14 +125,23 @@ class TrainConfig:
         return cls(**{**fields, "model": LMConfig.from_dict(fields["model"])})
 
 
-def _check_int(field: str, value: Any, *, minimum: int) -> None:
+def _check_int(field: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{field}={value!r} must be an int >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{field}={value!r} must be an int in [{minimum}, {maximum}]")
 
 
 def _check_number(field: str, value: Any, in_range: Callable[[float], bool], expected: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not in_range(value):
-        raise ValueError(f"{field}={value!r} must be a number {expected}")
+    """ValueError unless `value` is a finite real number `in_range` (inf and nan are refused whatever the
+    range: an infinite learning rate, decay or epsilon trains nothing but NaNs)."""
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not in_range(value)
+    ):
+        raise ValueError(f"{field}={value!r} must be a finite number {expected}")
 
 
 def override_keys() -> list[str]:

@@ -7,10 +7,12 @@ shardings on it (`train.mesh`): nothing else holds device state.
 
 metrics.jsonl records, one JSON object per line, `kind` first:
 
-- start: step (0, or the step resumed from), resumed, config, parameters {total, active}, corpus {source,
-  byte_level, train_tokens, validation_tokens, train_documents, validation_documents}, device, jax,
-  compile_s, model_flops_per_token (`train.flops`), peak_flops_per_device (the datasheet bf16 peak of the
-  device kind, null where unknown), mesh ({"data": D, "expert": E}, or null on one device), processes.
+- start: step (0, or the step resumed from), resumed, resumed_from (the checkpoint restored, or null),
+  skipped_checkpoints (newer checkpoints that failed verification: [{step, reason, moved_to}]), config,
+  parameters {total, active}, corpus {source, byte_level, train_tokens, validation_tokens,
+  train_documents, validation_documents}, device, jax, compile_s, model_flops_per_token (`train.flops`),
+  peak_flops_per_device (the datasheet bf16 peak of the device kind, null where unknown), mesh
+  ({"data": D, "expert": E}, or null on one device), processes.
 - train: step, loss (mean nats per target token over the step's batch), [aux_loss (the auxiliary loss term
   of the objective, before aux_loss_coefficient; GShard and DeepSeekMoE only)], grad_norm (before
   clipping), learning_rate (used by this step), dropped_pairs (routed (token, expert) pairs dropped for
@@ -26,8 +28,10 @@ metrics.jsonl records, one JSON object per line, `kind` first:
   (MoEs): see `train.metrics`) and routing_per_layer (the same for each sparse layer, with its index). No
   routing fields for the dense FFN.
 - checkpoint: step, seconds.
-- end: step, reason ("done", "stop_at_step", "time limit", "SIGINT", "SIGTERM", or in a multi-process
-  run "another process stopped"), dropped_pairs (in the steps after the last train record), elapsed_s.
+- end: step, reason ("done", "stop_at_step", "time limit", "SIGINT", "SIGTERM", "non-finite loss", or
+  in a multi-process run "another process stopped"), dropped_pairs (in the steps after the last train
+  record), elapsed_s; with "non-finite loss" also nonfinite_step (the first step not applied:
+  `train.divergence`).
 """
 
 from __future__ import annotations
@@ -54,16 +58,14 @@ from jax.sharding import Mesh
 
 from omnimoe_jax._model import AUX_LOSS_KINDS, TransformerLM, parameter_counts
 from train import data as data_lib
+from train import divergence
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.flops import model_flops_per_token, peak_flops
 from train.metrics import MetricsLog, dropped_pairs, routing_report, routing_statistics, sown_statistics
 from train.prefetch import BatchPrefetcher
-
-
-class RunDirectoryError(ValueError):
-    """A run directory that cannot be used: a new run over an old one, a resume without a checkpoint."""
+from train.run_directory import RunDirectoryError, RunLock
 
 
 @struct.dataclass
@@ -76,12 +78,17 @@ class TrainState:
       batch_stats: the BatchNorm running statistics of OmniMoE's routers, FlashMoE's inputs, PEER's and PKM's queries
         ("batch_stats"; {} for the other FFNs).
       opt_state: the optax state (AdamW moments in the params' dtype).
+      nonfinite_step: [] int32, -1, or the first step whose loss, gradient norm or updated parameters
+        were not finite: that update and every later one were skipped, so the rest of the state is the
+        last finite one (`train_step`). A run stops at the next point it reads the state (`run`), and
+        never saves a state where this is set.
     """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    nonfinite_step: jax.Array
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -122,6 +129,7 @@ def make_init_state(model: nn.Module, optimizer: optax.GradientTransformation, c
             params=params,
             batch_stats=variables.get("batch_stats", {}),
             opt_state=optimizer.init(params),
+            nonfinite_step=jnp.full((), -1, jnp.int32),
         )
 
     return init_state
@@ -174,16 +182,21 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
         micro_batches = batch.shape[0]
         grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_state = TrainState(
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        candidate = TrainState(
             step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
+            params=params,
             batch_stats=batch_stats,
             opt_state=opt_state,
+            nonfinite_step=state.nonfinite_step,
         )
+        finite = divergence.all_finite(loss_sum, aux_sum, grad_norm, params)
+        new_state = divergence.guard(state, candidate, finite=finite)  # the old state if not finite
         metrics = {"loss": loss_sum / micro_batches}
         if config.model.ffn in AUX_LOSS_KINDS:
             metrics["aux_loss"] = aux_sum / micro_batches
-        metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), dropped_pairs=dropped)
+        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), dropped_pairs=dropped)
         return new_state, metrics
 
     return train_step
@@ -381,12 +394,15 @@ def run(
     metrics_log = MetricsLog(run_dir, enabled=mesh_lib.is_primary())
     steps = build_steps(config, mesh)
     with (
+        RunLock(run_dir, enabled=mesh_lib.is_primary()),  # before anything in run_dir is written
         Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints,
         _StopFlag().installed() as stop,
         contextlib.ExitStack() as stack,
         jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(),
     ):
-        state = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log, mesh=mesh)
+        if torn := metrics_log.repair():
+            log(f"metrics.jsonl: removed a torn last line ({torn} bytes) left by an interrupted write")
+        state, resumed = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log, mesh=mesh)
         step = int(state.step)
         if stop_at_step is not None and not step <= stop_at_step <= config.steps:
             raise ValueError(f"stop_at_step={stop_at_step} must be in [{step}, steps={config.steps}]")
@@ -394,7 +410,7 @@ def run(
         # Compile ahead so the first tokens/s figure measures training, not compilation.
         compile_start = time.perf_counter()
         train_step = compiled_train_step(steps, shape)
-        _log_start(config, corpus, step, resume, time.perf_counter() - compile_start, metrics_log, log, mesh)
+        _log_start(config, corpus, step, resumed, time.perf_counter() - compile_start, metrics_log, log, mesh)
         if mesh is not None:
             eval_batches = [mesh_lib.put_batch(mesh, batch, axis=0) for batch in eval_batches]
 
@@ -443,6 +459,10 @@ def run(
                 _log_train(
                     config, step, metrics, window_steps, seconds, time.perf_counter() - started, metrics_log, log
                 )
+            if (logged or saved) and (nonfinite := divergence.first_nonfinite_step(state)) is not None:
+                reason = divergence.REASON  # before the save: a non-finite state is never written
+                log(divergence.message(nonfinite, checkpoints.latest_step()))
+                break
             if evaluated:
                 last_eval = evaluate(steps, state, eval_batches, config, byte_level=corpus.byte_level)
                 metrics_log.write({"kind": "eval", "step": step, **last_eval})
@@ -451,25 +471,30 @@ def run(
                 save()
             if logged or evaluated or saved:
                 window_start, window_steps = time.perf_counter(), 0
-        if step not in checkpoints.all_steps():
-            save()  # stopped early: keep what was done
+        if reason != divergence.REASON and step not in checkpoints.all_steps():  # stopped early: keep what was done
+            if (nonfinite := divergence.first_nonfinite_step(state)) is not None:  # since the last check
+                reason = divergence.REASON
+                log(divergence.message(nonfinite, checkpoints.latest_step()))
+            else:
+                save()
     elapsed = round(time.perf_counter() - started, 2)
     # Steps after the last train record (a run stopped between logged steps) report their drops here.
     unlogged_dropped = int(np.sum(jax.device_get(window_dropped)))
-    metrics_log.write(
-        {"kind": "end", "step": step, "reason": reason, "dropped_pairs": unlogged_dropped, "elapsed_s": elapsed}
-    )
+    end = {"kind": "end", "step": step, "reason": reason, "dropped_pairs": unlogged_dropped, "elapsed_s": elapsed}
+    if reason == divergence.REASON:
+        end["nonfinite_step"] = nonfinite
+    metrics_log.write(end)
     log(f"{reason} at step {step} after {_duration(elapsed)}; checkpoints in {checkpoints.directory}")
     return {"step": step, "reason": reason, "last_eval": last_eval, "elapsed_s": elapsed, "run_dir": str(run_dir)}
 
 
-def _log_start(config, corpus, step, resume, compile_s, metrics_log, log, mesh) -> None:
+def _log_start(config, corpus, step, resumed, compile_s, metrics_log, log, mesh) -> None:
     counts = parameter_counts(config.model)
     metrics_log.write(
         {
             "kind": "start",
             "step": step,
-            "resumed": resume,
+            **resumed,
             "config": config.to_dict(),
             "parameters": counts,
             "corpus": corpus.summary(),
@@ -543,33 +568,69 @@ def _prepare_data(config: TrainConfig, log: Callable[[str], None]):
     return corpus, sampler, eval_batches
 
 
-def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log, mesh) -> TrainState:
-    """A fresh state (writing config.json), or the latest checkpoint's laid out for `mesh` (restoring the
-    sampler too)."""
+def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log, mesh) -> tuple[TrainState, dict]:
+    """(state, the start record's resumed, resumed_from and skipped_checkpoints).
+
+    Resuming restores the newest checkpoint that verifies (`Checkpoints.restore_latest`: those that fail
+    are moved aside and reported) with the sampler's state, laid out for `mesh`. A fresh state writes
+    config.json; so does a run in a directory whose run never saved a checkpoint (it died compiling, or
+    failed before its first save), which starts it again from step 0 if its config is the same but for
+    what a resume may change. A directory with checkpoints, none of which verifies, is refused.
+    """
     config_path = run_dir / "config.json"
-    latest = checkpoints.latest_step()
-    if resume:
+    never_saved = not checkpoints.all_steps() and not checkpoints.moved_aside()
+    if resume and not never_saved:
+        target = abstract_state(config, mesh)
+        latest, state, data_state, skipped = checkpoints.restore_latest(target, move_aside=mesh_lib.is_primary())
+        for bad in skipped:
+            where = f"moved to {bad.moved_to}" if bad.moved_to else "left in place"
+            log(f"checkpoint {bad.step} skipped: {bad.reason} ({where})")
         if latest is None:
-            raise RunDirectoryError(f"resume: {checkpoints.directory} holds no checkpoint to resume from")
-        state, data_state = checkpoints.restore(latest, abstract_state(config, mesh))
+            moved = ", ".join(str(p) for p in checkpoints.moved_aside())
+            raise RunDirectoryError(
+                f"resume: no checkpoint of {str(run_dir)!r} verifies (moved aside: {moved}); "
+                "nothing was trained or written"
+            )
         sampler.restore(data_state["sampler"])
-        log(f"resumed {run_dir} at step {latest}")
-        stored = load_config(run_dir).to_dict()
-        changed = {key: (stored[key], value) for key, value in config.to_dict().items() if stored[key] != value}
-        if changed:  # RECORDING_FIELDS or steps (train.cli checks): config.json describes the run from here
-            log("changed on resume: " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
-            if "steps" in changed:
-                log(f"the learning-rate schedule now spans {config.steps} steps, from step {latest} on")
-            mesh_lib.sync("config read")
-            if mesh_lib.is_primary():
-                config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        return state
-    if latest is not None or config_path.exists():
+        log(f"resumed {run_dir} at step {latest}" + (" (the newest checkpoint that verifies)" if skipped else ""))
+        _check_config(config, run_dir, log, after=latest)
+        resumed = {"resumed": True, "resumed_from": latest, "skipped_checkpoints": [s.to_dict() for s in skipped]}
+        return state, resumed
+    if not never_saved:
         raise RunDirectoryError(f"run directory {str(run_dir)!r} already holds a run; resume it or choose another")
-    mesh_lib.sync("run directory checked")  # before process 0 writes the config the others would take for a run
+    if resume and not config_path.exists():
+        load_config(run_dir)  # raises: not a run directory
+    if config_path.exists():
+        log(f"{run_dir} holds a run that never saved a checkpoint: starting it again from step 0")
+        _check_config(config, run_dir, log, after=None)
+    else:
+        mesh_lib.sync("run directory checked")  # before process 0 writes the config the others would take for a run
+        if mesh_lib.is_primary():
+            config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    resumed = {"resumed": False, "resumed_from": None, "skipped_checkpoints": []}
+    return steps.init_state(jax.random.key(config.seed)), resumed
+
+
+def _check_config(config: TrainConfig, run_dir: pathlib.Path, log: Callable[[str], None], *, after: int | None):
+    """Rewrite config.json for a run continued with `config` (from checkpoint `after`, or from step 0), which
+    may change `steps` and RECORDING_FIELDS only (train.cli checks this for --resume; a restarted run is
+    checked here)."""
+    stored = load_config(run_dir).to_dict()
+    changed = {key: (stored[key], value) for key, value in config.to_dict().items() if stored[key] != value}
+    fixed = sorted(set(changed) - {"steps", *RECORDING_FIELDS})
+    if fixed:
+        raise RunDirectoryError(
+            f"run directory {str(run_dir)!r} holds a run with another config ({', '.join(fixed)} differ); "
+            "resume it with its own config, or choose another directory"
+        )
+    if not changed:
+        return
+    log("changed on resume: " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
+    if "steps" in changed and after is not None:
+        log(f"the learning-rate schedule now spans {config.steps} steps, from step {after} on")
+    mesh_lib.sync("config read")
     if mesh_lib.is_primary():
-        config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return steps.init_state(jax.random.key(config.seed))
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def _eval_line(step: int, result: dict[str, Any]) -> str:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,10 +115,12 @@ def routing_report(totals: dict[str, np.ndarray], layers: Sequence[int], *, num_
 
 
 class MetricsLog:
-    """Appends one JSON object per line to <run_dir>/metrics.jsonl (flushed at once).
+    """Appends one JSON object per line to <run_dir>/metrics.jsonl.
 
-    `enabled=False` writes nothing: the other processes of a multi-process run, whose numbers process 0
-    already records.
+    Each record is one `write` of its whole line to a file opened for appending, so a crash leaves at
+    most a torn last line (no newline), never a record split by another; `repair` removes such a tail
+    before a resumed run appends. `enabled=False` writes nothing: the other processes of a multi-process
+    run, whose numbers process 0 already records.
     """
 
     def __init__(self, run_dir: str | pathlib.Path, *, enabled: bool = True):
@@ -126,11 +130,51 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, line)
+        finally:
+            os.close(fd)
+        if written != len(line):  # a full disk: the line is torn; say so rather than log on after it
+            raise OSError(f"{self.path}: wrote {written} of {len(line)} bytes of a record (disk full?)")
+
+    def repair(self) -> int:
+        """Truncate a torn last line (bytes after the last newline, from a write cut short); returns how many
+        bytes were removed (0: none, or nothing to repair)."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1  # 0 if the only line is torn
+        os.truncate(self.path, keep)
+        return len(data) - keep
+
+
+class TornRecordWarning(UserWarning):
+    """metrics.jsonl ends in a torn line (a crash mid-write), which `read_metrics` skipped."""
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """Every record of <run_dir>/metrics.jsonl, in order."""
+    """Every record of <run_dir>/metrics.jsonl, in order. A torn last line (no newline, not JSON: the run
+    died while writing it) is skipped with a `TornRecordWarning`; any other bad line is a ValueError."""
     path = pathlib.Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")  # the last item is what follows the final newline: "" unless torn
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                warnings.warn(
+                    f"{path}: skipped a torn last line ({len(line)} characters) left by an interrupted write",
+                    TornRecordWarning,
+                    stacklevel=2,
+                )
+                continue
+            raise ValueError(f"{path}, line {number}: not a JSON record ({err})") from None
+    return records

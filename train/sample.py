@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -64,7 +65,9 @@ def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float, top_p
     """One token id [] int32 from logits [V]: argmax if temperature == 0, else nucleus (top-p) sampling."""
     if temperature == 0:
         return jnp.argmax(logits).astype(jnp.int32)
-    logits = logits / temperature
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf
+    # (greedy, as the limit should be) instead of every logit to +-inf, whose softmax is NaN.
+    logits = (logits - jnp.max(logits)) / temperature
     if top_p < 1:
         sorted_logits = jnp.sort(logits)[::-1]  # [V], descending
         probs = jax.nn.softmax(sorted_logits)  # [V]
@@ -94,8 +97,8 @@ def generate(
     """The `max_new_tokens` token ids [max_new_tokens] that follow `prompt` (a non-empty list of ids)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} must be >= 0")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
     if len(prompt) == 0:
