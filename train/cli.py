@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import jax
 
 from omnimoe_jax import parallel, parameter_counts
+from train import help as help_text
 from train.checkpoint import Checkpoints
-from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
+from train.config import TrainConfig, apply_overrides, parse_overrides
 from train.data import CorpusError
 from train.loop import RECORDING_FIELDS, RunDirectoryError, load_config, run
 from train.mesh import check_mesh
@@ -32,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train",
         description="Train an OmniMoE byte-level language model (default: the tiny preset on the Python "
         "standard library's sources).",
-        epilog="Any config field can be overridden with --key=value (or --key value): " + ", ".join(override_keys()),
+        epilog=help_text.render_fields(),
+        # The field list is laid out by train/help.py; a fixed width keeps the stored help.txt terminal-free.
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=help_text.WIDTH),
         allow_abbrev=False,  # an override such as --r=... must never be taken for --run-dir
     )
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting config (default tiny)")
@@ -112,7 +115,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
                 print(f"{run_dir} is complete at step {latest} of {config.steps}; --steps=N continues it to step N")
                 return 0
         else:
-            config: TrainConfig = apply_overrides(get_preset(args.preset), overrides)
+            config: TrainConfig = apply_overrides(get_preset(args.preset), overrides, scale_warmup=True)
             run_dir = pathlib.Path(args.run_dir or default_run_dir(args.preset))
         if args.print_config:
             print(json.dumps({**config.to_dict(), "parameters": parameter_counts(config.model)}, indent=2))

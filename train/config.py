@@ -37,6 +37,10 @@ class TrainConfig:
       steps: optimizer steps of the whole run (the learning-rate schedule spans them).
       learning_rate: peak learning rate, reached after `warmup_steps` of linear warmup from 0, then cosine
         decay to `learning_rate * min_lr_ratio` at `steps`.
+      warmup_steps: steps of linear learning-rate warm-up from 0, fewer than `steps`. On the command line a
+        new run's `--steps` without `--warmup_steps` scales the preset's warm-up by the same factor
+        (floor(warmup_steps * new_steps / steps)), so `--steps=20` alone is a short run with the same shape.
+      min_lr_ratio: the cosine decay ends at learning_rate * min_lr_ratio.
       weight_decay: AdamW decoupled weight decay, on matrices and tables only (not on norm scales).
       beta1, beta2, adam_eps: AdamW moments.
       grad_clip: global gradient norm clip (0 = off).
@@ -183,8 +187,13 @@ def _unknown_keys_message(unknown: list[str], valid: list[str]) -> str:
 _COMMAND_LINE_FLAGS = ("run_dir", "num_processes", "process_id")
 
 
-def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
-    """A copy of `config` with the overrides applied (each value parsed by its field's type)."""
+def apply_overrides(config: TrainConfig, overrides: dict[str, str], *, scale_warmup: bool = False) -> TrainConfig:
+    """A copy of `config` with the overrides applied (each value parsed by its field's type).
+
+    scale_warmup: when `steps` is overridden and `warmup_steps` is not, scale `warmup_steps` by the same
+    factor (rounded down), keeping the warm-up's share of the run. For a new run from a preset, not a resumed
+    one (whose warm-up is part of what already happened).
+    """
     valid = override_keys()
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
@@ -200,6 +209,8 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConf
         owner = LMConfig if key in model_fields else TrainConfig
         value = _parse_value(key, text, typing.get_type_hints(owner)[key])
         (model_changes if owner is LMConfig else train_changes)[key] = value
+    if scale_warmup and "steps" in train_changes and "warmup_steps" not in train_changes:
+        train_changes["warmup_steps"] = config.warmup_steps * train_changes["steps"] // config.steps
     kind = model_changes.get("ffn", config.model.ffn)
     if option_texts or kind != config.model.ffn:
         model_changes["ffn_options"] = _ffn_options(config.model, kind, option_texts)
