@@ -137,6 +137,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
     except (CorpusError, RunDirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if jax.process_index() == 0:
+        print(f"curves: python -m train.plot {run_dir}", flush=True)
     if summary["reason"] in ("SIGINT", "SIGTERM"):
         return 128 + int(getattr(signal, summary["reason"]))
     return 0
