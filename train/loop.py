@@ -53,6 +53,7 @@ from jax.sharding import Mesh
 from omnimoe_jax._model import AUX_LOSS_KINDS, TransformerLM, parameter_counts
 from train import data as data_lib
 from train import mesh as mesh_lib
+from train import progress as progress_lib
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.metrics import MetricsLog, dropped_pairs, routing_report, routing_statistics, sown_statistics
@@ -368,6 +369,7 @@ def run(
     """
     started = time.perf_counter()
     deadline = started + 60 * config.time_limit_minutes if config.time_limit_minutes else math.inf
+    console = log is None and mesh_lib.is_primary()  # our own console: a progress bar if it is a terminal
     log = (log or functools.partial(print, flush=True)) if mesh_lib.is_primary() else (lambda line: None)
     run_dir = pathlib.Path(run_dir)
     if mesh is not None:
@@ -379,6 +381,7 @@ def run(
     with (
         Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints,
         _StopFlag().installed() as stop,
+        progress_lib.Progress(config.steps, enabled=None if console else False) as progress,
         jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(),
     ):
         state = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log, mesh=mesh)
@@ -390,6 +393,7 @@ def run(
         compile_start = time.perf_counter()
         train_step = compiled_train_step(steps, shape)
         _log_start(config, corpus, step, resume, time.perf_counter() - compile_start, metrics_log, log, mesh)
+        log = progress.start(step, log, metrics_log)  # after compiling; lines print above the bar from here on
         if mesh is not None:
             eval_batches = [mesh_lib.put_batch(mesh, batch, axis=0) for batch in eval_batches]
 
@@ -418,6 +422,7 @@ def run(
             state, metrics = train_step(state, batch)  # dispatched asynchronously; read back only when logged
             window_dropped.append(metrics["dropped_pairs"])
             step, window_steps = step + 1, window_steps + 1
+            progress.advance(step)  # no device read: shows the last logged metrics
             done = step == config.steps
             logged = step % config.log_every == 0 or done
             evaluated = step % config.eval_every == 0 or done

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -122,12 +122,19 @@ class MetricsLog:
     def __init__(self, run_dir: str | pathlib.Path, *, enabled: bool = True):
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.subscribers: list[Callable[[dict[str, Any]], None]] = []
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call `callback(record)` with every record written from now on (the console's progress bar)."""
+        self.subscribers.append(callback)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for callback in self.subscribers:
+            callback(record)
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
