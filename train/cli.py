@@ -5,6 +5,7 @@ the layout: `--mesh` (data + expert parallelism) and `--coordinator`/`--num-proc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -22,6 +23,7 @@ from train.data import CorpusError
 from train.loop import RECORDING_FIELDS, RunDirectoryError, load_config, run
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
+from train.tokenizer import TextTokenizer
 
 # What --resume may change: how long the run goes on and what the loop records. Everything else (model,
 # optimizer, batch, data, seed) would make the rest of the run another run's.
@@ -116,6 +118,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
                 return 0
         else:
             config: TrainConfig = apply_overrides(get_preset(args.preset), overrides, scale_warmup=True)
+            if config.tokenizer is not None and "vocab_size" not in overrides:
+                # The tokenizer's ids and the three this package adds (train.tokenizer).
+                vocab_size = TextTokenizer(config.tokenizer).vocab_size
+                config = dataclasses.replace(config, model=config.model.replace(vocab_size=vocab_size))
             run_dir = pathlib.Path(args.run_dir or default_run_dir(args.preset))
         if args.print_config:
             print(json.dumps({**config.to_dict(), "parameters": parameter_counts(config.model)}, indent=2))

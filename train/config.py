@@ -29,6 +29,8 @@ class TrainConfig:
     Attributes:
       model: the language model (LMConfig); its context_length is the training sequence length.
       data: corpus path (see `train.data`), None = the Python standard library's sources.
+      tokenizer: a Hugging Face `tokenizers` file (tokenizer.json) to tokenise the text with instead of bytes
+        (see `train.tokenizer`); None = byte tokens.
       val_fraction: share of documents (or of a single document's tokens) held out for validation.
       token_dtype: element type of headerless .bin token files ("uint16" or "uint32").
       seed: seeds the parameter initialisation and the batch sampler.
@@ -58,6 +60,7 @@ class TrainConfig:
 
     model: LMConfig
     data: str | None = None
+    tokenizer: str | None = None
     val_fraction: float = 0.05
     token_dtype: str = "uint16"
     seed: int = 0
@@ -106,6 +109,8 @@ class TrainConfig:
         _check_number("time_limit_minutes", self.time_limit_minutes, lambda v: v >= 0, ">= 0")
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ValueError(f"data={self.data!r} must be a non-empty path string or None")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise ValueError(f"tokenizer={self.tokenizer!r} must be a non-empty path string or None")
         if self.token_dtype not in ("uint16", "uint32"):
             raise ValueError(f"token_dtype={self.token_dtype!r} must be 'uint16' or 'uint32'")
 
