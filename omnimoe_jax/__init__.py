@@ -8,6 +8,8 @@ Public surface:
   LMConfig, TransformerLM, parameter_counts   a decoder-only language model with OmniMoE feed-forwards
   convert         seed PyTorch checkpoint interop
   parallel        data + expert parallelism over a device mesh, multi-host, resharding restores
+  nnx             (import omnimoe_jax.nnx) every layer from Flax NNX: Linen(module, sample_input, rngs=...)
+  testing         (import omnimoe_jax.testing) the tests' tolerance table and relative error
 """
 
 from omnimoe_jax import convert, parallel

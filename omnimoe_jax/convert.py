@@ -21,22 +21,81 @@ A `FlashMoEConfig` selects the FlashMoE seed's keys (flash-algo/flash-moe), with
 | router_norm.running_mean / running_var | [d] | batch_stats/router_norm/... | [d] |
 | router_norm.num_batches_tracked | [] int64 | batch_stats/router_norm/num_batches_tracked | [] int32 |
 
-No torch import: values are numpy arrays (or array-likes), read from a dict or a `.safetensors` file.
+
+No torch import: values are numpy arrays (or array-likes), read from a dict or a `.safetensors` file through
+the `safetensors` library's numpy API. The library validates the file's layout (header, offsets, overlaps);
+on top of it `load_safetensors` refuses duplicate keys, and `from_torch_state_dict` refuses values the layer
+cannot use (non-finite tables, negative `running_var`, a `num_batches_tracked` outside the layer's int32
+counter), each naming the tensor.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from omnimoe_jax._config import FlashMoEConfig, OmniMoEConfig
-from omnimoe_jax._safetensors import load_safetensors, save_safetensors
 
 __all__ = ["from_torch_state_dict", "load_safetensors", "save_safetensors", "to_torch_state_dict"]
+
+
+def _refuse_duplicate_keys(where: str) -> None:
+    """The library keeps one of two entries with the same name (JSON objects may repeat keys), so which
+    tensor a duplicated name loads is the parser's choice: refuse such a file instead."""
+    with open(where, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            return  # the library reports the truncated file
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            return
+        text = f.read(header_len)
+    repeated: list[str] = []
+
+    def note_repeats(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in items]
+        repeated.extend(name for i, name in enumerate(names) if name in names[:i])
+        return dict(items)
+
+    try:
+        json.loads(text, object_pairs_hook=note_repeats)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # the library names what is wrong with the header
+    if repeated:
+        raise ValueError(f"{where!r}: its header names tensor(s) {sorted(set(repeated))} more than once")
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor in a `.safetensors` file as a numpy array (bf16 as `ml_dtypes.bfloat16`).
+
+    Raises ValueError naming the path for a file the `safetensors` library refuses (bad header, offsets
+    that overlap, leave holes or run past the end) or whose header repeats a tensor name.
+    """
+    where = os.fspath(path)
+    _refuse_duplicate_keys(where)
+    try:
+        return safetensors.numpy.load_file(where)
+    except safetensors.SafetensorError as error:
+        raise ValueError(f"{where!r} is not a valid safetensors file: {error}") from None
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
+    """Write numpy arrays (or array-likes) to a `.safetensors` file that `safetensors.torch.load_file` reads."""
+    # The library reads each array's buffer as dense C order; copy(order="C") keeps 0-d arrays 0-d.
+    arrays = {name: np.asarray(value).copy(order="C") for name, value in tensors.items()}
+    try:
+        safetensors.numpy.save_file(arrays, os.fspath(path))
+    except (safetensors.SafetensorError, KeyError, ValueError, TypeError) as error:
+        dtypes = {name: a.dtype.name for name, a in arrays.items()}
+        raise ValueError(f"cannot write {os.fspath(path)!r} (dtypes {dtypes}): {error}") from None
 
 
 LayerConfig = OmniMoEConfig | FlashMoEConfig
@@ -85,6 +144,30 @@ def _is_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
+_COUNTER_MAX = np.iinfo(np.int32).max  # the layer's num_batches_tracked is int32 (torch's is int64)
+
+
+def _check_value(name: str, value: np.ndarray) -> None:
+    """Refuse what the format stores happily but the layer cannot use, naming the tensor."""
+    if name.endswith("num_batches_tracked"):
+        if not np.issubdtype(value.dtype, np.integer):
+            raise ValueError(f"{name} has dtype {value.dtype}, expected an integer count (int64 in torch)")
+        count = int(value)  # a Python int: compares exactly whatever the stored width (uint64 included)
+        if not 0 <= count <= _COUNTER_MAX:
+            raise ValueError(f"{name} = {count} is outside the layer's int32 counter range [0, {_COUNTER_MAX}]")
+        return
+    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+        raise ValueError(f"{name} has dtype {value.dtype}, expected a floating-point tensor")
+    bad = ~np.isfinite(value)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} has {int(bad.sum())} NaN/inf values (the first at index {first}); expected finite")
+    if name.endswith("running_var") and (value < 0).any():
+        raise ValueError(
+            f"{name} has {int((value < 0).sum())} negative entries (min {value.min()}); a variance is >= 0"
+        )
+
+
 def from_torch_state_dict(
     state_dict: Mapping[str, Any] | str | os.PathLike,
     config: LayerConfig,
@@ -100,7 +183,8 @@ def from_torch_state_dict(
       prefix: prepended to every key, for one layer inside a larger model's checkpoint
         (e.g. "model.layers.3.mlp."). Keys outside the prefix are ignored; keys inside it must all be known.
 
-    Raises ValueError naming the key for a missing or unexpected key or a wrong shape.
+    Raises ValueError naming the key for a missing or unexpected key, a wrong shape or dtype, NaN/inf values,
+    a negative `running_var`, or a `num_batches_tracked` outside [0, 2**31 - 1] (the layer's int32 counter).
     `num_batches_tracked` may be absent (older torch); it then starts at 0.
     """
     if isinstance(state_dict, (str, os.PathLike)):
@@ -122,10 +206,11 @@ def from_torch_state_dict(
             value = np.asarray(ours[key])
             if value.shape != shape:
                 raise ValueError(f"{prefix + key} has shape {value.shape}, expected {shape} for {config}")
+            _check_value(prefix + key, value)
             if transpose:
                 value = value.T
         if _is_counter(key):
-            value = jnp.asarray(value.astype(np.int32))
+            value = jnp.asarray(value.astype(np.int32))  # in range: _check_value refused what would wrap
         elif path[0] == "batch_stats":
             value = jnp.asarray(value, jnp.float32)
         else:

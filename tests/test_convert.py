@@ -136,33 +136,136 @@ def test_wrong_shape_is_named(seed):
 def test_truncated_safetensors_file_is_refused(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"\x10\x00")
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(ValueError, match=r"bad.safetensors' is not a valid safetensors file: .*header too small"):
         load_safetensors(path)
 
 
-def _safetensors_bytes(header: dict, data: bytes) -> bytes:
-    text = json.dumps(header).encode()
+def _safetensors_bytes(header, data: bytes) -> bytes:
+    text = header.encode() if isinstance(header, str) else json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + data
+
+
+def _f32_pairs(*entries: tuple[str, int, int]) -> str:
+    """A header of [2]-shaped F32 tensors, (name, begin, end) each, written as text so a name may repeat."""
+    fields = (
+        f'"{name}": {{"dtype": "F32", "shape": [2], "data_offsets": [{begin}, {end}]}}' for name, begin, end in entries
+    )
+    return "{" + ", ".join(fields) + "}"
 
 
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        (struct.pack("<Q", 4) + b"\xff\xfe{}", "its header is not JSON"),
-        (_safetensors_bytes([1, 2], b""), "its header is a list, not an object"),
-        (_safetensors_bytes({"w": {"dtype": "F32"}}, b""), "tensor 'w' in .* needs dtype, shape and data_offsets"),
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "invalid UTF-8 in header"),
+        (_safetensors_bytes([1, 2], b""), "invalid JSON in header"),
+        (_safetensors_bytes({"w": {"dtype": "F32"}}, b""), "missing field `shape`"),
         (
             _safetensors_bytes({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, bytes(16)),
-            r"tensor 'w' in .*: data_offsets \[0, 16\) do not hold its shape \[2, 3\] of F32 \(24 bytes\)",
+            "invalid shape, data type, or offset for tensor",
         ),
         (
             _safetensors_bytes({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}, bytes(16)),
-            r"within the 16 data bytes",
+            "incomplete metadata, file not fully covered",
+        ),
+        # Two tensors sharing bytes: b's [4, 12) overlaps a's [0, 8).
+        (
+            _safetensors_bytes(_f32_pairs(("a", 0, 8), ("b", 4, 12)), bytes(12)),
+            "offset for tensor `b`",
+        ),
+        # A hole: nothing claims bytes [8, 12).
+        (
+            _safetensors_bytes(_f32_pairs(("a", 0, 8), ("b", 12, 20)), bytes(20)),
+            "offset for tensor `b`",
+        ),
+        # One name twice, at different offsets or at the same: which one loads would be the parser's choice.
+        (
+            _safetensors_bytes(_f32_pairs(("a", 0, 8), ("a", 8, 16)), bytes(16)),
+            r"names tensor\(s\) \['a'\] more than once",
+        ),
+        (
+            _safetensors_bytes(_f32_pairs(("a", 0, 8), ("a", 0, 8)), bytes(8)),
+            r"names tensor\(s\) \['a'\] more than once",
         ),
     ],
+    ids=["not-utf8", "not-object", "no-shape", "short", "past-end", "overlap", "hole", "duplicate", "duplicate-same"],
 )
 def test_malformed_safetensors_files_are_named(tmp_path, content, match):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=r"bad.safetensors'.*" + match):
         load_safetensors(path)
+
+
+def test_a_well_formed_hand_built_file_loads(tmp_path):
+    """The hand-built files above differ from this one only in the defect each carries."""
+    path = tmp_path / "good.safetensors"
+    data = np.array([1, 2, 3, 4], np.float32).tobytes()
+    path.write_bytes(_safetensors_bytes(_f32_pairs(("a", 0, 8), ("b", 8, 16)), data))
+    loaded = load_safetensors(path)
+    np.testing.assert_array_equal(loaded["a"], [1, 2])
+    np.testing.assert_array_equal(loaded["b"], [3, 4])
+
+
+def _spoil(state, key, value):
+    state = dict(state)
+    state[key] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("key", "spoil", "match"),
+    [
+        (
+            "up_embed.weight",
+            lambda a: _set(a, (3, 5), np.nan),
+            r"up_embed.weight has 1 NaN/inf values \(the first at index \(3, 5\)\)",
+        ),
+        ("gate_proj.weight", lambda a: _set(a, (0, 0), -np.inf), r"gate_proj.weight has 1 NaN/inf values"),
+        ("router_norm_x.running_mean", lambda a: _set(a, (2,), np.inf), r"router_norm_x.running_mean has 1 NaN/inf"),
+        (
+            "router_norm_y.running_var",
+            lambda a: _set(a, (1,), -0.5),
+            r"router_norm_y.running_var has 1 negative entries",
+        ),
+        (
+            "router_norm_x.num_batches_tracked",
+            lambda a: np.array(-1, np.int64),
+            r"= -1 is outside .* \[0, 2147483647\]",
+        ),
+        ("router_norm_x.num_batches_tracked", lambda a: np.array(2**31, np.int64), r"= 2147483648 is outside"),
+        (
+            "router_norm_x.num_batches_tracked",
+            lambda a: np.array(2**64 - 1, np.uint64),
+            r"= 18446744073709551615 is out",
+        ),
+        ("router_norm_x.num_batches_tracked", lambda a: np.array(3.0), r"has dtype float64, expected an integer count"),
+        (
+            "up_embed.weight",
+            lambda a: a.astype(np.int32),
+            r"up_embed.weight has dtype int32, expected a floating-point",
+        ),
+    ],
+)
+def test_unusable_values_are_refused_naming_the_tensor(tmp_path, seed, key, spoil, match):
+    """From a dict and from a file: the format stores these happily, the layer cannot use them."""
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    bad = _spoil(state, key, spoil(state[key]))
+    with pytest.raises(ValueError, match=match):
+        from_torch_state_dict(bad, CONFIG)
+    path = tmp_path / "bad.safetensors"
+    save_safetensors(path, bad)
+    with pytest.raises(ValueError, match=match):
+        from_torch_state_dict(path, CONFIG)
+
+
+def _set(array, index, value):
+    array = array.copy()
+    array[index] = value
+    return array
+
+
+def test_largest_counter_loads_exactly(seed):
+    state = random_state_dict(np.random.default_rng(seed), CONFIG)
+    state["router_norm_y.num_batches_tracked"] = np.array(2**31 - 1, np.int64)
+    variables = from_torch_state_dict(state, CONFIG)
+    assert int(variables["batch_stats"]["router"]["router_norm_y"]["num_batches_tracked"]) == 2**31 - 1

@@ -146,7 +146,76 @@ def test_print_config_shows_the_resolved_config_and_exits(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert cli.main(["--print-config", "--run-dir", str(run_dir), "--hidden_size=64", "--steps=500"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    config = apply_overrides(get_preset("tiny"), {"hidden_size": "64", "steps": "500"})
+    config = apply_overrides(get_preset("tiny"), {"hidden_size": "64", "steps": "500"}, scale_warmup=True)
     assert printed.pop("parameters") == parameter_counts(config.model)
     assert TrainConfig.from_dict(printed) == config
     assert not run_dir.exists()  # nothing loaded, compiled or written
+
+
+def test_steps_alone_scales_the_presets_warmup():
+    tiny = get_preset("tiny")  # 40 warm-up steps of 400
+    assert (tiny.steps, tiny.warmup_steps) == (400, 40)
+    for steps, warmup in [(20, 2), (5, 0), (2000, 200), (1, 0)]:
+        config = apply_overrides(tiny, {"steps": str(steps)}, scale_warmup=True)
+        assert (config.steps, config.warmup_steps) == (steps, warmup)
+    # A warm-up given explicitly is kept; without scale_warmup (a resumed run) nothing is scaled.
+    assert apply_overrides(tiny, {"steps": "20", "warmup_steps": "5"}, scale_warmup=True).warmup_steps == 5
+    assert apply_overrides(tiny, {"steps": "2000"}).warmup_steps == 40
+    with pytest.raises(ValueError, match="warmup_steps=40 must be < steps=20"):
+        apply_overrides(tiny, {"steps": "20"})
+
+
+def test_steps_alone_is_accepted_on_the_command_line(tmp_path, capsys):
+    from train import cli
+
+    assert cli.main(["--print-config", "--run-dir", str(tmp_path / "run"), "--steps=20"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["steps"], printed["warmup_steps"]) == (20, 2)
+
+
+def test_stored_help_is_what_the_parser_renders():
+    from train import help as help_text
+
+    assert help_text.HELP_FILE.read_text() == help_text.render(), (
+        "train/help.txt is stale: python -m train.help --write"
+    )
+
+
+def test_help_lists_every_field_in_its_group_with_type_default_and_doc():
+    from train import help as help_text
+
+    text = help_text.HELP_FILE.read_text()
+    groups = re.findall(r"^(\w+):\n", text, flags=re.M)
+    assert groups[-6:] == ["model", "FFN", "optimizer", "data", "loop", "checkpoints"], groups
+    entries = dict(re.findall(r"^  --([\w.]+) [A-Z|a-z]+  \(default [^)]*\)\n      (\S.*)$", text, flags=re.M))
+    assert sorted(entries) == sorted(override_keys()), set(override_keys()) ^ set(entries)
+    assert "--learning_rate FLOAT  (default 0.002)\n      peak learning rate" in text  # the tiny preset's value
+    assert "--data STR|none  (default none)" in text
+    assert "--peer.num_heads INT  (default 8)" in text
+    optimizer = text[text.index("\noptimizer:\n") : text.index("\ndata:\n")]
+    assert "--warmup_steps INT" in optimizer and "--steps INT" not in optimizer
+
+
+def test_help_prints_in_under_two_seconds_without_importing_jax():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from train import help as help_text
+
+    # What `python -m train --help` runs, then a look at what it imported.
+    probe = (
+        "import runpy, sys; sys.argv = ['train', '--help']\ntry:\n    runpy.run_module('train', run_name='__main__')\n"
+    )
+    probe += (
+        "except SystemExit as e:\n    assert e.code == 0, e.code\nprint('JAX' if 'jax' in sys.modules else 'NOJAX')"
+    )
+    root = help_text.HELP_FILE.parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    elapsed = time.perf_counter() - start
+    assert result.stdout.startswith("usage: python -m train"), result.stdout[:200]
+    assert result.stdout.rstrip().endswith("NOJAX"), "python -m train --help imported jax"
+    assert elapsed < 2.0, f"--help took {elapsed:.2f} s"

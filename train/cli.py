@@ -5,6 +5,7 @@ the layout: `--mesh` (data + expert parallelism) and `--coordinator`/`--num-proc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -16,12 +17,14 @@ import jax
 
 from omnimoe_jax import parallel, parameter_counts
 from train import divergence
+from train import help as help_text
 from train.checkpoint import CheckpointError, Checkpoints
-from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
+from train.config import TrainConfig, apply_overrides, parse_overrides
 from train.data import CorpusError
 from train.loop import RECORDING_FIELDS, RunDirectoryError, abstract_state, load_config, run
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
+from train.tokenizer import TextTokenizer
 
 # What --resume may change: how long the run goes on and what the loop records. Everything else (model,
 # optimizer, batch, data, seed) would make the rest of the run another run's.
@@ -33,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train",
         description="Train an OmniMoE byte-level language model (default: the tiny preset on the Python "
         "standard library's sources).",
-        epilog="Any config field can be overridden with --key=value (or --key value): " + ", ".join(override_keys()),
+        epilog=help_text.render_fields(),
+        # The field list is laid out by train/help.py; a fixed width keeps the stored help.txt terminal-free.
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=help_text.WIDTH),
         allow_abbrev=False,  # an override such as --r=... must never be taken for --run-dir
     )
     # default None, read as tiny: so --resume can tell a --preset it would ignore from none given
@@ -124,7 +129,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
                 return 0
         else:
             preset = args.preset or "tiny"
-            config: TrainConfig = apply_overrides(get_preset(preset), overrides)
+            config: TrainConfig = apply_overrides(get_preset(preset), overrides, scale_warmup=True)
+            if config.tokenizer is not None and "vocab_size" not in overrides:
+                # The tokenizer's ids and the three this package adds (train.tokenizer).
+                vocab_size = TextTokenizer(config.tokenizer).vocab_size
+                config = dataclasses.replace(config, model=config.model.replace(vocab_size=vocab_size))
             run_dir = pathlib.Path(args.run_dir or default_run_dir(preset))
         if args.print_config:
             print(json.dumps({**config.to_dict(), "parameters": parameter_counts(config.model)}, indent=2))
@@ -146,6 +155,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
     except (CorpusError, RunDirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if jax.process_index() == 0:
+        print(f"curves: python -m train.plot {run_dir}", flush=True)
     if summary["reason"] == divergence.REASON:
         return 3
     if summary["reason"] in ("SIGINT", "SIGTERM"):

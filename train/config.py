@@ -29,6 +29,8 @@ class TrainConfig:
     Attributes:
       model: the language model (LMConfig); its context_length is the training sequence length.
       data: corpus path (see `train.data`), None = the Python standard library's sources.
+      tokenizer: a Hugging Face `tokenizers` file (tokenizer.json) to tokenise the text with instead of bytes
+        (see `train.tokenizer`); None = byte tokens.
       val_fraction: share of documents (or of a single document's tokens) held out for validation.
       token_dtype: element type of headerless .bin token files ("uint16" or "uint32").
       seed: seeds the parameter initialisation and the batch sampler.
@@ -37,6 +39,10 @@ class TrainConfig:
       steps: optimizer steps of the whole run (the learning-rate schedule spans them).
       learning_rate: peak learning rate, reached after `warmup_steps` of linear warmup from 0, then cosine
         decay to `learning_rate * min_lr_ratio` at `steps`.
+      warmup_steps: steps of linear learning-rate warm-up from 0, fewer than `steps`. On the command line a
+        new run's `--steps` without `--warmup_steps` scales the preset's warm-up by the same factor
+        (floor(warmup_steps * new_steps / steps)), so `--steps=20` alone is a short run with the same shape.
+      min_lr_ratio: the cosine decay ends at learning_rate * min_lr_ratio.
       weight_decay: AdamW decoupled weight decay, on matrices and tables only (not on norm scales).
       beta1, beta2, adam_eps: AdamW moments.
       grad_clip: global gradient norm clip (0 = off).
@@ -54,6 +60,7 @@ class TrainConfig:
 
     model: LMConfig
     data: str | None = None
+    tokenizer: str | None = None
     val_fraction: float = 0.05
     token_dtype: str = "uint16"
     seed: int = 0
@@ -103,6 +110,8 @@ class TrainConfig:
         _check_number("time_limit_minutes", self.time_limit_minutes, lambda v: v >= 0, ">= 0")
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ValueError(f"data={self.data!r} must be a non-empty path string or None")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise ValueError(f"tokenizer={self.tokenizer!r} must be a non-empty path string or None")
         if self.token_dtype not in ("uint16", "uint32"):
             raise ValueError(f"token_dtype={self.token_dtype!r} must be 'uint16' or 'uint32'")
 
@@ -193,8 +202,13 @@ def _unknown_keys_message(unknown: list[str], valid: list[str]) -> str:
 _COMMAND_LINE_FLAGS = ("run_dir", "num_processes", "process_id")
 
 
-def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
-    """A copy of `config` with the overrides applied (each value parsed by its field's type)."""
+def apply_overrides(config: TrainConfig, overrides: dict[str, str], *, scale_warmup: bool = False) -> TrainConfig:
+    """A copy of `config` with the overrides applied (each value parsed by its field's type).
+
+    scale_warmup: when `steps` is overridden and `warmup_steps` is not, scale `warmup_steps` by the same
+    factor (rounded down), keeping the warm-up's share of the run. For a new run from a preset, not a resumed
+    one (whose warm-up is part of what already happened).
+    """
     valid = override_keys()
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
@@ -210,6 +224,8 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConf
         owner = LMConfig if key in model_fields else TrainConfig
         value = _parse_value(key, text, typing.get_type_hints(owner)[key])
         (model_changes if owner is LMConfig else train_changes)[key] = value
+    if scale_warmup and "steps" in train_changes and "warmup_steps" not in train_changes:
+        train_changes["warmup_steps"] = config.warmup_steps * train_changes["steps"] // config.steps
     kind = model_changes.get("ffn", config.model.ffn)
     if option_texts or kind != config.model.ffn:
         model_changes["ffn_options"] = _ffn_options(config.model, kind, option_texts)

@@ -22,6 +22,10 @@ Sources (`load_corpus`):
 - .npy / .bin files: pre-tokenised uint16 or uint32 token arrays, memory-mapped (.bin has no header: its
   dtype is the `token_dtype` argument). Ids must be < the model's vocab_size.
 
+With a tokenizer (`train.tokenizer`, `--tokenizer PATH/tokenizer.json`) the same text sources are tokenised
+by it instead of as bytes (documents [BOS, ids..., EOS] with the tokenizer's BOS and EOS), once: the
+result is cached.
+
 Split: each document goes to validation when the SHA-256 of its name (the file's path relative to the
 corpus root, plus ":<line>" for a .jsonl record) falls in the first `val_fraction` of the hash range, so
 the split is the same on every machine and run and independent of file order. A corpus of exactly one
@@ -36,12 +40,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import sysconfig
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from train import tokenizer as tokenizer_lib
+from train.tokenizer import TextTokenizer
 
 BOS, EOS, PAD = 256, 257, 258
 BYTE_VOCAB_SIZE = 259
@@ -65,6 +73,9 @@ class Corpus:
       source: the path read, or "stdlib:<dir>".
       byte_level: tokens are this module's byte tokens, so bits per byte can be reported.
       documents: (train, validation) document counts.
+      tokenizer: the tokenizer file the text was tokenised with (`train.tokenizer`), or None.
+      validation_bytes: with a tokenizer, the UTF-8 bytes the validation tokens decode to (bits per byte
+        are then val_loss * len(validation) / validation_bytes / ln 2); None otherwise.
     """
 
     train: np.ndarray
@@ -72,9 +83,16 @@ class Corpus:
     source: str
     byte_level: bool
     documents: tuple[int, int]
+    tokenizer: str | None = None
+    validation_bytes: int | None = None
+
+    @property
+    def tokens_per_byte(self) -> float | None:
+        """Validation tokens per UTF-8 byte of their text (tokenised corpora only)."""
+        return None if self.validation_bytes is None else len(self.validation) / self.validation_bytes
 
     def summary(self) -> dict[str, Any]:
-        return {
+        summary = {
             "source": self.source,
             "byte_level": self.byte_level,
             "train_tokens": len(self.train),
@@ -82,6 +100,9 @@ class Corpus:
             "train_documents": self.documents[0],
             "validation_documents": self.documents[1],
         }
+        if self.tokenizer is not None:
+            summary.update(tokenizer=self.tokenizer, validation_bytes=self.validation_bytes)
+        return summary
 
 
 def encode(text: str | bytes) -> np.ndarray:
@@ -121,13 +142,31 @@ def load_corpus(
     val_fraction: float,
     vocab_size: int,
     token_dtype: str = "uint16",
+    tokenizer: TextTokenizer | str | None = None,
 ) -> Corpus:
-    """Read, tokenise and split a corpus (see the module docstring). Raises CorpusError on bad input."""
+    """Read, tokenise and split a corpus (see the module docstring). Raises CorpusError on bad input.
+
+    tokenizer: tokenise the text with it (or the tokenizer file at this path) instead of as bytes
+      (`train.tokenizer`; cached, so a second load
+    of the same corpus reads the cache). Token files (.npy/.bin) are already tokenised and are refused.
+    """
     if not 0 < val_fraction < 1:
         raise CorpusError(f"val_fraction={val_fraction!r} must be in (0, 1)")
     if token_dtype not in TOKEN_DTYPES:
         raise CorpusError(f"token_dtype={token_dtype!r} must be one of {TOKEN_DTYPES}")
-    if path is None:
+    if isinstance(tokenizer, str):
+        try:
+            tokenizer = TextTokenizer(tokenizer)
+        except tokenizer_lib.TokenizerError as error:
+            raise CorpusError(str(error)) from None
+    if tokenizer is not None:
+        corpus = _tokenised_corpus(path, val_fraction, tokenizer)
+        if vocab_size < tokenizer.vocab_size:
+            raise CorpusError(
+                f"vocab_size={vocab_size} is too small for tokenizer {str(tokenizer.path)!r}: it needs "
+                f"{tokenizer.vocab_size} ({tokenizer.size} ids + BOS, EOS, PAD)"
+            )
+    elif path is None:
         root = stdlib_root()
         files = stdlib_files(root)
         if not files:
@@ -199,11 +238,17 @@ def _read_tokens(path: pathlib.Path, token_dtype: str) -> np.ndarray:
 
 def _text_documents(root: pathlib.Path, files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
     """(name, [BOS, bytes..., EOS]) per document: a file, or a record of a .jsonl file."""
+    for name, data in _raw_documents(root, files):
+        yield name, encode(data)
+
+
+def _raw_documents(root: pathlib.Path, files: list[pathlib.Path]) -> Iterator[tuple[str, bytes]]:
+    """(name, UTF-8 text) per document: a file, or a record of a .jsonl file."""
     for path in files:
         name = path.relative_to(root).as_posix()
         data = _read_bytes(path)
         if path.suffix != ".jsonl":
-            yield name, encode(data)
+            yield name, data
             continue
         for line_number, line in enumerate(data.splitlines(), start=1):
             if not line.strip():
@@ -214,7 +259,48 @@ def _text_documents(root: pathlib.Path, files: list[pathlib.Path]) -> Iterator[t
                 raise CorpusError(f'{path}:{line_number}: expected a JSON object with a "text" field') from err
             if not isinstance(text, str):
                 raise CorpusError(f'{path}:{line_number}: "text" must be a string, got {type(text).__name__}')
-            yield f"{name}:{line_number}", encode(text)
+            yield f"{name}:{line_number}", text.encode("utf-8")
+
+
+def _tokenised_corpus(path: str | None, val_fraction: float, tokenizer: TextTokenizer) -> Corpus:
+    """The text corpus at `path` (None: the standard library) through `tokenizer`, from the cache if there."""
+    if path is None:
+        root = stdlib_root()
+        files, source = stdlib_files(root), f"stdlib:{root}"
+    else:
+        target, source = pathlib.Path(path), str(path)
+        if not target.exists():
+            raise CorpusError(f"data path {str(target)!r} does not exist")
+        if target.is_dir():
+            root, files = target, sorted(p for p in target.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        elif target.suffix in TOKEN_SUFFIXES:
+            files = []
+        else:
+            root, files = target.parent, [target]
+        if not files:
+            raise CorpusError(
+                f"data path {str(target)!r} holds no text ({'/'.join(TEXT_SUFFIXES)} files) for tokenizer "
+                f"{str(tokenizer.path)!r}: token files (.npy/.bin) are tokenised already; drop --tokenizer for them"
+            )
+    documents = list(_raw_documents(root, files))
+    cached = tokenizer_lib.cache_dir() / f"{tokenizer_lib.corpus_key(documents, tokenizer, val_fraction)}.npz"
+    if cached.is_file():
+        with np.load(cached) as arrays:
+            train, validation = arrays["train"], arrays["validation"]
+            counts, validation_bytes = tuple(int(c) for c in arrays["documents"]), int(arrays["validation_bytes"])
+    else:
+        names = [name for name, _ in documents]
+        encoded = tokenizer.encode_batch([data.decode("utf-8", errors="replace") for _, data in documents])
+        split = _split_documents(zip(names, encoded, strict=True), val_fraction, source=source, byte_level=False)
+        train, validation, counts = split.train, split.validation, split.documents
+        validation_bytes = len(tokenizer.decode(validation).encode("utf-8"))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.partial.npz")  # written whole, then renamed: never half read
+        np.savez(partial, train=train, validation=validation, documents=counts, validation_bytes=validation_bytes)
+        os.replace(partial, cached)
+    if validation_bytes == 0:
+        raise CorpusError(f"{source}: the validation split decodes to no text through {str(tokenizer.path)!r}")
+    return Corpus(train, validation, source, False, counts, str(tokenizer.path), validation_bytes)
 
 
 def _split_documents(

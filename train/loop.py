@@ -21,7 +21,8 @@ metrics.jsonl records, one JSON object per line, `kind` first:
   previous record), mfu (model FLOPs utilisation of that throughput against every device's datasheet bf16
   peak; null where the device kind is unknown, as on a CPU), tokens_seen, elapsed_s.
 - eval: step, val_loss (mean nats per validation target token), bits_per_byte (nats / ln 2 over the byte
-  targets, BOS/EOS excluded; null for pre-tokenised corpora), tokens, dropped_pairs (expert-parallel
+  targets, BOS/EOS excluded; with a tokenizer, val_loss * validation tokens / validation bytes / ln 2;
+  null for pre-tokenised corpora), tokens, dropped_pairs (expert-parallel
   dispatch drops over the evaluation, as above), routing (mean over the sparse layers of experts_used,
   max_load, load_entropy, and router_entropy (OmniMoE, FlashMoE) or dropped_pairs, dropped_fraction (pairs over a
   capacity-bound MoE expert's capacity: GShard, DeepSeekMoE with dispatch="capacity") and balance_loss
@@ -60,6 +61,8 @@ from omnimoe_jax._model import AUX_LOSS_KINDS, TransformerLM, parameter_counts
 from train import data as data_lib
 from train import divergence
 from train import mesh as mesh_lib
+from train import progress as progress_lib
+from train import tokenizer as tokenizer_lib
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.flops import model_flops_per_token, peak_flops
@@ -252,7 +255,7 @@ class Steps:
 
 # TrainConfig fields that steer only the loop around the steps: what it feeds them, and what it records and
 # when it stops. A resumed run may change the second kind (and `steps`): train.cli's --resume.
-_DATA_FIELDS = ("data", "val_fraction", "token_dtype", "seed")
+_DATA_FIELDS = ("data", "tokenizer", "val_fraction", "token_dtype", "seed")
 RECORDING_FIELDS = (
     "eval_every",
     "eval_batches",
@@ -316,8 +319,17 @@ def abstract_state(config: TrainConfig, mesh: Mesh | None = None) -> TrainState:
     return mesh_lib.restore_target(shapes, mesh)
 
 
-def evaluate(steps: Steps, state: TrainState, batches: list[np.ndarray], config: TrainConfig, *, byte_level: bool):
-    """The eval record's numbers over `batches` (see the module docstring)."""
+def evaluate(
+    steps: Steps,
+    state: TrainState,
+    batches: list[np.ndarray],
+    config: TrainConfig,
+    *,
+    byte_level: bool,
+    tokens_per_byte: float | None = None,
+):
+    """The eval record's numbers over `batches` (see the module docstring). `tokens_per_byte`: a tokenised
+    corpus's validation tokens per byte (`Corpus.tokens_per_byte`), which converts nats/token to bits/byte."""
     totals: dict[str, np.ndarray] = {}
     for batch in batches:
         sums = jax.device_get(steps.eval_step(state, batch))
@@ -329,6 +341,8 @@ def evaluate(steps: Steps, state: TrainState, batches: list[np.ndarray], config:
         "tokens": int(totals["tokens"]),
         "dropped_pairs": int(totals["dispatch_dropped_pairs"]),
     }
+    if tokens_per_byte is not None:
+        result["bits_per_byte"] = result["val_loss"] * tokens_per_byte / math.log(2)
     if "expert_counts" in totals:
         result.update(routing_report(totals, config.model.sparse_layers, num_batches=len(batches)))
     return result
@@ -385,12 +399,15 @@ def run(
     """
     started = time.perf_counter()
     deadline = started + 60 * config.time_limit_minutes if config.time_limit_minutes else math.inf
+    console = log is None and mesh_lib.is_primary()  # our own console: a progress bar if it is a terminal
     log = (log or functools.partial(print, flush=True)) if mesh_lib.is_primary() else (lambda line: None)
     run_dir = pathlib.Path(run_dir)
     if mesh is not None:
         mesh_lib.check_mesh(config, mesh)
     corpus, sampler, eval_batches = _prepare_data(config, log)  # fails before anything is compiled
     run_dir.mkdir(parents=True, exist_ok=True)
+    if config.tokenizer is not None and mesh_lib.is_primary():
+        tokenizer_lib.store(config.tokenizer, run_dir)  # train.sample encodes and decodes with the copy
     metrics_log = MetricsLog(run_dir, enabled=mesh_lib.is_primary())
     steps = build_steps(config, mesh)
     with (
@@ -398,6 +415,7 @@ def run(
         Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints,
         _StopFlag().installed() as stop,
         contextlib.ExitStack() as stack,
+        progress_lib.Progress(config.steps, enabled=None if console else False) as progress,
         jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(),
     ):
         if torn := metrics_log.repair():
@@ -411,6 +429,7 @@ def run(
         compile_start = time.perf_counter()
         train_step = compiled_train_step(steps, shape)
         _log_start(config, corpus, step, resumed, time.perf_counter() - compile_start, metrics_log, log, mesh)
+        log = progress.start(step, log, metrics_log)  # after compiling; lines print above the bar from here on
         if mesh is not None:
             eval_batches = [mesh_lib.put_batch(mesh, batch, axis=0) for batch in eval_batches]
 
@@ -447,6 +466,7 @@ def run(
             state, metrics = train_step(state, batch)  # dispatched asynchronously; read back only when logged
             window_dropped.append(metrics["dropped_pairs"])
             step, window_steps = step + 1, window_steps + 1
+            progress.advance(step)  # no device read: shows the last logged metrics
             done = step == config.steps
             logged = step % config.log_every == 0 or done
             evaluated = step % config.eval_every == 0 or done
@@ -464,7 +484,14 @@ def run(
                 log(divergence.message(nonfinite, checkpoints.latest_step()))
                 break
             if evaluated:
-                last_eval = evaluate(steps, state, eval_batches, config, byte_level=corpus.byte_level)
+                last_eval = evaluate(
+                    steps,
+                    state,
+                    eval_batches,
+                    config,
+                    byte_level=corpus.byte_level,
+                    tokens_per_byte=corpus.tokens_per_byte,
+                )
                 metrics_log.write({"kind": "eval", "step": step, **last_eval})
                 log(_eval_line(step, last_eval))
             if saved:
@@ -557,6 +584,7 @@ def _prepare_data(config: TrainConfig, log: Callable[[str], None]):
         val_fraction=config.val_fraction,
         vocab_size=config.model.vocab_size,
         token_dtype=config.token_dtype,
+        tokenizer=config.tokenizer,
     )
     window = config.model.context_length + 1
     data_lib.check_fits(corpus, window)

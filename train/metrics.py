@@ -25,7 +25,7 @@ import math
 import os
 import pathlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -126,6 +126,11 @@ class MetricsLog:
     def __init__(self, run_dir: str | pathlib.Path, *, enabled: bool = True):
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.subscribers: list[Callable[[dict[str, Any]], None]] = []
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call `callback(record)` with every record written from now on (the console's progress bar)."""
+        self.subscribers.append(callback)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -138,6 +143,8 @@ class MetricsLog:
             os.close(fd)
         if written != len(line):  # a full disk: the line is torn; say so rather than log on after it
             raise OSError(f"{self.path}: wrote {written} of {len(line)} bytes of a record (disk full?)")
+        for callback in self.subscribers:
+            callback(record)
 
     def repair(self) -> int:
         """Truncate a torn last line (bytes after the last newline, from a write cut short); returns how many

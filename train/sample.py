@@ -5,8 +5,9 @@ token (no KV cache): one compiled shape, exact under causal attention (the windo
 PAD, which positions before it never see), and fast enough for the presets' small contexts. Beyond
 `context_length` tokens the window slides, so the model never sees positions it was not trained on.
 
-The prompt is encoded as [BOS, its UTF-8 bytes]; the output is exactly `max_new_tokens` tokens, printed
-as text with special tokens left out. `--temperature 0` is greedy; otherwise tokens are sampled from the
+The prompt is encoded as [BOS, its UTF-8 bytes] (or [BOS, its ids] through the tokenizer a run trained
+with, the run directory's tokenizer.json); the output is exactly `max_new_tokens` tokens, printed as text
+with special tokens left out. `--temperature 0` is greedy; otherwise tokens are sampled from the
 softmax at that temperature, restricted to the smallest set of tokens whose probability reaches `--top-p`.
 """
 
@@ -26,9 +27,11 @@ import numpy as np
 
 from omnimoe_jax._model import TransformerLM
 from train import data as data_lib
+from train import tokenizer as tokenizer_lib
 from train.checkpoint import Checkpoints
 from train.loop import RunDirectoryError, abstract_state, load_config
 from train.metrics import read_metrics
+from train.tokenizer import TextTokenizer
 
 
 def load_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[TransformerLM, dict[str, Any], int]:
@@ -47,11 +50,20 @@ def load_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[Tr
     return TransformerLM(config.model), variables, step
 
 
-def _require_byte_tokens(run_dir: str | pathlib.Path) -> None:
-    """ValueError unless the run trained on this package's byte tokens: a text prompt is encoded, and the
-    output decoded, as bytes; a run on pre-tokenised .npy/.bin files used a tokenizer this package lacks."""
+def run_tokenizer(run_dir: str | pathlib.Path) -> TextTokenizer | None:
+    """The tokenizer a run trained with (its directory's copy, `train.tokenizer`), or None for byte tokens."""
+    path = pathlib.Path(run_dir) / tokenizer_lib.RUN_DIR_FILE
+    return TextTokenizer(path) if path.is_file() else None
+
+
+def _require_text_tokens(run_dir: str | pathlib.Path) -> None:
+    """ValueError unless the run trained on byte tokens or a stored tokenizer: a text prompt is encoded, and
+    the output decoded, with one of those; a run on pre-tokenised .npy/.bin files used a tokenizer the run
+    directory does not hold."""
     if not (pathlib.Path(run_dir) / "metrics.jsonl").is_file():
         return  # not a run directory: load_model says so
+    if (pathlib.Path(run_dir) / tokenizer_lib.RUN_DIR_FILE).is_file():
+        return
     starts = [r for r in read_metrics(run_dir) if r["kind"] == "start"]
     if starts and not starts[0]["corpus"]["byte_level"]:
         raise ValueError(
@@ -93,8 +105,12 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    pad: int = data_lib.PAD,
 ) -> np.ndarray:
-    """The `max_new_tokens` token ids [max_new_tokens] that follow `prompt` (a non-empty list of ids)."""
+    """The `max_new_tokens` token ids [max_new_tokens] that follow `prompt` (a non-empty list of ids).
+
+    pad: the id filling the window past the context (never seen by it); a tokenizer run's `TextTokenizer.pad`.
+    """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
     if not 0 <= temperature < math.inf:
@@ -108,7 +124,7 @@ def generate(
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     for key in keys:
         context = tokens[-window_size:]
-        window = np.full((1, window_size), data_lib.PAD, np.int32)  # [1, L]
+        window = np.full((1, window_size), pad, np.int32)  # [1, L]
         window[0, : len(context)] = context
         new = _next_token(model, variables, window, np.int32(len(context)), key, temperature=temperature, top_p=top_p)
         tokens.append(int(new))
@@ -132,9 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args = parser.parse_args(argv)
     try:
-        _require_byte_tokens(args.run)
+        _require_text_tokens(args.run)
+        tokenizer = run_tokenizer(args.run)
         model, variables, _ = load_model(args.run, args.step)
-        prompt = data_lib.encode(args.prompt)[:-1]  # [BOS, bytes...] without the EOS
+        codec = data_lib if tokenizer is None else tokenizer
+        prompt = codec.encode(args.prompt)[:-1]  # [BOS, tokens...] without the EOS
         new = generate(
             model,
             variables,
@@ -143,11 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
+            pad=data_lib.PAD if tokenizer is None else tokenizer.pad,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(args.prompt + data_lib.decode(new))
+    print(args.prompt + codec.decode(new))
     return 0
 
 
