@@ -236,7 +236,7 @@ def measure(preset: str, args, overrides: list[str], save) -> dict:
             state, _ = train_step(state, batches[0])  # the state is donated: each call takes the last one's
             return state
 
-        row.update(_trace(advance))
+        row.update(_trace(advance, step_s))
     stats = device.memory_stats() or {}
     row["peak_gb"] = round(stats.get("peak_bytes_in_use", 0) / 1e9, 2) or None
     row["loss"] = float(np.asarray(jax.device_get(metrics["loss"])))
@@ -258,18 +258,17 @@ def _memory_estimate(compiled) -> int | None:
     return total - (getattr(analysis, "alias_size_in_bytes", 0) or 0)
 
 
-def _trace(step) -> dict:
-    """Profile three steps; sum the device kernels' durations by name from the Perfetto trace."""
+def _trace(step, step_s: float) -> dict:
+    """Profile three steps; sum the device kernels' durations by name from the Perfetto trace. Busy is
+    their sum over three untraced step times (the traced wall time also holds the profiler's start-up)."""
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
         jax.block_until_ready(step())
-        start = time.perf_counter()
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(3):
                 last = step()
             jax.block_until_ready(last)
-        wall_us = (time.perf_counter() - start) * 1e6
         files = sorted(pathlib.Path(tmp).rglob("*.json.gz"))
         if not files:
             return {"trace": "no trace file written"}
@@ -294,7 +293,7 @@ def _trace(step) -> dict:
     busy = sum(kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
     return {
-        "device_busy": round(busy / wall_us, 3) if wall_us else None,
+        "device_busy": round(busy / (3 * step_s * 1e6), 3),
         "trace_processes": sorted(set(names.values())),
         "trace_streams": sorted(set(threads.values())),
         "top_kernels_ms_per_step": [[name[:120], round(us / 3e3, 3)] for name, us in top],
