@@ -396,18 +396,25 @@ class TransformerLM(nn.Module):
 # Vocabularies up to this size are embedded as one-hot rows times the table, a matrix product whose gradient
 # is one too. A gather's gradient is a scatter-add, and with few distinct ids (a byte vocabulary: 259 rows
 # for tens of thousands of tokens) its atomic adds collide on the same rows and serialise: on GPUs that one
-# scatter took longer than the rest of the training step. The product costs 2 V d FLOPs per token.
+# scatter took longer than the rest of the training step. The product costs 2 V d FLOPs per token. A CPU's
+# scatter-add is sequential and fast, and keeps the table gradient's summation order fixed however XLA
+# splits a product over threads (bitwise resume across processes relies on it): the gather stays there.
 ONE_HOT_EMBEDDING_MAX_VOCAB = 4096
 
 
-def _embed_tokens(embed: nn.Embed, tokens: jax.Array, dtype: Any) -> jax.Array:
-    """Rows of the embedding table for tokens [B, L] -> [B, L, d] in `dtype`: exactly `embed(tokens)`."""
-    if embed.num_embeddings > ONE_HOT_EMBEDDING_MAX_VOCAB:
+def _embed_tokens(embed: nn.Embed, tokens: jax.Array, dtype: Any, *, one_hot: bool | None = None) -> jax.Array:
+    """Rows of the embedding table for tokens [B, L] -> [B, L, d] in `dtype`: exactly `embed(tokens)`.
+
+    `one_hot`: None chooses (one-hot product on a GPU for vocabularies up to ONE_HOT_EMBEDDING_MAX_VOCAB).
+    """
+    if one_hot is None:
+        one_hot = jax.default_backend() == "gpu" and embed.num_embeddings <= ONE_HOT_EMBEDDING_MAX_VOCAB
+    if not one_hot:
         return embed(tokens)
     table = jnp.asarray(embed.embedding, dtype)  # [V, d]
-    one_hot = jax.nn.one_hot(tokens, embed.num_embeddings, dtype=dtype)  # [B, L, V], exact 0s and 1s
+    rows = jax.nn.one_hot(tokens, embed.num_embeddings, dtype=dtype)  # [B, L, V], exact 0s and 1s
     # One nonzero product per output: exact at HIGHEST precision (f32 would otherwise round to TF32 on GPUs).
-    return jnp.einsum("blv,vd->bld", one_hot, table, precision=jax.lax.Precision.HIGHEST)  # [B, L, d]
+    return jnp.einsum("blv,vd->bld", rows, table, precision=jax.lax.Precision.HIGHEST)  # [B, L, d]
 
 
 def parameter_counts(config: LMConfig) -> dict[str, int]:

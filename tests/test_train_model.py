@@ -247,7 +247,7 @@ def test_one_hot_embedding_is_the_gather_bit_for_bit(dtype):
     tokens = jax.random.randint(jax.random.key(3), (3, 17), 0, 259)
     variables = embed.init(jax.random.key(4), tokens)
     gathered = embed.apply(variables, tokens)  # [3, 17, 64]
-    one_hot = embed.apply(variables, tokens, method=lambda module, t: _embed_tokens(module, t, dtype))
+    one_hot = embed.apply(variables, tokens, method=lambda module, t: _embed_tokens(module, t, dtype, one_hot=True))
     assert one_hot.dtype == gathered.dtype
     np.testing.assert_array_equal(np.asarray(one_hot, np.float32), np.asarray(gathered, np.float32))
 
