@@ -144,3 +144,15 @@ def test_train_resume_sample_through_the_tokenizer(bpe_file, corpus_dir, tmp_pat
     prompt = tokenizer.encode("def ")[:-1].tolist()
     ids = sample.generate(model, variables, prompt, max_new_tokens=12, pad=tokenizer.pad)
     assert out == "def " + tokenizer.decode(ids) + "\n"
+
+
+def test_the_run_directory_keeps_the_tokenizer_it_started_with(bpe_file, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stored = tokenizer_lib.store(bpe_file, run_dir)
+    assert stored == run_dir / "tokenizer.json" and stored.read_bytes() == bpe_file.read_bytes()
+    assert tokenizer_lib.store(bpe_file, run_dir) == stored  # a resume with the same file
+    other = tmp_path / "other.json"
+    other.write_text(bpe_file.read_text().replace('"vocab"', '"vocab" ', 1))
+    with pytest.raises(TokenizerError, match=f"differs from tokenizer='{other}': the run used another tokenizer"):
+        tokenizer_lib.store(other, run_dir)

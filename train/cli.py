@@ -24,7 +24,7 @@ from train.data import CorpusError
 from train.loop import RECORDING_FIELDS, RunDirectoryError, abstract_state, load_config, run
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
-from train.tokenizer import TextTokenizer
+from train.tokenizer import TextTokenizer, TokenizerError
 
 # What --resume may change: how long the run goes on and what the loop records. Everything else (model,
 # optimizer, batch, data, seed) would make the rest of the run another run's.
@@ -152,7 +152,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
         parser.error(str(err))
     try:
         summary = run(config, run_dir, resume=args.resume, mesh=mesh)
-    except (CorpusError, RunDirectoryError) as err:
+    except (CorpusError, RunDirectoryError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
