@@ -338,7 +338,7 @@ def test_config_takes_the_seeds_quick_start():
         ({"hidden_act": "swiglu"}, "hidden_act='swiglu' is not supported"),
         ({"norm_topk_prob": 1}, "norm_topk_prob=1 must be a bool"),
         ({"router_norm_momentum": 0.0}, r"router_norm_momentum=0.0 must be in \(0, 1\]"),
-        ({"router_norm_eps": -1.0}, "router_norm_eps=-1.0 must be a positive number"),
+        ({"router_norm_eps": -1.0}, "router_norm_eps=-1.0 must be a positive finite number"),
         ({"implementation": "triton"}, "implementation='triton' must be one of"),
         ({"dtype": "int32"}, "dtype='int32' must be a floating dtype"),
         ({"expert_axis": ""}, "expert_axis='' must be a mesh axis name"),
