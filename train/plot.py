@@ -40,7 +40,8 @@ def run_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[fl
         if kind == "train":
             series["loss"] = [r["loss"] for r in rows]
             series["tokens_per_s"] = [r["tokens_per_s"] for r in rows]
-            if rows and all("mfu" in r for r in rows):
+            # A CPU run records mfu as null (no datasheet peak): no MFU curve then.
+            if rows and all(r.get("mfu") is not None for r in rows):
                 series["mfu"] = [r["mfu"] for r in rows]
         else:
             series["val_loss"] = [r["val_loss"] for r in rows]
