@@ -287,8 +287,8 @@ def test_the_lock_names_its_holder(tmp_path):
 
 def start_train(args: list[str], log_path: pathlib.Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    log = log_path.open("w")
-    return subprocess.Popen([sys.executable, "-m", "train", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    with log_path.open("w") as log:  # the child holds its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "train", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240.0) -> None:
