@@ -86,7 +86,7 @@ DAMAGES = {
     "truncated data file": (truncate_data_file, "1 file(s) changed since the save (SHA-256 differs): state/"),
     "empty _METADATA": (empty_metadata, "1 file(s) changed since the save (SHA-256 differs): state/_METADATA"),
     "missing data/": (remove_data, "2 file(s) missing: data/commit_success.txt, data/metadata"),
-    "unfinished save": (remove_manifest, f"no {MANIFEST}: its save did not finish"),
+    "unfinished save": (remove_manifest, f"no {MANIFEST}: its save did not finish (or it predates checksummed"),
     "unrestorable": (empty_metadata_with_matching_digests, "cannot be restored ("),
 }
 

@@ -140,7 +140,7 @@ class Checkpoints:
             if not isinstance(recorded, dict) or not recorded:
                 raise ValueError(f"'sha256' holds {recorded!r}, not a table of file digests")
         except FileNotFoundError:
-            return f"no {MANIFEST}: its save did not finish"
+            return f"no {MANIFEST}: its save did not finish (or it predates checksummed checkpoints)"
         except (OSError, ValueError, KeyError, TypeError) as err:
             return f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
         missing, changed = [], []
