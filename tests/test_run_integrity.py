@@ -86,7 +86,7 @@ DAMAGES = {
     "truncated data file": (truncate_data_file, "1 file(s) changed since the save (SHA-256 differs): state/"),
     "empty _METADATA": (empty_metadata, "1 file(s) changed since the save (SHA-256 differs): state/_METADATA"),
     "missing data/": (remove_data, "2 file(s) missing: data/commit_success.txt, data/metadata"),
-    "unfinished save": (remove_manifest, f"no {MANIFEST}: its save did not finish"),
+    "unfinished save": (remove_manifest, f"no {MANIFEST}: its save did not finish (or it predates checksummed"),
     "unrestorable": (empty_metadata_with_matching_digests, "cannot be restored ("),
 }
 
@@ -287,8 +287,8 @@ def test_the_lock_names_its_holder(tmp_path):
 
 def start_train(args: list[str], log_path: pathlib.Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    log = log_path.open("w")
-    return subprocess.Popen([sys.executable, "-m", "train", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    with log_path.open("w") as log:  # the child holds its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "train", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240.0) -> None:
@@ -353,17 +353,19 @@ def test_thirty_sigkills_during_checkpointing_then_an_exact_state(tmp_path, smal
     """The soak: a checkpoint every step, SIGKILL at random moments of 30 resumed runs (each once it has
     saved, so the kills land amid checkpointing), then the state is bitwise the uninterrupted run's."""
     rng = random.Random(seed)
-    steps = 100
+    steps = 300  # enough that 30 kills, each a few steps after a save, never reach the end
     extra = [f"--data={small_corpus}", "--checkpoint_every=1", f"--steps={steps}", "--log_every=1"]
     run_dir = tmp_path / "run"
     for kill_number in range(30):
-        resume = ["--resume"] if (run_dir / "config.json").is_file() else []
+        # The first run starts it (again, if killed before its first checkpoint); the others resume it.
+        started = verified_steps(run_dir) or list((run_dir / "bad_checkpoints").glob("*"))
+        command = ["--resume"] if started else [*SHRUNK, *extra]
         log_path = tmp_path / f"{kill_number}.log"
         before = verified_steps(run_dir)
-        process = start_train(["--run-dir", str(run_dir), *resume, *SHRUNK, *extra], log_path)
+        process = start_train(["--run-dir", str(run_dir), *command], log_path)
         try:
             wait_for(lambda b=before: verified_steps(run_dir) != b, process, "a save")
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.3))
             assert process.poll() is None, (
                 f"finished before kill {kill_number + 1}: raise steps\n{log_path.read_text()}"
             )

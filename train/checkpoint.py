@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from train.run_directory import RunDirectoryError
 
@@ -107,7 +108,8 @@ class Checkpoints:
             if jax.process_index() == 0:  # the files of every process are in place once orbax has finished
                 self._write_manifest(step)
         self._pending = []
-        self._manager.reload()
+        # orbax's own list of steps, not a fresh listing: it is the same in every process, and each delete
+        # is a barrier every process must reach
         for step in self.all_steps()[: -self.keep]:
             self._manager.delete(step)
 
@@ -140,7 +142,7 @@ class Checkpoints:
             if not isinstance(recorded, dict) or not recorded:
                 raise ValueError(f"'sha256' holds {recorded!r}, not a table of file digests")
         except FileNotFoundError:
-            return f"no {MANIFEST}: its save did not finish"
+            return f"no {MANIFEST}: its save did not finish (or it predates checksummed checkpoints)"
         except (OSError, ValueError, KeyError, TypeError) as err:
             return f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
         missing, changed = [], []
@@ -196,8 +198,16 @@ class Checkpoints:
                 moved_to = self._move_aside(step) if move_aside else None
                 skipped.append(SkippedCheckpoint(step, err.reason, moved_to))
                 continue
+            self._forget_moved()
             return step, state, data_state, skipped
+        self._forget_moved()
         return None, None, None, skipped
+
+    def _forget_moved(self) -> None:
+        """Drop the moved-aside steps from orbax's list, in every process once the primary has moved them."""
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints moved aside")
+        self._manager.reload()
 
     def _move_aside(self, step: int) -> str:
         self.bad_directory.mkdir(exist_ok=True)
@@ -206,7 +216,6 @@ class Checkpoints:
         while target.exists():  # the same step may fail again after a later run saved it anew
             target, suffix = self.bad_directory / f"{step}.{suffix}", suffix + 1
         self.step_directory(step).rename(target)
-        self._manager.reload()
         return str(target)
 
     def close(self) -> None:
