@@ -30,6 +30,10 @@ CASES = [
     (1000, 100, 64, "float32"),
     (4096, 256, 16, "bfloat16"),
     (1021, 320, 512, "bfloat16"),
+    # The paper's setting, and K > the exact head of step 1 with (n > k') and without (n = k') compaction.
+    (4096, 320, 512, "bfloat16"),
+    (1024, 320, 1024, "float32"),
+    (1021, 1024, 512, "bfloat16"),
     (4096, 1024, 64, "bfloat16"),
     (2048, 64, 1024, "float32"),
     (257, 4096, 1024, "float32"),
@@ -93,7 +97,7 @@ def test_matches_reference_on_gpu(tokens, n, top_k, dtype, key):
     check_against_reference(lpx, lpy, normal(k2, (tokens, top_k)), top_k)
 
 
-@pytest.mark.parametrize(("n", "top_k"), [(6, 5), (6, 13), (64, 64)])
+@pytest.mark.parametrize(("n", "top_k"), [(6, 5), (6, 13), (64, 64), (100, 512)])
 def test_ties_match_brute_force_on_gpu(n, top_k, seed):
     rng = np.random.default_rng(seed)
     lpx = rng.integers(-3, 1, (512, n)).astype(np.float32)
