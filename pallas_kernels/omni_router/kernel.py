@@ -117,10 +117,14 @@ def _region_size(floors: np.ndarray, top_k: int) -> int:
 def head_ranks(n: int, top_k: int) -> int:
     """h: how many of an axis's top entries step 1 orders exactly (min(k', h) of them; see `rank_floors`).
 
-    The smallest of `HEAD_SIZES` whose candidate region still fits the power-of-two slot count of the exact
-    region (a smaller head is a cheaper rank count but a coarser order, hence more candidates).
+    k' itself (an exact order) up to the largest of `HEAD_SIZES`, where a k'^2 rank count is short next to
+    the bucketing's bisection; above, the smallest of `HEAD_SIZES` whose candidate region still fits the
+    power-of-two slot count of the exact region (a smaller head is a cheaper rank count but a coarser
+    order, hence more candidates).
     """
     k_axis = min(top_k, n)
+    if k_axis <= HEAD_SIZES[-1]:
+        return k_axis
     exact_slots = next_power_of_2(_region_size(np.arange(k_axis), top_k))
     for head in HEAD_SIZES:
         if next_power_of_2(_region_size(_floors(k_axis, head), top_k)) <= exact_slots:
@@ -313,65 +317,76 @@ def _compact_top_of_axis(log_probs_ref, keys_ref, cols_ref, t0, *, block_tokens:
     pltriton.store(cols_ref.at[rows, slot], cols, mask=write)
 
 
-def _bucket_axis(keys, cols, rows, head_keys_ref, head_cols_ref, positions_ref, *, key_bits: int):
-    """Step 1b for k' > h: the k' entries of one axis, in column order, to the order of `rank_floors`.
+def _bucket_axes(entries, head_refs, positions_refs, *, key_bits: int):
+    """Step 1b for k' > h: the k' entries of each axis, in column order, to the order of `rank_floors`.
 
-    keys, cols: [bt, m_pad] (entry e < k' real, INT32_MIN keys past that), rows: [bt, m_pad] token ids.
-    One bisection, vectorised over the bucket boundaries r = h, 2h, 4h, ... < k', finds for each r the set
-    of the top r entries (key above the r-th largest, or equal to it with a low enough column: a prefix
-    count). The entries outside all of them but the first form bucket 0, the head: packed in column order
-    into head_keys_ref, head_cols_ref [T, h] for `_rank_compacted`. An entry of bucket u >= 1 (in the top
-    2^u h, not in the top 2^(u-1) h) goes to position 2^(u-1) h + (its place among the bucket's entries in
-    column order) of positions_ref [T, k'], a difference of two prefix counts.
+    entries: per axis (keys, cols, rows), each [bt, m_pad] (entry e < k' real, INT32_MIN keys past that;
+    rows: token ids); head_refs: per axis (keys, cols) scratch [T, h]; positions_refs: per axis [T, k'].
+    One bisection, vectorised over both axes and the bucket boundaries r = h, 2h, 4h, ... < k' (one row of
+    a [bt, 2 b_pad, m_pad] count each), finds for each r the set of the top r entries (key above the r-th
+    largest, or equal to it with a low enough column: a prefix count). Bucket 0, the head, is the top h:
+    packed in column order into the head scratch for `_rank_compacted`. An entry of bucket u >= 1 (in the
+    top 2^u h, not in the top 2^(u-1) h) goes to position 2^(u-1) h + (its place among the bucket's
+    entries in column order) of positions_ref, a difference of two prefix counts.
     """
-    tokens, k_axis = positions_ref.shape
-    head = head_keys_ref.shape[1]
-    bt, m_pad = keys.shape
+    tokens, k_axis = positions_refs[0].shape
+    head = head_refs[0][0].shape[1]
+    bt, m_pad = entries[0][0].shape
     boundaries = (k_axis - 1).bit_length() - (head - 1).bit_length()  # h 2^v < k' for v < boundaries
     b_pad = next_power_of_2(boundaries)
-    # Per-boundary values are [bt, b_pad], expanded with [:, :, None] where they meet the entries: a
-    # [bt, b_pad, 1] array carried through the loop takes a layout that costs ~100 registers more (sm_90).
-    want = jnp.minimum(jnp.left_shift(jnp.int32(head), lax.broadcasted_iota(jnp.int32, (bt, b_pad), 1)), k_axis)
-    level = lax.broadcasted_iota(jnp.int32, (bt, b_pad, m_pad), 1)  # v; padded rows ask for all k' above
+    # Row v of the [bt, 2 b_pad, m_pad] counts is boundary v % b_pad of axis v // b_pad (padded boundaries ask
+    # for all k'). Per-row values are [bt, 2 b_pad], expanded with [:, :, None] where they meet the entries:
+    # a [bt, 2 b_pad, 1] array carried through the loop takes a layout that costs ~100 registers more (sm_90).
+    level2 = lax.broadcasted_iota(jnp.int32, (bt, 2 * b_pad), 1) & (b_pad - 1)
+    want = jnp.minimum(jnp.left_shift(jnp.int32(head), level2), k_axis)  # [bt, 2 b_pad]
+    row3 = lax.broadcasted_iota(jnp.int32, (bt, 2 * b_pad, m_pad), 1)
+    level = row3 & (b_pad - 1)
+    of_y = row3 >= b_pad
     entry = lax.broadcasted_iota(jnp.int32, (bt, m_pad), 1)
     real = entry < k_axis
     shift = 32 - key_bits
-    coarse = (keys >> shift)[:, None, :]  # [bt, 1, m_pad]; see `_compact_top_of_axis`
+    # See `_compact_top_of_axis` for the coarse keys.
+    coarse = jnp.where(of_y, (entries[1][0] >> shift)[:, None, :], (entries[0][0] >> shift)[:, None, :])
 
-    # Per boundary: tau = the largest coarse key with count(coarse >= tau) >= r (as in `_compact_top_of_axis`).
+    # Per row: tau = the largest coarse key with count(coarse >= tau) >= r (as in `_compact_top_of_axis`).
     def halve(_, bounds):
-        lo, hi = bounds  # [bt, b_pad]
+        lo, hi = bounds  # [bt, 2 b_pad]
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
         enough = jnp.sum(coarse >= mid[:, :, None], axis=2, dtype=jnp.int32) >= want
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
     bounds = (
-        jnp.full((bt, b_pad), INT32_MIN >> shift, jnp.int32),
-        jnp.full((bt, b_pad), INT32_MAX >> shift, jnp.int32),
+        jnp.full((bt, 2 * b_pad), INT32_MIN >> shift, jnp.int32),
+        jnp.full((bt, 2 * b_pad), INT32_MAX >> shift, jnp.int32),
     )
-    tau, _ = lax.fori_loop(0, key_bits, halve, bounds)  # [bt, b_pad]
-    above = coarse > tau[:, :, None]  # [bt, b_pad, m_pad]
+    tau, _ = lax.fori_loop(0, key_bits, halve, bounds)  # [bt, 2 b_pad]
+    above = coarse > tau[:, :, None]  # [bt, 2 b_pad, m_pad]
     tied = (coarse == tau[:, :, None]).astype(jnp.int32)
-    need = want - jnp.sum(above, axis=2, dtype=jnp.int32)  # [bt, b_pad], >= 1
+    need = want - jnp.sum(above, axis=2, dtype=jnp.int32)  # [bt, 2 b_pad], >= 1
     top = (above | ((tied == 1) & (lax.cumsum(tied, axis=2) <= need[:, :, None]))) & real[:, None, :]
-    top = top.astype(jnp.int32)  # [bt, b_pad, m_pad]: 1 where the entry is among the top r of its row v
-    before = lax.cumsum(top, axis=2) - top  # [bt, b_pad, m_pad] exclusive prefix counts
-    bucket = jnp.sum(real[:, None, :].astype(jnp.int32) - top, axis=1)  # [bt, m_pad]: 0 = head, up to boundaries
-    bucket3 = bucket[:, None, :]  # [bt, 1, m_pad]
-    # A bucket's entries before this one: top 2^u h minus top 2^(u-1) h, counted over the earlier columns;
-    # past the last boundary the "top k'" count is the entry index itself (real entries come first).
-    upper = jnp.sum(jnp.where(level == bucket3, before, 0), axis=1)  # [bt, m_pad]
-    upper = jnp.where(bucket >= boundaries, entry, upper)
-    lower = jnp.sum(jnp.where(level == bucket3 - 1, before, 0), axis=1)
-    tail_position = jnp.left_shift(jnp.int32(head), jnp.maximum(bucket - 1, 0)) + upper - lower
-    inside = real & (rows < tokens)
-    in_head = inside & (bucket == 0)
-    # Lanes not written point past the row (see `_select_top_k`); no slices in Pallas-Triton, hence the sum.
-    head_slot = jnp.where(in_head, jnp.sum(jnp.where(level == 0, before, 0), axis=1), head)
-    pltriton.store(head_keys_ref.at[rows, head_slot], keys, mask=in_head)
-    pltriton.store(head_cols_ref.at[rows, head_slot], cols, mask=in_head)
-    in_tail = inside & (bucket > 0)
-    pltriton.store(positions_ref.at[rows, jnp.where(in_tail, tail_position, k_axis)], cols, mask=in_tail)
+    top = top.astype(jnp.int32)  # [bt, 2 b_pad, m_pad]: 1 where the entry is among the top r of its row
+    before = lax.cumsum(top, axis=2) - top  # [bt, 2 b_pad, m_pad] exclusive prefix counts
+    inside = real & (entries[0][2] < tokens)
+    for axis, ((keys, cols, rows), (head_keys_ref, head_cols_ref), positions_ref) in enumerate(
+        zip(entries, head_refs, positions_refs, strict=True)
+    ):
+        mine = of_y == (axis == 1)  # [bt, 2 b_pad, m_pad]: this axis's rows
+        outside = jnp.where(mine, real[:, None, :].astype(jnp.int32) - top, 0)
+        bucket = jnp.sum(outside, axis=1)  # [bt, m_pad]: 0 = head, up to `boundaries`
+        bucket3 = bucket[:, None, :]  # [bt, 1, m_pad]
+        # A bucket's entries before this one: top 2^u h minus top 2^(u-1) h, counted over the earlier
+        # columns; past the last boundary the "top k'" count is the entry index itself (real entries first).
+        upper = jnp.sum(jnp.where(mine & (level == bucket3), before, 0), axis=1)  # [bt, m_pad]
+        upper = jnp.where(bucket >= boundaries, entry, upper)
+        lower = jnp.sum(jnp.where(mine & (level == bucket3 - 1), before, 0), axis=1)
+        tail_position = jnp.left_shift(jnp.int32(head), jnp.maximum(bucket - 1, 0)) + upper - lower
+        in_head = inside & (bucket == 0)
+        # Lanes not written point past the row (see `_select_top_k`); no slices in Pallas-Triton: a sum.
+        head_slot = jnp.where(in_head, jnp.sum(jnp.where(mine & (level == 0), before, 0), axis=1), head)
+        pltriton.store(head_keys_ref.at[rows, head_slot], keys, mask=in_head)
+        pltriton.store(head_cols_ref.at[rows, head_slot], cols, mask=in_head)
+        in_tail = inside & (bucket > 0)
+        pltriton.store(positions_ref.at[rows, jnp.where(in_tail, tail_position, k_axis)], cols, mask=in_tail)
 
 
 def _load_entries(keys_ref, cols_ref, t0, *, block_tokens: int):
@@ -588,12 +603,14 @@ def _forward_kernel(
                 _compact_top_of_axis(lp_ref, keys_ref, cols_ref, t0, block_tokens=bt, key_bits=key_bits)
             barrier()
         if bucketed:
-            for axis, lp_ref, pos_ref in ((0, lpx_ref, x_pos_ref), (1, lpy_ref, y_pos_ref)):
+            entries = []
+            for axis, lp_ref in enumerate((lpx_ref, lpy_ref)):
                 if compact:
-                    keys, cols, rows = _load_entries(*compact_refs[axis], t0, block_tokens=bt)
+                    entries.append(_load_entries(*compact_refs[axis], t0, block_tokens=bt))
                 else:  # k' = n: every entry of the row takes part, already in column order
                     keys, rows, cols = _row_keys(lp_ref, t0, block_tokens=bt)
-                _bucket_axis(keys, cols, rows, *head_refs[axis], pos_ref, key_bits=key_bits)
+                    entries.append((keys, cols, rows))
+            _bucket_axes(entries, head_refs, (x_pos_ref, y_pos_ref), key_bits=key_bits)
             barrier()
         for (keys_ref, cols_ref), pos_ref in zip(head_refs, (x_pos_ref, y_pos_ref), strict=True):
             _rank_compacted(keys_ref, cols_ref, pos_ref, t0, block_tokens=bt, block_j=block_j)
