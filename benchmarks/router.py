@@ -33,7 +33,7 @@ TOKENS = (4096, 16384)
 GRID = [(n, k) for n in (64, 128, 256, 1024) for k in (16, 32, 64)] + [(320, 512), (320, 1024)]
 # The paper's shape first: a --budget-s run that stops early still sweeps it.
 SWEEP_SHAPES = [(4096, 320, 512), (16384, 256, 32), (16384, 1024, 64)]
-SWEEP_TILINGS = [(1, 4), (2, 4), (4, 4), (8, 4), (2, 8), (8, 8)]
+SWEEP_TILINGS = [(1, 4), (2, 4), (4, 4), (8, 4), (2, 8), (8, 8), (1, 16), (2, 16)]
 INPUT_SETS = 3  # independently drawn inputs per shape, rotated between calls (see benchmarks/common.py)
 
 

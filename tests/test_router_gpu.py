@@ -118,6 +118,15 @@ def test_other_tilings_on_gpu(block_tokens, num_warps, key):
     check_against_reference(lpx, lpy, normal(jax.random.fold_in(key, 1), (tokens, top_k)), top_k, config)
 
 
+@pytest.mark.parametrize(("block_tokens", "num_warps"), [(1, 16), (2, 8), (4, 4)])
+def test_bucketed_step_one_with_other_tilings_on_gpu(block_tokens, num_warps, key):
+    # The paper's n and K (step 1 buckets the axes: k' = 320 > its exact head) under the sweep's tilings.
+    tokens, n, top_k = 1021, 320, 512
+    lpx, lpy = log_probs(key, tokens, n, "bfloat16")
+    config = RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, backward_block_k=4)
+    check_against_reference(lpx, lpy, normal(jax.random.fold_in(key, 1), (tokens, top_k)), top_k, config)
+
+
 def test_auto_is_pallas_on_gpu(key):
     lpx, lpy = log_probs(key, 64, 32, "float32")
     text = jax.jit(functools.partial(omni_router, top_k=8)).lower(lpx, lpy).as_text()
