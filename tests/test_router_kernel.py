@@ -138,9 +138,11 @@ def test_ties_match_brute_force(n, top_k, axis_sort, dtype, seed):
 
 
 # Step 1 orders only the head of each axis exactly (kernel.rank_floors): shapes with k' > the head, with
-# (n > k') and without (n = k') the compaction before the bucketing, and K = MAX_TOP_K.
+# (n > k') and without (n = k') the compaction before the bucketing, K = MAX_TOP_K, and ragged tiles of
+# several tokens.
 BUCKETED = [
-    (9, 1024, 512, "bfloat16", None, "threshold"),
+    (9, 1024, 512, "bfloat16", 4, "threshold"),
+    pytest.param(7, 320, 512, "float32", 2, "threshold", marks=pytest.mark.slow),
     pytest.param(16, 320, 1024, "float32", None, "threshold", marks=pytest.mark.slow),
     pytest.param(16, 200, 512, "float32", None, "threshold", marks=pytest.mark.slow),
     pytest.param(5, 160, 1024, "bfloat16", None, "threshold", marks=pytest.mark.slow),

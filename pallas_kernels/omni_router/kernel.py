@@ -5,17 +5,17 @@ scratch rows per axis (the ordered positions; for "threshold" also the column-or
 which it reads straight back:
 
 1. Ordered axes. For each axis the positions of the top k' = min(K, n) log-probs in an order that is exact
-   for the first h = `head_ranks(n, K)` (32-128) ranks, descending, ties by lower position (exactly
-   `lax.top_k`'s order), and puts the rest in octave buckets of ranks [h, 2h), [2h, 4h), ... (each in
-   column order; `rank_floors`). Values are compared as order-preserving int32 keys (`order_key`), so
+   for the first h = `head_ranks(n, K)` ranks (all k' up to 128, else 32-128), descending, ties by lower
+   position (exactly `lax.top_k`'s order), with the rest in octave buckets of ranks [h, 2h), [2h, 4h), ...
+   (each in column order; `rank_floors`). Values are compared as order-preserving int32 keys (`order_key`), so
    -inf, -0.0 and NaN order as in the IEEE total order `lax.top_k` uses and can never be confused with
    the padding sentinel. Two methods (`RouterConfig.axis_sort`):
-   "threshold" (default): where k' < n, bisection on the key finds the k'-th largest (16 steps for bf16
-   inputs, 32 for f32) and prefix counts take the k' winners (ties by lower column) and pack them in
-   column order into scratch rows. Where k' > h, one more bisection, vectorised over the bucket
-   boundaries, finds the top h, 2h, 4h, ... of those, and prefix counts place every entry in its bucket
-   and pack the head into scratch rows. The head's ranks are counts of the head entries that beat each
-   one (an h^2 count; k'^2 where k' <= h).
+   "threshold" (default): where k' < n, bisection on the key finds the k'-th largest (16 steps for bf16 inputs,
+   32 for f32) and prefix counts take the k' winners (ties by lower column) and pack them in column order into
+   scratch rows. Where k' > h, one more bisection, vectorised over both axes and the bucket boundaries and
+   started from each row's key range, finds the top h, 2h, 4h, ... of those, and prefix counts place every
+   entry in its bucket and pack the head into scratch rows. The head's ranks are counts of the head entries
+   that beat each one (an h^2 count; k'^2 where k' <= h).
    "select": k' passes of "argmax (one fused value/index reduction), then knock it out": a full sort,
    which is finer than the bucket order and serves the same tables.
    The program stores its rows of both position lists and waits at a barrier.
@@ -38,11 +38,12 @@ which it reads straight back:
    candidate order, not score order: `sort_by_score` orders each row with one XLA sort afterwards (keys:
    score descending, expert ascending), which is the reference's order.
 
-Cost per token of step 1 "threshold": per axis ~16-32 count passes over the padded row (k' < n), the same
-number over [boundaries, k'] (k' > h), and an h^2 rank count; "select" k' argmax passes over the row. Then
-~20-32 (+ ties) count passes over the candidate slots. No step costs k'^2 (the previous full rank count:
-320^2 per axis at the paper's setting, most of its time). The `merge` kernel runs steps 2-4 on position
-lists computed elsewhere (the jax-triton variant sorts with `tl.topk`, see `triton_kernel.py`).
+Cost per token of step 1 "threshold": per axis ~16-32 count passes over the padded row (k' < n), ~log2 of the
+row's key range passes over [2 x boundaries, k'] for both axes (k' > h), and an h^2 rank count; "select" k'
+argmax passes over the row. Then ~20-32 (+ ties) count passes over the candidate slots. No step costs k'^2 (the
+previous full rank count: 320^2 per axis at the paper's setting, most of its time). The `merge` kernel runs
+steps 2-4 on position lists computed elsewhere (the jax-triton variant sorts with `tl.topk`, see
+`triton_kernel.py`).
 
 One caveat shared with `omni_router_reference` (whose per-axis pruning rests on the same argument): the
 dominance argument assumes that x' > x implies x' + y > x + y after rounding. Where two such sums round to
@@ -348,18 +349,24 @@ def _bucket_axes(entries, head_refs, positions_refs, *, key_bits: int):
     # See `_compact_top_of_axis` for the coarse keys.
     coarse = jnp.where(of_y, (entries[1][0] >> shift)[:, None, :], (entries[0][0] >> shift)[:, None, :])
 
-    # Per row: tau = the largest coarse key with count(coarse >= tau) >= r (as in `_compact_top_of_axis`).
-    def halve(_, bounds):
+    # Per row: tau = the largest coarse key with count(coarse >= tau) >= r (as in `_compact_top_of_axis`),
+    # bisected between the row's smallest real key (count k' >= r) and just above its largest (count 0):
+    # ~log2 of the row's key range steps (about 8-10 for bf16 log-probs) rather than key_bits.
+    def unresolved(bounds):
+        lo, hi = bounds
+        return jnp.max((hi > lo + 1).astype(jnp.int32)) > 0
+
+    def halve(bounds):
         lo, hi = bounds  # [bt, 2 b_pad]
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
         enough = jnp.sum(coarse >= mid[:, :, None], axis=2, dtype=jnp.int32) >= want
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
-    bounds = (
-        jnp.full((bt, 2 * b_pad), INT32_MIN >> shift, jnp.int32),
-        jnp.full((bt, 2 * b_pad), INT32_MAX >> shift, jnp.int32),
-    )
-    tau, _ = lax.fori_loop(0, key_bits, halve, bounds)  # [bt, 2 b_pad]
+    coarse_max = INT32_MAX >> shift
+    lowest = jnp.min(jnp.where(real[:, None, :], coarse, coarse_max), axis=2)  # [bt, 2 b_pad]
+    highest = jnp.max(jnp.where(real[:, None, :], coarse, INT32_MIN >> shift), axis=2)
+    bounds = (lowest, jnp.where(highest == coarse_max, highest, highest + 1))
+    tau, _ = lax.while_loop(unresolved, halve, bounds)  # [bt, 2 b_pad]
     above = coarse > tau[:, :, None]  # [bt, 2 b_pad, m_pad]
     tied = (coarse == tau[:, :, None]).astype(jnp.int32)
     need = want - jnp.sum(above, axis=2, dtype=jnp.int32)  # [bt, 2 b_pad], >= 1
