@@ -35,6 +35,29 @@ class RoutingResult:
     logits_y: jax.Array
 
 
+def batch_moments_of(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, biased variance) over the token axis of [T, F] logits: [F] each."""
+    mean = jnp.mean(logits, axis=0)  # [F]
+    return mean, jnp.mean(jnp.square(logits - mean), axis=0)
+
+
+class _GateKernel(nn.Module):
+    """The [d, n] weight of one bias-free router gate, named and initialised as nn.Dense's "kernel".
+
+    The router multiplies the tokens by both gates' kernels at once; keeping each kernel under its own
+    module keeps the parameter tree (and so the seed checkpoints, `convert`) as with two nn.Dense gates.
+    Creating the parameter as nn.Dense does (same name, initialiser and first RNG draw of the module's
+    scope) gives the same initial values.
+    """
+
+    features: int
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, in_features: int) -> jax.Array:
+        return self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.param_dtype)
+
+
 class RouterBatchNorm(nn.Module):
     """Non-affine BatchNorm over tokens with PyTorch's `BatchNorm1d(affine=False)` semantics: on each router
     axis's logits in OmniMoE, on the input tokens in FlashMoE.
@@ -51,8 +74,10 @@ class RouterBatchNorm(nn.Module):
     momentum: float = 0.1
 
     @nn.compact
-    def __call__(self, logits: jax.Array, *, train: bool) -> jax.Array:
-        # logits: [T, F] f32 (f64 in a float64 layer), F = num_features; statistics are stored in f32
+    def __call__(self, logits: jax.Array, *, train: bool, batch_moments: tuple | None = None) -> jax.Array:
+        # logits: [T, n] f32 (f64 in a float64 layer); statistics are stored in f32. batch_moments: this
+        # batch's (mean, biased variance) [n] where the caller computed them (train only), as
+        # `batch_moments` does: the router takes both axes' at once.
         running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (self.num_features,), jnp.float32)
         running_var = self.variable("batch_stats", "running_var", jnp.ones, (self.num_features,), jnp.float32)
         batches = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
@@ -62,8 +87,7 @@ class RouterBatchNorm(nn.Module):
             tokens = logits.shape[0]
             if tokens < 2:
                 raise ValueError(f"train=True needs at least 2 tokens for the router BatchNorm, got {tokens}")
-            mean = jnp.mean(logits, axis=0)  # [F]
-            var = jnp.mean(jnp.square(logits - mean), axis=0)  # [F], biased
+            mean, var = batch_moments if batch_moments is not None else batch_moments_of(logits)
             if not self.is_initializing():
                 unbiased = var * (tokens / (tokens - 1))
                 new_mean = (1 - self.momentum) * running_mean.value + self.momentum * mean
@@ -77,8 +101,10 @@ class RouterBatchNorm(nn.Module):
 class CartesianRouter(nn.Module):
     """Routes each token to its top-K of N = n*n atomic experts in O(n) scores per token.
 
-    1. Two bias-free gates give row and column logits: logits_x = W_x t, logits_y = W_y t ([T, n] each).
-    2. Each is normalised over the batch (`router_norm`) and turned into log-probabilities per axis.
+    1. Two bias-free gates give row and column logits: logits_x = W_x t, logits_y = W_y t ([T, n] each),
+       computed as one [T, d] x [d, 2n] matmul (the parameters stay two gates: `_GateKernel`).
+    2. Each is normalised over the batch (`router_norm`; both axes' statistics taken together) and turned
+       into log-probabilities per axis (one log_softmax over [T, 2, n]).
     3. Expert e = i*n + j scores lp_x[i] + lp_y[j] = log p_x(i) p_y(j).
     4. The exact top K of those n*n scores comes from the top k' = min(K, n) of each axis
        (`pallas_kernels.omni_router`); the kernels never form all n*n (the "xla" reference does when K >= n).
@@ -95,16 +121,31 @@ class CartesianRouter(nn.Module):
     def __call__(self, tokens: jax.Array, *, train: bool = False) -> RoutingResult:
         cfg = self.config
         n = cfg.num_expert_sqrt
-        gate = dict(features=n, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        # Normalisation and log_softmax in f32 at least: routing decisions hinge on small score gaps. The
-        # projections themselves run in cfg.dtype, as the seed's nn.Linear does, so bf16 rounds the logits.
-        acc = jnp.promote_types(cfg.dtype, jnp.float32)
-        logits_x = nn.Dense(**gate, name="router_gate_x")(tokens).astype(acc)  # [T, n]
-        logits_y = nn.Dense(**gate, name="router_gate_y")(tokens).astype(acc)  # [T, n]
+        # Both gates in one matmul: tokens [T, d] @ [d, 2n] (the kernels side by side), as nn.Dense computes
+        # each (inputs and kernel in cfg.dtype, as the seed's nn.Linear does, so bf16 rounds the logits).
+        kernels = [_GateKernel(n, cfg.param_dtype, name=f"router_gate_{axis}")(tokens.shape[-1]) for axis in "xy"]
+        inputs, kernel = nn.dtypes.promote_dtype(tokens, jnp.concatenate(kernels, axis=1), dtype=cfg.dtype)
+        logits = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))  # [T, 2n]
+        # Normalisation and log_softmax in f32 at least: routing decisions hinge on small score gaps.
+        logits = logits.astype(jnp.promote_types(cfg.dtype, jnp.float32))  # [T, 2n]
+        halves = (slice(0, n), slice(n, 2 * n))  # the x and the y logits of [T, 2n]
         if cfg.router_norm == "batchnorm":
             norm = dict(num_features=n, eps=cfg.router_norm_eps, momentum=cfg.router_norm_momentum)
-            logits_x = RouterBatchNorm(**norm, name="router_norm_x")(logits_x, train=train)
-            logits_y = RouterBatchNorm(**norm, name="router_norm_y")(logits_y, train=train)
+            # Both axes' batch statistics by one pair of reductions over the tokens of [T, 2n] (fewer than 2
+            # tokens: none, and RouterBatchNorm says why).
+            moments = batch_moments_of(logits) if train and logits.shape[0] >= 2 else None
+            logits = jnp.concatenate(
+                [
+                    RouterBatchNorm(**norm, name=f"router_norm_{axis}")(
+                        logits[:, half],
+                        train=train,
+                        batch_moments=None if moments is None else (moments[0][half], moments[1][half]),
+                    )
+                    for axis, half in zip("xy", halves, strict=True)
+                ],
+                axis=1,
+            )  # [T, 2n]
+        logits_x, logits_y = (logits[:, half] for half in halves)  # [T, n] each
         return cartesian_routing(logits_x, logits_y, cfg, top_k=cfg.num_experts_per_token)
 
 

@@ -1,5 +1,8 @@
 """The reference OmniMoE layer against the float64 per-token loop in tests/oracle.py."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,7 @@ from helpers import assert_close, normal
 from jax.test_util import check_grads
 from oracle import omnimoe_forward, random_state_dict, routing_margin
 
-from omnimoe_jax import OmniMoE, OmniMoEConfig
+from omnimoe_jax import CartesianRouter, OmniMoE, OmniMoEConfig, RouterBatchNorm
 from omnimoe_jax.convert import from_torch_state_dict
 
 
@@ -183,3 +186,40 @@ def test_training_on_one_token_is_refused(key):
     variables = model.init(key, jnp.ones((4, config.hidden_size)))
     with pytest.raises(ValueError, match="at least 2 tokens"):
         model.apply(variables, jnp.ones((1, config.hidden_size)), train=True, mutable=["batch_stats"])
+
+
+class TwoDenseGates(nn.Module):
+    """The router's first steps written the plain way: one nn.Dense per axis, BatchNorm, log_softmax."""
+
+    config: OmniMoEConfig
+
+    @nn.compact
+    def __call__(self, tokens, *, train):
+        cfg, n = self.config, self.config.num_expert_sqrt
+        out = []
+        for axis in "xy":
+            gate = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=f"router_gate_{axis}")
+            logits = nn.Dense(n, **gate)(tokens).astype(jnp.float32)
+            norm = RouterBatchNorm(num_features=n, name=f"router_norm_{axis}")
+            out.append(jax.nn.log_softmax(norm(logits, train=train), axis=-1))
+        return out
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_router_gates_are_one_matmul_with_two_dense_gates_parameters(train, key):
+    # The two gates run as one [d, 2n] matmul, but parameters (names, shapes, initial values), batch
+    # statistics and log-probabilities are those of two nn.Dense gates with their own BatchNorms.
+    config = small_config()
+    tokens = normal(key, (64, config.hidden_size), scale=2.0) + 1.0
+    router = CartesianRouter(config)
+    variables = router.init(jax.random.key(3), tokens)
+    plain = TwoDenseGates(config).init(jax.random.key(3), tokens, train=False)
+    assert jax.tree.structure(variables) == jax.tree.structure(plain)
+    jax.tree.map(np.testing.assert_array_equal, variables, plain)
+    routing, stats = router.apply(variables, tokens, train=train, mutable=["batch_stats"])
+    (want_x, want_y), want_stats = TwoDenseGates(config).apply(variables, tokens, train=train, mutable=["batch_stats"])
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6), stats, want_stats)
+    np.testing.assert_allclose(jax.nn.log_softmax(routing.logits_x), want_x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.nn.log_softmax(routing.logits_y), want_y, rtol=1e-6, atol=1e-6)
+    hlo = jax.jit(lambda v, t: router.apply(v, t, train=train, mutable=["batch_stats"])).lower(variables, tokens)
+    assert hlo.as_text().count("stablehlo.dot_general") == 1, "both gates must be one matmul"

@@ -30,6 +30,10 @@ CASES = [
     (1000, 100, 64, "float32"),
     (4096, 256, 16, "bfloat16"),
     (1021, 320, 512, "bfloat16"),
+    # The paper's setting, and K > the exact head of step 1 with (n > k') and without (n = k') compaction.
+    (4096, 320, 512, "bfloat16"),
+    (1024, 320, 1024, "float32"),
+    (1021, 1024, 512, "bfloat16"),
     (4096, 1024, 64, "bfloat16"),
     (2048, 64, 1024, "float32"),
     (257, 4096, 1024, "float32"),
@@ -93,7 +97,7 @@ def test_matches_reference_on_gpu(tokens, n, top_k, dtype, key):
     check_against_reference(lpx, lpy, normal(k2, (tokens, top_k)), top_k)
 
 
-@pytest.mark.parametrize(("n", "top_k"), [(6, 5), (6, 13), (64, 64)])
+@pytest.mark.parametrize(("n", "top_k"), [(6, 5), (6, 13), (64, 64), (160, 512)])
 def test_ties_match_brute_force_on_gpu(n, top_k, seed):
     rng = np.random.default_rng(seed)
     lpx = rng.integers(-3, 1, (512, n)).astype(np.float32)
@@ -109,6 +113,15 @@ def test_ties_match_brute_force_on_gpu(n, top_k, seed):
 @pytest.mark.parametrize(("block_tokens", "num_warps"), [(1, 4), (4, 2), (16, 8)])
 def test_other_tilings_on_gpu(block_tokens, num_warps, key):
     tokens, n, top_k = 1001, 128, 32
+    lpx, lpy = log_probs(key, tokens, n, "bfloat16")
+    config = RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, backward_block_k=4)
+    check_against_reference(lpx, lpy, normal(jax.random.fold_in(key, 1), (tokens, top_k)), top_k, config)
+
+
+@pytest.mark.parametrize(("block_tokens", "num_warps"), [(1, 16), (2, 8), (4, 4)])
+def test_bucketed_step_one_with_other_tilings_on_gpu(block_tokens, num_warps, key):
+    # The paper's n and K (step 1 buckets the axes: k' = 320 > its exact head) under the sweep's tilings.
+    tokens, n, top_k = 1021, 320, 512
     lpx, lpy = log_probs(key, tokens, n, "bfloat16")
     config = RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, backward_block_k=4)
     check_against_reference(lpx, lpy, normal(jax.random.fold_in(key, 1), (tokens, top_k)), top_k, config)

@@ -137,6 +137,40 @@ def test_ties_match_brute_force(n, top_k, axis_sort, dtype, seed):
     np.testing.assert_array_equal(got[1][:8], np.tile(np.arange(top_k), (8, 1)))
 
 
+# Step 1 orders only the head of each axis exactly (kernel.rank_floors): shapes with k' > the head, with
+# (n > k') and without (n = k') the compaction before the bucketing, K = MAX_TOP_K, and ragged tiles of
+# several tokens.
+BUCKETED = [
+    (9, 1024, 512, "bfloat16", 4, "threshold"),
+    pytest.param(7, 320, 512, "float32", 2, "threshold", marks=pytest.mark.slow),
+    pytest.param(16, 320, 1024, "float32", None, "threshold", marks=pytest.mark.slow),
+    pytest.param(16, 200, 512, "float32", None, "threshold", marks=pytest.mark.slow),
+    pytest.param(5, 160, 1024, "bfloat16", None, "threshold", marks=pytest.mark.slow),
+    pytest.param(5, 160, 512, "float32", None, "select", marks=pytest.mark.slow),  # a full sort: finer
+]
+
+
+@pytest.mark.parametrize(CASE_NAMES, BUCKETED)
+def test_bucketed_axis_order_matches_reference(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
+    assert min(top_k, n) > kernel.head_ranks(n, top_k)
+    check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
+
+
+def test_ties_across_bucket_boundaries_match_brute_force(seed):
+    # Four distinct values per axis: every bucket boundary of step 1 falls inside a run of ties, which the
+    # prefix counts must split by column exactly as the reference's lower-index-first rule does.
+    n, top_k = 160, 512
+    assert min(top_k, n) > kernel.head_ranks(n, top_k)
+    rng = np.random.default_rng(seed)
+    lpx = rng.integers(-3, 1, (8, n)).astype(np.float32)
+    lpy = rng.integers(-3, 1, (8, n)).astype(np.float32)
+    lpx[:2], lpy[:2] = 0.0, 0.0
+    lpx[2], lpy[2] = -np.inf, -np.inf
+    got = pallas_route(jnp.asarray(lpx), jnp.asarray(lpy), top_k)
+    assert_routes_equal(got, omni_router_brute_force(jnp.asarray(lpx), jnp.asarray(lpy), top_k))
+    np.testing.assert_array_equal(got[1][:3], np.tile(np.arange(top_k), (3, 1)))
+
+
 def test_minus_infinity_only_ties_where_every_score_is_minus_infinity(seed):
     # -inf absorbs the other axis: the sums tie although the axes differ, which the dominance argument (and
     # the reference's own per-axis pruning) do not see. The scores still match, and so does every expert
@@ -165,9 +199,10 @@ def sorted_positions(log_probs, k_axis):
     return positions.astype(jnp.int32)
 
 
-def test_merge_from_presorted_axes_matches_reference(key):
-    # The merge kernel alone, as implementation="triton" uses it after its native sorting kernel.
-    tokens, n, top_k = 128, 100, 64
+@pytest.mark.parametrize(("tokens", "n", "top_k"), [(128, 100, 64), (8, 320, 512)])
+def test_merge_from_presorted_axes_matches_reference(tokens, n, top_k, key):
+    # The merge kernel alone, as implementation="triton" uses it after its native sorting kernel: a full
+    # sort is finer than the bucket order the candidate table assumes where k' > the head (n = 320).
     lpx, lpy = log_probs(key, tokens, n, "bfloat16")
     config = default_config(tokens, n, top_k)
     merge = functools.partial(kernel.router_merge, top_k=top_k, config=config, interpret=True)
@@ -193,15 +228,40 @@ def test_default_config_stays_in_budget(tokens, n, top_k):
     assert config.block_tokens * config.backward_block_k * kernel.next_power_of_2(n) <= 512 * config.num_warps
 
 
-def test_candidate_table_is_the_dominance_region():
-    for n, top_k in [(3, 9), (16, 16), (320, 512), (100, 1)]:
-        table = kernel.candidate_table(n, top_k)
-        pairs = {(a, b) for a, b in table.T if a >= 0}
-        k_axis = min(top_k, n)
-        want = {(a, b) for a in range(k_axis) for b in range(k_axis) if (a + 1) * (b + 1) <= top_k}
-        assert pairs == want
-        assert table.shape[1] == kernel.next_power_of_2(len(want)) and len(pairs) == int((table[0] >= 0).sum())
-    assert len(kernel.candidate_table(320, 512)[0]) == 4096  # 2,896 pairs instead of 320^2 = 102,400
+@pytest.mark.parametrize(
+    ("n", "top_k"), [(3, 9), (16, 16), (320, 512), (100, 1), (200, 512), (320, 1024), (1024, 1024)]
+)
+def test_candidate_table_is_the_dominance_region_of_the_rank_floors(n, top_k):
+    k_axis = min(top_k, n)
+    floors = kernel.rank_floors(n, top_k)
+    head = min(kernel.head_ranks(n, top_k), k_axis)
+    # Exact ranks in the head, then buckets [r, 2r) whose floor is r, cut at k'.
+    np.testing.assert_array_equal(floors[:head], np.arange(head))
+    for position in range(head, k_axis):
+        start = 1 << (position // head).bit_length() - 1
+        assert floors[position] == head * start
+    table = kernel.candidate_table(n, top_k)
+    pairs = {(a, b) for a, b in table.T if a >= 0}
+    want = {(a, b) for a in range(k_axis) for b in range(k_axis) if (floors[a] + 1) * (floors[b] + 1) <= top_k}
+    assert pairs == want and len(pairs) == int((table[0] >= 0).sum())
+    exact = {(a, b) for a in range(k_axis) for b in range(k_axis) if (a + 1) * (b + 1) <= top_k}
+    assert exact <= pairs, "the coarser order keeps every pair an exact order would"
+    # The head is chosen so that the coarser order costs no more slots than an exact one.
+    assert table.shape[1] == kernel.next_power_of_2(len(pairs)) == kernel.next_power_of_2(len(exact))
+
+
+def test_candidate_table_sizes_at_the_papers_setting():
+    assert kernel.head_ranks(320, 512) == 32 and len(kernel.candidate_table(320, 512)[0]) == 4096  # of 102,400
+    assert len(kernel.candidate_table(320, 1024)[0]) == 8192
+
+
+@pytest.mark.parametrize(("n", "top_k"), [(2, 4), (3, 9), (16, 16), (100, 1), (320, 512), (320, 1024), (4096, 1024)])
+def test_bound_pairs_are_exact_head_ranks_beaten_by_k_pairs(n, top_k):
+    head = min(kernel.head_ranks(n, top_k), top_k, n)
+    table = kernel.bound_table(n, top_k)
+    pairs = [(a, b) for a, b in table.T if a >= 0]
+    assert pairs and table.shape[1] == kernel.next_power_of_2(len(pairs))
+    assert all(a < head and b < head and (a + 1) * (b + 1) >= top_k for a, b in pairs)
 
 
 def test_order_key_follows_the_total_order():
@@ -306,7 +366,17 @@ def check_cuda_lowering(tokens, n, top_k, dtype, axis_sort="threshold"):
     lower_for_cuda(merge, lpx, lpx, positions, positions)
 
 
-@pytest.mark.parametrize(CASE_NAMES, [*DEFAULT, (16384, 4096, 1024, "float32", None, "threshold")])
+@pytest.mark.parametrize(
+    CASE_NAMES,
+    [
+        *DEFAULT,
+        (16384, 4096, 1024, "float32", None, "threshold"),
+        (4096, 320, 512, "bfloat16", None, "threshold"),
+        (4096, 320, 1024, "float32", None, "threshold"),
+        (4096, 1024, 1024, "bfloat16", None, "threshold"),
+        (4096, 320, 1024, "bfloat16", None, "select"),
+    ],
+)
 def test_lowers_for_cuda(tokens, n, top_k, dtype, block_tokens, axis_sort):
     check_cuda_lowering(tokens, n, top_k, dtype, axis_sort)
 

@@ -1,36 +1,49 @@
 """Pallas (Triton lowering) kernels of the Cartesian top-K router. No autodiff here: `api` adds the VJP.
 
 Forward, one program per tile of `block_tokens` tokens; besides the [T, K] result it writes only [T, k']
-scratch rows per axis (the sorted positions; for "threshold" also the unsorted winners), which it reads
-straight back:
+scratch rows per axis (the ordered positions; for "threshold" also the column-ordered winners and heads),
+which it reads straight back:
 
-1. Sorted axes. For each axis the positions of the top k' = min(K, n) log-probs in descending order, ties
-   by lower position (exactly `lax.top_k`'s order). Values are compared as order-preserving int32 keys
-   (`order_key`), so -inf, -0.0 and NaN order as in the IEEE total order `lax.top_k` uses and can never be
-   confused with the padding sentinel. Two methods (`RouterConfig.axis_sort`):
-   "threshold" (default): bisection on the key finds the k'-th largest (16 steps for bf16 inputs, 32 for
-   f32), prefix counts take the k' winners (ties by lower column) and pack them in column order into
-   scratch rows, and each winner's rank is the number of winners that beat it (a k'^2 count).
-   "select": k' passes of "argmax (one fused value/index reduction), then knock it out".
+1. Ordered axes. For each axis the positions of the top k' = min(K, n) log-probs in an order that is exact
+   for the first h = `head_ranks(n, K)` ranks (all k' up to 128, else 32-128), descending, ties by lower
+   position (exactly `lax.top_k`'s order), with the rest in octave buckets of ranks [h, 2h), [2h, 4h), ...
+   (each in column order; `rank_floors`). Values are compared as order-preserving int32 keys (`order_key`), so
+   -inf, -0.0 and NaN order as in the IEEE total order `lax.top_k` uses and can never be confused with
+   the padding sentinel. Two methods (`RouterConfig.axis_sort`):
+   "threshold" (default): where k' < n, bisection on the key finds the k'-th largest (16 steps for bf16 inputs,
+   32 for f32) and prefix counts take the k' winners (ties by lower column) and pack them in column order into
+   scratch rows. Where k' > h, one more bisection, vectorised over both axes and the bucket boundaries and
+   started from each row's key range, finds the top h, 2h, 4h, ... of those, and prefix counts place every
+   entry in its bucket and pack the head into scratch rows. The head's ranks are counts of the head entries
+   that beat each one (an h^2 count; k'^2 where k' <= h).
+   "select": k' passes of "argmax (one fused value/index reduction), then knock it out": a full sort,
+   which is finer than the bucket order and serves the same tables.
    The program stores its rows of both position lists and waits at a barrier.
-2. Dominance. With both axes in that order, the expert of rank pair (a, b) scores no more than the
-   (a+1)(b+1) - 1 other pairs (a' <= a, b' <= b), each of which also wins a tie on the expert index; so
-   only pairs with (a+1)(b+1) <= K can be in the top K: about K (ln K + 1) of the k'^2 pairs (2,896 of
-   102,400 for n = 320, K = 512). `candidate_table` lists them once for all tokens; each program gathers
-   the positions at those ranks, then the log-probs at those positions, into one [block_tokens, slots]
-   array of f32 sums. (Pallas has no gather from registers, hence the round trip through memory; a
+2. Dominance. An entry at position p of that order has rank >= f(p) (`rank_floors`: p in the head, the
+   bucket's first rank after it), so the expert at position pair (a, b) scores no more than the
+   (f(a)+1)(f(b)+1) - 1 other pairs ranked no lower on both axes, each of which also wins a tie on the
+   expert index; only pairs with (f(a)+1)(f(b)+1) <= K can be in the top K. For an exact order that is
+   (a+1)(b+1) <= K, about K (ln K + 1) of the k'^2 pairs (2,896 of 102,400 for n = 320, K = 512); the
+   buckets add some (3,604 there), and h is the smallest head whose pairs still fit the exact region's
+   power-of-two slot count (4,096 there). `candidate_table` lists them once for all tokens; each program
+   gathers the positions at those places, then the log-probs at those positions, into one [block_tokens,
+   slots] array of f32 sums. (Pallas has no gather from registers, hence the round trip through memory; a
    program reads back only what it just wrote, from L1/L2.)
-3. Threshold. Bisection on the int32 key finds tau, the K-th largest candidate score; all candidates
-   above tau are taken, and of those equal to tau a second bisection on the expert index takes the lowest
-   ones (it runs only while some token in the tile has more ties at tau than places left).
+3. Threshold. Bisection on the int32 key finds tau, the K-th largest candidate score, between the best of
+   the head pairs of `bound_table` (each beaten by >= K pairs: a lower bound, checked by one count) and
+   the top candidate, so it takes ~log2 of their key distance steps rather than 32; all candidates above
+   tau are taken, and of those equal to tau a second bisection on the expert index takes the lowest ones
+   (it runs only while some token in the tile has more ties at tau than places left).
 4. Output. Each taken candidate gets a slot from a prefix count and is scattered to [T, K]. Slots follow
    candidate order, not score order: `sort_by_score` orders each row with one XLA sort afterwards (keys:
    score descending, expert ascending), which is the reference's order.
 
-Cost per token and axis of step 1: "threshold" ~16-32 count passes over the padded row plus k'^2
-compares, "select" k' argmax passes over it; then 32 (+ ties) count passes over the candidate slots. The
-`merge` kernel runs steps 2-4 on position lists computed elsewhere (the jax-triton variant sorts with
-`tl.topk`, see `triton_kernel.py`).
+Cost per token of step 1 "threshold": per axis ~16-32 count passes over the padded row (k' < n), ~log2 of the
+row's key range passes over [2 x boundaries, k'] for both axes (k' > h), and an h^2 rank count; "select" k'
+argmax passes over the row. Then ~20-32 (+ ties) count passes over the candidate slots. No step costs k'^2 (the
+previous full rank count: 320^2 per axis at the paper's setting, most of its time). The `merge` kernel runs
+steps 2-4 on position lists computed elsewhere (the jax-triton variant sorts with `tl.topk`, see
+`triton_kernel.py`).
 
 One caveat shared with `omni_router_reference` (whose per-axis pruning rests on the same argument): the
 dominance argument assumes that x' > x implies x' + y > x + y after rounding. Where two such sums round to
@@ -60,6 +73,9 @@ INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 MAX_AXIS_SIZE = 4096  # n: the [block_tokens, n] row tile must stay in registers
 MAX_TOP_K = 1024  # K: the candidate slots (~K (ln K + 1) per token) must stay in registers
+# Step 1 sorts each axis exactly only over its top h entries (an h^2 rank count) and puts the rest in octave
+# buckets by rank (`rank_floors`); `head_ranks` picks h among these. Each h^2 >= MAX_TOP_K (`bound_table`).
+HEAD_SIZES = (32, 64, 128)
 AXIS_SORTS = ("threshold", "select")  # see RouterConfig.axis_sort
 
 
@@ -85,15 +101,79 @@ def key_value(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def candidate_table(n: int, top_k: int) -> np.ndarray:
-    """[2, slots] int32: the rank pairs (a, b), a, b < k' = min(K, n), with (a+1)(b+1) <= K.
+def _floors(k_axis: int, head: int) -> np.ndarray:
+    floors = np.arange(k_axis, dtype=np.int32)
+    start = head
+    while start < k_axis:
+        floors[start : 2 * start] = start
+        start *= 2
+    return floors
 
+
+def _region_size(floors: np.ndarray, top_k: int) -> int:
+    return int(np.count_nonzero((floors[:, None] + 1) * (floors[None, :] + 1) <= top_k))
+
+
+@functools.cache
+def head_ranks(n: int, top_k: int) -> int:
+    """h: how many of an axis's top entries step 1 orders exactly (min(k', h) of them; see `rank_floors`).
+
+    k' itself (an exact order) up to the largest of `HEAD_SIZES`, where a k'^2 rank count is short next to
+    the bucketing's bisection; above, the smallest of `HEAD_SIZES` whose candidate region still fits the
+    power-of-two slot count of the exact region (a smaller head is a cheaper rank count but a coarser
+    order, hence more candidates).
+    """
+    k_axis = min(top_k, n)
+    if k_axis <= HEAD_SIZES[-1]:
+        return k_axis
+    exact_slots = next_power_of_2(_region_size(np.arange(k_axis), top_k))
+    for head in HEAD_SIZES:
+        if next_power_of_2(_region_size(_floors(k_axis, head), top_k)) <= exact_slots:
+            return head
+    return HEAD_SIZES[-1]
+
+
+def rank_floors(n: int, top_k: int) -> np.ndarray:
+    """[k'] int32: a lower bound on the rank of the entry step 1 puts at each position of its axis order.
+
+    Step 1 orders each axis only partly: the first h = `head_ranks` positions hold the top entries exactly
+    by rank, the rest come in buckets of ranks [h, 2h), [2h, 4h), ... (the last one cut at k'), each bucket
+    in column order. An entry in bucket [r, 2r) has rank >= r, so its floor is r; in the head the floor is
+    the rank itself.
+    """
+    return _floors(min(top_k, n), head_ranks(n, top_k))
+
+
+def candidate_table(n: int, top_k: int) -> np.ndarray:
+    """[2, slots] int32: the position pairs (a, b), a, b < k' = min(K, n), that step 2 must score.
+
+    With f(p) = `rank_floors` of position p, the entry pair at positions (a, b) is beaten by at least
+    (f(a)+1)(f(b)+1) - 1 others (every pair of entries ranked no lower on both axes), so only pairs with
+    (f(a)+1)(f(b)+1) <= K can be in the top K (for an exact order, f(p) = p: the region (a+1)(b+1) <= K).
     Row 0 holds a, row 1 holds b; `slots` is the pair count rounded up to a power of two and the padding
     holds -1. The pairs are listed row by row; their order does not matter (outputs are sorted at the end).
     The kernels take the two rows as two [slots] inputs.
     """
-    k_axis = min(top_k, n)
-    pairs = [(a, b) for a in range(k_axis) for b in range(min(k_axis, top_k // (a + 1)))]
+    floors = rank_floors(n, top_k) + 1  # [k']
+    rows, cols = np.nonzero(floors[:, None] * floors[None, :] <= top_k)  # row-major: a, then b
+    table = np.full((2, next_power_of_2(len(rows))), -1, np.int32)
+    table[0, : len(rows)], table[1, : len(rows)] = rows, cols
+    return table
+
+
+def bound_table(n: int, top_k: int) -> np.ndarray:
+    """[2, pairs] int32: head position pairs (a, b) with (a+1)(b+1) >= K, the smallest b for each a.
+
+    Positions below min(h, k') (h = `head_ranks`) are exact ranks, so each such pair scores no more than
+    the (a+1)(b+1) >= K pairs ranked no lower on both axes: its score is a lower bound on the K-th largest,
+    where step 3's bisection can start. Padded with -1 to a power of two like `candidate_table`. One such
+    pair always exists: the head is K wide when K <= n, n wide when n^2 >= K > n and n <= h, and h^2 >=
+    MAX_TOP_K otherwise.
+    """
+    head = min(head_ranks(n, top_k), top_k, n)
+    pairs = [(a, -(-top_k // (a + 1)) - 1) for a in range(head)]
+    pairs = [(a, b) for a, b in pairs if b < head]
+    assert pairs, (n, top_k)
     table = np.full((2, next_power_of_2(len(pairs))), -1, np.int32)
     table[:, : len(pairs)] = np.asarray(pairs, np.int32).T
     return table
@@ -238,6 +318,97 @@ def _compact_top_of_axis(log_probs_ref, keys_ref, cols_ref, t0, *, block_tokens:
     pltriton.store(cols_ref.at[rows, slot], cols, mask=write)
 
 
+def _bucket_axes(entries, head_refs, positions_refs, *, key_bits: int):
+    """Step 1b for k' > h: the k' entries of each axis, in column order, to the order of `rank_floors`.
+
+    entries: per axis (keys, cols, rows), each [bt, m_pad] (entry e < k' real, INT32_MIN keys past that;
+    rows: token ids); head_refs: per axis (keys, cols) scratch [T, h]; positions_refs: per axis [T, k'].
+    One bisection, vectorised over both axes and the bucket boundaries r = h, 2h, 4h, ... < k' (one row of
+    a [bt, 2 b_pad, m_pad] count each), finds for each r the set of the top r entries (key above the r-th
+    largest, or equal to it with a low enough column: a prefix count). Bucket 0, the head, is the top h:
+    packed in column order into the head scratch for `_rank_compacted`. An entry of bucket u >= 1 (in the
+    top 2^u h, not in the top 2^(u-1) h) goes to position 2^(u-1) h + (its place among the bucket's
+    entries in column order) of positions_ref, a difference of two prefix counts.
+    """
+    tokens, k_axis = positions_refs[0].shape
+    head = head_refs[0][0].shape[1]
+    bt, m_pad = entries[0][0].shape
+    boundaries = (k_axis - 1).bit_length() - (head - 1).bit_length()  # h 2^v < k' for v < boundaries
+    b_pad = next_power_of_2(boundaries)
+    # Row v of the [bt, 2 b_pad, m_pad] counts is boundary v % b_pad of axis v // b_pad (padded boundaries ask
+    # for all k'). Per-row values are [bt, 2 b_pad], expanded with [:, :, None] where they meet the entries:
+    # a [bt, 2 b_pad, 1] array carried through the loop takes a layout that costs ~100 registers more (sm_90).
+    level2 = lax.broadcasted_iota(jnp.int32, (bt, 2 * b_pad), 1) & (b_pad - 1)
+    want = jnp.minimum(jnp.left_shift(jnp.int32(head), level2), k_axis)  # [bt, 2 b_pad]
+    row3 = lax.broadcasted_iota(jnp.int32, (bt, 2 * b_pad, m_pad), 1)
+    level = row3 & (b_pad - 1)
+    of_y = row3 >= b_pad
+    entry = lax.broadcasted_iota(jnp.int32, (bt, m_pad), 1)
+    real = entry < k_axis
+    shift = 32 - key_bits
+    # See `_compact_top_of_axis` for the coarse keys.
+    coarse = jnp.where(of_y, (entries[1][0] >> shift)[:, None, :], (entries[0][0] >> shift)[:, None, :])
+
+    # Per row: tau = the largest coarse key with count(coarse >= tau) >= r (as in `_compact_top_of_axis`),
+    # bisected between the row's smallest real key (count k' >= r) and just above its largest (count 0):
+    # ~log2 of the row's key range steps (about 8-10 for bf16 log-probs) rather than key_bits.
+    def unresolved(bounds):
+        lo, hi = bounds
+        return jnp.max((hi > lo + 1).astype(jnp.int32)) > 0
+
+    def halve(bounds):
+        lo, hi = bounds  # [bt, 2 b_pad]
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+        enough = jnp.sum(coarse >= mid[:, :, None], axis=2, dtype=jnp.int32) >= want
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    coarse_max = INT32_MAX >> shift
+    lowest = jnp.min(jnp.where(real[:, None, :], coarse, coarse_max), axis=2)  # [bt, 2 b_pad]
+    highest = jnp.max(jnp.where(real[:, None, :], coarse, INT32_MIN >> shift), axis=2)
+    bounds = (lowest, jnp.where(highest == coarse_max, highest, highest + 1))
+    tau, _ = lax.while_loop(unresolved, halve, bounds)  # [bt, 2 b_pad]
+    above = coarse > tau[:, :, None]  # [bt, 2 b_pad, m_pad]
+    tied = (coarse == tau[:, :, None]).astype(jnp.int32)
+    need = want - jnp.sum(above, axis=2, dtype=jnp.int32)  # [bt, 2 b_pad], >= 1
+    top = (above | ((tied == 1) & (lax.cumsum(tied, axis=2) <= need[:, :, None]))) & real[:, None, :]
+    top = top.astype(jnp.int32)  # [bt, 2 b_pad, m_pad]: 1 where the entry is among the top r of its row
+    before = lax.cumsum(top, axis=2) - top  # [bt, 2 b_pad, m_pad] exclusive prefix counts
+    inside = real & (entries[0][2] < tokens)
+    for axis, ((keys, cols, rows), (head_keys_ref, head_cols_ref), positions_ref) in enumerate(
+        zip(entries, head_refs, positions_refs, strict=True)
+    ):
+        mine = of_y == (axis == 1)  # [bt, 2 b_pad, m_pad]: this axis's rows
+        outside = jnp.where(mine, real[:, None, :].astype(jnp.int32) - top, 0)
+        bucket = jnp.sum(outside, axis=1)  # [bt, m_pad]: 0 = head, up to `boundaries`
+        bucket3 = bucket[:, None, :]  # [bt, 1, m_pad]
+        # A bucket's entries before this one: top 2^u h minus top 2^(u-1) h, counted over the earlier
+        # columns; past the last boundary the "top k'" count is the entry index itself (real entries first).
+        upper = jnp.sum(jnp.where(mine & (level == bucket3), before, 0), axis=1)  # [bt, m_pad]
+        upper = jnp.where(bucket >= boundaries, entry, upper)
+        lower = jnp.sum(jnp.where(mine & (level == bucket3 - 1), before, 0), axis=1)
+        tail_position = jnp.left_shift(jnp.int32(head), jnp.maximum(bucket - 1, 0)) + upper - lower
+        in_head = inside & (bucket == 0)
+        # Lanes not written point past the row (see `_select_top_k`); no slices in Pallas-Triton: a sum.
+        head_slot = jnp.where(in_head, jnp.sum(jnp.where(mine & (level == 0), before, 0), axis=1), head)
+        pltriton.store(head_keys_ref.at[rows, head_slot], keys, mask=in_head)
+        pltriton.store(head_cols_ref.at[rows, head_slot], cols, mask=in_head)
+        in_tail = inside & (bucket > 0)
+        pltriton.store(positions_ref.at[rows, jnp.where(in_tail, tail_position, k_axis)], cols, mask=in_tail)
+
+
+def _load_entries(keys_ref, cols_ref, t0, *, block_tokens: int):
+    """The [T, k'] column-ordered top k' of `_compact_top_of_axis`, rows t0...: keys, cols, rows [bt, k_pad]."""
+    tokens, k_axis = keys_ref.shape
+    k_pad = next_power_of_2(k_axis)
+    rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 0)
+    entry = lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 1)
+    real = (rows < tokens) & (entry < k_axis)
+    window = (pl.ds(t0, block_tokens), pl.ds(0, k_pad))
+    keys = pltriton.load(keys_ref.at[window], mask=real, other=INT32_MIN)
+    cols = pltriton.load(cols_ref.at[window], mask=real, other=0)
+    return keys, cols, rows
+
+
 def _rank_compacted(keys_ref, cols_ref, positions_ref, t0, *, block_tokens: int, block_j: int):
     """Step 1b by threshold: the k' entries of `_compact_top_of_axis`, sorted -> positions_ref [T, k'].
 
@@ -270,20 +441,13 @@ def _rank_compacted(keys_ref, cols_ref, positions_ref, t0, *, block_tokens: int,
     pltriton.store(positions_ref.at[rows, rank], cols, mask=real)
 
 
-def _select_top_k(
-    rank_x_ref, rank_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, scores_ref, experts_ref, t0, *, block_tokens
-):
-    """Steps 2-4 for rows t0... : position lists [T, k'] of the sorted axes -> scores_ref/experts_ref [T, K].
+def _pair_keys(rank_x, rank_y, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, t0, *, block_tokens):
+    """Order keys of the sums at position pairs (rank_x, rank_y) ([1, slots], -1 = none) for rows t0...
 
-    rank_x_ref, rank_y_ref: the rows of `candidate_table` ([slots] each); lpx_ref, lpy_ref: the log-probs
-    [T, n]. Each token's K outputs land in slot order (see `sort_by_score`).
+    Returns keys [bt, slots] (INT32_MIN where no pair or no token) and the pairs' experts [bt, slots].
     """
-    tokens, top_k = scores_ref.shape
-    n = lpx_ref.shape[1]
-    rank_x = rank_x_ref[...][None, :]  # [1, slots]
-    rank_y = rank_y_ref[...][None, :]
-    slots = rank_x.shape[1]
-    rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, slots), 0)
+    tokens, n = lpx_ref.shape
+    rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, rank_x.shape[1]), 0)
     listed = (rows < tokens) & (rank_x >= 0)  # [bt, slots]: a real pair of a real token
     x_pos = pltriton.load(x_pos_ref.at[rows, rank_x], mask=listed, other=0)  # [bt, slots]
     y_pos = pltriton.load(y_pos_ref.at[rows, rank_y], mask=listed, other=0)
@@ -291,20 +455,71 @@ def _select_top_k(
     y_val = pltriton.load(lpy_ref.at[rows, y_pos], mask=listed, other=0.0).astype(jnp.float32)
     # The f32 sum exactly as the reference forms it, so ties and rounding agree bit for bit.
     keys = jnp.where(listed, order_key(x_val + y_val), INT32_MIN)  # [bt, slots]
-    experts = x_pos * n + y_pos  # [bt, slots]
+    return keys, x_pos * n + y_pos
+
+
+def _select_top_k(
+    rank_x_ref,
+    rank_y_ref,
+    bound_x_ref,
+    bound_y_ref,
+    lpx_ref,
+    lpy_ref,
+    x_pos_ref,
+    y_pos_ref,
+    scores_ref,
+    experts_ref,
+    t0,
+    *,
+    block_tokens,
+):
+    """Steps 2-4 for rows t0... : position lists [T, k'] of the axes -> scores_ref/experts_ref [T, K].
+
+    rank_x_ref, rank_y_ref: the rows of `candidate_table` ([slots] each); bound_x_ref, bound_y_ref: those
+    of `bound_table`; lpx_ref, lpy_ref: the log-probs [T, n]; the position lists in the order of
+    `rank_floors` (or fully sorted, which is a finer order). Each token's K outputs land in slot order (see
+    `sort_by_score`).
+    """
+    tokens, top_k = scores_ref.shape
+    n = lpx_ref.shape[1]
+    gather = functools.partial(
+        _pair_keys,
+        lpx_ref=lpx_ref,
+        lpy_ref=lpy_ref,
+        x_pos_ref=x_pos_ref,
+        y_pos_ref=y_pos_ref,
+        t0=t0,
+        block_tokens=block_tokens,
+    )
+    keys, experts = gather(rank_x_ref[...][None, :], rank_y_ref[...][None, :])  # [bt, slots] each
+    rows = t0 + lax.broadcasted_iota(jnp.int32, keys.shape, 0)
 
     def count(selected):
         return jnp.sum(selected, axis=1, dtype=jnp.int32)  # [bt, slots] bool -> [bt]
 
     # tau = the largest key with count(keys >= tau) >= K. Invariant: count(>= lo) >= K > count(>= hi).
-    def halve_keys(_, bounds):
+    # hi: just above the largest candidate. lo: the best score of the head pairs of `bound_table`, each
+    # beaten by >= K pairs; it is a valid start wherever rounding keeps the sums monotone in each axis (any
+    # finite input), and checked by one count, falling back to the bottom of the key range where it is not.
+    top = jnp.max(keys, axis=1)  # [bt]
+    hi = jnp.where(top == INT32_MAX, top, top + 1)
+    bound_keys, _ = gather(bound_x_ref[...][None, :], bound_y_ref[...][None, :])  # [bt, pairs]
+    floor = jnp.max(bound_keys, axis=1)  # [bt]
+    lo = jnp.where(count(keys >= floor[:, None]) >= top_k, floor, INT32_MIN)
+
+    def unresolved_keys(bounds):
+        lo, hi = bounds
+        return jnp.max((hi > lo + 1).astype(jnp.int32)) > 0  # hi - lo itself may overflow int32
+
+    def halve_keys(bounds):
         lo, hi = bounds
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
         enough = count(keys >= mid[:, None]) >= top_k
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
-    bounds = (jnp.full((block_tokens,), INT32_MIN, jnp.int32), jnp.full((block_tokens,), INT32_MAX, jnp.int32))
-    tau, _ = lax.fori_loop(0, 32, halve_keys, bounds)  # 32 halvings close the 2^32-wide interval
+    # One halving per bit of the widest interval in the tile: ~log2 of the key distance between the
+    # floor and the top (at most 32).
+    tau, _ = lax.while_loop(unresolved_keys, halve_keys, (lo, hi))
     tau = tau[:, None]  # [bt, 1]
 
     # Of the candidates tied at tau take the `need` lowest expert ids: the smallest cut with
@@ -339,11 +554,22 @@ def _select_top_k(
     pltriton.store(experts_ref.at[rows, slot], experts, mask=write)
 
 
+def _threshold_steps(n: int, k_axis: int, head: int) -> tuple[bool, bool]:
+    """Which parts of step 1 "threshold" run: (compact the top k' first, bucket the k' entries).
+
+    The compaction is skipped where k' = n (every entry takes part); the bucketing where k' <= the head
+    width, whose compacted entries are then ranked in full.
+    """
+    return k_axis < n or k_axis <= head, k_axis > head
+
+
 def _forward_kernel(
     lpx_ref,
     lpy_ref,
     rank_x_ref,
     rank_y_ref,
+    bound_x_ref,
+    bound_y_ref,
     scores_ref,
     experts_ref,
     x_pos_ref,
@@ -353,13 +579,17 @@ def _forward_kernel(
     axis_sort: str,
     key_bits: int,
     block_j: int,
+    head: int,
     interpret: bool,
 ):
     """Steps 1-4 for one tile. Outputs past the first two are scratch: the merge gathers from memory.
 
-    scratch_refs: for axis_sort="threshold", the column-ordered top k' keys and columns of x and of y.
+    scratch_refs (axis_sort="threshold"): keys and columns of x, then of y, of each axis's column-ordered
+    top k' (where `_threshold_steps` compacts), then of its head (where it buckets); head = min(h, k').
     """
     t0 = pl.program_id(0) * bt
+    n = lpx_ref.shape[1]
+    k_axis = x_pos_ref.shape[1]
 
     def barrier():
         # Later steps gather what other threads of this program just stored: make the stores visible first.
@@ -371,21 +601,38 @@ def _forward_kernel(
         _sort_axis_by_selection(lpx_ref, x_pos_ref, t0, block_tokens=bt)
         _sort_axis_by_selection(lpy_ref, y_pos_ref, t0, block_tokens=bt)
     else:
-        x_keys_ref, x_cols_ref, y_keys_ref, y_cols_ref = scratch_refs
-        _compact_top_of_axis(lpx_ref, x_keys_ref, x_cols_ref, t0, block_tokens=bt, key_bits=key_bits)
-        _compact_top_of_axis(lpy_ref, y_keys_ref, y_cols_ref, t0, block_tokens=bt, key_bits=key_bits)
-        barrier()
-        _rank_compacted(x_keys_ref, x_cols_ref, x_pos_ref, t0, block_tokens=bt, block_j=block_j)
-        _rank_compacted(y_keys_ref, y_cols_ref, y_pos_ref, t0, block_tokens=bt, block_j=block_j)
+        compact, bucketed = _threshold_steps(n, k_axis, head)
+        refs = iter(scratch_refs)
+        compact_refs = [(next(refs), next(refs)) for _ in range(2)] if compact else None
+        head_refs = [(next(refs), next(refs)) for _ in range(2)] if bucketed else compact_refs
+        if compact:
+            for lp_ref, (keys_ref, cols_ref) in zip((lpx_ref, lpy_ref), compact_refs, strict=True):
+                _compact_top_of_axis(lp_ref, keys_ref, cols_ref, t0, block_tokens=bt, key_bits=key_bits)
+            barrier()
+        if bucketed:
+            entries = []
+            for axis, lp_ref in enumerate((lpx_ref, lpy_ref)):
+                if compact:
+                    entries.append(_load_entries(*compact_refs[axis], t0, block_tokens=bt))
+                else:  # k' = n: every entry of the row takes part, already in column order
+                    keys, rows, cols = _row_keys(lp_ref, t0, block_tokens=bt)
+                    entries.append((keys, cols, rows))
+            _bucket_axes(entries, head_refs, (x_pos_ref, y_pos_ref), key_bits=key_bits)
+            barrier()
+        for (keys_ref, cols_ref), pos_ref in zip(head_refs, (x_pos_ref, y_pos_ref), strict=True):
+            _rank_compacted(keys_ref, cols_ref, pos_ref, t0, block_tokens=bt, block_j=block_j)
     barrier()
-    refs = (rank_x_ref, rank_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, scores_ref, experts_ref)
-    _select_top_k(*refs, t0, block_tokens=bt)
+    refs = (rank_x_ref, rank_y_ref, bound_x_ref, bound_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref)
+    _select_top_k(*refs, scores_ref, experts_ref, t0, block_tokens=bt)
 
 
-def _merge_kernel(rank_x_ref, rank_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, scores_ref, experts_ref, *, bt):
-    t0 = pl.program_id(0) * bt
-    refs = (rank_x_ref, rank_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, scores_ref, experts_ref)
-    _select_top_k(*refs, t0, block_tokens=bt)
+def _merge_kernel(*refs, bt):
+    _select_top_k(*refs, pl.program_id(0) * bt, block_tokens=bt)
+
+
+def _tables(n: int, top_k: int) -> tuple[jax.Array, ...]:
+    """The four [slots] / [pairs] int32 kernel inputs: `candidate_table`'s rows, then `bound_table`'s."""
+    return (*jnp.asarray(candidate_table(n, top_k)), *jnp.asarray(bound_table(n, top_k)))
 
 
 def sort_by_score(scores: jax.Array, experts: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -408,23 +655,31 @@ def router_forward(
     """
     tokens, n = log_probs_x.shape
     k_axis = min(top_k, n)
-    k_pad = next_power_of_2(k_axis)
+    head = min(head_ranks(n, top_k), k_axis)
     per_axis = jax.ShapeDtypeStruct((tokens, k_axis), jnp.int32)
+    scratch = ()
+    if config.axis_sort == "threshold":
+        compact, bucketed = _threshold_steps(n, k_axis, head)
+        scratch = (per_axis,) * (4 if compact else 0) + (jax.ShapeDtypeStruct((tokens, head), jnp.int32),) * (
+            4 if bucketed else 0
+        )
     outputs = (
         jax.ShapeDtypeStruct((tokens, top_k), jnp.float32),  # scores, slot order
         jax.ShapeDtypeStruct((tokens, top_k), jnp.int32),  # experts, slot order
-        per_axis,  # sorted positions of x
+        per_axis,  # positions of x in the order of `rank_floors`
         per_axis,  # and of y
-        *((per_axis,) * 4 if config.axis_sort == "threshold" else ()),  # column-ordered top k' of x and y
+        *scratch,  # keys and columns of each axis's column-ordered top k' and of its head
     )
     if tokens == 0:
         return _empty(*outputs[:2])
+    head_pad = next_power_of_2(head)
     kernel = functools.partial(
         _forward_kernel,
         bt=config.block_tokens,
         axis_sort=config.axis_sort,
         key_bits=16 if log_probs_x.dtype == jnp.bfloat16 else 32,
-        block_j=max(1, min(k_pad, _ELEMENTS_PER_WARP * config.num_warps // (config.block_tokens * k_pad))),
+        block_j=max(1, min(head_pad, _ELEMENTS_PER_WARP * config.num_warps // (config.block_tokens * head_pad))),
+        head=head,
         interpret=interpret,
     )
     scores, experts, *_ = pl.pallas_call(
@@ -434,7 +689,7 @@ def router_forward(
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_router_forward",
-    )(log_probs_x, log_probs_y, *jnp.asarray(candidate_table(n, top_k)))
+    )(log_probs_x, log_probs_y, *_tables(n, top_k))
     return sort_by_score(scores, experts)
 
 
@@ -464,7 +719,7 @@ def router_merge(
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_router_merge",
-    )(*jnp.asarray(candidate_table(n, top_k)), log_probs_x, log_probs_y, positions_x, positions_y)
+    )(*_tables(n, top_k), log_probs_x, log_probs_y, positions_x, positions_y)
     return sort_by_score(scores, experts)
 
 
