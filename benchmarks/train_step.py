@@ -35,6 +35,7 @@ import gzip
 import json
 import os
 import pathlib
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,8 @@ DEFAULT_PRESETS = (
     "small-pkm",
 )
 WINDOW = 10  # steps per timed window
+MATMUL_WORKER = ":matmul"  # the worker that measures the device's matrix rate
+
 COLUMNS = [
     "preset",
     "status",
@@ -82,6 +85,9 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     if args.steps < WINDOW:
         parser.error(f"--steps={args.steps} must be >= {WINDOW}")
+    if args.worker == MATMUL_WORKER:
+        pathlib.Path(args.result).write_text(json.dumps(measure_device()))
+        return
     if args.worker:
         result = measure(
             args.worker, args, overrides, save=lambda row: pathlib.Path(args.result).write_text(json.dumps(row))
@@ -89,13 +95,12 @@ def main() -> None:
         pathlib.Path(args.result).write_text(json.dumps(result))
         return
 
-    import jax
+    from benchmarks.common import RESULTS, print_table
 
-    from benchmarks.common import RESULTS, environment, print_table
-    from benchmarks.layer import matmul_rate
-
-    # 8192^3 saturates a GPU; a CPU (a smoke run) would take minutes over it.
-    matmul = matmul_rate() if jax.default_backend() == "gpu" else cpu_matmul_rate()
+    # The parent never touches the device: a process holding it (JAX preallocates 75% of a GPU's memory on
+    # first use) would leave the preset workers a quarter of it.
+    device = _run_child(MATMUL_WORKER, [], args.timeout)
+    matmul = device["matmul"]
     print(f"matmul rate {matmul / 1e12:.3f} TFLOP/s", flush=True)
     rows = []
     for preset in args.presets.split(","):
@@ -104,11 +109,22 @@ def main() -> None:
     out = pathlib.Path(os.environ.get("OUT") or RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "train_step.json"
-    path.write_text(
-        json.dumps({**environment(), "bf16_matmul_flops": matmul, "columns": COLUMNS, "rows": rows}, indent=2) + "\n"
-    )
+    run = {**device["environment"], "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])}
+    path.write_text(json.dumps({**run, "bf16_matmul_flops": matmul, "columns": COLUMNS, "rows": rows}, indent=2) + "\n")
     print_table(rows, COLUMNS)
     print(f"wrote {path}")
+
+
+def measure_device() -> dict:
+    """The environment record and the matrix-product rate (FLOP/s) of this process's first device."""
+    import jax
+
+    from benchmarks.common import environment
+    from benchmarks.layer import matmul_rate
+
+    # 8192^3 saturates a GPU; a CPU (a smoke run) would take minutes over it.
+    matmul = matmul_rate() if jax.default_backend() == "gpu" else cpu_matmul_rate()
+    return {"environment": environment(), "matmul": matmul}
 
 
 def cpu_matmul_rate() -> float:
@@ -121,6 +137,19 @@ def cpu_matmul_rate() -> float:
     n = 1024
     pairs = [(jnp.ones((n, n)), jnp.ones((n, n)))]
     return 2 * n**3 / (time_fn(jax.jit(jnp.matmul), pairs, reps=3, batches=2)["ms"] * 1e-3)
+
+
+def _run_child(worker: str, flags: list[str], timeout: float) -> dict:
+    """Runs this script as `--worker=worker` and returns the JSON it wrote; raises if it failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = pathlib.Path(tmp) / "result.json"
+        command = [sys.executable, __file__, f"--worker={worker}", f"--result={result}", *flags]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode != 0 or not result.is_file():
+            raise RuntimeError(
+                f"{worker} worker failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
+        return json.loads(result.read_text())
 
 
 def _run_worker(preset: str, args, overrides: list[str], matmul: float) -> dict:
