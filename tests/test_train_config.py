@@ -147,7 +147,15 @@ def test_print_config_shows_the_resolved_config_and_exits(tmp_path, capsys):
     assert cli.main(["--print-config", "--run-dir", str(run_dir), "--hidden_size=64", "--steps=500"]) == 0
     printed = json.loads(capsys.readouterr().out)
     config = apply_overrides(get_preset("tiny"), {"hidden_size": "64", "steps": "500"}, scale_warmup=True)
-    assert printed.pop("parameters") == parameter_counts(config.model)
+    counts = printed.pop("parameters")
+    assert counts == parameter_counts(config.model)
+    model = config.model
+    attention = 12 * model.num_layers * model.context_length * model.hidden_size
+    assert printed.pop("flops") == {
+        "active_parameters": counts["active"],
+        "attention_flops_per_token": attention,
+        "model_flops_per_token": 6 * counts["active"] + attention,
+    }
     assert TrainConfig.from_dict(printed) == config
     assert not run_dir.exists()  # nothing loaded, compiled or written
 

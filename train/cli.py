@@ -21,6 +21,7 @@ from train import help as help_text
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import TrainConfig, apply_overrides, parse_overrides
 from train.data import CorpusError
+from train.flops import model_flops_per_token
 from train.loop import RECORDING_FIELDS, RunDirectoryError, abstract_state, load_config, run
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
@@ -54,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config",
         action="store_true",
-        help="print the resolved config (preset + overrides, or the stored run's with --resume) and its parameter "
-        "counts as JSON, then exit without loading data or compiling",
+        help="print the resolved config (preset + overrides, or the stored run's with --resume), its parameter "
+        "counts and model FLOPs per token as JSON, then exit without loading data or compiling",
     )
     scale = parser.add_argument_group(
         "scale-out", "a run may resume on another mesh (or none): the layout is not part of the run's config"
@@ -136,7 +137,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
                 config = dataclasses.replace(config, model=config.model.replace(vocab_size=vocab_size))
             run_dir = pathlib.Path(args.run_dir or default_run_dir(preset))
         if args.print_config:
-            print(json.dumps({**config.to_dict(), "parameters": parameter_counts(config.model)}, indent=2))
+            counts = {"parameters": parameter_counts(config.model), "flops": model_flops_per_token(config.model)}
+            print(json.dumps({**config.to_dict(), **counts}, indent=2))
             return 0
         mesh = None if args.mesh is None else parallel.make_mesh(args.mesh)
         if mesh is not None:
