@@ -327,6 +327,35 @@ def scaling_section(result: dict) -> list[str]:
     ]
 
 
+def train_step_section(result: dict) -> list[str]:
+    def cell(row: dict, name: str, fmt: str) -> str:
+        return "-" if row.get(name) is None else format(row[name], fmt)
+
+    rows = [
+        [
+            f"`{row['preset']}`",
+            cell(row, "active_params", ","),
+            cell(row, "step_ms", ".1f"),
+            cell(row, "tokens_per_s", ",.0f"),
+            cell(row, "mfu", ".2f"),
+            cell(row, "peak_gb", ".1f"),
+            cell(row, "steady_ratio", ".3f"),
+            row["status"],
+        ]
+        for row in result["rows"]
+    ]
+    header = ["preset", "active params", "ms/step", "tokens/s", "MFU", "peak GB", "steady", "status"]
+    return [
+        "### Training step (one device)",
+        "",
+        _measured_on(result)
+        + f" MFU: model FLOPs (`train.flops`) per second over the {result['bf16_matmul_flops'] / 1e12:.0f} "
+        "TFLOP/s of an 8192^3 bf16 product measured in the same run; steady: tokens/s late in the run over early.",
+        "",
+        *_table(header, rows),
+    ]
+
+
 def quality_section(results: dict[str, dict]) -> list[str]:
     lines = ["### Quality at matched active parameters", ""]
     for name, result in results.items():
@@ -362,6 +391,8 @@ def render() -> str:
         if (result := _load(name)) is not None:
             sections.append(compare_section({**result, "name": name}))
             break
+    if (train_step := _load("train_step")) is not None:
+        sections.append(train_step_section(train_step))
     if (scaling := _load("scaling_gpu")) is not None:
         sections.append(scaling_section(scaling))
     if quality := {

@@ -275,6 +275,38 @@ def test_manifests_are_written_once_saves_finish_and_rotation_keeps_a_verified_o
     np.testing.assert_array_equal(restored["w"], state["w"])
 
 
+def test_an_asynchronous_save_keeps_the_values_the_step_then_donates_and_overwrites(tmp_path):
+    # What the loop does: save asynchronously, then at once run a step that donates the saved buffers (and
+    # writes other values into them where the backend reuses them). The checkpoint holds the saved values.
+    state = {"w": jnp.arange(1 << 20, dtype=jnp.float32), "b": jnp.ones((3, 3))}
+    saved = jax.tree.map(lambda x: np.array(x, copy=True), state)
+    overwrite = jax.jit(lambda tree: jax.tree.map(lambda x: x * 0 - 7, tree), donate_argnums=0)
+    with Checkpoints(tmp_path, asynchronous=True) as checkpoints:
+        checkpoints.save(1, state, {"sampler": {"step": 1}})
+        state = overwrite(state)
+        for _ in range(3):
+            state = overwrite(state)
+        jax.block_until_ready(state)
+        checkpoints.wait_until_finished()
+        restored, _ = checkpoints.restore(1, jax.eval_shape(lambda: saved))
+    for name, want in saved.items():
+        np.testing.assert_array_equal(restored[name], want, err_msg=name)
+
+
+def test_poll_records_a_save_once_it_has_finished_in_the_background(tmp_path):
+    state = {"w": jnp.arange(4096.0)}
+    with Checkpoints(tmp_path, asynchronous=True) as checkpoints:
+        checkpoints.save(1, state, {"sampler": {"step": 1}})
+        assert checkpoints.verify(1) is not None  # no manifest until the save is known to have finished
+        deadline = time.monotonic() + 60
+        while checkpoints._manager.is_saving_in_progress():  # orbax's own view of its background save
+            assert time.monotonic() < deadline, "the background save did not finish in 60 s"
+            time.sleep(0.01)
+        assert checkpoints.verify(1) is not None  # finished, but not yet recorded
+        checkpoints.poll()
+        assert checkpoints.verify(1) is None
+
+
 def test_the_lock_names_its_holder(tmp_path):
     with RunLock(tmp_path), pytest.raises(RunDirectoryError, match=f"is in use: process {os.getpid()} holds"):
         RunLock(tmp_path).__enter__()

@@ -17,9 +17,12 @@ one that verifies.
 Rotation (`keep`) is done here rather than by orbax, after the new step's manifest is written, so the
 newest verified checkpoint is never deleted before its successor is verified.
 
-Saving is synchronous by default: the train step donates the state's buffers right after a save, so an
-asynchronous writer could read memory that is already being overwritten (`asynchronous=True` is for a
-caller that does not donate the saved buffers).
+Asynchronous saving (`asynchronous=True`, what the training loop uses) is orbax's: `save` returns once the
+arrays are copied off the device (its blocking part), and the files are written on a background thread. So
+the train step may donate and overwrite the saved state's buffers right after `save` returns (tested). A
+save's manifest is written once it has finished: at the next `poll` that finds it done, `save`,
+`wait_until_finished` or `close`; a process killed before then leaves that step without a manifest, which
+`--resume` passes over for the previous one.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
         """Save `step`; its manifest is written once the save has finished (at once unless asynchronous,
-        else at the next `save`, `wait_until_finished` or `close`)."""
+        else at the next `poll` that finds it done, `save`, `wait_until_finished` or `close`)."""
         self.wait_until_finished()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
         self._manager.save(step, args=args, force=True)
@@ -112,6 +115,14 @@ class Checkpoints:
         # is a barrier every process must reach
         for step in self.all_steps()[: -self.keep]:
             self._manager.delete(step)
+
+    def poll(self) -> None:
+        """Finish (manifest, rotation) a save that has completed in the background, without waiting for one
+        still in flight. Single-process runs only: in a multi-process run rotation's deletes are barriers
+        that every process must reach together, and processes may see a save finish at different steps, so
+        there a save is finished at the next `save` or `close`, which all processes reach in step."""
+        if self._pending and jax.process_count() == 1 and not self._manager.is_saving_in_progress():
+            self.wait_until_finished()
 
     def _write_manifest(self, step: int) -> None:
         step_dir = self.step_directory(step)

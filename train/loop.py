@@ -412,7 +412,8 @@ def run(
     steps = build_steps(config, mesh)
     with (
         RunLock(run_dir, enabled=mesh_lib.is_primary()),  # before anything in run_dir is written
-        Checkpoints(run_dir, keep=config.keep_checkpoints) as checkpoints,
+        # Asynchronous: a save blocks the loop only while the state is copied off the device.
+        Checkpoints(run_dir, keep=config.keep_checkpoints, asynchronous=True) as checkpoints,
         _StopFlag().installed() as stop,
         contextlib.ExitStack() as stack,
         progress_lib.Progress(config.steps, enabled=None if console else False) as progress,
@@ -496,6 +497,8 @@ def run(
                 log(_eval_line(step, last_eval))
             if saved:
                 save()
+            if logged:
+                checkpoints.poll()  # a background save that has finished gets its manifest now
             if logged or evaluated or saved:
                 window_start, window_steps = time.perf_counter(), 0
         if reason != divergence.REASON and step not in checkpoints.all_steps():  # stopped early: keep what was done
