@@ -30,6 +30,7 @@ from omnimoe_jax.baselines import (
     PKMConfig,
     presets,
 )
+from omnimoe_jax.baselines._moe import ExpertTiles
 from pallas_kernels.omni_router import omni_router, omni_router_brute_force
 
 D = 16  # hidden size of the small test configs
@@ -229,7 +230,7 @@ def test_pkm_on_the_kernels_matches_pkm_on_xla(seed):
 
 def test_one_expert_taking_every_token_leaves_the_others_empty(seed):
     # Positive tokens and a gate that only sees expert 2: every first choice is expert 2, the other experts'
-    # logits tie at exactly 0 (second choices go to the lowest index, 0). Empty groups reach ragged_dot.
+    # logits tie at exactly 0 (second choices go to the lowest index, 0). Empty groups reach the expert tiles.
     x = jnp.abs(normal(jax.random.key(seed), (TOKENS, D)))
     kernel = jnp.zeros((D, 4)).at[:, 2].set(1.0)
     for config in (
@@ -251,13 +252,44 @@ def test_one_expert_taking_every_token_leaves_the_others_empty(seed):
             assert int(state["metrics"]["dropped_pairs"][0]) == extras["dropped"] == 2 * (TOKENS - capacity)
 
 
-# (The dense FFN is SharedMLP, flax Dense layers: nothing of ours to differentiate. DeepSeekMoE's dropless
-# path differentiates through jax.lax.ragged_dot, the costliest f64 compile here: slow; its capacity path,
-# the same experts, gate, shared experts and balance loss, is checked in the default suite.)
+@pytest.mark.parametrize("tile_rows", [8, 16])
+def test_expert_tiles_multiply_each_group_by_its_experts_matrix(tile_rows, seed):
+    # Group sizes with empty groups, a group of exactly one tile and one spanning several; every row of the
+    # tiled product is its row times its group's matrix, and nothing is lost or duplicated on the way back.
+    rng = np.random.default_rng(seed)
+    sizes = np.array([0, 5, tile_rows, 0, 3 * tile_rows + 1, 2, 0])
+    rows, weights = rng.normal(size=(sizes.sum(), 6)), rng.normal(size=(len(sizes), 6, 4))
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    want = np.einsum("pi,pio->po", rows, weights[group])
+
+    @jax.jit
+    def tiled_product(rows, weights, sizes):
+        tiles = ExpertTiles(sizes, rows.shape[0], tile_rows)
+        return tiles.from_tiles(tiles.matmul(tiles.to_tiles(rows), weights, preferred_element_type=jnp.float32))
+
+    got = tiled_product(jnp.asarray(rows, jnp.float32), jnp.asarray(weights, jnp.float32), jnp.asarray(sizes))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    tiles = ExpertTiles(jnp.asarray(sizes), int(sizes.sum()), tile_rows)
+    destination = np.asarray(tiles.destination).tolist()
+    assert len(set(destination)) == len(destination)  # no two rows share a slot
+    used = -(-sizes // tile_rows)  # tiles per group
+    assert np.asarray(tiles.tile_expert)[: used.sum()].tolist() == np.repeat(np.arange(len(sizes)), used).tolist()
+
+
+def test_the_dropless_dispatch_forms_no_product_over_every_expert():
+    # jax.lax.ragged_dot lowers to a product of every row with every expert's matrix on XLA:GPU and jax's
+    # fallback: E times the work and an [E, P, I] buffer. The expert tiles never call it.
+    config = DeepSeekMoEConfig(D, 16, 12, 2)
+    x = jnp.ones((TOKENS, D))
+    model = module_for(config)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    lowered = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).as_text()
+    assert "ragged_dot" not in lowered
+
+
+# (The dense FFN is SharedMLP, flax Dense layers: nothing of ours to differentiate.)
 GRADIENT_CASES = [
-    pytest.param(
-        DeepSeekMoEConfig(8, 4, 6, 2, shared_intermediate_size=6), id="deepseek-sorted", marks=pytest.mark.slow
-    ),
+    pytest.param(DeepSeekMoEConfig(8, 4, 6, 2, shared_intermediate_size=6), id="deepseek-sorted"),
     pytest.param(
         DeepSeekMoEConfig(8, 4, 6, 2, shared_intermediate_size=6, dispatch="capacity", capacity_factor=4.0),
         id="deepseek-capacity",

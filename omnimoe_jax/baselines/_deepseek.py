@@ -30,7 +30,7 @@ class DeepSeekMoEConfig(BaselineConfig):
       hidden_act: activation of every SwiGLU, by its transformers `ACT2FN` name.
       norm_topk_prob: rescale the k gates to sum to 1 (DeepSeekMoE itself does not).
       aux_loss_weight: alpha of the expert-level balance loss sown as "losses"/"aux_loss" when training.
-      dispatch: "sorted" (dropless: pairs sorted by expert through `jax.lax.ragged_dot`) or "capacity"
+      dispatch: "sorted" (dropless: pairs sorted by expert, computed in per-expert tiles) or "capacity"
         (fixed per-expert buffers of ceil(capacity_factor * k * T / E) rows; overflow is dropped and counted).
       capacity_factor: used by dispatch="capacity" only.
       dtype, param_dtype: compute and storage dtypes.
@@ -67,7 +67,7 @@ class DeepSeekMoE(nn.Module):
     1. Flatten the input's leading dims to tokens [T, d].
     2. `gate`: logits [T, E]; p = softmax(logits); the k largest p are the gates g (renormalised only if
        `norm_topk_prob`).
-    3. `experts`: the routed SwiGLUs, grouped by expert (see `_moe`: "sorted" ragged_dot or "capacity").
+    3. `experts`: the routed SwiGLUs, grouped by expert (see `_moe`: "sorted" expert tiles or "capacity").
     4. `shared`: one SwiGLU of width `shared_intermediate_size` (`omnimoe_jax.SharedMLP`), added.
 
     Call `(x, *, train=False)`: x [..., d] -> [..., d]. Variables: "params" {gate: {kernel [d, E]},

@@ -5,20 +5,25 @@ Routed experts never form a dense [T, E, ...] tensor. The T*k (token, expert) pa
 (pair p = slot * T + t: every token's first choice before any token's second, which is GShard's priority
 order) and sorted by expert with a stable argsort; then either
 
-  "sorted":   the sorted token rows go through `jax.lax.ragged_dot` with one group per expert (dropless), or
+  "sorted":   dropless: each expert's sorted rows are padded to whole tiles of m rows (`ExpertTiles`), and the
+              experts run as one batched product of the tiles with their experts' matrices, or
   "capacity": each expert gets a fixed buffer of C rows; a pair's slot is its rank among its expert's pairs
               in priority order, pairs ranked C or later are dropped (counted), and the experts run as one
               batched [E, C, d] x [E, d, I] product.
 
 The outputs return to pair order through the inverse permutation and are summed per token with the gates.
 
-Which is faster depends on the backend: XLA may lower `ragged_dot` to a product over every group (E times the
-work), while the capacity buffers cost (capacity_factor - 1) of padding and drop overflow. benchmarks/compare.py
-times both ("deepseekmoe-matched" vs "deepseekmoe-capacity").
+The tiles cost at most E - 1 partial tiles of padding (m is chosen from the mean group size) and a gather of
+one weight matrix per tile. `jax.lax.ragged_dot`, the obvious primitive, is not used: XLA on GPUs (jax 0.10-
+0.11) and jax's CPU fallback lower it to a product of every row with every group's matrix, E times the work
+and an [E, P, I] buffer (12 GiB at the `small-deepseekmoe` preset's 32,768 tokens). The capacity buffers cost
+(capacity_factor - 1) of padding and drop overflow. benchmarks/compare.py times both ("deepseekmoe-matched" vs
+"deepseekmoe-capacity").
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -81,6 +86,54 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: 
     return max(1, min(tokens, math.ceil(capacity_factor * top_k * tokens / num_experts)))
 
 
+class ExpertTiles:
+    """Rows sorted by expert, laid out as whole tiles of `m` rows that each belong to one expert.
+
+    Group e's rows (`group_sizes[e]` of them, consecutive in the sorted order) fill ceil(size / m) tiles; the
+    last one is padded with zero rows. The tile count is static: at most ceil(P / m) + E - 1 tiles hold rows,
+    and the spare ones are all padding. `matmul` multiplies every tile by its expert's matrix in one batched
+    product, so a SwiGLU stays in the tiled layout from its first product to its last.
+    """
+
+    def __init__(self, group_sizes: jax.Array, num_rows: int, tile_rows: int):
+        num_experts = group_sizes.shape[0]
+        self.num_rows, self.tile_rows = num_rows, tile_rows
+        self.num_tiles = -(-num_rows // tile_rows) + num_experts - 1  # static bound on the tiles in use
+        tiles = -(-group_sizes // tile_rows)  # [E] tiles per group
+        first_tile = jnp.cumsum(tiles) - tiles  # [E], exclusive prefix sum
+        first_row = jnp.cumsum(group_sizes) - group_sizes  # [E]
+        group = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=num_rows)  # [P], each row's
+        # where each sorted row goes in the tiled layout [num_tiles * m]
+        self.destination = first_tile[group] * tile_rows + jnp.arange(num_rows) - first_row[group]  # [P]
+        # the expert of each tile; the spare tiles past the last group (all padding) take the last expert
+        ends = jnp.cumsum(tiles)  # [E]
+        self.tile_expert = jnp.minimum(
+            jnp.searchsorted(ends, jnp.arange(self.num_tiles), side="right"), num_experts - 1
+        )  # [num_tiles]
+
+    def to_tiles(self, rows: jax.Array) -> jax.Array:
+        """[P, f] sorted rows -> [num_tiles, m, f], zero rows as padding."""
+        tiled = jnp.zeros((self.num_tiles * self.tile_rows, rows.shape[-1]), rows.dtype)
+        tiled = tiled.at[self.destination].set(rows, unique_indices=True, indices_are_sorted=True)
+        return tiled.reshape(self.num_tiles, self.tile_rows, rows.shape[-1])
+
+    def from_tiles(self, tiled: jax.Array) -> jax.Array:
+        """[num_tiles, m, f] -> [P, f] in the sorted order (padding left behind)."""
+        flat = tiled.reshape(self.num_tiles * self.tile_rows, tiled.shape[-1])
+        return flat.at[self.destination].get(unique_indices=True, indices_are_sorted=True)
+
+    def matmul(self, tiled: jax.Array, weights: jax.Array, *, preferred_element_type) -> jax.Array:
+        """[num_tiles, m, f_in] x weights [E, f_in, f_out] -> [num_tiles, m, f_out], each tile by its expert's."""
+        per_tile = weights[self.tile_expert]  # [num_tiles, f_in, f_out]
+        return jnp.einsum("tmi,tio->tmo", tiled, per_tile, preferred_element_type=preferred_element_type)
+
+
+def tile_rows_for(num_rows: int, num_experts: int) -> int:
+    """m: the power of two at or above the mean group size, within [8, 128] (padding <= E partial tiles)."""
+    mean = max(1, -(-num_rows // num_experts))
+    return min(128, max(8, 1 << (mean - 1).bit_length()))
+
+
 def _expert_kernel_init(key, shape, dtype):
     # [E, fan_in, fan_out]: each expert's matrix initialised like an nn.Dense kernel (LeCun normal on fan_in).
     return nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))(key, shape, dtype)
@@ -140,11 +193,13 @@ class RoutedSwiGLUExperts(nn.Module):
         return (get_activation(self.hidden_act).forward(gate) * up).astype(self.dtype)
 
     def _sorted(self, rows, group_sizes, gate_w, up_w, down_w) -> jax.Array:
-        # rows: [P, d] sorted by expert -> [P, d]; ragged_dot multiplies each expert's run by its matrix.
+        # rows: [P, d] sorted by expert -> [P, d]; each expert's run multiplied by its matrices, tile by tile.
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        dot = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=acc)
-        hidden = self._swiglu(dot(rows, gate_w), dot(rows, up_w))  # [P, I]
-        return dot(hidden, down_w).astype(self.dtype)  # [P, d]
+        tiles = ExpertTiles(group_sizes, rows.shape[0], tile_rows_for(rows.shape[0], self.num_experts))
+        tiled = tiles.to_tiles(rows)  # [tiles, m, d]
+        dot = functools.partial(tiles.matmul, preferred_element_type=acc)
+        hidden = self._swiglu(dot(tiled, gate_w), dot(tiled, up_w))  # [tiles, m, I]
+        return tiles.from_tiles(dot(hidden, down_w).astype(self.dtype))  # [P, d]
 
     def _capacity(self, tokens, pair_token, pair_expert, position, kept, capacity, gate_w, up_w, down_w):
         # -> [P, d] in pair order; a dropped pair writes nowhere (its slot index C is out of bounds) and reads 0.
