@@ -81,8 +81,12 @@ class RouterBatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (self.num_features,), jnp.float32)
         running_var = self.variable("batch_stats", "running_var", jnp.ones, (self.num_features,), jnp.float32)
         batches = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        # The stored f32 statistics are widened to the computation's dtype before any arithmetic: in a float64
+        # layer `var + eps` and the momentum step then round once (at the store), as torch's float64 module.
+        acc = jnp.promote_types(logits.dtype, jnp.float32)
+        stored_mean, stored_var = running_mean.value.astype(acc), running_var.value.astype(acc)
         if not train:
-            mean, var = running_mean.value, running_var.value
+            mean, var = stored_mean, stored_var
         else:
             tokens = logits.shape[0]
             if tokens < 2:
@@ -90,8 +94,8 @@ class RouterBatchNorm(nn.Module):
             mean, var = batch_moments if batch_moments is not None else batch_moments_of(logits)
             if not self.is_initializing():
                 unbiased = var * (tokens / (tokens - 1))
-                new_mean = (1 - self.momentum) * running_mean.value + self.momentum * mean
-                new_var = (1 - self.momentum) * running_var.value + self.momentum * unbiased
+                new_mean = (1 - self.momentum) * stored_mean + self.momentum * mean
+                new_var = (1 - self.momentum) * stored_var + self.momentum * unbiased
                 running_mean.value = new_mean.astype(jnp.float32)
                 running_var.value = new_var.astype(jnp.float32)
                 batches.value = batches.value + 1

@@ -121,6 +121,30 @@ def test_batchnorm_running_statistics_follow_torchs_formulas_over_steps(seed):
     np.testing.assert_allclose(routing.logits_y, want[:, n:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_float64_layer_matches_the_loop_to_float64_precision(train, seed):
+    # Regression (found by the seed parity check, tests/test_flashmoe_seed_parity.py): the running statistics
+    # are stored in f32, and eval computed `var + eps` and the momentum step in f32 even in a float64 layer
+    # (relative error ~5e-8 where torch's float64 module is exact). They are widened first now.
+    config = small_config(num_experts=16, num_experts_per_tok=5, dtype="float64", param_dtype="float64")
+    with jax.enable_x64(True):
+        state, x = decisive_inputs(seed, config, 12, train=train, shift=0.5)
+        state = {k: v.astype(np.float64) if k.endswith(".weight") else v for k, v in state.items()}
+        x = x.astype(np.float64)
+        want_y, want_logits, _, _, want_stats = flashmoe_forward(state, config, x, train=train)
+        (y, router_logits), updates = FlashMoE(config).apply(
+            from_torch_state_dict(state, config), jnp.asarray(x), train=train, mutable=["batch_stats"]
+        )
+        assert y.dtype == router_logits.dtype == jnp.float64
+        assert_close(y, want_y, jnp.float64)
+        assert_close(router_logits, want_logits, jnp.float64, what="router_logits")
+        if train:  # computed in f64, stored in f32: the loop's statistics rounded to f32 once
+            stats = updates["batch_stats"]["router_norm"]
+            for name in ("running_mean", "running_var"):
+                want = np.asarray(want_stats[f"router_norm.{name}"], np.float32)
+                assert_close(stats[name], want, jnp.float64, what=name)
+
+
 def test_init_does_not_count_a_batch(key):
     config = small_config()
     variables = FlashMoE(config).init(jax.random.key(0), normal(key, (8, config.hidden_size)), train=True)
