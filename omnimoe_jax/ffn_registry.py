@@ -33,7 +33,7 @@ FFN_REGISTRY: dict[str, type[FFNConfig]] = {
     "peer": PEERConfig,
     "pkm": PKMConfig,
 }
-FFN_KINDS = tuple(FFN_REGISTRY)
+FFN_KINDS = tuple(FFN_REGISTRY)  # the names, in order (what the code reads at call time is FFN_REGISTRY)
 # Fields a model sets from its own fields of the same name (where a kind has them).
 MODEL_OWNED = ("hidden_size", "hidden_act", "dtype", "param_dtype", "implementation")
 # An own field that is not an override: `python -m train --mesh` sets it for the run (train.mesh).
@@ -43,7 +43,7 @@ SET_BY_MESH = ("expert_axis",)
 def config_class(kind: str) -> type[FFNConfig]:
     """The config class of FFN `kind`; ValueError listing the kinds otherwise."""
     if not isinstance(kind, str) or kind not in FFN_REGISTRY:
-        raise ValueError(f"ffn={kind!r} must be one of {FFN_KINDS}")
+        raise ValueError(f"ffn={kind!r} must be one of {tuple(FFN_REGISTRY)}")
     return FFN_REGISTRY[kind]
 
 
