@@ -49,30 +49,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # benchmarks/ is a folder of scripts, not a package
 
-from omnimoe_jax import FlashMoE, FlashMoEConfig, OmniMoE, OmniMoEConfig
-from omnimoe_jax.baselines import (
-    PEER,
-    PKM,
-    DeepSeekMoE,
-    DeepSeekMoEConfig,
-    DenseFFN,
-    DenseFFNConfig,
-    GShardMoE,
-    GShardMoEConfig,
-    PEERConfig,
-    PKMConfig,
-    presets,
-)
-
-MODULES = {
-    OmniMoEConfig: OmniMoE,
-    FlashMoEConfig: FlashMoE,
-    DenseFFNConfig: DenseFFN,
-    DeepSeekMoEConfig: DeepSeekMoE,
-    GShardMoEConfig: GShardMoE,
-    PEERConfig: PEER,
-    PKMConfig: PKM,
-}
+from omnimoe_jax import FlashMoEConfig, OmniMoEConfig
+from omnimoe_jax.baselines import DeepSeekMoEConfig, PEERConfig, PKMConfig, presets
 
 # name: (preset, config changes, in the token sweep (else T = 4096 only), in the N sweep, what it is)
 VARIANTS: dict[str, tuple[str, dict[str, Any], bool, bool, str]] = {
@@ -171,7 +149,7 @@ def table_size(config) -> int:
 
 
 def build(config):
-    return MODULES[type(config)](config)
+    return config.module_class()(config)
 
 
 def row_base(variant: str, config, tokens: int, size: int | None) -> dict:

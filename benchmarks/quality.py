@@ -52,8 +52,10 @@ from train.metrics import read_metrics
 from train.presets import get_preset, matched_ffn_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Fast kinds first: the time a run leaves unused passes to the ones after it.
-DEFAULT_KINDS = ["dense", "gshard", "deepseekmoe", "omnimoe", "flashmoe", "peer", "pkm"]
+# Every registered kind, fast ones first: the time a run leaves unused passes to the ones after it (a kind not
+# in this order runs last).
+_FAST_FIRST = ["dense", "gshard", "deepseekmoe", "omnimoe", "flashmoe", "peer", "pkm"]
+DEFAULT_KINDS = sorted(FFN_KINDS, key=lambda k: _FAST_FIRST.index(k) if k in _FAST_FIRST else len(_FAST_FIRST))
 BASE_PRESET = "small"  # its optimizer settings; the overrides below set the shape and schedule
 # The model shape, batch and learning rate every kind shares (on top of the small preset), besides the FFN.
 SHARED = {"num_layers": 4, "num_heads": 4, "context_length": 256, "batch_size": 32, "learning_rate": 2e-3}

@@ -197,7 +197,7 @@ def measure(preset: str, args, overrides: list[str], save) -> dict:
     flops = model_flops_per_token(config.model)
     row = {
         "preset": preset,
-        "ffn": config.model.ffn,
+        "ffn": config.model.ffn_kind,
         "active_params": flops["active_parameters"],
         "model_flops_per_token": flops["model_flops_per_token"],
         "tokens_per_step": tokens_per_step,

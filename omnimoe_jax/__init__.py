@@ -6,13 +6,14 @@ Public surface:
   FlashMoEConfig, FlashMoE   the FlashMoE variant (flash-algo/flash-moe): input BatchNorm, one joint gate
   CartesianRouter, AtomicExperts, SharedMLP, RouterBatchNorm, RoutingResult   its parts
   LMConfig, TransformerLM, parameter_counts   a decoder-only language model with OmniMoE feed-forwards
+  ffn_registry    the FFN kinds the model can use (FFN_KINDS): kind name -> config class
   convert         seed PyTorch checkpoint interop
   parallel        data + expert parallelism over a device mesh, multi-host, resharding restores
   nnx             (import omnimoe_jax.nnx) every layer from Flax NNX: Linen(module, sample_input, rngs=...)
   testing         (import omnimoe_jax.testing) the tests' tolerance table and relative error
 """
 
-from omnimoe_jax import convert, parallel
+from omnimoe_jax import convert, ffn_registry, parallel
 from omnimoe_jax._config import FlashMoEConfig, OmniMoEConfig
 from omnimoe_jax._experts import AtomicExperts
 from omnimoe_jax._flashmoe import FlashMoE
@@ -37,6 +38,7 @@ __all__ = [
     "SharedMLP",
     "TransformerLM",
     "convert",
+    "ffn_registry",
     "parallel",
     "parameter_counts",
 ]

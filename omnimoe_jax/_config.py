@@ -1,14 +1,18 @@
-"""OmniMoEConfig and FlashMoEConfig: the seeds' configuration fields, validated at construction."""
+"""OmniMoEConfig and FlashMoEConfig: the seeds' configuration fields, validated at construction; FFNConfig, what
+every FFN kind's config tells the registry (`omnimoe_jax.ffn_registry`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import jax.numpy as jnp
 
 from pallas_kernels.activations import ACTIVATIONS
+
+if TYPE_CHECKING:
+    import flax.linen as nn
 
 ROUTER_NORMS = ("batchnorm", "none")
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
@@ -58,6 +62,37 @@ class ConfigMethods:
     def from_dict(cls, fields: dict[str, Any]) -> Self:
         check_known_fields(cls, fields)
         return cls(**fields)
+
+
+class FFNConfig(ConfigMethods):
+    """Base of every FFN kind's config (OmniMoE's, FlashMoE's, the baselines'): what the model, the training
+    job and the benchmarks read about a kind, so that a new kind is its own module plus one line in
+    `omnimoe_jax.ffn_registry.FFN_REGISTRY`. No fields of its own; every subclass has hidden_size, dtype and
+    param_dtype.
+
+    Class attributes:
+      sows_aux_loss: the module sows an auxiliary (load-balancing) loss into "losses" when training.
+      routed: atomic experts routed by the Cartesian router: the module takes `return_routing=True` and
+        returns a `RoutingResult`, and its expert tables shard over a mesh's expert axis (`expert_axis`).
+    """
+
+    sows_aux_loss: ClassVar[bool] = False
+    routed: ClassVar[bool] = False
+
+    @classmethod
+    def module_class(cls) -> type[nn.Module]:
+        """The Flax module this config builds, called `(x, *, train=False)` with x [..., d] -> [..., d]."""
+        raise NotImplementedError(f"{cls.__name__} names no module")
+
+    def active_parameters(self) -> int:
+        """Parameters one token's output is computed from (`omnimoe_jax.baselines.presets` has the table)."""
+        raise NotImplementedError(f"{type(self).__name__} counts no active parameters")
+
+    @classmethod
+    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
+        """This kind at width `hidden_size` (a multiple of 4, >= 12) with about 12 d^2 active parameters per
+        token, as the dense SwiGLU of width 4d (`omnimoe_jax.baselines.presets.small_presets`)."""
+        raise NotImplementedError(f"{cls.__name__} has no small preset")
 
 
 def check_layer_fields(config: Any, *, top_k_field: str) -> None:
@@ -128,7 +163,7 @@ def check_layer_fields(config: Any, *, top_k_field: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class OmniMoEConfig(ConfigMethods):
+class OmniMoEConfig(FFNConfig):
     """Sizes and switches of one OmniMoE layer. Field names follow the seed's `OmniMoEConfig`.
 
     Attributes:
@@ -171,6 +206,8 @@ class OmniMoEConfig(ConfigMethods):
     expert_axis: str | None = None
     expert_capacity_factor: float | None = None
 
+    routed: ClassVar[bool] = True
+
     def __post_init__(self):
         check_layer_fields(self, top_k_field="num_experts_per_token")
         if self.router_norm not in ROUTER_NORMS:
@@ -181,9 +218,23 @@ class OmniMoEConfig(ConfigMethods):
         """n: experts per router axis (the seed's name)."""
         return math.isqrt(self.num_experts)
 
+    @classmethod
+    def module_class(cls) -> type[nn.Module]:
+        from omnimoe_jax._layer import OmniMoE  # the layer module imports this one
+
+        return OmniMoE
+
+    def active_parameters(self) -> int:
+        return _routed_active_parameters(self, self.num_experts_per_token)
+
+    @classmethod
+    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
+        d, n = hidden_size, hidden_size // 2
+        return cls(d, 2 * d, n * n, 5 * d // 2, dtype=dtype, param_dtype=param_dtype)
+
 
 @dataclasses.dataclass(frozen=True)
-class FlashMoEConfig(ConfigMethods):
+class FlashMoEConfig(FFNConfig):
     """Sizes and switches of one FlashMoE layer (`omnimoe_jax.FlashMoE`). The first six fields are the seed's
     `FlashMoEConfig` (flash-algo/flash-moe), in its order; the rest are `OmniMoEConfig`'s, validated alike.
 
@@ -213,6 +264,8 @@ class FlashMoEConfig(ConfigMethods):
     expert_axis: str | None = None
     expert_capacity_factor: float | None = None
 
+    routed: ClassVar[bool] = True
+
     def __post_init__(self):
         check_layer_fields(self, top_k_field="num_experts_per_tok")
 
@@ -220,3 +273,23 @@ class FlashMoEConfig(ConfigMethods):
     def num_expert_sqrt(self) -> int:
         """n: experts per router axis (the seed's `num_keys`)."""
         return math.isqrt(self.num_experts)
+
+    @classmethod
+    def module_class(cls) -> type[nn.Module]:
+        from omnimoe_jax._flashmoe import FlashMoE  # the layer module imports this one
+
+        return FlashMoE
+
+    def active_parameters(self) -> int:
+        return _routed_active_parameters(self, self.num_experts_per_tok)
+
+    @classmethod
+    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
+        d, n = hidden_size, hidden_size // 2
+        return cls(d, 2 * d, "silu", n * n, 5 * d // 2, dtype=dtype, param_dtype=param_dtype)
+
+
+def _routed_active_parameters(config: OmniMoEConfig | FlashMoEConfig, top_k: int) -> int:
+    """3 d I (shared SwiGLU) + 2 d n (OmniMoE's two gates d -> n, FlashMoE's one d -> 2n) + 2 d K (u_e, v_e)."""
+    d = config.hidden_size
+    return 3 * d * config.intermediate_size + 2 * d * config.num_expert_sqrt + 2 * d * top_k

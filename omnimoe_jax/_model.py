@@ -1,66 +1,51 @@
 """A decoder-only Transformer language model whose feed-forward blocks are OmniMoE layers (or a baseline).
 
 Pre-norm blocks: x += Attention(RMSNorm(x)); x += FFN(RMSNorm(x)). Attention is causal, multi-head, with
-rotary positions, through `jax.nn.dot_product_attention`. The FFN of every `moe_every`-th layer is the
-sparse kind named by `LMConfig.ffn` (OmniMoE by default, its FlashMoE variant, or one of the
-`omnimoe_jax.baselines`); the other
-layers use the dense SwiGLU `SharedMLP`. `_feed_forward` is the one place that maps the `ffn` name to a
-module, and `LMConfig.sparse_ffn_config` the one place that builds that module's config.
+rotary positions, through `jax.nn.dot_product_attention`. The FFN of every `moe_every`-th layer is
+`LMConfig.ffn`, the config of one of the kinds of `omnimoe_jax.ffn_registry` (OmniMoE by default, its FlashMoE
+variant, or one of the `omnimoe_jax.baselines`), built as that config's `module_class()`; the other layers use
+the dense SwiGLU of width `dense_intermediate_size`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import typing
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnimoe_jax._config import ConfigMethods, FlashMoEConfig, OmniMoEConfig
-from omnimoe_jax._flashmoe import FlashMoE
-from omnimoe_jax._layer import OmniMoE
+from omnimoe_jax import ffn_registry
+from omnimoe_jax._config import IMPLEMENTATIONS, ConfigMethods, FFNConfig, OmniMoEConfig, _float_dtype
 from omnimoe_jax._router import RoutingResult
-from omnimoe_jax._shared_mlp import SharedMLP
-from omnimoe_jax.baselines import (
-    PEER,
-    PKM,
-    DeepSeekMoE,
-    DeepSeekMoEConfig,
-    DenseFFNConfig,
-    GShardMoE,
-    GShardMoEConfig,
-    PEERConfig,
-    PKMConfig,
-)
-from omnimoe_jax.baselines.presets import FFNConfig, active_parameters, small_presets
+from omnimoe_jax.baselines import DenseFFNConfig
+from omnimoe_jax.ffn_registry import FFN_KINDS as FFN_KINDS  # re-exported: omnimoe_jax.FFN_KINDS
+from pallas_kernels.activations import ACTIVATIONS
 
-# The baseline FFN kinds: module and config class. Their sizes are `ffn_options` (see LMConfig).
-_BASELINES = {
-    "gshard": (GShardMoE, GShardMoEConfig),
-    "deepseekmoe": (DeepSeekMoE, DeepSeekMoEConfig),
-    "peer": (PEER, PEERConfig),
-    "pkm": (PKM, PKMConfig),
-}
-# Feed-forward kinds a sparse layer can use ("dense" = the SwiGLU SharedMLP everywhere).
-FFN_KINDS = ("omnimoe", "dense", "flashmoe", *_BASELINES)
-# Kinds of atomic-expert tables routed by the Cartesian router: sized by LMConfig's own FFN fields, returning a
-# RoutingResult per layer, and with expert-parallel tables (`omnimoe_jax.parallel`).
-ROUTED_KINDS = ("omnimoe", "flashmoe")
+# Kinds of atomic-expert tables routed by the Cartesian router: returning a RoutingResult per layer, and with
+# expert-parallel tables (`omnimoe_jax.parallel`).
+ROUTED_KINDS = tuple(kind for kind, cls in ffn_registry.FFN_REGISTRY.items() if cls.routed)
 # Kinds whose module sows an auxiliary (load-balancing) loss into "losses" when training.
-AUX_LOSS_KINDS = ("gshard", "deepseekmoe")
-# Baseline config fields the model sets from its own fields of the same name, so that every FFN of a model
-# shares one width, dtype, activation and kernel choice; a baseline's other fields are its `ffn_options`.
-_MODEL_OWNED = ("hidden_size", "dtype", "param_dtype", "hidden_act", "implementation")
+AUX_LOSS_KINDS = tuple(kind for kind, cls in ffn_registry.FFN_REGISTRY.items() if cls.sows_aux_loss)
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-# LMConfig fields that are OmniMoEConfig fields: the FFN of every layer is built from them.
-_FFN_FIELDS = tuple(f.name for f in dataclasses.fields(OmniMoEConfig))
-# The FlashMoEConfig fields LMConfig has under the same name (all but num_experts_per_tok: K is
-# num_experts_per_token here, as in OmniMoEConfig).
-_FLASHMOE_FIELDS = tuple(f.name for f in dataclasses.fields(FlashMoEConfig) if f.name in _FFN_FIELDS)
+# LMConfig's FFN before the nested `ffn` field was its OmniMoEConfig fields (those not model-owned are these),
+# `ffn` a kind's name, and a baseline's fields as `ffn_options`. `LMConfig.from_dict` still reads that form.
+_FLAT_FFN_FIELDS = (
+    "intermediate_size",
+    "num_experts",
+    "num_experts_per_token",
+    "router_norm",
+    "router_norm_eps",
+    "router_norm_momentum",
+    "norm_topk_prob",
+    "expert_axis",
+    "expert_capacity_factor",
+    "ffn_options",
+)
+# LMConfig's FFN when none is given (frozen, so one instance can be every default's).
+_DEFAULT_FFN = OmniMoEConfig(128, 256, 1024, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,16 +57,16 @@ class LMConfig(ConfigMethods):
       context_length: L, longest sequence the model accepts (and is trained on).
       num_layers: Transformer blocks.
       num_heads: attention heads; head_dim = hidden_size / num_heads must be even (rotary pairs).
-      ffn: the FFN of the sparse layers, one of FFN_KINDS: "omnimoe", "dense" (the SwiGLU of width
-        intermediate_size), "flashmoe" (`omnimoe_jax.FlashMoE`, sized by the same fields as "omnimoe"; it has
-        no router_norm="none"), or a baseline of `omnimoe_jax.baselines`: "gshard", "deepseekmoe", "peer",
-        "pkm".
-      ffn_options: the baseline `ffn`'s own config fields, as a dict (stored as sorted (field, value)
-        pairs; `ffn_option_types(ffn)` lists them). A field not given takes its value from
-        `omnimoe_jax.baselines.presets.small_presets(hidden_size)[ffn]`, the sizes that give every kind about
-        12 d^2 active parameters per token (so hidden_size must then be a multiple of 4, >= 12). The
-        baseline's hidden_size, dtype, param_dtype, hidden_act and implementation are the model's. Must be
-        empty for "omnimoe", "flashmoe" and "dense", which are sized by the FFN fields below.
+      hidden_size: d, the model width (and every FFN's).
+      ffn: the FFN of the sparse layers: the config of a kind of `omnimoe_jax.ffn_registry` (FFN_KINDS:
+        "omnimoe", "dense", "flashmoe", "gshard", "deepseekmoe", "peer", "pkm"), or a kind's name for its
+        `small_preset(hidden_size)` (about 12 d^2 active parameters per token; hidden_size must then be a
+        multiple of 4, >= 12). Its model-owned fields (hidden_size, hidden_act, dtype, param_dtype,
+        implementation, where the kind has them) are replaced by the model's, so that every FFN of a model
+        shares one width, activation, dtype and kernel choice. Its expert_axis (OmniMoE, FlashMoE) is left None
+        in configs: `python -m train --mesh` sets it for the run, so a stored config trains on any mesh or none.
+        Stored in config.json as {"kind": ..., <the kind's own fields>}.
+      dense_intermediate_size: width of the dense SwiGLU of the layers that are not sparse (moe_every > 1).
       moe_every: layer i (0-based) uses `ffn` when (i + 1) % moe_every == 0, the dense SwiGLU otherwise
         (1: every layer; 2: layers 1, 3, 5, ...).
       tie_embeddings: the output projection reuses the token embedding table.
@@ -93,12 +78,10 @@ class LMConfig(ConfigMethods):
       remat: recompute each block's activations in the backward pass (`nn.remat`, i.e. `jax.checkpoint`,
         per Transformer block) instead of keeping them: activation memory of one block instead of all, for
         about a third more compute. The result is the same.
-
-    FFN fields (the `OmniMoEConfig` fields, same names and meaning): hidden_size, intermediate_size,
-    num_experts, num_experts_per_token, hidden_act, router_norm, router_norm_eps, router_norm_momentum,
-    norm_topk_prob, dtype (compute dtype of the whole model), param_dtype, implementation,
-    expert_capacity_factor, and expert_axis (left None in configs: `python -m train --mesh` sets it for the
-    run, so a stored config trains on any mesh or none).
+      hidden_act: activation of every FFN, by its transformers `ACT2FN` name ("silu", "gelu", ...).
+      implementation: every FFN's kernels: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
+      dtype: compute dtype of the whole model.
+      param_dtype: dtype parameters are stored in.
     """
 
     vocab_size: int = 259
@@ -106,55 +89,42 @@ class LMConfig(ConfigMethods):
     num_layers: int = 4
     num_heads: int = 4
     hidden_size: int = 128
-    intermediate_size: int = 256
-    num_experts: int = 1024
-    num_experts_per_token: int = 16
-    hidden_act: str = "silu"
-    router_norm: str = "batchnorm"
-    router_norm_eps: float = 1e-5
-    router_norm_momentum: float = 0.1
-    norm_topk_prob: bool = False
-    implementation: str = "auto"
-    expert_axis: str | None = None
-    expert_capacity_factor: float | None = None
-    ffn: str = "omnimoe"
-    ffn_options: tuple[tuple[str, Any], ...] = ()
+    ffn: FFNConfig | str = _DEFAULT_FFN
+    dense_intermediate_size: int = 256
     moe_every: int = 1
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     attention: str = "auto"
     remat: bool = False
+    hidden_act: str = "silu"
+    implementation: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        for field in ("vocab_size", "context_length", "num_layers", "num_heads", "moe_every"):
+        positive = ("vocab_size", "context_length", "num_layers", "num_heads", "hidden_size", "dense_intermediate_size")
+        for field in (*positive, "moe_every"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{field}={value!r} must be a positive int")
-        # Validates every FFN field (naming it) and normalises the dtypes.
-        ffn = self.ffn_config()
-        object.__setattr__(self, "dtype", ffn.dtype)
-        object.__setattr__(self, "param_dtype", ffn.param_dtype)
+        # Normalised so equal configs compare (and hash) equal whether given as str or type.
+        object.__setattr__(self, "dtype", _float_dtype("dtype", self.dtype))
+        object.__setattr__(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation={self.implementation!r} must be one of {IMPLEMENTATIONS}")
+        object.__setattr__(self, "ffn", self._owned_ffn(self.ffn))
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must split into num_heads={self.num_heads} heads of an even "
                 "size (rotary positions rotate pairs of features)"
             )
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"ffn={self.ffn!r} must be one of {FFN_KINDS}")
-        object.__setattr__(self, "ffn_options", _option_pairs(self.ffn_options))
-        if self.ffn_options and self.ffn not in _BASELINES:
-            raise ValueError(
-                f"ffn_options={dict(self.ffn_options)} set a baseline's fields, but ffn={self.ffn!r} is sized by "
-                "LMConfig's own fields (intermediate_size, num_experts, ...)"
-            )
-        self.sparse_ffn_config()  # validates a baseline's options, naming the field
         if self.moe_every > self.num_layers:
             raise ValueError(
                 f"moe_every={self.moe_every} must be <= num_layers={self.num_layers}, or no layer would use "
-                f"ffn={self.ffn!r}"
+                f"ffn={self.ffn_kind!r}"
             )
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings={self.tie_embeddings!r} must be a bool")
@@ -167,48 +137,44 @@ class LMConfig(ConfigMethods):
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}")
 
+    def _owned_ffn(self, ffn: Any) -> FFNConfig:
+        """`ffn` (a config or a kind's name) with the model's values of the fields the model owns."""
+        if isinstance(ffn, str):
+            cls = ffn_registry.config_class(ffn)
+            if self.hidden_size % 4 or self.hidden_size < 12:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} must be a multiple of 4 and >= 12 for ffn={ffn!r} given by "
+                    "name (its sizes are its small_preset(hidden_size)); give its config instead"
+                )
+            ffn = cls.small_preset(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        kind = ffn_registry.kind_of(ffn)
+        names = {f.name for f in dataclasses.fields(ffn)}
+        owned = {name: getattr(self, name) for name in ffn_registry.MODEL_OWNED if name in names}
+        if all(getattr(ffn, name) == value for name, value in owned.items()):
+            return ffn
+        try:
+            return ffn.replace(**owned)
+        except ValueError as err:  # say whose field it is: "hidden_size" alone reads as the model's
+            raise ValueError(f"ffn={kind!r}: {err}") from None
+
+    @property
+    def ffn_kind(self) -> str:
+        """The registered name of `ffn`'s kind ("omnimoe", "gshard", ...)."""
+        return ffn_registry.kind_of(self.ffn)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    def ffn_config(self) -> OmniMoEConfig:
-        """The `OmniMoEConfig` every layer's feed-forward block is built from."""
-        return OmniMoEConfig(**{name: getattr(self, name) for name in _FFN_FIELDS})
+    def dense_ffn_config(self) -> DenseFFNConfig:
+        """The SwiGLU of the layers that are not sparse (width `dense_intermediate_size`)."""
+        return DenseFFNConfig(
+            self.hidden_size, self.dense_intermediate_size, self.hidden_act, self.dtype, self.param_dtype
+        )
 
-    def sparse_ffn_config(self) -> FFNConfig:
-        """The config of the `ffn` module of the sparse layers: an OmniMoEConfig, a FlashMoEConfig (from the
-        same fields), a DenseFFNConfig (the SwiGLU of width intermediate_size) or the baseline's config (see
-        `ffn_options`)."""
-        if self.ffn == "omnimoe":
-            return self.ffn_config()
-        if self.ffn == "flashmoe":
-            if self.router_norm != "batchnorm":
-                raise ValueError(
-                    f"router_norm={self.router_norm!r}: ffn='flashmoe' always normalises its input tokens with a "
-                    "BatchNorm (router_norm='batchnorm')"
-                )
-            fields = {name: getattr(self, name) for name in _FLASHMOE_FIELDS}
-            return FlashMoEConfig(**fields, num_experts_per_tok=self.num_experts_per_token)
-        if self.ffn == "dense":
-            return DenseFFNConfig(
-                self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype, self.param_dtype
-            )
-        if self.hidden_size % 4 or self.hidden_size < 12:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} must be a multiple of 4 and >= 12 for ffn={self.ffn!r} (its "
-                "default sizes are omnimoe_jax.baselines.presets.small_presets(hidden_size))"
-            )
-        options = dict(self.ffn_options)
-        valid = ffn_option_types(self.ffn)
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(f"ffn_options {unknown} are not fields of ffn={self.ffn!r}; its fields: {sorted(valid)}")
-        defaults = small_presets(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)[self.ffn]
-        owned = {name: getattr(self, name) for name in _MODEL_OWNED if hasattr(defaults, name)}
-        try:
-            return defaults.replace(**owned, **options)
-        except ValueError as err:  # say whose field it is: "num_heads" alone reads as the attention's
-            raise ValueError(f"ffn={self.ffn!r} with ffn_options {options}: {err}") from None
+    def layer_ffn_config(self, layer: int) -> FFNConfig:
+        """The config of block `layer`'s (0-based) FFN: `ffn` on sparse layers, the dense SwiGLU elsewhere."""
+        return self.ffn if self.is_sparse_layer(layer) else self.dense_ffn_config()
 
     def is_sparse_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) uses the `ffn` kind (else the dense SwiGLU)."""
@@ -219,33 +185,73 @@ class LMConfig(ConfigMethods):
         return tuple(i for i in range(self.num_layers) if self.is_sparse_layer(i))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable fields (dtypes as names), inverse of `from_dict`."""
-        return {**super().to_dict(), "ffn_options": dict(self.ffn_options)}
+        """Plain JSON-serialisable fields (dtypes as names, `ffn` as {"kind", ...}), inverse of `from_dict`."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["ffn"] = ffn_registry.to_dict(self.ffn)
+        fields["dtype"] = jnp.dtype(self.dtype).name
+        fields["param_dtype"] = jnp.dtype(self.param_dtype).name
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> LMConfig:
+        """Inverse of `to_dict`; also reads the flat form of earlier run directories (`ffn` a kind's name, the
+        OmniMoE fields at the top level and a baseline's as `ffn_options`)."""
+        if isinstance(fields.get("ffn"), str) or any(name in fields for name in _FLAT_FFN_FIELDS):
+            fields = _from_flat_form(fields)
+        fields = dict(fields)
+        if isinstance(fields.get("ffn"), dict):
+            owned = {name: fields.get(name, _DEFAULTS[name]) for name in ffn_registry.MODEL_OWNED}
+            fields["ffn"] = ffn_registry.from_dict(fields["ffn"], owned)
+        return super().from_dict(fields)
 
 
-def ffn_option_types(kind: str) -> dict[str, Any]:
-    """{field: type} of the `ffn_options` FFN `kind` accepts: its config's fields but those the model owns
-    (hidden_size, dtype, param_dtype, hidden_act, implementation); {} for "omnimoe", "flashmoe" and "dense"."""
-    if kind not in FFN_KINDS:
-        raise ValueError(f"ffn={kind!r} must be one of {FFN_KINDS}")
-    if kind not in _BASELINES:
-        return {}
-    hints = typing.get_type_hints(_BASELINES[kind][1])
-    return {f.name: hints[f.name] for f in dataclasses.fields(_BASELINES[kind][1]) if f.name not in _MODEL_OWNED}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LMConfig)}
 
 
-def _option_pairs(options: Any) -> tuple[tuple[str, Any], ...]:
-    """ffn_options as sorted (field, value) pairs (hashable, so equal configs compare and hash equal)."""
-    if isinstance(options, Mapping):
-        pairs = list(options.items())
-    elif isinstance(options, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in options):
-        pairs = [tuple(p) for p in options]
+def _from_flat_form(fields: dict[str, Any]) -> dict[str, Any]:
+    """The flat LMConfig fields of earlier versions as this version's, the FFN as its kind's config: OmniMoE's
+    and FlashMoE's from the top-level fields, the dense kind's width and the dense layers' from
+    intermediate_size, a baseline's from its small_preset(hidden_size) with the stored `ffn_options` (the
+    sizes the flat form gave the fields it did not store)."""
+    fields = dict(fields)
+    flat = {name: fields.pop(name) for name in _FLAT_FFN_FIELDS if name in fields}
+    kind = fields.pop("ffn", "omnimoe")
+    options = flat.pop("ffn_options", {})
+    # What a field left out of an earlier config.json meant: that version's LMConfig default.
+    shared = {name: fields.get(name, _DEFAULTS[name]) for name in ffn_registry.MODEL_OWNED}
+    omni = OmniMoEConfig(
+        **{"intermediate_size": 256, "num_experts": 1024, "num_experts_per_token": 16, **flat, **shared}
+    )
+    fields["dense_intermediate_size"] = omni.intermediate_size
+    if kind == "omnimoe":
+        fields["ffn"] = omni
+    elif kind == "flashmoe":
+        flash = ffn_registry.config_class("flashmoe")
+        top_k = omni.num_experts_per_token
+        same = {name: getattr(omni, name) for name in _FLASHMOE_SHARED}
+        fields["ffn"] = flash(num_experts_per_tok=top_k, **same)
+    elif kind == "dense":
+        fields["ffn"] = DenseFFNConfig(omni.hidden_size, omni.intermediate_size, omni.hidden_act)
     else:
-        raise ValueError(f"ffn_options={options!r} must be a dict of baseline config fields")
-    names = [name for name, _ in pairs]
-    if not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
-        raise ValueError(f"ffn_options={options!r} must name each field (a str) once")
-    return tuple(sorted(pairs, key=lambda pair: pair[0]))
+        fields["ffn"] = ffn_registry.config_class(kind).small_preset(omni.hidden_size).replace(**options)
+    return fields
+
+
+# FlashMoEConfig fields that were LMConfig's under the same name (K was num_experts_per_token).
+_FLASHMOE_SHARED = (
+    "hidden_size",
+    "intermediate_size",
+    "hidden_act",
+    "num_experts",
+    "norm_topk_prob",
+    "router_norm_eps",
+    "router_norm_momentum",
+    "dtype",
+    "param_dtype",
+    "implementation",
+    "expert_axis",
+    "expert_capacity_factor",
+)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -320,23 +326,18 @@ class Block(nn.Module):
         return x + y.astype(x.dtype), routing
 
     def _feed_forward(self, h: jax.Array, *, train: bool) -> tuple[jax.Array, RoutingResult | None]:
-        """The FFN switch: the module `config.ffn` names on sparse layers, the dense SwiGLU elsewhere.
+        """The FFN switch: the module of `config.layer_ffn_config(layer)` (`ffn` on sparse layers, the dense
+        SwiGLU elsewhere).
 
-        Every kind is called as `module(h, train=train)` on [B, L, d]; OmniMoE and FlashMoE also return their
-        routing, the baselines sow theirs ("metrics") and their auxiliary losses ("losses", when training).
+        Every kind is called as `module(h, train=train)` on [B, L, d]; the routed kinds (OmniMoE, FlashMoE) also
+        return their routing, the baselines sow theirs ("metrics") and their auxiliary losses ("losses", when
+        training).
         """
-        cfg = self.config
-        kind = cfg.ffn if cfg.is_sparse_layer(self.layer) else "dense"
-        if kind == "dense":
-            return SharedMLP(cfg.ffn_config(), name="ffn")(h), None
-        if kind == "omnimoe":
-            return OmniMoE(cfg.ffn_config(), name="ffn")(h, train=train, return_routing=True)
-        if kind == "flashmoe":
-            return FlashMoE(cfg.sparse_ffn_config(), name="ffn")(h, train=train, return_routing=True)
-        if kind in _BASELINES:
-            module = _BASELINES[kind][0]
-            return module(cfg.sparse_ffn_config(), name="ffn")(h, train=train), None
-        raise ValueError(f"ffn={kind!r} has no module; expected one of {FFN_KINDS}")
+        ffn = self.config.layer_ffn_config(self.layer)
+        module = ffn.module_class()(ffn, name="ffn")
+        if ffn.routed:
+            return module(h, train=train, return_routing=True)
+        return module(h, train=train), None
 
 
 class TransformerLM(nn.Module):
@@ -421,14 +422,14 @@ def parameter_counts(config: LMConfig) -> dict[str, int]:
     """{"total": every parameter, "active": those one token uses} without allocating (jax.eval_shape).
 
     Active counts every parameter, except that each sparse layer's FFN counts only its active parameters
-    (`omnimoe_jax.baselines.presets.active_parameters`: of OmniMoE's and PEER's expert tables and of PKM's
+    (`FFNConfig.active_parameters`: of OmniMoE's and PEER's expert tables and of PKM's
     values the rows one token retrieves, of a MoE's experts the k it is routed to).
     """
     model = TransformerLM(config)
     tokens = jax.ShapeDtypeStruct((1, config.context_length), jnp.int32)
     shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
     total = _size(shapes)
-    ffn_active = active_parameters(config.sparse_ffn_config())
+    ffn_active = config.ffn.active_parameters()
     unused = sum(_size(shapes[f"layer_{i}"]["ffn"]) - ffn_active for i in config.sparse_layers)
     return {"total": total, "active": total - unused}
 

@@ -33,7 +33,7 @@ def swiglu(params, x, act):
 
 
 def dense_forward(params, x, act):
-    return np.stack([swiglu(params["mlp"], t, act) for t in np.asarray(x, np.float64)])
+    return np.stack([swiglu(params, t, act) for t in np.asarray(x, np.float64)])
 
 
 def coarse_moe_forward(params, x, *, top_k, normalize, capacity_factor, counted_choices, act):

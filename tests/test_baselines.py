@@ -16,15 +16,10 @@ from baselines_oracle import as_float64, coarse_moe_forward, dense_forward, prod
 from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import assert_close, normal
 
-from omnimoe_jax import FlashMoE, FlashMoEConfig, OmniMoE, OmniMoEConfig
+from omnimoe_jax import FlashMoEConfig, OmniMoEConfig
 from omnimoe_jax.baselines import (
-    PEER,
-    PKM,
-    DeepSeekMoE,
     DeepSeekMoEConfig,
-    DenseFFN,
     DenseFFNConfig,
-    GShardMoE,
     GShardMoEConfig,
     PEERConfig,
     PKMConfig,
@@ -35,19 +30,10 @@ from pallas_kernels.omni_router import omni_router, omni_router_brute_force
 
 D = 16  # hidden size of the small test configs
 TOKENS = 20
-MODULES = {
-    OmniMoEConfig: OmniMoE,
-    FlashMoEConfig: FlashMoE,
-    DenseFFNConfig: DenseFFN,
-    DeepSeekMoEConfig: DeepSeekMoE,
-    GShardMoEConfig: GShardMoE,
-    PEERConfig: PEER,
-    PKMConfig: PKM,
-}
 
 
 def module_for(config):
-    return MODULES[type(config)](config)
+    return config.module_class()(config)
 
 
 def ffn_output(out):

@@ -40,8 +40,8 @@ def test_the_nnx_layer_computes_what_the_linen_layer_does(seed):
 
 
 def test_a_language_model_trains_a_step_with_nnx_optimizer():
-    config = LMConfig(context_length=8, num_layers=1, num_heads=2, hidden_size=16, intermediate_size=32)
-    config = config.replace(num_experts=16, num_experts_per_token=4)
+    config = LMConfig(context_length=8, num_layers=1, num_heads=2, hidden_size=16, dense_intermediate_size=32)
+    config = config.replace(ffn=OmniMoEConfig(16, 32, 16, 4))
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 259)
     model = omnimoe_nnx.Linen(TransformerLM(config), tokens[:, :-1], rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)

@@ -123,8 +123,9 @@ def test_notebook_studies_a_script_run(path, monkeypatch, tmp_path):
     """The OMNIMOE_RUN_DIR branch: a short run of the real `python -m train`, then the notebook reads it."""
     run_dir = tmp_path / "run"
     data = stdlib_root() / "argparse.py"  # one standard-library file: quick to load
-    overrides = ["--num_layers=2", "--context_length=32", "--hidden_size=32", "--intermediate_size=64"]
-    overrides += ["--num_heads=2", "--num_experts=64", "--num_experts_per_token=4", "--batch_size=8", "--steps=6"]
+    overrides = ["--num_layers=2", "--context_length=32", "--hidden_size=32", "--ffn.intermediate_size=64"]
+    overrides += ["--num_heads=2", "--ffn.num_experts=64", "--ffn.num_experts_per_token=4", "--batch_size=8"]
+    overrides += ["--steps=6"]
     overrides += ["--warmup_steps=1", "--eval_every=3", "--eval_batches=1", "--log_every=3", f"--data={data}"]
     assert cli.main(["--run-dir", str(run_dir), *overrides]) == 0
     execute(path, monkeypatch, tmp_path, run_dir=run_dir)

@@ -27,21 +27,20 @@ def test_plan_gives_every_kind_the_same_run_but_its_matched_ffn():
     configs = {e["kind"]: apply_overrides(get_preset("small"), parse_overrides(e["overrides"])) for e in entries}
     for kind, config in configs.items():
         model = config.model
-        assert model.ffn == kind and model.hidden_size == 64 and model.attention == "xla"
+        assert model.ffn_kind == kind and model.hidden_size == 64 and model.attention == "xla"
         assert (config.steps, config.seed, config.eval_every, config.checkpoint_every) == (600, 3, 100, 600)
-        assert ffn_presets.active_parameters(model.sparse_ffn_config()) == ffn_presets.active_parameters(
+        assert ffn_presets.active_parameters(model.ffn) == ffn_presets.active_parameters(
             ffn_presets.small_presets(64)[kind]
         )
         # Everything but the FFN is shared: the same shape, batches, schedule and seed.
         reference = configs["dense"]
-        sizes = ("ffn", "intermediate_size", "num_experts", "num_experts_per_token")
-        assert model.replace(**{f: getattr(reference.model, f) for f in sizes}) == reference.model
+        assert model.replace(ffn=reference.model.ffn) == reference.model
         assert dataclasses.replace(config, model=reference.model) == reference
     assert entries[0]["tokens_per_step"] == 32 * 256
 
 
 def test_plan_refuses_what_would_unmatch_the_runs_and_records_refused_configs():
-    for extra in (["--hidden_size=64"], ["--steps=10"], ["--peer.num_heads=2"], ["--time_limit_minutes=1"]):
+    for extra in (["--hidden_size=64"], ["--steps=10"], ["--ffn.num_heads=2"], ["--time_limit_minutes=1"]):
         with pytest.raises(ValueError, match="would unmatch the runs"):
             quality.plan(KINDS, hidden_size=64, steps=600, seed=0, quick=False, extra=extra)
     with pytest.raises(ValueError, match=r"unknown FFN kinds \['moe'\]"):

@@ -19,8 +19,10 @@ import jax
 import numpy as np
 import pytest
 
-from omnimoe_jax._model import AUX_LOSS_KINDS, FFN_KINDS, LMConfig, ffn_option_types, parameter_counts
+from omnimoe_jax import FlashMoEConfig, OmniMoEConfig
+from omnimoe_jax._model import AUX_LOSS_KINDS, FFN_KINDS, LMConfig, parameter_counts
 from omnimoe_jax.baselines import presets as ffn_presets
+from omnimoe_jax.ffn_registry import own_field_types
 from train import cli
 from train.checkpoint import Checkpoints
 from train.config import apply_overrides, override_keys, parse_overrides
@@ -56,7 +58,7 @@ NORM_PATHS = {"peer": ("retrieval", "query_norm"), "pkm": ("retrieval", "query_n
 EXTRA = {
     "gshard": ["--dtype=bfloat16", "--num_layers=2", "--moe_every=2"],
     "pkm": ["--dtype=bfloat16"],
-    "flashmoe": ["--intermediate_size=32", "--num_experts=64", "--num_experts_per_token=8"],
+    "flashmoe": ["--ffn.intermediate_size=32", "--ffn.num_experts=64", "--ffn.num_experts_per_tok=8"],
 }
 
 
@@ -101,7 +103,7 @@ def test_main_trains_flashmoe(corpus, tmp_path, seed):
     train_kind("flashmoe", tmp_path / "run", corpus, seed % 2**16)
     check_run("flashmoe", tmp_path / "run")
     config = load_config(tmp_path / "run")
-    ffn = config.model.sparse_ffn_config()
+    ffn = config.model.ffn
     assert (ffn.num_experts, ffn.num_experts_per_tok, ffn.intermediate_size) == (64, 8, 32)
 
 
@@ -120,13 +122,13 @@ def check_run(kind: str, run_dir: pathlib.Path) -> None:
         [r for r in records if r["kind"] == "eval"],
     )
     config = load_config(run_dir)
-    assert config.model.ffn == kind and start["parameters"] == parameter_counts(config.model)
+    assert config.model.ffn_kind == kind and start["parameters"] == parameter_counts(config.model)
     assert config.model.dtype == ("bfloat16" if "--dtype=bfloat16" in EXTRA.get(kind, []) else "float32")
     assert [r["step"] for r in train] == [2, 4] and [r["step"] for r in evals] == [2, 4]
     for record in train:
         assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
         if kind in AUX_LOSS_KINDS:  # the balance loss (1 when balanced, at most E), weighted by aux_loss_weight
-            ffn = config.model.sparse_ffn_config()
+            ffn = config.model.ffn
             assert 0 < record["aux_loss"] <= ffn.aux_loss_weight * ffn.num_experts, record
         else:
             assert "aux_loss" not in record
@@ -144,7 +146,7 @@ def check_run(kind: str, run_dir: pathlib.Path) -> None:
         assert [layer["layer"] for layer in record["routing_per_layer"]] == list(config.model.sparse_layers)
         assert 0 < routing["experts_used"] <= 1 and routing["max_load"] >= 1 and 0 < routing["load_entropy"] <= 1
         if "dropped_fraction" in routing:
-            pairs = record["tokens"] * config.model.sparse_ffn_config().num_experts_per_token
+            pairs = record["tokens"] * config.model.ffn.num_experts_per_token
             assert routing["dropped_fraction"] == pytest.approx(routing["dropped_pairs"] / pairs)
             assert 0 <= routing["dropped_fraction"] < 1
         if "balance_loss" in routing:
@@ -188,9 +190,8 @@ def test_resume_of_a_baseline_is_exact(runs):
 
 def test_baseline_options_on_the_command_line():
     base = get_preset("tiny")
-    config = apply_overrides(base, parse_overrides(["--ffn=peer", "--peer.num_heads=2", "--peer.query_norm", "none"]))
-    assert config.model.ffn_options == (("num_heads", 2), ("query_norm", "none"))
-    peer = config.model.sparse_ffn_config()
+    config = apply_overrides(base, parse_overrides(["--ffn=peer", "--ffn.num_heads=2", "--ffn.query_norm", "none"]))
+    peer = config.model.ffn
     assert (peer.num_heads, peer.query_norm) == (2, "none")
     # Everything not given is small_presets(d)'s; width, dtype, activation and kernels are the model's.
     default = ffn_presets.small_presets(128)["peer"]
@@ -201,23 +202,26 @@ def test_baseline_options_on_the_command_line():
     )
     assert (peer.hidden_size, peer.hidden_act, peer.implementation) == (128, "silu", "auto")
     assert LMConfig.from_dict(json.loads(json.dumps(config.model.to_dict()))) == config.model
-    again = apply_overrides(config, {"peer.key_dim": "16"})  # the same kind keeps its options
-    assert dict(again.model.ffn_options) == {"num_heads": 2, "query_norm": "none", "key_dim": 16}
-    assert apply_overrides(config, {"ffn": "gshard"}).model.ffn_options == ()  # a new kind starts afresh
-    assert {"gshard.capacity_factor", "deepseekmoe.dispatch", "pkm.values_per_head"} <= set(override_keys())
-    assert "ffn_options" not in override_keys() and "peer.hidden_size" not in override_keys()
-    assert ffn_option_types("gshard")["capacity_factor"] is float and ffn_option_types("dense") == {}
+    again = apply_overrides(config, {"ffn.key_dim": "16"})  # the same kind keeps its fields
+    assert again.model.ffn == peer.replace(key_dim=16)
+    assert apply_overrides(config, {"ffn": "gshard"}).model.ffn == ffn_presets.small_presets(128)["gshard"]
+    assert {"ffn.capacity_factor", "ffn.dispatch", "ffn.values_per_head"} <= set(override_keys())
+    assert "ffn_options" not in override_keys() and "ffn.hidden_size" not in override_keys()
+    assert "ffn.expert_axis" not in override_keys()  # --mesh sets it
+    assert own_field_types("gshard")["capacity_factor"] is float and own_field_types("dense") == {
+        "intermediate_size": int
+    }
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--peer.num_heads=2"], "--peer.num_heads sets a field of ffn='peer', but ffn='omnimoe' (add --ffn=peer)"),
-        (["--ffn=peer", "--peer.heads=2"], "unknown config keys ['peer.heads']"),
-        (["--ffn=gshard", "--gshard.capacity_factor=lots"], "--gshard.capacity_factor='lots': expected float"),
-        (["--ffn=deepseekmoe", "--deepseekmoe.dispatch=dense"], "dispatch='dense' must be one of"),
-        (["--ffn=peer", "--peer.num_heads=0"], "ffn='peer' with ffn_options {'num_heads': 0}: num_heads=0 must be"),
-        (["--ffn=pkm", "--pkm.values_per_head=5000"], "values_per_head=5000 must be <= num_values=4096"),
+        (["--ffn.num_heads=2"], "--ffn.num_heads is not a field of ffn='omnimoe'"),
+        (["--ffn=peer", "--ffn.heads=2"], "unknown config keys ['ffn.heads']"),
+        (["--ffn=gshard", "--ffn.capacity_factor=lots"], "--ffn.capacity_factor='lots': expected float"),
+        (["--ffn=deepseekmoe", "--ffn.dispatch=dense"], "dispatch='dense' must be one of"),
+        (["--ffn=peer", "--ffn.num_heads=0"], "ffn='peer': num_heads=0 must be"),
+        (["--ffn=pkm", "--ffn.values_per_head=5000"], "values_per_head=5000 must be <= num_values=4096"),
         (["--ffn=gshard", "--hidden_size=8", "--num_heads=2"], "hidden_size=8 must be a multiple of 4 and >= 12"),
         (["--aux_loss_coefficient=-1"], "aux_loss_coefficient=-1.0 must be a finite number >= 0"),
         (["--ffn=kan"], "ffn='kan' must be one of"),
@@ -228,27 +232,26 @@ def test_bad_baseline_overrides_are_refused(args, message):
         apply_overrides(get_preset("tiny"), parse_overrides(args))
 
 
-def test_ffn_options_are_refused_where_they_cannot_apply():
-    with pytest.raises(ValueError, match="ffn='omnimoe' is sized by LMConfig's own fields"):
-        LMConfig(ffn_options={"num_heads": 2})
-    with pytest.raises(ValueError, match=r"ffn_options \['num_heads'\] are not fields of ffn='gshard'"):
-        LMConfig(ffn="gshard", ffn_options={"num_heads": 2})
-    with pytest.raises(ValueError, match="must be a dict"):
-        LMConfig(ffn="gshard", ffn_options="num_experts=4")
-    with pytest.raises(ValueError, match="ffn='flashmoe' is sized by LMConfig's own fields"):
-        LMConfig(ffn="flashmoe", ffn_options={"num_experts_per_tok": 2})
-    with pytest.raises(ValueError, match="router_norm='none': ffn='flashmoe' always normalises its input tokens"):
-        LMConfig(ffn="flashmoe", router_norm="none")
+def test_ffn_configs_are_refused_where_they_cannot_apply():
+    with pytest.raises(TypeError, match="is not the config of a registered FFN kind"):
+        LMConfig(ffn={"kind": "gshard"})
+    with pytest.raises(ValueError, match="ffn='switch' must be one of"):
+        LMConfig(ffn="switch")
+    fields = {**LMConfig().to_dict(), "ffn": {"kind": "gshard", "num_heads": 2}}
+    with pytest.raises(ValueError, match=r"ffn fields \['num_heads'\] are not own fields of kind 'gshard'"):
+        LMConfig.from_dict(fields)
+    # FlashMoE always normalises its input tokens: it has no router_norm to set.
+    with pytest.raises(ValueError, match=r"--ffn\.router_norm is not a field of ffn='flashmoe'"):
+        apply_overrides(get_preset("tiny"), parse_overrides(["--ffn=flashmoe", "--ffn.router_norm=none"]))
 
 
-def test_flashmoe_is_built_from_the_models_ffn_fields():
-    model = LMConfig(ffn="flashmoe", hidden_size=64, intermediate_size=96, num_experts=256, num_experts_per_token=12)
-    ffn = model.sparse_ffn_config()
+def test_flashmoe_takes_the_models_shared_fields():
+    model = LMConfig(ffn=FlashMoEConfig(32, 96, "gelu", 256, 12), hidden_size=64)
+    ffn = model.ffn
     assert (ffn.hidden_size, ffn.intermediate_size, ffn.num_experts, ffn.num_experts_per_tok) == (64, 96, 256, 12)
     assert (ffn.hidden_act, ffn.dtype, ffn.implementation) == (model.hidden_act, model.dtype, model.implementation)
-    assert ffn_option_types("flashmoe") == {}
     # One joint gate [d, 2n] has the two gates' parameters: the same counts as OmniMoE at the same sizes.
-    assert parameter_counts(model) == parameter_counts(model.replace(ffn="omnimoe"))
+    assert parameter_counts(model) == parameter_counts(model.replace(ffn=OmniMoEConfig(64, 96, 256, 12)))
 
 
 def test_matched_presets_have_the_documented_active_parameters():
@@ -268,8 +271,8 @@ def test_matched_presets_have_the_documented_active_parameters():
     for kind, (ffn_active, model_active) in documented.items():
         config = get_preset(f"small-{kind}")
         model = config.model
-        assert model.ffn == kind and model.hidden_size == 512
-        assert ffn_presets.active_parameters(model.sparse_ffn_config()) == ffn_active
+        assert model.ffn_kind == kind and model.hidden_size == 512
+        assert ffn_presets.active_parameters(model.ffn) == ffn_active
         counts = parameter_counts(model)
         assert counts["active"] == model_active
         # Attention, norms and embeddings are shared: the models differ by their FFNs' active counts only.
@@ -277,16 +280,22 @@ def test_matched_presets_have_the_documented_active_parameters():
         assert abs(model_active / documented["dense"][1] - 1) < 0.02, kind
         # Everything but the FFN (and PKM's micro-batching) is the small preset's.
         assert config.tokens_per_step == small.tokens_per_step and config.steps == small.steps
-        sizes = ("ffn", "intermediate_size", "num_experts", "num_experts_per_token")
-        assert model.replace(**{f: getattr(small.model, f) for f in sizes}) == small.model
+        assert model.replace(ffn=small.model.ffn) == small.model
     assert set(PRESETS) >= {f"small-{kind}" for kind in FFN_KINDS}
-    assert matched_ffn_overrides("peer", 64) == {"hidden_size": "64", "ffn": "peer"}
+    assert matched_ffn_overrides("peer", 64) == {
+        "hidden_size": "64",
+        "ffn": "peer",
+        "ffn.num_experts": "1024",  # (d/2)^2
+        "ffn.num_heads": "8",
+        "ffn.experts_per_head": "32",  # d/2
+        "ffn.key_dim": "32",  # d/2
+    }
     assert matched_ffn_overrides("omnimoe", 64) == {
         "hidden_size": "64",
         "ffn": "omnimoe",
-        "intermediate_size": "128",  # 2d
-        "num_experts": "1024",  # (d/2)^2
-        "num_experts_per_token": "160",  # 5d/2
+        "ffn.intermediate_size": "128",  # 2d
+        "ffn.num_experts": "1024",  # (d/2)^2
+        "ffn.num_experts_per_token": "160",  # 5d/2
     }
 
 

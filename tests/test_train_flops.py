@@ -7,14 +7,16 @@ import threading
 import numpy as np
 import pytest
 
+from omnimoe_jax import OmniMoEConfig
 from omnimoe_jax._model import LMConfig, parameter_counts
+from omnimoe_jax.baselines import DenseFFNConfig
 from train.data import BatchSampler
 from train.flops import mfu, model_flops_per_token, peak_flops
 from train.prefetch import BatchPrefetcher
 
 
 def test_dense_model_flops_count_every_weight_and_attention():
-    config = LMConfig(ffn="dense", num_layers=3, hidden_size=64, intermediate_size=96, context_length=32)
+    config = LMConfig(ffn=DenseFFNConfig(64, 96), num_layers=3, hidden_size=64, context_length=32)
     d, layers, width, vocab = 64, 3, 96, 259
     # Per layer: q, k, v, out (4 d^2), the SwiGLU's three d x width matrices, two RMSNorm scales; then the
     # final norm and the tied embedding.
@@ -26,7 +28,7 @@ def test_dense_model_flops_count_every_weight_and_attention():
 
 
 def test_sparse_model_flops_count_active_parameters_only():
-    config = LMConfig(num_experts=16 * 16, num_experts_per_token=4, hidden_size=64, intermediate_size=64)
+    config = LMConfig(ffn=OmniMoEConfig(64, 64, 16 * 16, 4), hidden_size=64, dense_intermediate_size=64)
     counts = parameter_counts(config)
     flops = model_flops_per_token(config)
     assert flops["active_parameters"] == counts["active"] < counts["total"]

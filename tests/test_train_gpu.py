@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import pytest
 from helpers import assert_close
 
+from omnimoe_jax import OmniMoEConfig
 from omnimoe_jax._model import LMConfig, TransformerLM, attention_implementation
+from omnimoe_jax.baselines import DenseFFNConfig
 from train.config import apply_overrides
 from train.loop import build_steps
 from train.presets import get_preset
@@ -24,9 +26,8 @@ GPU_CONFIG = dict(
     num_layers=2,
     num_heads=4,
     hidden_size=256,
-    intermediate_size=512,
-    num_experts=64 * 64,
-    num_experts_per_token=16,
+    ffn=OmniMoEConfig(256, 512, 64 * 64, 16),
+    dense_intermediate_size=512,
     dtype="bfloat16",
 )
 
@@ -46,7 +47,7 @@ def test_cudnn_attention_matches_xla(key):
     # The dense FFN: with OmniMoE, bf16 differences between the two attentions flip near-tied routing
     # choices, which moves whole rows of the sparse expert-table gradients (seen on an H100: down_embed off
     # by 7% while the loss and every attention gradient agreed). Attention is what this test compares.
-    config = LMConfig(**GPU_CONFIG, attention="cudnn", ffn="dense")
+    config = LMConfig(**{**GPU_CONFIG, "ffn": DenseFFNConfig(256, 512)}, attention="cudnn")
     tokens = jax.random.randint(key, (4, config.context_length), 0, config.vocab_size)
     variables = jax.jit(TransformerLM(config).init)(jax.random.fold_in(key, 1), tokens)
 

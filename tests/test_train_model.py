@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from helpers import assert_close, normal, rel_error, tolerance
 
-from omnimoe_jax import OmniMoE
+from omnimoe_jax import OmniMoE, OmniMoEConfig
 from omnimoe_jax._model import LMConfig, TransformerLM, parameter_counts, rotary
+from omnimoe_jax.baselines import DenseFFNConfig, GShardMoEConfig
 
 SMALL = dict(
     vocab_size=259,
@@ -20,9 +21,8 @@ SMALL = dict(
     num_layers=2,
     num_heads=2,
     hidden_size=16,
-    intermediate_size=24,
-    num_experts=16,
-    num_experts_per_token=4,
+    ffn=OmniMoEConfig(16, 24, 16, 4),
+    dense_intermediate_size=24,
 )
 
 
@@ -90,9 +90,9 @@ def reference_logits(config, variables, tokens):
         x = x + np.einsum("blhk,hkd->bld", heads, att["out"]["kernel"])
         h = rms_norm(x, layer["ffn_norm"]["scale"], eps)
         ffn_vars = {"params": variables["params"][f"layer_{i}"]["ffn"]}
-        if config.ffn == "omnimoe" and config.is_sparse_layer(i):
+        if config.ffn_kind == "omnimoe" and config.is_sparse_layer(i):
             ffn_vars["batch_stats"] = variables["batch_stats"][f"layer_{i}"]["ffn"]
-            y = _jitted_omnimoe(config.ffn_config())(ffn_vars, jnp.asarray(h, jnp.float32))
+            y = _jitted_omnimoe(config.ffn)(ffn_vars, jnp.asarray(h, jnp.float32))
         else:
             w = ffn_vars["params"]
             y = (jax.nn.silu(h @ w["gate_proj"]["kernel"]) * (h @ w["up_proj"]["kernel"])) @ w["down_proj"]["kernel"]
@@ -104,11 +104,11 @@ def reference_logits(config, variables, tokens):
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"tie_embeddings": False}, {"moe_every": 2}, {"ffn": "dense"}],
+    [{}, {"tie_embeddings": False}, {"moe_every": 2}, {"ffn": DenseFFNConfig(16, 24)}],
     ids=["omnimoe", "untied", "moe_every_2", "dense"],
 )
 def test_logits_match_independent_forward(key, changes):
-    config = LMConfig(**SMALL, **changes)
+    config = LMConfig(**{**SMALL, **changes})
     variables, tokens = init(config, key)
     logits = apply(config, variables, tokens)
     assert logits.dtype == jnp.float32
@@ -151,12 +151,12 @@ def test_ffn_switch_and_routing_results(key):
     assert sorted(variables["batch_stats"]) == ["layer_1"]
     _, routings = apply(config, variables, tokens, return_routing=True)
     assert len(routings) == 1
-    n, k = config.ffn_config().num_expert_sqrt, config.num_experts_per_token
+    n, k = config.ffn.num_expert_sqrt, config.ffn.num_experts_per_token
     (routing,) = routings
     assert routing.indices.shape == (*tokens.shape, k)
     assert routing.logits_x.shape == (*tokens.shape, n)
-    assert int(routing.indices.min()) >= 0 and int(routing.indices.max()) < config.num_experts
-    dense = LMConfig(**SMALL, ffn="dense")
+    assert int(routing.indices.min()) >= 0 and int(routing.indices.max()) < config.ffn.num_experts
+    dense = LMConfig(**{**SMALL, "ffn": DenseFFNConfig(16, 24)})
     dense_vars, _ = init(dense, key)
     assert "batch_stats" not in dense_vars
     assert apply(dense, dense_vars, tokens, return_routing=True)[1] == ()
@@ -177,7 +177,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(key):
     # flips pushed ~1% of seeds past 2e-2), so this compares arithmetic alone. Two layers of bf16 compute
     # then differ from f32 by 0.9e-2 typically (p99 1.6e-2 over 300 seeds, a rare 2.3e-2): twice the
     # per-op bf16 tolerance.
-    config = LMConfig(**{**SMALL, "num_experts_per_token": SMALL["num_experts"]}, dtype="bfloat16")
+    config = LMConfig(**{**SMALL, "ffn": OmniMoEConfig(16, 24, 16, 16)}, dtype="bfloat16")
     tokens = random_tokens(key, config)
     shapes = jax.eval_shape(TransformerLM(config).init, key, tokens)["params"]
     assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
@@ -195,7 +195,7 @@ def test_parameter_counts(key):
     total = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
     counts = parameter_counts(config)
     assert counts["total"] == total
-    unused_rows = (config.num_experts - config.num_experts_per_token) * config.hidden_size
+    unused_rows = (config.ffn.num_experts - config.ffn.num_experts_per_token) * config.hidden_size
     assert counts["active"] == total - 2 * unused_rows * config.num_layers
 
 
@@ -211,20 +211,58 @@ def test_parameter_counts(key):
         ({"tie_embeddings": "yes"}, "tie_embeddings"),
         ({"rope_theta": 0}, "rope_theta"),
         ({"attention": "flash"}, "attention"),
-        ({"num_experts": 15}, "num_experts"),
+        ({"ffn": {"kind": "omnimoe", "num_experts": 15}}, "num_experts"),
         ({"dtype": "int8"}, "dtype"),
+        ({"dense_intermediate_size": 0}, "dense_intermediate_size"),
+        ({"hidden_act": "relu9"}, "hidden_act"),
     ],
 )
 def test_config_validation_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
+        if isinstance(changes.get("ffn"), dict):  # a change of the FFN's own field: its config refuses it
+            changes = {"ffn": SMALL["ffn"].replace(**{k: v for k, v in changes["ffn"].items() if k != "kind"})}
         LMConfig(**{**SMALL, **changes})
+
+
+def test_each_ffn_kind_validates_only_its_own_fields():
+    # 6 experts is no square: OmniMoE's router would refuse it, GShard's top-2 gate has no such limit.
+    config = LMConfig(**{**SMALL, "ffn": GShardMoEConfig(16, 6, 32)}, moe_every=2)
+    assert (config.ffn_kind, config.ffn.num_experts) == ("gshard", 6)
+    assert parameter_counts(config)["total"] > 0
+    with pytest.raises(ValueError, match="num_experts=6 must be a perfect square"):
+        OmniMoEConfig(16, 24, 6, 4)
+
+
+def test_the_model_owns_the_ffn_width_activation_and_dtypes():
+    config = LMConfig(**{**SMALL, "hidden_size": 32}, hidden_act="gelu", dtype="bfloat16", implementation="xla")
+    ffn = config.ffn
+    assert (ffn.hidden_size, ffn.hidden_act, ffn.dtype, ffn.implementation) == (32, "gelu", jnp.bfloat16, "xla")
+    assert (ffn.num_experts, ffn.intermediate_size) == (16, 24)  # its own fields stay
+    peer = LMConfig(**{**SMALL, "ffn": "peer"}).ffn  # by name: its small preset at the model's width
+    assert (peer.num_experts, peer.num_heads, peer.hidden_act) == (64, 8, "silu")
+    with pytest.raises(ValueError, match="hidden_size=18 must be a multiple of 4"):
+        LMConfig(**{**SMALL, "hidden_size": 18, "num_heads": 1, "ffn": "pkm"})
 
 
 def test_config_round_trips_through_dict():
     config = LMConfig(**SMALL, dtype="bfloat16", moe_every=2)
     assert LMConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["ffn"] == {
+        "kind": "omnimoe",
+        "intermediate_size": 24,
+        "num_experts": 16,
+        "num_experts_per_token": 4,
+        "router_norm": "batchnorm",
+        "router_norm_eps": 1e-5,
+        "router_norm_momentum": 0.1,
+        "norm_topk_prob": False,
+        "expert_axis": None,
+        "expert_capacity_factor": None,
+    }
     with pytest.raises(ValueError, match="unknown LMConfig fields"):
         LMConfig.from_dict({**config.to_dict(), "depth": 3})
+    with pytest.raises(ValueError, match=r"ffn fields \['num_heads'\] are not own fields of kind 'omnimoe'"):
+        LMConfig.from_dict({**config.to_dict(), "ffn": {**config.to_dict()["ffn"], "num_heads": 2}})
 
 
 def test_bad_tokens_are_refused(key):
@@ -255,10 +293,9 @@ def test_one_hot_embedding_is_the_gather_bit_for_bit(dtype):
 def test_remat_changes_neither_the_logits_nor_the_gradients():
     # Two blocks (remat wraps each) and a short context: the equality does not depend on the size.
     config = LMConfig(
-        num_experts=16 * 16,
-        num_experts_per_token=4,
+        ffn=OmniMoEConfig(64, 64, 16 * 16, 4),
         hidden_size=64,
-        intermediate_size=64,
+        dense_intermediate_size=64,
         num_layers=2,
         context_length=32,
     )

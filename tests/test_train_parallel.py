@@ -42,9 +42,9 @@ OVERRIDES = [
     "--num_layers=2",
     "--num_heads=2",
     "--hidden_size=32",
-    "--intermediate_size=64",
-    "--num_experts=64",
-    "--num_experts_per_token=64",
+    "--ffn.intermediate_size=64",
+    "--ffn.num_experts=64",
+    "--ffn.num_experts_per_token=64",
     "--batch_size=8",
     f"--steps={STEPS}",
     "--warmup_steps=1",
@@ -111,7 +111,7 @@ def test_mesh_run_trains_like_one_device(mesh_run, one_device_run):
         (start,) = records(run_dir, "start")
         assert start["mesh"] == mesh and start["processes"] == 1
         # The stored config is the layout-free one: it resumes on any mesh, or none.
-        assert start["config"]["model"]["expert_axis"] is None
+        assert start["config"]["model"]["ffn"]["expert_axis"] is None
         assert [r["dropped_pairs"] for r in records(run_dir, "train")] == [0] * STEPS  # default capacity
     (got,), (want,) = records(mesh_run, "eval"), records(one_device_run, "eval")
     assert got["dropped_pairs"] == 0 and got["tokens"] == want["tokens"]
@@ -144,7 +144,7 @@ def test_checkpoint_of_a_mesh_run_resumes_on_another_mesh_and_on_one_device(mesh
 @pytest.mark.slow  # one more compilation of the sharded steps; the layer's exact count is in test_expert_parallel
 def test_capacity_factor_drops_pairs_and_the_metrics_count_them(arguments, one_device_run, tmp_path):
     run_dir = tmp_path / "run"
-    assert cli.main(["--run-dir", str(run_dir), "--mesh", MESH, "--expert_capacity_factor=0.5", *arguments]) == 0
+    assert cli.main(["--run-dir", str(run_dir), "--mesh", MESH, "--ffn.expert_capacity_factor=0.5", *arguments]) == 0
     # Each device sends at most C = ceil(0.5 * 32 * (1 - (3/4)^64)) = 16 of its 32 tokens to each expert
     # shard, and every token needs every shard: pairs are dropped in every step, and in the evaluation.
     routed_per_step = 8 * 32 * 64 * 2  # sequences x tokens x K x OmniMoE layers
@@ -186,11 +186,11 @@ PROCESS_0 = ["--num-processes", "2", "--process-id", "0"]
             "coordinator_address='localhost' must be 'host:port'",
         ),
         (["--mesh", "data=3", "RUN"], r"has 3 devices \(3 x 1\) but 8 devices are available.*JAX_NUM_CPU_DEVICES=3"),
-        (["--expert_capacity_factor=0.5", "RUN"], r"caps the expert-parallel dispatch: it needs --mesh with an expert"),
-        (["--mesh", "data=8", "--expert_capacity_factor=0.5", "RUN"], r"needs --mesh with an expert axis of 2"),
+        (["--ffn.expert_capacity_factor=0.5", "RUN"], r"caps the expert-parallel dispatch: it needs --mesh with an"),
+        (["--mesh", "data=8", "--ffn.expert_capacity_factor=0.5", "RUN"], r"needs --mesh with an expert axis of 2"),
         (["--mesh", "data=2,model=4", "RUN"], "tensor parallelism"),
         (["--mesh", "data=8", "--batch_size=4", "RUN"], r"batch_size=4 / grad_accum=1 = 4 sequences is not a multiple"),
-        (["--mesh", "expert=8", "--num_experts=36", "RUN"], r"num_experts=36 expert rows do not divide over the 8"),
+        (["--mesh", "expert=8", "--ffn.num_experts=36", "RUN"], r"num_experts=36 expert rows do not divide over the 8"),
         (["--mesh", "data=2,expert=4", "--ffn=dense", "RUN"], r"needs ffn='omnimoe' .* use --mesh data=8"),
     ],
 )

@@ -144,10 +144,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
         if mesh is not None:
             check_mesh(config, mesh)
         expert_shards = 1 if mesh is None else mesh.shape[parallel.EXPERT_AXIS]
-        if not args.resume and config.model.expert_capacity_factor is not None and expert_shards == 1:
+        capacity_factor = getattr(config.model.ffn, "expert_capacity_factor", None)  # routed kinds have one
+        if not args.resume and capacity_factor is not None and expert_shards == 1:
             # A resumed run may move to a mesh without an expert axis; a new one would record an inert factor.
             parser.error(
-                f"--expert_capacity_factor={config.model.expert_capacity_factor} caps the expert-parallel "
+                f"--ffn.expert_capacity_factor={capacity_factor} caps the expert-parallel "
                 "dispatch: it needs --mesh with an expert axis of 2 or more devices"
             )
     except ValueError as err:

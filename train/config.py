@@ -1,11 +1,12 @@
 """TrainConfig (model + data + optimisation + bookkeeping) and `--key=value` command-line overrides.
 
-Override keys are flat: a TrainConfig field (`--steps=200`), an LMConfig field (`--hidden_size=256`), or
-`<kind>.<field>` for a field of a baseline FFN's config (`--ffn=peer --peer.num_heads=4`: an entry of
-LMConfig.ffn_options; the kind must be the model's `ffn` after this command line's `--ffn`, and a new
-`--ffn` starts from that kind's defaults). Dashes and underscores are interchangeable. Values are parsed by
-the field's type: int, float, bool (true/false/1/0/yes/no), str, and "none" for optional fields. An unknown
-key is refused with the list of valid ones.
+Override keys are paths: a TrainConfig field (`--steps=200`), an LMConfig field (`--hidden_size=256`), `--ffn=KIND`
+for the sparse layers' FFN kind (a new kind starts from its `small_preset(hidden_size)`, the sizes of
+`omnimoe_jax.baselines.presets.small_presets`), and `--ffn.<field>` for a field of that kind's config
+(`--ffn=peer --ffn.num_heads=4`, `--ffn.num_experts=4096`; the kind is the model's after this command line's
+`--ffn`). Dashes and underscores are interchangeable. Values are parsed by the field's type: int, float, bool
+(true/false/1/0/yes/no), str, and "none" for optional fields. An unknown key is refused with the nearest valid
+ones and the list of all.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from omnimoe_jax import ffn_registry
 from omnimoe_jax._config import check_known_fields
-from omnimoe_jax._model import FFN_KINDS, LMConfig, ffn_option_types
+from omnimoe_jax._model import LMConfig
+from omnimoe_jax.ffn_registry import FFN_REGISTRY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,13 +157,18 @@ def _check_number(field: str, value: Any, in_range: Callable[[float], bool], exp
 
 
 def override_keys() -> list[str]:
-    """Every key `apply_overrides` accepts: TrainConfig fields (but `model`), LMConfig fields (but
-    `ffn_options` and `expert_axis`) and `<kind>.<field>` for the baseline FFNs' option fields."""
+    """Every key `apply_overrides` accepts: TrainConfig fields (but `model`), LMConfig fields and `ffn.<field>`
+    for every own field of any FFN kind (but expert_axis, which `--mesh` sets); a field must be one of the
+    model's kind when applied."""
     train = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    # expert_axis is set by `--mesh` (train.mesh.with_expert_axis), not by hand.
-    model = [f.name for f in dataclasses.fields(LMConfig) if f.name not in ("ffn_options", "expert_axis")]
-    options = [f"{kind}.{field}" for kind in FFN_KINDS for field in ffn_option_types(kind)]
-    return sorted(train + model) + options
+    model = [f.name for f in dataclasses.fields(LMConfig)]
+    return sorted(train + model) + [f"ffn.{field}" for field in _ffn_fields()]
+
+
+def _ffn_fields() -> list[str]:
+    """The own fields of every FFN kind (in registry order, each once), as `ffn.<field>` sets them."""
+    fields = {f: None for kind in FFN_REGISTRY for f in ffn_registry.own_field_types(kind)}
+    return [f for f in fields if f not in ffn_registry.SET_BY_MESH]
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, str | None]:
@@ -190,8 +198,15 @@ def _unknown_keys_message(unknown: list[str], valid: list[str]) -> str:
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, valid, n=3)
+        head, _, field = key.partition(".")
         if key in _COMMAND_LINE_FLAGS:
             hints.append(f"--{key} is written --{key.replace('_', '-')}")
+        elif f"ffn.{key}" in valid:  # an FFN field given as the model's (the flat keys of earlier versions)
+            hints.append(f"--{key}: did you mean --ffn.{key}?")
+        elif head in FFN_REGISTRY and f"ffn.{field}" in valid:  # the <kind>.<field> keys of earlier versions
+            hints.append(f"--{key}: did you mean --ffn={head} --ffn.{field}?")
+        elif head == "ffn" and field in ffn_registry.MODEL_OWNED:
+            hints.append(f"--{key}: every FFN of the model has the model's {field}: did you mean --{field}?")
         elif close:
             hints.append(f"--{key}: did you mean {' or '.join('--' + c for c in close)}?")
     hint = "".join(f"; {h}" for h in hints)
@@ -216,33 +231,49 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, str], *, scale_war
     model_fields = {f.name for f in dataclasses.fields(LMConfig)}
     train_changes = {}
     model_changes = {}
-    option_texts = {}
+    ffn_texts = {}
     for key, text in overrides.items():
-        if "." in key:  # <kind>.<field>: parsed below, once the kind is known
-            option_texts[key] = text
+        if key.startswith("ffn."):  # parsed below, once the kind is known
+            ffn_texts[key.removeprefix("ffn.")] = text
+            continue
+        if key == "ffn":
+            if text not in FFN_REGISTRY:
+                raise ValueError(f"--ffn={text!r} must be one of {', '.join(FFN_REGISTRY)}")
+            # The same kind keeps its config; a new kind starts from its small_preset at the model's width.
+            if text != config.model.ffn_kind:
+                model_changes["ffn"] = text
             continue
         owner = LMConfig if key in model_fields else TrainConfig
         value = _parse_value(key, text, typing.get_type_hints(owner)[key])
         (model_changes if owner is LMConfig else train_changes)[key] = value
     if scale_warmup and "steps" in train_changes and "warmup_steps" not in train_changes:
         train_changes["warmup_steps"] = config.warmup_steps * train_changes["steps"] // config.steps
-    kind = model_changes.get("ffn", config.model.ffn)
-    if option_texts or kind != config.model.ffn:
-        model_changes["ffn_options"] = _ffn_options(config.model, kind, option_texts)
     model = config.model.replace(**model_changes) if model_changes else config.model
+    if ffn_texts:
+        model = model.replace(ffn=_ffn_with(model, ffn_texts))
     return dataclasses.replace(config, model=model, **train_changes)
 
 
-def _ffn_options(model: LMConfig, kind: str, texts: dict[str, str]) -> dict[str, Any]:
-    """The model's ffn_options after `<kind>.<field>` overrides; a changed `ffn` starts from no options (the
-    new kind's defaults), since the old options are fields of another config."""
-    options = dict(model.ffn_options) if kind == model.ffn else {}
-    for key, text in texts.items():
-        option_kind, field = key.split(".", 1)
-        if option_kind != kind:
-            raise ValueError(f"--{key} sets a field of ffn={option_kind!r}, but ffn={kind!r} (add --ffn={option_kind})")
-        options[field] = _parse_value(key, text, ffn_option_types(kind)[field])
-    return options
+def _ffn_with(model: LMConfig, texts: dict[str, str | None]) -> Any:
+    """The model's FFN config with the `--ffn.<field>` overrides (field: text) parsed and applied."""
+    kind = model.ffn_kind
+    types_ = ffn_registry.own_field_types(kind)
+    changes = {}
+    for field, text in texts.items():
+        if field not in types_:
+            owners = [k for k in FFN_REGISTRY if field in ffn_registry.own_field_types(k)]
+            close = difflib.get_close_matches(field, types_, n=3)
+            hint = f"did you mean {' or '.join('--ffn.' + c for c in close)}? " if close else ""
+            settable = ", ".join(f"--ffn.{f}" for f in types_ if f not in ffn_registry.SET_BY_MESH)
+            raise ValueError(
+                f"--ffn.{field} is not a field of ffn={kind!r} ({hint}it is one of {', '.join(owners)}: add "
+                f"--ffn={owners[0]}); ffn={kind!r} has {settable}"
+            )
+        changes[field] = _parse_value(f"ffn.{field}", text, types_[field])
+    try:
+        return model.ffn.replace(**changes)
+    except ValueError as err:  # say whose field it is: "num_heads" alone reads as the attention's
+        raise ValueError(f"ffn={kind!r}: {err}") from None
 
 
 def _parse_value(key: str, text: str | None, annotation: Any) -> Any:

@@ -9,7 +9,6 @@ After changing a config field, its docstring or a command-line option: `python -
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 import re
 import sys
@@ -23,7 +22,7 @@ HELP_FILE = pathlib.Path(__file__).with_name("help.txt")
 WIDTH = 110  # fixed, so the stored text does not depend on the terminal that wrote it
 
 # Field groups of the help, in order. A TrainConfig field missing here is listed under "loop", an LMConfig
-# field under "model" (so a new field is never hidden), and `<kind>.<field>` options under "FFN".
+# field under "model" (so a new field is never hidden), and every kind's `ffn.<field>` fields under "FFN".
 GROUPS: dict[str, tuple[str, ...]] = {
     "model": (
         "vocab_size",
@@ -38,20 +37,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "dtype",
         "param_dtype",
     ),
-    "FFN": (
-        "ffn",
-        "moe_every",
-        "intermediate_size",
-        "num_experts",
-        "num_experts_per_token",
-        "hidden_act",
-        "router_norm",
-        "router_norm_eps",
-        "router_norm_momentum",
-        "norm_topk_prob",
-        "implementation",
-        "expert_capacity_factor",
-    ),
+    "FFN": ("ffn", "moe_every", "dense_intermediate_size", "hidden_act", "implementation"),
     "optimizer": (
         "learning_rate",
         "warmup_steps",
@@ -125,15 +111,14 @@ def _entry(key: str, annotation: Any, default: Any, doc: str) -> str:
 
 def render_fields() -> str:
     """Every `--key=value` override, grouped, with its type, the `tiny` preset's value and its doc."""
-    from omnimoe_jax._config import OmniMoEConfig
-    from omnimoe_jax._model import _BASELINES, FFN_KINDS, LMConfig, ffn_option_types
+    from omnimoe_jax import ffn_registry
+    from omnimoe_jax._model import LMConfig
     from train.config import TrainConfig, override_keys
     from train.presets import get_preset
 
     tiny = get_preset("tiny")
     train_hints, model_hints = typing.get_type_hints(TrainConfig), typing.get_type_hints(LMConfig)
-    # LMConfig documents its FFN fields as "the OmniMoEConfig fields, same names and meaning".
-    docs = {**field_docs(OmniMoEConfig), **field_docs(LMConfig), **field_docs(TrainConfig)}
+    docs = {**field_docs(LMConfig), **field_docs(TrainConfig)}
     keys = [k for k in override_keys() if "." not in k]
     grouped = {group: [k for k in names if k in keys] for group, names in GROUPS.items()}
     placed = {k for names in grouped.values() for k in names}
@@ -144,23 +129,26 @@ def render_fields() -> str:
     for group, names in grouped.items():
         lines = []
         for key in names:
-            if key in model_hints:
+            if key == "ffn":  # a kind's name on the command line (its fields follow, as ffn.<field>)
+                lines.append(_entry(key, str, tiny.model.ffn_kind, docs.get(key, "")))
+            elif key in model_hints:
                 lines.append(_entry(key, model_hints[key], getattr(tiny.model, key), docs.get(key, "")))
             else:
                 lines.append(_entry(key, train_hints[key], getattr(tiny, key), docs.get(key, "")))
         if group == "FFN":
-            for kind in FFN_KINDS:
-                types_ = ffn_option_types(kind)
-                if not types_:
-                    continue
-                # Defaults: what the model builds for this kind at the preset's width when no option is given.
-                config = dataclasses.replace(tiny.model, ffn=kind).sparse_ffn_config()
-                kind_docs = field_docs(_BASELINES[kind][1])
-                lines.append(f"  --ffn={kind} options (defaults at hidden_size={tiny.model.hidden_size}):")
-                for field, annotation in types_.items():
-                    lines.append(
-                        _entry(f"{kind}.{field}", annotation, getattr(config, field), kind_docs.get(field, ""))
-                    )
+            for kind, cls in ffn_registry.FFN_REGISTRY.items():
+                # Defaults: the preset's own FFN, or what a new --ffn=KIND starts from at the preset's width.
+                if kind == tiny.model.ffn_kind:
+                    config, whose = tiny.model.ffn, "the tiny preset's"
+                else:
+                    config = tiny.model.replace(ffn=kind).ffn
+                    whose = f"small_preset(hidden_size={tiny.model.hidden_size})"
+                kind_docs = field_docs(cls)
+                lines.append(f"  --ffn={kind} fields (defaults: {whose}):")
+                for field, annotation in ffn_registry.own_field_types(kind).items():
+                    if field not in ffn_registry.SET_BY_MESH:
+                        doc = kind_docs.get(field, "")
+                        lines.append(_entry(f"ffn.{field}", annotation, getattr(config, field), doc))
         sections.append(f"{group}:\n" + "\n".join(lines))
     header = (
         "config fields: --key=value or --key value (dashes or underscores; bools also as a bare --key; 'none' for "

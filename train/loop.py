@@ -57,7 +57,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from omnimoe_jax._model import AUX_LOSS_KINDS, TransformerLM, parameter_counts
+from omnimoe_jax._model import TransformerLM, parameter_counts
 from train import data as data_lib
 from train import divergence
 from train import mesh as mesh_lib
@@ -197,7 +197,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
         finite = divergence.all_finite(loss_sum, aux_sum, grad_norm, params)
         new_state = divergence.guard(state, candidate, finite=finite)  # the old state if not finite
         metrics = {"loss": loss_sum / micro_batches}
-        if config.model.ffn in AUX_LOSS_KINDS:
+        if config.model.ffn.sows_aux_loss:
             metrics["aux_loss"] = aux_sum / micro_batches
         metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), dropped_pairs=dropped)
         return new_state, metrics
@@ -213,7 +213,7 @@ def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
     OmniMoE and FlashMoE (`train.metrics.routing_statistics`), or expert_counts [M, E] and, where sown,
     dropped_pairs [M] and balance_loss [M] for the baselines (`train.metrics.sown_statistics`).
     """
-    num_experts = config.model.num_experts
+    num_experts = getattr(config.model.ffn, "num_experts", 0)  # the routed kinds' N
 
     def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}

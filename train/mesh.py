@@ -43,7 +43,10 @@ def with_expert_axis(config: TrainConfig) -> TrainConfig:
     Without a mesh in context the layers compute exactly as with `expert_axis=None`, so the same config
     also evaluates, samples and restores on one device.
     """
-    return dataclasses.replace(config, model=config.model.replace(expert_axis=parallel.EXPERT_AXIS))
+    if not config.model.ffn.routed:  # the baselines' tables have no expert-parallel dispatch (check_mesh)
+        return config
+    ffn = config.model.ffn.replace(expert_axis=parallel.EXPERT_AXIS)
+    return dataclasses.replace(config, model=config.model.replace(ffn=ffn))
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -61,16 +64,16 @@ def check_mesh(config: TrainConfig, mesh: Mesh) -> None:
             f"a multiple of {shards}"
         )
     experts = mesh.shape[parallel.EXPERT_AXIS]
-    if experts > 1 and config.model.ffn not in ROUTED_KINDS:
+    if experts > 1 and not config.model.ffn.routed:
         # The baselines have no expert-parallel dispatch: refuse rather than quietly train data-parallel.
         raise ValueError(
-            f"an expert axis of {experts} devices needs ffn='omnimoe' or 'flashmoe' (expert parallelism is "
-            f"implemented for their atomic experts only); ffn={config.model.ffn!r} trains data-parallel: use --mesh "
-            f"data={batch_shards(mesh)}"
+            f"an expert axis of {experts} devices needs ffn={' or '.join(map(repr, ROUTED_KINDS))} (expert "
+            f"parallelism is implemented for their atomic experts only); ffn={config.model.ffn_kind!r} trains "
+            f"data-parallel: use --mesh data={batch_shards(mesh)}"
         )
-    if config.model.ffn in ROUTED_KINDS and config.model.sparse_layers and config.model.num_experts % experts:
+    if config.model.ffn.routed and config.model.sparse_layers and config.model.ffn.num_experts % experts:
         raise ValueError(
-            f"num_experts={config.model.num_experts} expert rows do not divide over the {experts} devices of the "
+            f"num_experts={config.model.ffn.num_experts} expert rows do not divide over the {experts} devices of the "
             f"mesh's expert axis {dict(mesh.shape)}"
         )
 

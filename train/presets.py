@@ -42,8 +42,11 @@ same batch of 64 sequences per step. None of the small-<kind> presets has been t
 
 from __future__ import annotations
 
-from omnimoe_jax._model import FFN_KINDS, ROUTED_KINDS, LMConfig
-from omnimoe_jax.baselines.presets import small_presets
+import dataclasses
+
+from omnimoe_jax import ffn_registry
+from omnimoe_jax._config import OmniMoEConfig
+from omnimoe_jax._model import FFN_KINDS, LMConfig
 from train.config import TrainConfig, apply_overrides
 
 PRESETS: dict[str, TrainConfig] = {
@@ -53,9 +56,8 @@ PRESETS: dict[str, TrainConfig] = {
             num_layers=4,
             num_heads=4,
             hidden_size=128,
-            intermediate_size=256,
-            num_experts=32 * 32,
-            num_experts_per_token=8,
+            ffn=OmniMoEConfig(128, 256, 32 * 32, 8),
+            dense_intermediate_size=256,
             dtype="float32",
         ),
         batch_size=32,
@@ -73,9 +75,8 @@ PRESETS: dict[str, TrainConfig] = {
             num_layers=8,
             num_heads=8,
             hidden_size=512,
-            intermediate_size=1024,
-            num_experts=128 * 128,
-            num_experts_per_token=32,
+            ffn=OmniMoEConfig(512, 1024, 128 * 128, 32),
+            dense_intermediate_size=1024,
             dtype="bfloat16",
         ),
         batch_size=64,
@@ -93,9 +94,8 @@ PRESETS: dict[str, TrainConfig] = {
             num_layers=12,
             num_heads=12,
             hidden_size=768,
-            intermediate_size=3328,
-            num_experts=256 * 256,
-            num_experts_per_token=64,
+            ffn=OmniMoEConfig(768, 3328, 256 * 256, 64),
+            dense_intermediate_size=3328,
             dtype="bfloat16",
         ),
         batch_size=128,
@@ -114,9 +114,8 @@ PRESETS: dict[str, TrainConfig] = {
             num_layers=24,
             num_heads=16,
             hidden_size=1024,
-            intermediate_size=1024,
-            num_experts=320 * 320,
-            num_experts_per_token=512,
+            ffn=OmniMoEConfig(1024, 1024, 320 * 320, 512),
+            dense_intermediate_size=1024,
             dtype="bfloat16",
         ),
         batch_size=256,
@@ -134,23 +133,20 @@ PRESETS: dict[str, TrainConfig] = {
 
 def matched_ffn_overrides(kind: str, hidden_size: int) -> dict[str, str]:
     """`--key=value` overrides (values as strings) that give a model of width `hidden_size` the FFN `kind`
-    with the sizes of `omnimoe_jax.baselines.presets.small_presets(hidden_size)[kind]`: about 12 d^2 active
-    parameters per token and layer for every kind.
+    with the sizes of its `small_preset(hidden_size)` (`omnimoe_jax.baselines.presets.small_presets`): about
+    12 d^2 active parameters per token and layer for every kind.
 
-    omnimoe, flashmoe and dense are sized by LMConfig fields, so those are set; the baselines' sizes default to
-    exactly those presets (LMConfig.ffn_options), so only `ffn` is.
+    The preset's sizes (its own fields that have no default or another value) are set as `--ffn.<field>`, so
+    the overrides also resize a model whose FFN is already of that kind.
     """
-    if kind not in FFN_KINDS:
-        raise ValueError(f"kind={kind!r} must be one of {FFN_KINDS}")
-    config = small_presets(hidden_size)[kind]
+    preset = ffn_registry.config_class(kind).small_preset(hidden_size)
     overrides = {"hidden_size": hidden_size, "ffn": kind}
-    if kind in ROUTED_KINDS:
-        top_k = config.num_experts_per_token if kind == "omnimoe" else config.num_experts_per_tok
-        overrides.update(
-            intermediate_size=config.intermediate_size, num_experts=config.num_experts, num_experts_per_token=top_k
-        )
-    elif kind == "dense":
-        overrides["intermediate_size"] = config.intermediate_size
+    for field in dataclasses.fields(preset):
+        value = getattr(preset, field.name)
+        if field.name in ffn_registry.own_field_types(kind) and (
+            field.default is dataclasses.MISSING or value != field.default
+        ):
+            overrides[f"ffn.{field.name}"] = value
     return {key: str(value) for key, value in overrides.items()}
 
 

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from omnimoe_jax._config import IMPLEMENTATIONS as IMPLEMENTATIONS  # re-exported: one list for every config
-from omnimoe_jax._config import ConfigMethods, _float_dtype
+from omnimoe_jax._config import FFNConfig, _float_dtype
 from pallas_kernels.activations import ACTIVATIONS
 
 ACTIVATION_NAMES = tuple(sorted(ACTIVATIONS))
@@ -23,7 +23,7 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class BaselineConfig(ConfigMethods):
+class BaselineConfig(FFNConfig):
     """Base of the baseline configs (no fields of its own). Subclasses call the `_check_*` helpers from
     `__post_init__` and then `super().__post_init__()`, which normalises `dtype` and `param_dtype` (every
     subclass has both)."""

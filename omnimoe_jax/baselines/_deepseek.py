@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import flax.linen as nn
 import jax
@@ -59,6 +59,22 @@ class DeepSeekMoEConfig(BaselineConfig):
         self._check_positive_number("capacity_factor")
         self._check_choice("hidden_act", ACTIVATION_NAMES)
         super().__post_init__()
+
+    sows_aux_loss: ClassVar[bool] = True
+
+    @classmethod
+    def module_class(cls) -> type[nn.Module]:
+        return DeepSeekMoE
+
+    def active_parameters(self) -> int:
+        d = self.hidden_size  # 3 d I_s (shared) + d E (gate) + 3 d I_e k
+        routed = 3 * d * self.expert_intermediate_size * self.num_experts_per_token
+        return 3 * d * self.shared_intermediate_size + d * self.num_experts + routed
+
+    @classmethod
+    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
+        d = hidden_size  # 64 experts of d/2, top 6, shared d
+        return cls(d, 64, d // 2, 6, shared_intermediate_size=d, dtype=dtype, param_dtype=param_dtype)
 
 
 class DeepSeekMoE(nn.Module):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import flax.linen as nn
 import jax
@@ -53,6 +53,21 @@ class GShardMoEConfig(BaselineConfig):
         self._check_non_negative_number("aux_loss_weight")
         self._check_choice("hidden_act", ACTIVATION_NAMES)
         super().__post_init__()
+
+    sows_aux_loss: ClassVar[bool] = True
+
+    @classmethod
+    def module_class(cls) -> type[nn.Module]:
+        return GShardMoE
+
+    def active_parameters(self) -> int:
+        d = self.hidden_size  # d E (gate) + 3 d I_e k
+        return d * self.num_experts + 3 * d * self.expert_intermediate_size * self.num_experts_per_token
+
+    @classmethod
+    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
+        d = hidden_size  # 16 experts of 2d, top 2
+        return cls(d, 16, 2 * d, 2, dtype=dtype, param_dtype=param_dtype)
 
 
 class GShardMoE(nn.Module):

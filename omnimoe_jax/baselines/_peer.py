@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Self
 
 import flax.linen as nn
 import jax
@@ -79,6 +79,19 @@ class PEERConfig(BaselineConfig):
     def num_keys(self) -> int:
         """n: sub-keys per axis."""
         return math.isqrt(self.num_experts)
+
+    @classmethod
+    def module_class(cls) -> type[nn.Module]:
+        return PEER
+
+    def active_parameters(self) -> int:
+        h, c = self.num_heads, self.key_dim  # d h c (queries) + n c (sub-keys) + 2 d h k (u_e, v_e)
+        return self.hidden_size * h * c + self.num_keys * c + 2 * self.hidden_size * h * self.experts_per_head
+
+    @classmethod
+    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
+        d, n = hidden_size, hidden_size // 2  # N = (d/2)^2, 8 heads x d/2, key_dim d/2
+        return cls(d, n * n, num_heads=8, experts_per_head=n, key_dim=n, dtype=dtype, param_dtype=param_dtype)
 
 
 def peer_reference_experts(

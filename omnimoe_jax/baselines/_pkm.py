@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Self
 
 import flax.linen as nn
 import jax
@@ -63,6 +63,19 @@ class PKMConfig(BaselineConfig):
     def num_keys(self) -> int:
         """n: sub-keys per axis."""
         return math.isqrt(self.num_values)
+
+    @classmethod
+    def module_class(cls) -> type[nn.Module]:
+        return PKM
+
+    def active_parameters(self) -> int:
+        h, c = self.num_heads, self.key_dim  # d h c (queries) + h n c (sub-keys) + d h k (values)
+        return self.hidden_size * h * c + h * self.num_keys * c + self.hidden_size * h * self.values_per_head
+
+    @classmethod
+    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
+        d, n = hidden_size, hidden_size // 2  # N = (d/2)^2, 4 heads x 9d/4, key_dim d/2
+        return cls(d, n * n, num_heads=4, values_per_head=9 * d // 4, key_dim=n, dtype=dtype, param_dtype=param_dtype)
 
 
 class PKM(nn.Module):

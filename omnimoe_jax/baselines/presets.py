@@ -51,42 +51,30 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from omnimoe_jax._config import FlashMoEConfig, OmniMoEConfig
+# The registry imports this package's config modules, so this module is imported while the registry is: it
+# reads FFN_REGISTRY only when called.
+from omnimoe_jax import ffn_registry
+from omnimoe_jax._config import FFNConfig, FlashMoEConfig, OmniMoEConfig
 from omnimoe_jax.baselines._deepseek import DeepSeekMoEConfig
 from omnimoe_jax.baselines._dense import DenseFFNConfig
 from omnimoe_jax.baselines._gshard import GShardMoEConfig
 from omnimoe_jax.baselines._peer import PEERConfig
 from omnimoe_jax.baselines._pkm import PKMConfig
 
-FFNConfig = (
-    OmniMoEConfig | FlashMoEConfig | DenseFFNConfig | DeepSeekMoEConfig | GShardMoEConfig | PEERConfig | PKMConfig
-)
+__all__ = ["FFNConfig", "active_parameters", "paper_presets", "small_presets"]
 
 
 def active_parameters(config: FFNConfig) -> int:
-    """Parameters one token's output is computed from (the table in this module's docstring).
+    """Parameters one token's output is computed from (the table in this module's docstring; each kind's
+    config counts its own, `FFNConfig.active_parameters`).
 
     Retrieved rows count once per retrieval (it is the compute that is matched), so at toy sizes where a
     token's h * k retrievals outnumber a PEER or PKM table's rows, the count exceeds the table.
     """
     if not isinstance(config, FFNConfig):
-        raise TypeError(f"config must be one of the FFN configs {FFNConfig}, got {type(config).__name__}")
-    d = config.hidden_size
-    if isinstance(config, OmniMoEConfig | FlashMoEConfig):
-        top_k = config.num_experts_per_token if isinstance(config, OmniMoEConfig) else config.num_experts_per_tok
-        return 3 * d * config.intermediate_size + 2 * d * config.num_expert_sqrt + 2 * d * top_k
-    if isinstance(config, DenseFFNConfig):
-        return 3 * d * config.intermediate_size
-    if isinstance(config, DeepSeekMoEConfig):
-        routed = 3 * d * config.expert_intermediate_size * config.num_experts_per_token
-        return 3 * d * config.shared_intermediate_size + d * config.num_experts + routed
-    if isinstance(config, GShardMoEConfig):
-        return d * config.num_experts + 3 * d * config.expert_intermediate_size * config.num_experts_per_token
-    if isinstance(config, PEERConfig):
-        h, c = config.num_heads, config.key_dim
-        return d * h * c + config.num_keys * c + 2 * d * h * config.experts_per_head
-    h, c = config.num_heads, config.key_dim
-    return d * h * c + h * config.num_keys * c + d * h * config.values_per_head  # PKMConfig
+        kinds = ", ".join(cls.__name__ for cls in ffn_registry.FFN_REGISTRY.values())
+        raise TypeError(f"config must be one of the FFN configs ({kinds}), got {type(config).__name__}")
+    return config.active_parameters()
 
 
 def paper_presets(*, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> dict[str, FFNConfig]:
@@ -112,7 +100,8 @@ def paper_presets(*, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -
 def small_presets(
     hidden_size: int = 256, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> dict[str, FFNConfig]:
-    """Seven FFNs of about 12 d^2 active parameters each (the dense SwiGLU of width 4d); see the module doc.
+    """{kind: its `small_preset(d)`} for every registered FFN kind: about 12 d^2 active parameters each (the
+    dense SwiGLU of width 4d); see the module doc.
 
     hidden_size must be a multiple of 4 and at least 12 (n = d/2 sub-keys per axis, and the table of n^2
     rows must hold OmniMoE's K = 5d/2 and PKM's k = 9d/4 per head: (d/2)^2 >= 5d/2 from d = 10 on).
@@ -120,14 +109,7 @@ def small_presets(
     d = hidden_size
     if isinstance(d, bool) or not isinstance(d, int) or d < 12 or d % 4:
         raise ValueError(f"hidden_size={d!r} must be an int >= 12 and a multiple of 4")
-    common = dict(dtype=dtype, param_dtype=param_dtype)
-    n = d // 2
     return {
-        "dense": DenseFFNConfig(d, 4 * d, **common),
-        "omnimoe": OmniMoEConfig(d, 2 * d, n * n, 5 * d // 2, **common),
-        "flashmoe": FlashMoEConfig(d, 2 * d, "silu", n * n, 5 * d // 2, **common),
-        "deepseekmoe": DeepSeekMoEConfig(d, 64, d // 2, 6, shared_intermediate_size=d, **common),
-        "gshard": GShardMoEConfig(d, 16, 2 * d, 2, **common),
-        "peer": PEERConfig(d, n * n, num_heads=8, experts_per_head=n, key_dim=n, **common),
-        "pkm": PKMConfig(d, n * n, num_heads=4, values_per_head=9 * d // 4, key_dim=n, **common),
+        kind: cls.small_preset(d, dtype=dtype, param_dtype=param_dtype)
+        for kind, cls in ffn_registry.FFN_REGISTRY.items()
     }
