@@ -14,8 +14,8 @@ from helpers import assert_close
 
 from omnimoe_jax._model import LMConfig, TransformerLM, attention_implementation
 from train.config import apply_overrides
-from train.loop import build_steps
 from train.presets import get_preset
+from train.steps import build_steps
 
 pytestmark = pytest.mark.gpu
 

@@ -28,8 +28,9 @@ from helpers import assert_close, cpu_mesh
 
 from train import cli
 from train.checkpoint import Checkpoints
-from train.loop import abstract_state, load_config, run
+from train.loop import load_config, run
 from train.metrics import dropped_pairs, read_metrics
+from train.steps import abstract_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MESH = "data=2,expert=4"
