@@ -5,6 +5,7 @@ Public surface:
   OmniMoE         the layer: shared SwiGLU MLP + routed atomic experts
   FlashMoEConfig, FlashMoE   the FlashMoE variant (flash-algo/flash-moe): input BatchNorm, one joint gate
   CartesianRouter, AtomicExperts, SharedMLP, RouterBatchNorm, RoutingResult   its parts
+  routing_statistics   a RoutingResult's expert counts and routing entropy (what the layers sow as "metrics")
   LMConfig, TransformerLM, parameter_counts   a decoder-only language model with OmniMoE feed-forwards
   convert         seed PyTorch checkpoint interop
   parallel        data + expert parallelism over a device mesh, multi-host, resharding restores
@@ -18,7 +19,7 @@ from omnimoe_jax._experts import AtomicExperts
 from omnimoe_jax._flashmoe import FlashMoE
 from omnimoe_jax._layer import OmniMoE
 from omnimoe_jax._model import FFN_KINDS, LMConfig, TransformerLM, parameter_counts
-from omnimoe_jax._router import CartesianRouter, RouterBatchNorm, RoutingResult
+from omnimoe_jax._router import CartesianRouter, RouterBatchNorm, RoutingResult, routing_statistics
 from omnimoe_jax._shared_mlp import SharedMLP
 
 __version__ = "0.1.0"
@@ -39,4 +40,5 @@ __all__ = [
     "convert",
     "parallel",
     "parameter_counts",
+    "routing_statistics",
 ]

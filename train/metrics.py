@@ -44,9 +44,14 @@ for PEER and PKM an assignment is a (head, slot) retrieval and PKM's "experts" a
 - balance_loss (GShard, DeepSeekMoE): the unweighted load-balancing loss, mean over evaluation batches
   (1 = balanced).
 
+Every sparse FFN sows these per-layer sums into the "metrics" collection under the same names
+(expert_counts, and router_entropy, dropped_pairs or balance_loss where the kind has them), which the eval
+step reads (`sown_statistics`); the dense FFN sows none.
+
 Expert-parallel dropped pairs (the train/eval record's top-level `dropped_pairs`, not the routing field
-above): routed (token, expert) pairs an expert-parallel OmniMoE layer had no dispatch slot for (only with
-`expert_capacity_factor` set on a mesh; always 0 otherwise), summed over layers (`dropped_pairs`).
+above): routed (token, expert) pairs an expert-parallel OmniMoE or FlashMoE layer had no dispatch slot for
+(only with `expert_capacity_factor` set on a mesh; always 0 otherwise), summed over layers: sown as
+"dispatch_dropped_pairs" into "intermediates" (`dispatch_dropped_pairs`).
 """
 
 from __future__ import annotations
@@ -64,7 +69,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from omnimoe_jax._model import parameter_counts
-from omnimoe_jax._router import RoutingResult
 from train.config import TrainConfig
 from train.flops import model_flops_per_token, peak_flops
 
@@ -74,38 +78,31 @@ if TYPE_CHECKING:  # train.steps reads the sown statistics with this module's he
     from train.steps import Steps, TrainState
 
 
-def routing_statistics(routing: RoutingResult, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """Per-layer sums for one batch: expert counts [N] int32 and the sum over tokens of H(p_x) + H(p_y) []."""
-    counts = jnp.bincount(routing.indices.reshape(-1), length=num_experts)  # [N]
-    log_px = jax.nn.log_softmax(routing.logits_x, axis=-1)  # [..., n]
-    log_py = jax.nn.log_softmax(routing.logits_y, axis=-1)  # [..., n]
-    entropy = -jnp.sum(jnp.exp(log_px) * log_px, axis=-1) - jnp.sum(jnp.exp(log_py) * log_py, axis=-1)  # [...]
-    return counts, jnp.sum(entropy)
-
-
-def dropped_pairs(collections: Any) -> jax.Array:
-    """[] int32: the "dropped_pairs" every OmniMoE layer sowed into the "intermediates" collection, summed.
+def dispatch_dropped_pairs(collections: Any) -> jax.Array:
+    """[] int32: the "dispatch_dropped_pairs" every OmniMoE or FlashMoE layer's experts sowed into the
+    "intermediates" collection (`omnimoe_jax.AtomicExperts`), summed.
 
     `collections`: the mutable collections an `apply(..., mutable=["intermediates", ...])` returned.
     """
     total = jnp.zeros((), jnp.int32)
     for path, leaf in jax.tree_util.tree_leaves_with_path(collections.get("intermediates", {})):
-        # sow stores a tuple per call: path ends in ('dropped_pairs', 0)
-        if any(getattr(key, "key", None) == "dropped_pairs" for key in path):
+        # sow stores a tuple per call: path ends in ('dispatch_dropped_pairs', 0)
+        if any(getattr(key, "key", None) == "dispatch_dropped_pairs" for key in path):
             total = total + leaf.astype(jnp.int32)
     return total
 
 
 def sown_statistics(metrics: dict[str, Any], layers: Sequence[int]) -> dict[str, jax.Array]:
-    """Per-layer sums for one batch from the "metrics" collection the baseline FFNs sow.
+    """Per-layer sums for one batch from the "metrics" collection every sparse FFN sows its routing into.
 
     metrics: {layer_<i>: {ffn: {name: (value,)}}} (flax keeps a tuple of one value per call);
-    layers: the sparse layers, in order. Returns expert_counts [M, E] int32 and, where the layers sow them,
-    dropped_pairs [M] and balance_loss [M].
+    layers: the sparse layers, in order. Returns expert_counts [M, N] int32 and, where the layers sow them,
+    router_entropy [M] (OmniMoE, FlashMoE: `omnimoe_jax.routing_statistics`), dropped_pairs [M] and
+    balance_loss [M] (the capacity-bound and the balanced MoEs).
     """
     per_layer = [metrics[f"layer_{i}"]["ffn"] for i in layers]
     sums = {}
-    for name in ("expert_counts", "dropped_pairs", "balance_loss"):
+    for name in ("expert_counts", "router_entropy", "dropped_pairs", "balance_loss"):
         if name in per_layer[0]:
             sums[name] = jnp.stack([sum(layer[name]) for layer in per_layer])  # [M, ...]
     return sums
@@ -131,7 +128,7 @@ def routing_health(counts: np.ndarray, entropy_sum: float | None, num_tokens: in
 def routing_report(totals: dict[str, np.ndarray], layers: Sequence[int], *, num_batches: int) -> dict[str, Any]:
     """The eval record's routing fields from an evaluation's summed statistics (see the module docstring).
 
-    totals: tokens and expert_counts [M, N], and router_entropy [M] (OmniMoE) or dropped_pairs [M] and
+    totals: tokens and expert_counts [M, N], and router_entropy [M] (OmniMoE, FlashMoE) or dropped_pairs [M] and
     balance_loss [M] (the MoEs), each summed over the `num_batches` evaluation batches.
     Returns {"routing": mean over layers of each number, "routing_per_layer": [{"layer": i, ...}, ...]}.
     """

@@ -25,7 +25,7 @@ from train import data as data_lib
 from train import divergence
 from train import mesh as mesh_lib
 from train.config import TrainConfig
-from train.metrics import dropped_pairs, routing_statistics, sown_statistics
+from train.metrics import dispatch_dropped_pairs, sown_statistics
 
 
 @struct.dataclass
@@ -109,7 +109,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
     metrics: loss (cross-entropy, mean over micro-batches), aux_loss (the sown auxiliary losses, mean over
     micro-batches; for the FFN kinds that sow one), grad_norm (before clipping), learning_rate (of this
     update), dropped_pairs (int32, expert-parallel dispatch drops summed over micro-batches and layers; see
-    `train.metrics.dropped_pairs`).
+    `train.metrics.dispatch_dropped_pairs`). No "metrics" collection: routing health is measured in eval.
     """
     schedule = learning_rate_schedule(config)
 
@@ -124,7 +124,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
         loss = jnp.mean(cross_entropy(logits, tokens[:, 1:]))
         aux = sum(jax.tree.leaves(updates.get("losses", {})), jnp.zeros((), jnp.float32))  # one per sparse layer
         objective = loss + config.aux_loss_coefficient * aux
-        return objective, (loss, aux, updates.get("batch_stats", batch_stats), dropped_pairs(updates))
+        return objective, (loss, aux, updates.get("batch_stats", batch_stats), dispatch_dropped_pairs(updates))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -166,17 +166,16 @@ def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
     """eval_step(state, batch [B, L + 1]) -> sums over the batch, in eval mode (running BatchNorm stats).
 
     Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), dispatch_dropped_pairs
-    (expert-parallel dispatch drops), and per sparse layer (M of them) expert_counts [M, N] and router_entropy [M] for
-    OmniMoE and FlashMoE (`train.metrics.routing_statistics`), or expert_counts [M, E] and, where sown,
-    dropped_pairs [M] and balance_loss [M] for the baselines (`train.metrics.sown_statistics`).
+    (expert-parallel dispatch drops, `train.metrics.dispatch_dropped_pairs`), and what the M sparse layers sow
+    into "metrics" (`train.metrics.sown_statistics`): expert_counts [M, N] and, where the kind has them,
+    router_entropy [M] (OmniMoE, FlashMoE), dropped_pairs [M] and balance_loss [M] (the baseline MoEs).
     """
-    num_experts = config.model.num_experts
 
     def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        (logits, routings), collections = model.apply(
-            variables, batch[:, :-1], return_routing=True, mutable=["intermediates", "metrics"]
-        )  # [B, L, V], M OmniMoE/FlashMoE results; the expert-parallel drops and the baselines' metrics
+        logits, collections = model.apply(
+            variables, batch[:, :-1], mutable=["intermediates", "metrics"]
+        )  # [B, L, V]; the expert-parallel drops and every sparse layer's routing statistics
         targets = batch[:, 1:]  # [B, L]
         nll = cross_entropy(logits, targets)  # [B, L]
         is_byte = targets < data_lib.BOS  # [B, L]
@@ -185,13 +184,8 @@ def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
             "tokens": jnp.asarray(nll.size, jnp.float32),
             "byte_nll": jnp.sum(jnp.where(is_byte, nll, 0.0)),
             "bytes": jnp.sum(is_byte).astype(jnp.float32),
-            # Not "dropped_pairs": the capacity-bound baselines sow per-layer counts under that name.
-            "dispatch_dropped_pairs": dropped_pairs(collections),
+            "dispatch_dropped_pairs": dispatch_dropped_pairs(collections),
         }
-        if routings:
-            stats = [routing_statistics(r, num_experts) for r in routings]
-            sums["expert_counts"] = jnp.stack([counts for counts, _ in stats])  # [M, N]
-            sums["router_entropy"] = jnp.stack([entropy for _, entropy in stats])  # [M]
         if collections.get("metrics"):
             sums.update(sown_statistics(collections["metrics"], config.model.sparse_layers))
         return sums
