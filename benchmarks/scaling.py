@@ -10,7 +10,7 @@ Parts (`--parts`, comma-separated), run in this order within `--budget-s` second
   check       the sharded layer's forward and gradients against the same layer with no mesh, on a mesh over
               all devices, with the configured implementation ("auto" = Pallas kernels on GPU): a mismatch
               aborts before anything is timed.
-  throughput  the training step of `python -m train --preset small [--mesh ...]` (train.loop.build_steps:
+  throughput  the training step of `python -m train --preset small [--mesh ...]` (train.steps.build_steps:
               model, AdamW, shardings, donation), `--sequences-per-device` sequences of the preset's length
               per device (default: the preset's batch), random bytes as data: first on one device with no
               mesh (the baseline), then on meshes expert=4, expert=2 (every device an expert shard: the
@@ -51,8 +51,8 @@ from benchmarks.common import copy_to_out, environment, print_table, write_resul
 from omnimoe_jax import OmniMoE, OmniMoEConfig, parallel
 from train import mesh as train_mesh
 from train.config import TrainConfig, apply_overrides, parse_overrides
-from train.loop import build_steps, compiled_train_step
 from train.presets import get_preset
+from train.steps import build_steps, compiled_train_step
 
 
 def layer_config(args, num_experts: int, **changes) -> OmniMoEConfig:

@@ -5,14 +5,14 @@
 
 One process per preset (a preset that runs out of memory cannot poison the next). Each process:
 
-1. compiles the real `train.loop` train step of the preset (its model, optimizer, batch shape
+1. compiles the real `train.steps` train step of the preset (its model, optimizer, batch shape
    [grad_accum, micro_batch, L + 1]), timing the compilation, and reads XLA's memory estimate of it
    (`Compiled.memory_analysis()`); a step whose estimate exceeds the device's memory is reported as
    "does not fit" with the estimate instead of being run;
 2. device-bound timing: `--steps` steps on batches already on the device, dispatched back to back, timed
    in windows of 10 steps (a block at each window's end); the median window gives the step time;
 3. loop timing: the same number of steps the way `train.loop.run` feeds them (the sampler draws each batch
-   on the host, `train.loop.BatchPrefetcher` puts it on the device ahead of the step), blocking once at
+   on the host, `train.prefetch.BatchPrefetcher` puts it on the device ahead of the step), blocking once at
    the end; loop minus device-bound time is what the host adds per step;
 4. steady state: with `--steady-steps S`, the device-bound window tokens/s at step 50 and at step S;
 5. with `--trace`, a `jax.profiler` trace of three steps whose device kernels are summed by name: the
@@ -186,9 +186,10 @@ def measure(preset: str, args, overrides: list[str], save) -> dict:
 
     from train.config import apply_overrides, parse_overrides
     from train.flops import model_flops_per_token
-    from train.loop import _prepare_data, build_steps, compiled_train_step
+    from train.loop import _prepare_data
     from train.prefetch import BatchPrefetcher
     from train.presets import get_preset
+    from train.steps import build_steps, compiled_train_step
 
     config = apply_overrides(get_preset(preset), parse_overrides(overrides))
     steps = build_steps(config)

@@ -5,6 +5,7 @@ Public surface:
   OmniMoE         the layer: shared SwiGLU MLP + routed atomic experts
   FlashMoEConfig, FlashMoE   the FlashMoE variant (flash-algo/flash-moe): input BatchNorm, one joint gate
   CartesianRouter, AtomicExperts, SharedMLP, RouterBatchNorm, RoutingResult   its parts
+  routing_statistics   a RoutingResult's expert counts and routing entropy (what the layers sow as "metrics")
   LMConfig, TransformerLM, parameter_counts   a decoder-only language model with OmniMoE feed-forwards
   ffn_registry    the FFN kinds the model can use (FFN_KINDS): kind name -> config class
   convert         seed PyTorch checkpoint interop
@@ -19,7 +20,7 @@ from omnimoe_jax._experts import AtomicExperts
 from omnimoe_jax._flashmoe import FlashMoE
 from omnimoe_jax._layer import OmniMoE
 from omnimoe_jax._model import FFN_KINDS, LMConfig, TransformerLM, parameter_counts
-from omnimoe_jax._router import CartesianRouter, RouterBatchNorm, RoutingResult
+from omnimoe_jax._router import CartesianRouter, RouterBatchNorm, RoutingResult, routing_statistics
 from omnimoe_jax._shared_mlp import SharedMLP
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = [
     "ffn_registry",
     "parallel",
     "parameter_counts",
+    "routing_statistics",
 ]

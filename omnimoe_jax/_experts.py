@@ -25,9 +25,11 @@ class AtomicExperts(nn.Module):
     Expert parallelism: with `config.expert_axis` set and a mesh holding that axis in context
     (`jax.set_mesh`), the tables stay row-sharded and tokens travel to the shards owning their experts
     (`omnimoe_jax.parallel`); otherwise the op runs on whatever devices hold its inputs. Both paths sow
-    "dropped_pairs" (int32, routed (token, expert) pairs dropped for lack of dispatch capacity, summed
-    over devices; always 0 with the default capacity) into the "intermediates" collection: pass
-    `mutable=["intermediates", ...]` to `apply` to read it (`init` leaves it out).
+    "dispatch_dropped_pairs" (int32, routed (token, expert) pairs dropped for lack of dispatch capacity,
+    summed over devices; always 0 with the default capacity) into the "intermediates" collection: pass
+    `mutable=["intermediates", ...]` to `apply` to read it (`init` leaves it out). Not in "metrics" with
+    the routing health: a training step reads it every step, and collects no metrics. Nor "dropped_pairs",
+    which is what a capacity-bound baseline MoE sows for the pairs over an expert's capacity.
     """
 
     config: OmniMoEConfig  # or a FlashMoEConfig: the same fields are read
@@ -55,5 +57,5 @@ class AtomicExperts(nn.Module):
             )
         else:
             y, dropped = omni_expert(*args, **ops), jnp.zeros((), jnp.int32)
-        self.sow("intermediates", "dropped_pairs", dropped)
+        self.sow("intermediates", "dispatch_dropped_pairs", dropped)
         return y

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from omnimoe_jax._config import FlashMoEConfig
 from omnimoe_jax._experts import AtomicExperts
-from omnimoe_jax._router import RouterBatchNorm, RoutingResult, cartesian_routing
+from omnimoe_jax._router import RouterBatchNorm, RoutingResult, cartesian_routing, sow_routing_statistics
 from omnimoe_jax._shared_mlp import SharedMLP
 
 
@@ -29,7 +29,8 @@ class FlashMoE(nn.Module):
     Call: `(x, *, train=False, return_routing=False)`, x [..., d]. Returns `(y, router_logits)`: y like x
     (in `dtype`), router_logits [2, T, n] f32 (the gate's output, T the flattened leading dims), as the seed
     module returns. With `return_routing` it returns `(y, RoutingResult)` instead ([..., K] and [..., n]
-    fields, whose logits_x and logits_y are router_logits[0] and [1]), as `OmniMoE` does.
+    fields, whose logits_x and logits_y are router_logits[0] and [1]), as `OmniMoE` does; with
+    `mutable=["metrics", ...]` it sows "metrics"/"expert_counts" and "router_entropy" as `OmniMoE` does.
 
     Variables: "params" {router_gate: {kernel}, experts: {up_embed, down_embed}, shared: {gate_proj, up_proj,
     down_proj}} and "batch_stats" {router_norm: {running_mean, running_var, num_batches_tracked}} ([d] each).
@@ -59,6 +60,7 @@ class FlashMoE(nn.Module):
         logits = gate(normed).astype(acc).reshape(-1, 2, n)  # [T, 2n] -> [T, 2, n], torch's view
         router_logits = jnp.swapaxes(logits, 0, 1)  # [2, T, n], torch's transpose(0, 1)
         routing = cartesian_routing(router_logits[0], router_logits[1], cfg, top_k=cfg.num_experts_per_tok)
+        sow_routing_statistics(self, routing, cfg.num_experts)
         experts = AtomicExperts(cfg, score_table="down_embed", name="experts")
         routed = experts(tokens, routing.weights, routing.indices)  # [T, d]
         shared = SharedMLP(cfg, name="shared")(tokens)  # [T, d]

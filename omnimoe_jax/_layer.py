@@ -7,7 +7,7 @@ import jax
 
 from omnimoe_jax._config import OmniMoEConfig
 from omnimoe_jax._experts import AtomicExperts
-from omnimoe_jax._router import CartesianRouter, RoutingResult
+from omnimoe_jax._router import CartesianRouter, RoutingResult, sow_routing_statistics
 from omnimoe_jax._shared_mlp import SharedMLP
 from omnimoe_jax.baselines._shapes import flatten_tokens
 
@@ -24,6 +24,12 @@ class OmniMoE(nn.Module):
     shared: {gate_proj, up_proj, down_proj}} and, with router_norm="batchnorm", "batch_stats"
     {router: {router_norm_x, router_norm_y}}. `train=True` normalises router logits with batch statistics;
     pass `mutable=["batch_stats"]` to `apply` to keep the updated running statistics.
+
+    Routing health, as every sparse FFN of this package reports it: with `mutable=["metrics", ...]` the
+    layer sows "metrics"/"expert_counts" ([N] int32, how many of the T*K assignments each expert received)
+    and "metrics"/"router_entropy" ([] f32, the sum over tokens of H(p_x) + H(p_y))
+    (`omnimoe_jax.routing_statistics`). `return_routing=True` returns `(y, RoutingResult)` instead of y:
+    what the router chose for each token, with [..., K] and [..., n] fields.
     """
 
     config: OmniMoEConfig
@@ -36,6 +42,7 @@ class OmniMoE(nn.Module):
         tokens = flatten_tokens(x, cfg.hidden_size, cfg.dtype)  # [T, d]
         lead = x.shape[:-1]
         routing = CartesianRouter(cfg, name="router")(tokens, train=train)
+        sow_routing_statistics(self, routing, cfg.num_experts)
         routed = AtomicExperts(cfg, name="experts")(tokens, routing.weights, routing.indices)  # [T, d]
         shared = SharedMLP(cfg, name="shared")(tokens)  # [T, d]
         y = (shared + routed).reshape(*lead, cfg.hidden_size)  # [..., d]

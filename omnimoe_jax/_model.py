@@ -309,12 +309,14 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """x + Attention(RMSNorm(x)), then + FFN(RMSNorm(x)). Returns (x, RoutingResult or None).
 
-    `train` is a field rather than a call argument so that `nn.remat(Block)` needs no static arguments.
+    `train` and `return_routing` are fields rather than call arguments so that `nn.remat(Block)` needs no
+    static arguments. The RoutingResult is None unless `return_routing` (and the FFN is OmniMoE or FlashMoE).
     """
 
     config: LMConfig
     layer: int
     train: bool = False
+    return_routing: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, RoutingResult | None]:
@@ -329,14 +331,16 @@ class Block(nn.Module):
         """The FFN switch: the module of `config.layer_ffn_config(layer)` (`ffn` on sparse layers, the dense
         SwiGLU elsewhere).
 
-        Every kind is called as `module(h, train=train)` on [B, L, d]; the routed kinds (OmniMoE, FlashMoE) also
-        return their routing, the baselines sow theirs ("metrics") and their auxiliary losses ("losses", when
-        training).
+        Every kind is called as `module(h, train=train)` on [B, L, d]. Every sparse kind sows its routing
+        statistics into "metrics" (OmniMoE's and FlashMoE's: `omnimoe_jax.routing_statistics`) and the MoEs
+        their auxiliary losses into "losses" (when training); the routed kinds (OmniMoE, FlashMoE) hand their
+        per-token RoutingResult on only to a caller that asked for it (`return_routing`).
         """
         ffn = self.config.layer_ffn_config(self.layer)
         module = ffn.module_class()(ffn, name="ffn")
-        if ffn.routed:
-            return module(h, train=train, return_routing=True)
+        if ffn.routed:  # an unused RoutingResult costs nothing under jit: its outputs are dead code
+            y, routing = module(h, train=train, return_routing=True)
+            return y, routing if self.return_routing else None
         return module(h, train=train), None
 
 
@@ -346,14 +350,18 @@ class TransformerLM(nn.Module):
     Call: `(tokens, *, train=False, return_routing=False)`, tokens [B, L] int with L <= context_length.
     Returns logits [B, L, V] f32 and, with `return_routing`, a tuple with one `RoutingResult` ([B, L, K]
     and [B, L, n] fields) per OmniMoE or FlashMoE layer, in layer order (`config.sparse_layers`); empty for
-    other kinds.
+    other kinds: what each token chose, for a user to inspect. The routing statistics of every sparse kind
+    travel one way, sown into "metrics" (what the training loop reads; see below).
 
     Variables: "params" {embed, layer_<i>: {attention_norm, attention, ffn_norm, ffn}, final_norm,
     [lm_head]} and, for OmniMoE layers with router_norm="batchnorm", FlashMoE layers and PEER/PKM layers with
     query_norm="batchnorm", "batch_stats" {layer_<i>: {ffn: ...}}: with `train=True` pass
-    `mutable=["batch_stats"]` to keep the updated running statistics. Baseline FFNs sow, under
-    {layer_<i>: {ffn: ...}}, "losses" (GShard's and DeepSeekMoE's weighted balance loss "aux_loss", when
-    training) and "metrics" ("expert_counts", ...; see each module): list a collection in `mutable` to get it.
+    `mutable=["batch_stats"]` to keep the updated running statistics. The sparse FFNs sow, under
+    {layer_<i>: {ffn: ...}}, "metrics" ("expert_counts" for every kind; "router_entropy" for OmniMoE and
+    FlashMoE; "dropped_pairs", "balance_loss" for the MoEs that have them: see each module) and "losses"
+    (GShard's and DeepSeekMoE's weighted balance loss "aux_loss", when training); OmniMoE and FlashMoE sow
+    "intermediates" {layer_<i>: {ffn: {experts: {"dispatch_dropped_pairs"}}}} (expert-parallel dispatch drops,
+    `omnimoe_jax.AtomicExperts`). List a collection in `mutable` to get it.
     """
 
     config: LMConfig
@@ -380,7 +388,7 @@ class TransformerLM(nn.Module):
         routings = []
         block = nn.remat(Block) if cfg.remat else Block
         for layer in range(cfg.num_layers):
-            x, routing = block(cfg, layer, train=train, name=f"layer_{layer}")(x)  # [B, L, d]
+            x, routing = block(cfg, layer, train, return_routing, name=f"layer_{layer}")(x)  # [B, L, d]
             if routing is not None:
                 routings.append(routing)
         x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)

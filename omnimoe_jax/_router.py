@@ -35,6 +35,30 @@ class RoutingResult:
     logits_y: jax.Array
 
 
+def routing_statistics(routing: RoutingResult, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Sums over one batch's tokens: expert counts [N] int32 and the sum of H(p_x) + H(p_y) [] f32, the
+    entropy of each token's routing distribution p_x(i) p_y(j) over the N experts."""
+    counts = jnp.bincount(routing.indices.reshape(-1), length=num_experts)  # [N]
+    log_px = jax.nn.log_softmax(routing.logits_x, axis=-1)  # [..., n]
+    log_py = jax.nn.log_softmax(routing.logits_y, axis=-1)  # [..., n]
+    entropy = -jnp.sum(jnp.exp(log_px) * log_px, axis=-1) - jnp.sum(jnp.exp(log_py) * log_py, axis=-1)  # [...]
+    return counts, jnp.sum(entropy)
+
+
+def sow_routing_statistics(module: nn.Module, routing: RoutingResult, num_experts: int) -> None:
+    """Sow a Cartesian-routed layer's `routing_statistics` into "metrics" as "expert_counts" [N] and
+    "router_entropy" [], the names every sparse FFN of this package sows its routing health under.
+
+    Computed only when the caller made "metrics" mutable (an evaluation), and never by `init`: a training
+    step, which collects no metrics, traces none of it, and `init` returns the variables it always did.
+    """
+    if module.is_initializing() or not module.is_mutable_collection("metrics"):
+        return
+    counts, entropy = routing_statistics(routing, num_experts)
+    module.sow("metrics", "expert_counts", counts)
+    module.sow("metrics", "router_entropy", entropy)
+
+
 def batch_moments_of(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(mean, biased variance) over the token axis of [T, F] logits: [F] each."""
     mean = jnp.mean(logits, axis=0)  # [F]

@@ -24,9 +24,10 @@ from test_train_loop import SHRUNK, BagOfBytes, shrunk_config
 
 from train import cli, sample
 from train.checkpoint import MANIFEST, Checkpoints
-from train.loop import RunDirectoryError, abstract_state, make_init_state, make_optimizer, make_train_step, run
+from train.loop import run
 from train.metrics import MetricsLog, TornRecordWarning, read_metrics
-from train.run_directory import RunLock
+from train.run_directory import RunDirectoryError, RunLock
+from train.steps import abstract_state, make_init_state, make_optimizer, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,8 @@ from omnimoe_jax import FlashMoEConfig, OmniMoEConfig
 from omnimoe_jax._model import LMConfig, parameter_counts
 from omnimoe_jax.baselines import DenseFFNConfig, GShardMoEConfig
 from train.config import TrainConfig, apply_overrides, override_keys, parse_overrides
-from train.loop import abstract_state
 from train.presets import PRESETS, get_preset
+from train.steps import abstract_state
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

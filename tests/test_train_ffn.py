@@ -26,9 +26,10 @@ from omnimoe_jax.ffn_registry import own_field_types
 from train import cli
 from train.checkpoint import Checkpoints
 from train.config import apply_overrides, override_keys, parse_overrides
-from train.loop import abstract_state, load_config, run
+from train.loop import load_config, run
 from train.metrics import read_metrics, routing_report, sown_statistics
 from train.presets import PRESETS, get_preset, matched_ffn_overrides
+from train.steps import abstract_state
 
 BASELINE_KINDS = ["gshard", "deepseekmoe", "peer", "pkm"]
 SHRUNK = [

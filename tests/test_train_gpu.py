@@ -16,8 +16,8 @@ from omnimoe_jax import OmniMoEConfig
 from omnimoe_jax._model import LMConfig, TransformerLM, attention_implementation
 from omnimoe_jax.baselines import DenseFFNConfig
 from train.config import apply_overrides
-from train.loop import build_steps
 from train.presets import get_preset
+from train.steps import build_steps
 
 pytestmark = pytest.mark.gpu
 

@@ -1,7 +1,7 @@
 """The training job end to end on a shrunken tiny preset: main, metrics, exact resume, signals, sampling.
 
 Every run here uses the same model and optimizer settings, so they share one compilation of the train and
-eval steps (`train.loop.build_steps` caches per model/optimizer config).
+eval steps (`train.steps.build_steps` caches per model/optimizer config).
 """
 
 from __future__ import annotations
@@ -28,18 +28,11 @@ from train.checkpoint import Checkpoints
 from train.config import apply_overrides, parse_overrides
 from train.data import decode, encode
 from train.flops import model_flops_per_token
-from train.loop import (
-    RunDirectoryError,
-    abstract_state,
-    build_steps,
-    load_config,
-    make_init_state,
-    make_optimizer,
-    make_train_step,
-    run,
-)
+from train.loop import load_config, run
 from train.metrics import read_metrics
 from train.presets import get_preset
+from train.run_directory import RunDirectoryError
+from train.steps import abstract_state, build_steps, make_init_state, make_optimizer, make_train_step
 
 SHRUNK = [
     "--context_length=32",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from helpers import assert_close, normal, rel_error, tolerance
 
-from omnimoe_jax import OmniMoE, OmniMoEConfig
-from omnimoe_jax._model import LMConfig, TransformerLM, parameter_counts, rotary
+from omnimoe_jax import OmniMoE, OmniMoEConfig, routing_statistics
+from omnimoe_jax._model import FFN_KINDS, LMConfig, TransformerLM, parameter_counts, rotary
 from omnimoe_jax.baselines import DenseFFNConfig, GShardMoEConfig
 
 SMALL = dict(
@@ -24,6 +24,7 @@ SMALL = dict(
     ffn=OmniMoEConfig(16, 24, 16, 4),
     dense_intermediate_size=24,
 )
+DEFAULT_SUITE_KINDS = ("dense", "omnimoe", "flashmoe", "gshard")  # the sows test's fast cases (no dense one)
 
 
 def random_tokens(key, config, batch=2, length=None):
@@ -160,6 +161,42 @@ def test_ffn_switch_and_routing_results(key):
     dense_vars, _ = init(dense, key)
     assert "batch_stats" not in dense_vars
     assert apply(dense, dense_vars, tokens, return_routing=True)[1] == ()
+
+
+@pytest.mark.parametrize(
+    "ffn, remat",
+    [
+        ("omnimoe", False),
+        ("flashmoe", False),
+        ("gshard", False),
+        # The other kinds, and sowing from inside nn.remat: each case compiles a model of its own.
+        pytest.param("omnimoe", True, marks=pytest.mark.slow),
+        *[pytest.param(k, False, marks=pytest.mark.slow) for k in FFN_KINDS if k not in DEFAULT_SUITE_KINDS],
+    ],
+)
+def test_every_sparse_ffn_sows_its_routing_statistics_into_metrics(ffn, remat, key):
+    # One channel: every sparse kind sows "expert_counts" (and OmniMoE and FlashMoE "router_entropy") under
+    # layer_<i>/ffn of "metrics", the collection the eval step reads; the dense layers sow nothing.
+    config = LMConfig(**SMALL, moe_every=2, ffn=ffn, remat=remat)
+    variables, tokens = init(config, key)
+    assert "metrics" not in variables  # init sows none
+    (_, routings), sown = apply(config, variables, tokens, return_routing=True, mutable=("metrics",))
+    assert sorted(sown["metrics"]) == ["layer_1"]
+    stats = sown["metrics"]["layer_1"]["ffn"]
+    (counts,) = stats["expert_counts"]
+    assert counts.dtype == jnp.int32 and counts.ndim == 1 and int(counts.sum()) > 0
+    if ffn not in ("omnimoe", "flashmoe"):
+        assert "router_entropy" not in stats and routings == ()
+        return
+    (routing,) = routings
+    assert counts.shape == (config.num_experts,)
+    assert int(counts.sum()) == tokens.size * config.num_experts_per_token  # every assignment, once
+    want_counts = np.bincount(np.asarray(routing.indices).ravel(), minlength=config.num_experts)
+    np.testing.assert_array_equal(counts, want_counts)
+    (entropy,) = stats["router_entropy"]
+    np.testing.assert_allclose(entropy, routing_statistics(routing, config.num_experts)[1], rtol=1e-6)
+    # Per token, H(p_x) + H(p_y) lies in (0, log N]: the LM's tokens route neither one-hot nor beyond uniform.
+    assert 0 < float(entropy) / tokens.size <= np.log(config.num_experts) + 1e-5
 
 
 def test_train_mode_updates_router_statistics(key):

@@ -28,8 +28,9 @@ from helpers import assert_close, cpu_mesh
 
 from train import cli
 from train.checkpoint import Checkpoints
-from train.loop import abstract_state, load_config, run
-from train.metrics import dropped_pairs, read_metrics
+from train.loop import load_config, run
+from train.metrics import dispatch_dropped_pairs, read_metrics
+from train.steps import abstract_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MESH = "data=2,expert=4"
@@ -162,13 +163,13 @@ def test_dropped_pairs_sums_what_every_layer_sowed():
     collections = {
         "batch_stats": {},
         "intermediates": {
-            "layer_0": {"ffn": {"experts": {"dropped_pairs": (np.int32(3),)}}},
-            "layer_1": {"ffn": {"experts": {"dropped_pairs": (np.int32(5),)}}},
+            "layer_0": {"ffn": {"experts": {"dispatch_dropped_pairs": (np.int32(3),)}}},
+            "layer_1": {"ffn": {"experts": {"dispatch_dropped_pairs": (np.int32(5),)}}},
             "layer_2": {"ffn": {"other_metric": (np.int32(100),)}},
         },
     }
-    assert int(dropped_pairs(collections)) == 8
-    assert int(dropped_pairs({"batch_stats": {}})) == 0  # no OmniMoE layer sowed anything
+    assert int(dispatch_dropped_pairs(collections)) == 8
+    assert int(dispatch_dropped_pairs({"batch_stats": {}})) == 0  # no OmniMoE layer sowed anything
 
 
 PROCESS_0 = ["--num-processes", "2", "--process-id", "0"]

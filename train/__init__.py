@@ -1,1 +1,1 @@
-"""Training OmniMoE language models: `python -m train` (see train/__main__.py and train/loop.py)."""
+"""Training OmniMoE language models: `python -m train` (see train/__main__.py, train/loop.py, train/steps.py)."""

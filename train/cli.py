@@ -22,9 +22,11 @@ from train.checkpoint import CheckpointError, Checkpoints
 from train.config import TrainConfig, apply_overrides, parse_overrides
 from train.data import CorpusError
 from train.flops import model_flops_per_token
-from train.loop import RECORDING_FIELDS, RunDirectoryError, abstract_state, load_config, run
+from train.loop import load_config, run
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
+from train.run_directory import RunDirectoryError
+from train.steps import RECORDING_FIELDS, abstract_state
 from train.tokenizer import TextTokenizer, TokenizerError
 
 # What --resume may change: how long the run goes on and what the loop records. Everything else (model,

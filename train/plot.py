@@ -1,6 +1,6 @@
 """`python -m train.plot RUN_DIR [RUN_DIR ...] [--out FILE]`: a PNG of one or more runs' curves.
 
-Four panels against tokens seen, read from each run's metrics.jsonl (fields in `train.loop`):
+Four panels against tokens seen, read from each run's metrics.jsonl (fields in `train.metrics`):
 
 - training loss (nats per token) and, dashed, the validation loss;
 - validation bits per byte (byte-level corpora and tokenizers; validation loss for pre-tokenised ids);

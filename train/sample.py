@@ -29,8 +29,10 @@ from omnimoe_jax._model import TransformerLM
 from train import data as data_lib
 from train import tokenizer as tokenizer_lib
 from train.checkpoint import Checkpoints
-from train.loop import RunDirectoryError, abstract_state, load_config
+from train.loop import load_config
 from train.metrics import read_metrics
+from train.run_directory import RunDirectoryError
+from train.steps import abstract_state
 from train.tokenizer import TextTokenizer
 
 
