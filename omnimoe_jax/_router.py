@@ -11,8 +11,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from omnimoe_jax._config import OmniMoEConfig
-from omnimoe_jax._expert_parallel import expert_parallel_mesh
-from omnimoe_jax._mesh import shard_tokens
+from omnimoe_jax.parallel._device_mesh import expert_parallel_mesh, shard_tokens
 from pallas_kernels import omni_router
 
 

@@ -1,4 +1,8 @@
-"""The device mesh: named axes ("data", "expert"), built from a spec such as "data=2,expert=4"."""
+"""The device mesh: named axes ("data", "expert"), built from a spec such as "data=2,expert=4"; the mesh a
+layer finds in context; the batch's layout on it.
+
+Imports nothing of the model or of the expert dispatch, so every layer (the router too) can look the mesh
+up here."""
 
 from __future__ import annotations
 
@@ -88,6 +92,14 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = Non
 def batch_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
     """The mesh axes that split the batch dimension (the `BATCH_AXES` present in `mesh`)."""
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def expert_parallel_mesh(expert_axis: str | None) -> AbstractMesh | None:
+    """The mesh set by `jax.set_mesh` if expert parallelism is on (it has `expert_axis`), else None.
+
+    What the router (per-device top-K) and the atomic experts (dispatch to expert shards) both ask."""
+    mesh = jax.sharding.get_abstract_mesh()  # empty when no mesh is set
+    return mesh if expert_axis is not None and expert_axis in mesh.axis_names else None
 
 
 def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
