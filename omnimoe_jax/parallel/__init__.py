@@ -31,8 +31,8 @@ step by kind; `dispatch_payload_bytes` gives the expert dispatch's share from it
 Modules (all private; this file is the public surface): `_device_mesh` (axes, `make_mesh`, the mesh a layer
 finds in context, the batch's layout), `_partition` (the parameter layout rules), `_expert_dispatch` (the
 all_to_all of tokens to expert shards), `_collectives` (traffic read from compiled HLO), `_multihost`
-(`jax.distributed`). They import JAX and `pallas_kernels` only, never the layers: the layers (router,
-atomic experts) import `_device_mesh` and `_expert_dispatch`.
+(`jax.distributed`). They import JAX, `pallas_kernels` and the field checks (`_config_fields`), never the
+layers: the layers (router, atomic experts) import `_device_mesh` and `_expert_dispatch`.
 """
 
 from omnimoe_jax.parallel._collectives import COLLECTIVES, collective_bytes

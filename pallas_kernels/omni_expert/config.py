@@ -1,4 +1,5 @@
-"""Tile sizes, warps and the forward variant of the atomic-expert kernels, with the default heuristic.
+"""Tile sizes, warps and the forward variant of the atomic-expert kernels, with the default heuristic, and
+the sizes the kernels take (`check_kernel_limits`, for every op built on them: omni_expert, embedding_bag).
 
 The kernels (kernel.py) are three passes over the T*K (token, expert) pairs, each memory-bound:
 
@@ -53,6 +54,8 @@ import math
 
 import jax.numpy as jnp
 
+from pallas_kernels._checks import is_int, is_power_of_two
+
 # Half of an H100's 50 MB L2: the gathered slice must share the cache with the reused rows and outputs.
 L2_BUDGET_BYTES = 24 * 2**20
 # Widest row chunk a program gathers: two 128-byte lines.
@@ -72,10 +75,8 @@ MIN_DOT_DIM = 16
 MAX_SEGMENT_BLOCK = 128
 
 VARIANTS = ("token", "sorted")
-
-
-def _is_power_of_two(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
+MAX_WIDTH = 8192  # the widest d the kernels are tested for
+INT32_LIMIT = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +114,7 @@ class ExpertKernelConfig:
         blocks = ("d_block", "score_splits", "pair_block", "token_block", "k_block", "segment_block", "segment_slots")
         for name in (*blocks, "num_warps"):
             value = getattr(self, name)
-            if not _is_power_of_two(value):
+            if not is_power_of_two(value):
                 raise ValueError(f"{name}={value!r} must be a power of two (Triton blocks are)")
         for name in ("d_block", "segment_block", "segment_slots"):  # dimensions of the segment pass's jnp.dot
             if getattr(self, name) < MIN_DOT_DIM:
@@ -125,7 +126,7 @@ class ExpertKernelConfig:
                 f"segment_slots={self.segment_slots} must be <= segment_block={self.segment_block} "
                 "(a block holds at most one segment per pair)"
             )
-        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+        if not is_int(self.num_stages) or self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages!r} must be a positive int")
 
     def check_width(self, d: int) -> None:
@@ -136,6 +137,24 @@ class ExpertKernelConfig:
             raise ValueError(
                 f"config.score_splits={self.score_splits} must divide d // d_block = {d // self.d_block} (d={d})"
             )
+
+
+def check_kernel_limits(width_of: str, d: int, indices, num_rows: int, rows_are: str, config) -> None:
+    """ValueError/TypeError for sizes or a config the kernels cannot take, shared by every op built on them:
+    rows of width d (the argument `width_of`'s), [T, K] indices into `num_rows` rows (`rows_are` names them)."""
+    tokens, top_k = indices.shape
+    if d % 16 or not 16 <= d <= MAX_WIDTH:
+        raise ValueError(f"{width_of} has d={d}; implementation='pallas' needs d a multiple of 16 in [16, {MAX_WIDTH}]")
+    if tokens < 1 or top_k < 1:
+        raise ValueError(f"indices has shape {indices.shape}; implementation='pallas' needs T >= 1 and K >= 1")
+    if tokens * top_k > INT32_LIMIT or num_rows > INT32_LIMIT:
+        raise ValueError(
+            f"T*K={tokens * top_k} pairs and N={num_rows} {rows_are} must each fit int32 for implementation='pallas'"
+        )
+    if config is not None:
+        if not isinstance(config, ExpertKernelConfig):
+            raise TypeError(f"config must be an ExpertKernelConfig or None, got {type(config).__name__}")
+        config.check_width(d)
 
 
 def _widest_power_of_two_dividing(d: int, cap: int) -> int:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch
+from pallas_kernels._checks import KERNEL_DTYPES, check_float_arrays, is_int
 from pallas_kernels.omni_router import kernel
 from pallas_kernels.omni_router.kernel import RouterConfig
 from pallas_kernels.omni_router.reference import omni_router_reference
@@ -20,7 +21,6 @@ SUPPORTED_IMPLEMENTATIONS = ("xla", "pallas", "triton")
 # bucketed step 1 of `kernel.py` (issue 18), which removed the k'^2 rank count that made "pallas" slow at
 # K = 512: the rule stands until benchmarks/router.py measures both again.
 AUTO_TRITON_MIN_TOP_K = 65
-KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def validate_router_inputs(log_probs_x, log_probs_y, top_k) -> None:
@@ -28,14 +28,13 @@ def validate_router_inputs(log_probs_x, log_probs_y, top_k) -> None:
     for name, arr in (("log_probs_x", log_probs_x), ("log_probs_y", log_probs_y)):
         if arr.ndim != 2:
             raise ValueError(f"{name} must be [tokens, n], got shape {arr.shape}")
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
+    check_float_arrays(log_probs_x=log_probs_x, log_probs_y=log_probs_y)
     if log_probs_x.shape != log_probs_y.shape:
         raise ValueError(
             f"log_probs_x and log_probs_y must have the same shape, got {log_probs_x.shape} and {log_probs_y.shape}"
         )
     n = log_probs_x.shape[1]
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+    if not is_int(top_k):
         raise TypeError(f"top_k must be a Python int, got {top_k!r}")
     if not 1 <= top_k <= n * n:
         raise ValueError(f"top_k={top_k} must be in [1, n*n] = [1, {n * n}] for n={n}")

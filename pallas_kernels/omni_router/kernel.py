@@ -69,6 +69,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels._checks import is_int, is_power_of_two
+
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 MAX_AXIS_SIZE = 4096  # n: the [block_tokens, n] row tile must stay in registers
@@ -207,11 +209,11 @@ class RouterConfig:
             ("backward_block_k", self.backward_block_k, MAX_TOP_K),
         )
         for field, value, largest in checks:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+            if not is_power_of_two(value):
                 raise ValueError(f"RouterConfig.{field}={value!r} must be a power-of-two int")
             if value > largest:
                 raise ValueError(f"RouterConfig.{field}={value} must be <= {largest}")
-        if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
+        if not is_int(self.num_stages) or self.num_stages < 1:
             raise ValueError(f"RouterConfig.num_stages={self.num_stages!r} must be a positive int")
         if self.axis_sort not in AXIS_SORTS:
             raise ValueError(f"RouterConfig.axis_sort={self.axis_sort!r} must be one of {AXIS_SORTS}")
