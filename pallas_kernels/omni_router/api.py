@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from pallas_kernels import _dispatch
 from pallas_kernels._checks import KERNEL_DTYPES, check_float_arrays, is_int
 from pallas_kernels.omni_router import kernel
-from pallas_kernels.omni_router.kernel import RouterConfig
+from pallas_kernels.omni_router.config import MAX_AXIS_SIZE, MAX_TOP_K, RouterConfig, default_config
 from pallas_kernels.omni_router.reference import omni_router_reference
 
 SUPPORTED_IMPLEMENTATIONS = ("xla", "pallas", "triton")
@@ -54,13 +54,13 @@ def validate_kernel_inputs(log_probs_x, log_probs_y, top_k, implementation: str)
             f"got {log_probs_x.dtype} and {log_probs_y.dtype}"
         )
     n = log_probs_x.shape[1]
-    if not 2 <= n <= kernel.MAX_AXIS_SIZE:
+    if not 2 <= n <= MAX_AXIS_SIZE:
         raise ValueError(
             f"log_probs_x has n={n} experts per axis; implementation={implementation!r} takes "
-            f"2 <= n <= {kernel.MAX_AXIS_SIZE} ({hint})"
+            f"2 <= n <= {MAX_AXIS_SIZE} ({hint})"
         )
-    if top_k > kernel.MAX_TOP_K:
-        raise ValueError(f"top_k={top_k}; implementation={implementation!r} takes top_k <= {kernel.MAX_TOP_K} ({hint})")
+    if top_k > MAX_TOP_K:
+        raise ValueError(f"top_k={top_k}; implementation={implementation!r} takes top_k <= {MAX_TOP_K} ({hint})")
 
 
 def omni_router(
@@ -91,7 +91,7 @@ def omni_router(
     The kernels return the reference's scores and indices bit for bit; the one exception is which of
     several experts whose sums tie only through rounding or -inf fill the last places (`kernel.py`
     explains why; the scores agree even then). `interpret` (pallas only): None = off on a GPU, on
-    elsewhere. `config`: kernel tiling and step-1 method, `kernel.default_config(T, n, K)` when None.
+    elsewhere. `config`: kernel tiling and step-1 method, `default_config(T, n, K)` (config.py) when None.
 
     Differentiable with respect to both inputs: the cotangent of each score flows to lp_x[i] and lp_y[j]
     of its expert (summed where a token picks one row or column several times).
@@ -107,7 +107,7 @@ def omni_router(
     if implementation == "auto" and top_k >= AUTO_TRITON_MIN_TOP_K and not interpret and _triton_available():
         impl = "triton"
     if config is None:
-        config = kernel.default_config(log_probs_x.shape[0], log_probs_x.shape[1], top_k)
+        config = default_config(log_probs_x.shape[0], log_probs_x.shape[1], top_k)
     elif not isinstance(config, RouterConfig):
         raise TypeError(f"config must be a RouterConfig or None, got {config!r}")
     if impl == "triton":
