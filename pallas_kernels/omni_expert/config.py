@@ -18,13 +18,12 @@ expert row across its sorted segment). Three things decide the speed:
   of N * d_block elements can sit in L2 when the whole table cannot. The score pass needs full-width dots,
   so it cuts the columns into `score_splits` slices on its grid and sums the partial dots afterwards.
 - How many bytes are in flight: every program gathers one tile of about `TILE_BYTES` in ONE step (no
-  loop), because v1's measurements on an H100 showed that loops of dependent loads (ids, then rows) run at
-  1-2 TB/s while single-step programs reach 5-6 TB/s: the GPU hides latency across programs, not within one.
+  loop), because in v1 loops of dependent loads (ids, then rows) ran several times slower than single-step
+  programs (benchmarks/NOTES.md, "v1 measured"): the GPU hides latency across programs, not within one.
 - Registers: segments are summed by tensor-core products whose result has `segment_slots` rows of the
-  column chunk; 16 slots (the fewest a Triton dot allows) keep the segment pass near 96 registers per
-  thread at 4 warps, 32 slots take 160 and 64 slots 234 (sm_90 resource report, benchmarks/
-  kernel_resources.py). A block with more segments loops over windows of slots: more products and
-  stores, no more loads.
+  column chunk; 16 slots (the fewest a Triton dot allows) keep the segment pass's registers per thread
+  lowest, and each doubling costs many more (benchmarks/kernel_resources.py reports them). A block with
+  more segments loops over windows of slots: more products and stores, no more loads.
 
 Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on the GPU to settle:
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
@@ -32,15 +31,14 @@ Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on th
      slice of a table, N * d_block * itemsize, fits `L2_BUDGET_BYTES`.
   3. variant "sorted" (walk pairs in expert order: each table row read once per segment, the token rows
      gathered instead, from an x slice small enough for L2) when each touched expert serves at least
-     `SORTED_REUSE` pairs on average AND the table does not fit L2 whole: measured on an H100 at the
-     paper's setting (~20 pairs per expert, a 210 MB table) the expert-order score pass took 0.70 ms
-     against 0.88 ms in token order, and v2's schedule is one sort (~0.06 ms predicted) that the backward
-     reuses. Otherwise "token" (no sort in the forward, x rows reused across the K pairs, table rows
-     gathered; at ~2 pairs per expert the two orders tied, 0.077 vs 0.080 ms; between 2 and 16 nothing
-     was measured apart) with `score_splits` the fewest slices whose table slice fits the budget; but
-     when even the thinnest slice does not fit and rows are reused, "sorted" again (x is small, so it
-     stays in L2). Without reuse (T*K/N < 2) every touched row is read about once whatever the order:
-     "token", one slice.
+     `SORTED_REUSE` pairs on average AND the table does not fit L2 whole: at the paper's setting (~20
+     pairs per expert, a 210 MB table) the expert-order score pass beat the token order, and the schedule
+     is one sort that the backward reuses (benchmarks/NOTES.md, "Variants"). Otherwise "token" (no sort
+     in the forward, x rows reused across the K pairs, table rows gathered; at ~2 pairs per expert the two
+     orders tied, and between 2 and 16 nothing was measured apart) with `score_splits` the fewest slices
+     whose table slice fits the budget; but when even the thinnest slice does not fit and rows are reused,
+     "sorted" again (x is small, so it stays in L2). Without reuse (T*K/N < 2) every touched row is read
+     about once whatever the order: "token", one slice.
   4. Tiles of `TILE_BYTES` per gather: R = TILE_BYTES / (d_block * itemsize) rows (at least 16).
      pair_block = R; k_block = min(K rounded up to a power of two, R), token_block = R / k_block (K is
      split over several programs when it exceeds R: their f32 partial sums are added by XLA);

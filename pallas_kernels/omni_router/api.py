@@ -14,12 +14,11 @@ from pallas_kernels.omni_router.config import MAX_AXIS_SIZE, MAX_TOP_K, RouterCo
 from pallas_kernels.omni_router.reference import omni_router_reference
 
 SUPPORTED_IMPLEMENTATIONS = ("xla", "pallas", "triton")
-# "auto" on a GPU uses the jax-triton variant from this K up, where its native sort pays (H100,
-# benchmarks/results/router.json: n=320, K=512, T=4096 forward 0.54 ms vs 1.79 ms for "pallas"). At
-# K <= 64 the two are within ~0.03 ms of each other either way (triton ahead at n <= 128 and K = 64,
-# pallas at n = 1024), too close for a rule; K between 64 and 512 is unmeasured. Those numbers predate the
-# bucketed step 1 of `kernel.py` (issue 18), which removed the k'^2 rank count that made "pallas" slow at
-# K = 512: the rule stands until benchmarks/router.py measures both again.
+# "auto" on a GPU uses the jax-triton variant from this K up, where its native sort paid at the paper's
+# setting (n=320, K=512); at K <= 64 the two were too close for a rule either way, and K between 64 and
+# 512 is unmeasured (the timings: benchmarks/results/router.json). Those measurements predate the bucketed
+# step 1 of `kernel.py` (issue 18), which removed the k'^2 rank count that made "pallas" slow at K = 512:
+# the rule stands until benchmarks/router.py measures both again.
 AUTO_TRITON_MIN_TOP_K = 65
 
 
