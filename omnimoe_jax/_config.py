@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from omnimoe_jax._config_fields import ConfigMethods, float_dtype, is_number
 from omnimoe_jax._config_fields import check_known_fields as check_known_fields  # re-exported: train/config.py
 from pallas_kernels.activations import ACTIVATIONS
+from pallas_kernels.omni_expert import config as expert_tiling
+from pallas_kernels.omni_router import config as router_tiling
 
 ROUTER_NORMS = ("batchnorm", "none")
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
@@ -55,14 +57,15 @@ def check_layer_fields(config: Any, *, top_k_field: str) -> None:
         return
     # implementation="pallas" names the kernels: refuse here, naming the field, what they cannot take (the ops
     # would refuse it at the first call, naming their own arguments).
+    width, axis_size = expert_tiling.MAX_WIDTH, router_tiling.MAX_AXIS_SIZE
     limits = [
         (
-            config.hidden_size % 16 == 0 and 16 <= config.hidden_size <= 8192,
+            config.hidden_size % 16 == 0 and 16 <= config.hidden_size <= width,
             "hidden_size",
-            "a multiple of 16 in [16, 8192]",
+            f"a multiple of 16 in [16, {width}]",
         ),
-        (n <= 4096, "num_experts", "at most 4096^2 (the router kernel's n <= 4096)"),
-        (top_k <= 1024, top_k_field, "at most 1024"),
+        (n <= axis_size, "num_experts", f"at most {axis_size}^2 (the router kernel's n <= {axis_size})"),
+        (top_k <= router_tiling.MAX_TOP_K, top_k_field, f"at most {router_tiling.MAX_TOP_K}"),
         (config.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)), "dtype", "float32 or bfloat16"),
     ]
     for ok, field, expected in limits:
