@@ -85,12 +85,12 @@ class ConfigMethods:
 
     def _check_positive_number(self, field: str) -> None:
         value = getattr(self, field)
-        if not is_number(value) or not value > 0 or not math.isfinite(value):
+        if not is_number(value) or not 0 < value < math.inf:
             raise ValueError(f"{field}={value!r} must be a positive finite number")
 
     def _check_non_negative_number(self, field: str) -> None:
         value = getattr(self, field)
-        if not is_number(value) or not value >= 0 or not math.isfinite(value):
+        if not is_number(value) or not 0 <= value < math.inf:
             raise ValueError(f"{field}={value!r} must be a finite number >= 0")
 
     def _check_fraction(self, field: str) -> None:
