@@ -16,7 +16,6 @@ Writes benchmarks/results/layer.json and layer.png (and copies both to $OUT when
 from __future__ import annotations
 
 import argparse
-import contextlib
 import pathlib
 import time
 import traceback
@@ -45,27 +44,6 @@ SETTINGS = [
     (16384, 1024, 102400, 512),
 ]
 IMPLEMENTATIONS = ("pallas", "xla")
-
-
-@contextlib.contextmanager
-def router_reference_until_its_kernel_lands():
-    """Yield the router implementation the "pallas" layer will really use, patching it to "xla" if needed.
-
-    The router's Pallas kernel is another issue; until it is merged, `omni_router` refuses "pallas", so the
-    layer would not run. This routes with the reference meanwhile and says so in every result row.
-    """
-    import omnimoe_jax._router as router_module
-    from pallas_kernels.omni_router import api as router_api
-
-    if "pallas" in router_api.SUPPORTED_IMPLEMENTATIONS:
-        yield "pallas"
-        return
-    real = router_module.omni_router
-    router_module.omni_router = lambda *args, implementation, **kw: real(*args, **kw)
-    try:
-        yield "xla (router kernel not merged)"
-    finally:
-        router_module.omni_router = real
 
 
 def matmul_rate() -> float:
@@ -108,7 +86,7 @@ def layer_functions(config: OmniMoEConfig, x):
     return variables, forward, forward_backward
 
 
-def run(settings, deadline, bandwidth, matmul, fp32, router_used, d=D, save=None) -> list[dict]:
+def run(settings, deadline, bandwidth, matmul, fp32, d=D, save=None) -> list[dict]:
     """Time every (setting, implementation, mode) cell; `save(rows)` after each setting if given."""
     rows = []
     for tokens, intermediate, num_experts, top_k in settings:
@@ -132,7 +110,7 @@ def run(settings, deadline, bandwidth, matmul, fp32, router_used, d=D, save=None
             for mode, fn in zip(("forward", "forward+backward"), fns, strict=True):
                 row = {"setting": label, "impl": implementation, "mode": mode}
                 row.update(tokens=tokens, intermediate=intermediate, num_experts=num_experts, top_k=top_k, d=d)
-                row["router"] = router_used if implementation == "pallas" else "xla"
+                row["router"] = implementation  # the layer's implementation is its router's too
                 counts = (tokens, intermediate, num_experts, top_k, d, mode)
                 row["floor_ms"] = floor_ms(*counts, bandwidth, matmul, fp32)
                 if time.monotonic() > deadline:
@@ -187,8 +165,7 @@ def main():
         copy_to_out(path)
         return path
 
-    with router_reference_until_its_kernel_lands() as router_used:
-        rows = run(settings, deadline, bandwidth, matmul, fp32, router_used, d=d, save=save)
+    rows = run(settings, deadline, bandwidth, matmul, fp32, d=d, save=save)
     path = save(rows)
     print_table(rows, columns)
     plot_latency_bars(rows, IMPLEMENTATIONS, "OmniMoE layer", path.with_suffix(".png"))

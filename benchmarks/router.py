@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.common import copy_to_out, print_table, time_fn, write_results
 from pallas_kernels import omni_router
 from pallas_kernels.omni_router import RouterConfig, default_config
-from pallas_kernels.omni_router.kernel import AXIS_SORTS
+from pallas_kernels.omni_router.config import AXIS_SORTS
 
 IMPLEMENTATIONS = ("pallas", "triton", "xla")
 TOKENS = (4096, 16384)

@@ -9,59 +9,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import jax.numpy as jnp
 
+from omnimoe_jax._config_fields import ConfigMethods, float_dtype, is_number
+from omnimoe_jax._config_fields import check_known_fields as check_known_fields  # re-exported: train/config.py
 from pallas_kernels.activations import ACTIVATIONS
+from pallas_kernels.omni_expert import config as expert_tiling
+from pallas_kernels.omni_router import config as router_tiling
 
 if TYPE_CHECKING:
     import flax.linen as nn
 
 ROUTER_NORMS = ("batchnorm", "none")
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _float_dtype(field: str, value: Any) -> jnp.dtype:
-    """`value` as a floating jnp.dtype (a name or a type); ValueError naming `field` otherwise."""
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError:
-        raise ValueError(
-            f"{field}={value!r} is not a dtype; expected a floating dtype such as float32 or bfloat16"
-        ) from None
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{field}={value!r} must be a floating dtype such as float32 or bfloat16")
-    return dtype
-
-
-def check_known_fields(cls: type, fields: dict[str, Any]) -> None:
-    """ValueError naming the keys of `fields` that are not fields of the dataclass `cls` (a from_dict's input)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(known)}")
-
-
-class ConfigMethods:
-    """replace / to_dict / from_dict of the frozen, validated configs (OmniMoEConfig, LMConfig, the
-    baselines'): no fields of its own; subclasses have `dtype` and `param_dtype`, stored as names."""
-
-    def replace(self, **changes: Any) -> Self:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable fields (dtypes as names), inverse of `from_dict`."""
-        fields = dataclasses.asdict(self)
-        fields["dtype"] = jnp.dtype(self.dtype).name
-        fields["param_dtype"] = jnp.dtype(self.param_dtype).name
-        return fields
-
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> Self:
-        check_known_fields(cls, fields)
-        return cls(**fields)
 
 
 class FFNConfig(ConfigMethods):
@@ -103,10 +61,7 @@ def check_layer_fields(config: Any, *, top_k_field: str) -> None:
     expert_capacity_factor, and K under the name `top_k_field` (the seeds spell it differently).
     """
     top_k = getattr(config, top_k_field)
-    for field in ("hidden_size", "intermediate_size", "num_experts", top_k_field):
-        value = getattr(config, field)
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{field}={value!r} must be a positive int")
+    config._check_positive_ints("hidden_size", "intermediate_size", "num_experts", top_k_field)
     n = math.isqrt(config.num_experts)
     if n * n != config.num_experts or n < 2:
         below = max(n, 2) ** 2
@@ -120,38 +75,32 @@ def check_layer_fields(config: Any, *, top_k_field: str) -> None:
         raise ValueError(f"{top_k_field}={top_k} must be <= num_experts={config.num_experts}")
     if not isinstance(config.hidden_act, str) or config.hidden_act not in ACTIVATIONS:
         raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
-    eps, momentum = config.router_norm_eps, config.router_norm_momentum
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-        raise ValueError(f"router_norm_eps={eps!r} must be a positive finite number")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
-        raise ValueError(f"router_norm_momentum={momentum!r} must be in (0, 1]")
-    if not isinstance(config.norm_topk_prob, bool):
-        raise ValueError(f"norm_topk_prob={config.norm_topk_prob!r} must be a bool")
-    if config.implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={config.implementation!r} must be one of {IMPLEMENTATIONS}")
+    config._check_positive_number("router_norm_eps")
+    config._check_fraction("router_norm_momentum")
+    config._check_bool("norm_topk_prob")
+    config._check_choice("implementation", IMPLEMENTATIONS)
     axis = config.expert_axis
     if axis is not None and not (isinstance(axis, str) and axis):
         raise ValueError(f"expert_axis={axis!r} must be a mesh axis name (a non-empty str) or None")
     factor = config.expert_capacity_factor
-    if factor is not None and (
-        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf
-    ):
+    if factor is not None and (not is_number(factor) or not 0 < factor < math.inf):
         raise ValueError(f"expert_capacity_factor={factor!r} must be None or a positive finite number")
     # Normalise dtypes so equal configs compare (and hash) equal whether given as str or type.
-    object.__setattr__(config, "dtype", _float_dtype("dtype", config.dtype))
-    object.__setattr__(config, "param_dtype", _float_dtype("param_dtype", config.param_dtype))
+    object.__setattr__(config, "dtype", float_dtype("dtype", config.dtype))
+    object.__setattr__(config, "param_dtype", float_dtype("param_dtype", config.param_dtype))
     if config.implementation != "pallas":
         return
     # implementation="pallas" names the kernels: refuse here, naming the field, what they cannot take (the ops
     # would refuse it at the first call, naming their own arguments).
+    width, axis_size = expert_tiling.MAX_WIDTH, router_tiling.MAX_AXIS_SIZE
     limits = [
         (
-            config.hidden_size % 16 == 0 and 16 <= config.hidden_size <= 8192,
+            config.hidden_size % 16 == 0 and 16 <= config.hidden_size <= width,
             "hidden_size",
-            "a multiple of 16 in [16, 8192]",
+            f"a multiple of 16 in [16, {width}]",
         ),
-        (n <= 4096, "num_experts", "at most 4096^2 (the router kernel's n <= 4096)"),
-        (top_k <= 1024, top_k_field, "at most 1024"),
+        (n <= axis_size, "num_experts", f"at most {axis_size}^2 (the router kernel's n <= {axis_size})"),
+        (top_k <= router_tiling.MAX_TOP_K, top_k_field, f"at most {router_tiling.MAX_TOP_K}"),
         (config.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)), "dtype", "float32 or bfloat16"),
     ]
     for ok, field, expected in limits:

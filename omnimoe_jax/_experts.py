@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from omnimoe_jax._config import OmniMoEConfig
-from omnimoe_jax._expert_parallel import expert_parallel_mesh, expert_parallel_omni_expert
+from omnimoe_jax.parallel._device_mesh import expert_parallel_mesh
+from omnimoe_jax.parallel._expert_dispatch import expert_parallel_omni_expert
 from pallas_kernels import omni_expert
 
 

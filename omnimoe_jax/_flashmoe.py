@@ -7,9 +7,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnimoe_jax._batch_norm import TorchBatchNorm
 from omnimoe_jax._config import FlashMoEConfig
 from omnimoe_jax._experts import AtomicExperts
-from omnimoe_jax._router import RouterBatchNorm, RoutingResult, cartesian_routing, sow_routing_statistics
+from omnimoe_jax._router import RoutingResult, cartesian_routing, sow_routing_statistics
 from omnimoe_jax._shared_mlp import SharedMLP
 
 
@@ -52,7 +53,7 @@ class FlashMoE(nn.Module):
         # The statistics and the normalisation in f32 at least, as OmniMoE's router norm; the gate then runs in
         # cfg.dtype, as the seed's nn.Linear does.
         acc = jnp.promote_types(cfg.dtype, jnp.float32)
-        norm = RouterBatchNorm(
+        norm = TorchBatchNorm(
             cfg.hidden_size, eps=cfg.router_norm_eps, momentum=cfg.router_norm_momentum, name="router_norm"
         )
         normed = norm(tokens.astype(acc), train=train).astype(cfg.dtype)  # [T, d]

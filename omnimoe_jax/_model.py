@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from omnimoe_jax import ffn_registry
-from omnimoe_jax._config import IMPLEMENTATIONS, ConfigMethods, FFNConfig, OmniMoEConfig, _float_dtype
+from omnimoe_jax._config import IMPLEMENTATIONS, ConfigMethods, FFNConfig, OmniMoEConfig
+from omnimoe_jax._config_fields import float_dtype
 from omnimoe_jax._router import RoutingResult
 from omnimoe_jax.baselines import DenseFFNConfig
 from omnimoe_jax.ffn_registry import FFN_KINDS as FFN_KINDS  # re-exported: omnimoe_jax.FFN_KINDS
@@ -109,8 +110,8 @@ class LMConfig(ConfigMethods):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{field}={value!r} must be a positive int")
         # Normalised so equal configs compare (and hash) equal whether given as str or type.
-        object.__setattr__(self, "dtype", _float_dtype("dtype", self.dtype))
-        object.__setattr__(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
+        object.__setattr__(self, "dtype", float_dtype("dtype", self.dtype))
+        object.__setattr__(self, "param_dtype", float_dtype("param_dtype", self.param_dtype))
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
         if self.implementation not in IMPLEMENTATIONS:

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from omnimoe_jax._batch_norm import TorchBatchNorm, batch_moments_of
 from omnimoe_jax._config import OmniMoEConfig
-from omnimoe_jax._expert_parallel import expert_parallel_mesh
-from omnimoe_jax._mesh import shard_tokens
+from omnimoe_jax.parallel._device_mesh import expert_parallel_mesh, shard_tokens
 from pallas_kernels import omni_router
 
 
@@ -59,12 +59,6 @@ def sow_routing_statistics(module: nn.Module, routing: RoutingResult, num_expert
     module.sow("metrics", "router_entropy", entropy)
 
 
-def batch_moments_of(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean, biased variance) over the token axis of [T, F] logits: [F] each."""
-    mean = jnp.mean(logits, axis=0)  # [F]
-    return mean, jnp.mean(jnp.square(logits - mean), axis=0)
-
-
 class _GateKernel(nn.Module):
     """The [d, n] weight of one bias-free router gate, named and initialised as nn.Dense's "kernel".
 
@@ -80,50 +74,6 @@ class _GateKernel(nn.Module):
     @nn.compact
     def __call__(self, in_features: int) -> jax.Array:
         return self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.param_dtype)
-
-
-class RouterBatchNorm(nn.Module):
-    """Non-affine BatchNorm over tokens with PyTorch's `BatchNorm1d(affine=False)` semantics: on each router
-    axis's logits in OmniMoE, on the input tokens in FlashMoE.
-
-    Training normalises with the batch mean and biased variance and moves the running statistics by
-    `momentum` toward the batch mean and the *unbiased* variance (as torch does, so seed checkpoints keep
-    their meaning); eval uses the running statistics. Variables live in the "batch_stats" collection under
-    torch's buffer names. Statistics are taken over the whole token axis: under `jax.jit` with a sharded
-    batch that is the global batch.
-    """
-
-    num_features: int
-    eps: float = 1e-5
-    momentum: float = 0.1
-
-    @nn.compact
-    def __call__(self, logits: jax.Array, *, train: bool, batch_moments: tuple | None = None) -> jax.Array:
-        # logits: [T, n] f32 (f64 in a float64 layer); statistics are stored in f32. batch_moments: this
-        # batch's (mean, biased variance) [n] where the caller computed them (train only), as
-        # `batch_moments` does: the router takes both axes' at once.
-        running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (self.num_features,), jnp.float32)
-        running_var = self.variable("batch_stats", "running_var", jnp.ones, (self.num_features,), jnp.float32)
-        batches = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
-        # The stored f32 statistics are widened to the computation's dtype before any arithmetic: in a float64
-        # layer `var + eps` and the momentum step then round once (at the store), as torch's float64 module.
-        acc = jnp.promote_types(logits.dtype, jnp.float32)
-        stored_mean, stored_var = running_mean.value.astype(acc), running_var.value.astype(acc)
-        if not train:
-            mean, var = stored_mean, stored_var
-        else:
-            tokens = logits.shape[0]
-            if tokens < 2:
-                raise ValueError(f"train=True needs at least 2 tokens for the router BatchNorm, got {tokens}")
-            mean, var = batch_moments if batch_moments is not None else batch_moments_of(logits)
-            if not self.is_initializing():
-                unbiased = var * (tokens / (tokens - 1))
-                new_mean = (1 - self.momentum) * stored_mean + self.momentum * mean
-                new_var = (1 - self.momentum) * stored_var + self.momentum * unbiased
-                running_mean.value = new_mean.astype(jnp.float32)
-                running_var.value = new_var.astype(jnp.float32)
-                batches.value = batches.value + 1
-        return (logits - mean) * jax.lax.rsqrt(var + self.eps)
 
 
 class CartesianRouter(nn.Module):
@@ -160,11 +110,11 @@ class CartesianRouter(nn.Module):
         if cfg.router_norm == "batchnorm":
             norm = dict(num_features=n, eps=cfg.router_norm_eps, momentum=cfg.router_norm_momentum)
             # Both axes' batch statistics by one pair of reductions over the tokens of [T, 2n] (fewer than 2
-            # tokens: none, and RouterBatchNorm says why).
+            # tokens: none, and TorchBatchNorm says why).
             moments = batch_moments_of(logits) if train and logits.shape[0] >= 2 else None
             logits = jnp.concatenate(
                 [
-                    RouterBatchNorm(**norm, name=f"router_norm_{axis}")(
+                    TorchBatchNorm(**norm, name=f"router_norm_{axis}")(
                         logits[:, half],
                         train=train,
                         batch_moments=None if moments is None else (moments[0][half], moments[1][half]),

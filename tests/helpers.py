@@ -1,4 +1,5 @@
-"""Shared test helpers: random inputs, meshes, Triton call counts; the numerics come from omnimoe_jax.testing."""
+"""Shared test helpers: random inputs, meshes, Triton call counts, the router's brute force; the numerics come
+from omnimoe_jax.testing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import jax.numpy as jnp
 
 from omnimoe_jax.testing import TOLERANCE, assert_close, rel_error, tolerance
 
-__all__ = ["TOLERANCE", "assert_close", "count_triton_calls", "cpu_mesh", "normal", "rel_error", "tolerance"]
+__all__ = [
+    "TOLERANCE",
+    "assert_close",
+    "count_triton_calls",
+    "cpu_mesh",
+    "normal",
+    "omni_router_brute_force",
+    "rel_error",
+    "tolerance",
+]
 
 # A Pallas kernel in lowered StableHLO: jax 0.10 names the custom call one way, 0.11 the other.
 _TRITON_CALL = re.compile(r"custom_call @(__gpu\$xla\.gpu\.triton|triton_kernel_call_ffi)")
@@ -30,3 +40,12 @@ def cpu_mesh(spec):
     from omnimoe_jax import parallel
 
     return parallel.make_mesh(spec, devices=jax.devices("cpu"))
+
+
+def omni_router_brute_force(log_probs_x: jax.Array, log_probs_y: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """Scores all n*n experts and takes the top K (lowest index first on ties). O(n^2): tests only."""
+    n = log_probs_x.shape[-1]
+    acc = jnp.promote_types(log_probs_x.dtype, jnp.float32)
+    full = log_probs_x.astype(acc)[:, :, None] + log_probs_y.astype(acc)[:, None, :]  # [T, n, n]
+    scores, idx = jax.lax.top_k(full.reshape(full.shape[0], n * n), top_k)  # [T, K]
+    return scores, idx.astype(jnp.int32)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from baselines_oracle import as_float64, coarse_moe_forward, dense_forward, product_key_forward
 from flax.traverse_util import flatten_dict, unflatten_dict
-from helpers import assert_close, normal
+from helpers import assert_close, normal, omni_router_brute_force
 
 from omnimoe_jax import FlashMoEConfig, OmniMoEConfig
 from omnimoe_jax.baselines import (
@@ -26,7 +26,7 @@ from omnimoe_jax.baselines import (
     presets,
 )
 from omnimoe_jax.baselines._moe import ExpertTiles
-from pallas_kernels.omni_router import omni_router, omni_router_brute_force
+from pallas_kernels.omni_router import omni_router
 
 D = 16  # hidden size of the small test configs
 TOKENS = 20

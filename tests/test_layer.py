@@ -11,7 +11,7 @@ from helpers import assert_close, normal
 from jax.test_util import check_grads
 from oracle import omnimoe_forward, random_state_dict, routing_margin
 
-from omnimoe_jax import CartesianRouter, OmniMoE, OmniMoEConfig, RouterBatchNorm
+from omnimoe_jax import CartesianRouter, OmniMoE, OmniMoEConfig, RouterBatchNorm, TorchBatchNorm
 from omnimoe_jax.convert import from_torch_state_dict
 
 
@@ -102,6 +102,19 @@ def test_init_does_not_count_a_batch(key):
     stats = variables["batch_stats"]["router"]["router_norm_x"]
     assert int(stats["num_batches_tracked"]) == 0
     np.testing.assert_array_equal(stats["running_mean"], 0.0)
+
+
+def test_the_router_norm_keeps_its_old_name_and_torchs_buffers(key):
+    # RouterBatchNorm is the old name of TorchBatchNorm: code and converters importing it build the same module,
+    # whose only variables are torch's three BatchNorm1d buffers (no affine parameters).
+    assert RouterBatchNorm is TorchBatchNorm
+    variables = TorchBatchNorm(num_features=5).init(jax.random.key(0), normal(key, (8, 5)), train=True)
+    assert set(variables) == {"batch_stats"}
+    assert {name: v.shape for name, v in variables["batch_stats"].items()} == {
+        "running_mean": (5,),
+        "running_var": (5,),
+        "num_batches_tracked": (),
+    }
 
 
 @pytest.mark.parametrize("lead", [(), (7,), (2, 3), (2, 1, 4)])

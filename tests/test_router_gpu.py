@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, normal
+from helpers import assert_close, normal, omni_router_brute_force
 
 from pallas_kernels import omni_router
-from pallas_kernels.omni_router import RouterConfig, default_config, omni_router_brute_force
+from pallas_kernels.omni_router import RouterConfig, default_config
 
 pytestmark = pytest.mark.gpu
 

@@ -15,13 +15,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, normal
+from helpers import assert_close, normal, omni_router_brute_force
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from omnimoe_jax._router import CartesianRouter
 from pallas_kernels import _dispatch, omni_router
 from pallas_kernels.omni_expert import api as expert_api
-from pallas_kernels.omni_router import RouterConfig, api, default_config, kernel, omni_router_brute_force
+from pallas_kernels.omni_router import RouterConfig, api, default_config, kernel
+from pallas_kernels.omni_router.config import (
+    AXIS_SORTS,
+    bound_table,
+    candidate_table,
+    head_ranks,
+    next_power_of_2,
+    rank_floors,
+)
 from pallas_kernels.omni_router.reference import omni_router_reference
 
 TOKENS = (1, 7, 128, 1000)
@@ -34,7 +42,7 @@ def top_ks(n):
 
 FULL_PRODUCT = [
     (tokens, n, top_k, dtype, None, axis_sort)
-    for tokens, n, dtype, axis_sort in itertools.product(TOKENS, AXIS_SIZES, ("float32", "bfloat16"), kernel.AXIS_SORTS)
+    for tokens, n, dtype, axis_sort in itertools.product(TOKENS, AXIS_SIZES, ("float32", "bfloat16"), AXIS_SORTS)
     for top_k in top_ks(n)
 ]
 # Every T, n, K (including K = n*n), both dtypes and both axis sorts at least once, within the suite's time
@@ -51,7 +59,7 @@ DEFAULT = [
 ]
 assert {c[0] for c in DEFAULT} == set(TOKENS) and {c[1] for c in DEFAULT} == set(AXIS_SIZES)
 assert {c[2] for c in DEFAULT} >= {1, 2, 16, 512} and {c[3] for c in DEFAULT} == {"float32", "bfloat16"}
-assert {c[5] for c in DEFAULT} == set(kernel.AXIS_SORTS)
+assert {c[5] for c in DEFAULT} == set(AXIS_SORTS)
 CASE_NAMES = ("tokens", "n", "top_k", "dtype", "block_tokens", "axis_sort")
 
 
@@ -137,7 +145,7 @@ def test_ties_match_brute_force(n, top_k, axis_sort, dtype, seed):
     np.testing.assert_array_equal(got[1][:8], np.tile(np.arange(top_k), (8, 1)))
 
 
-# Step 1 orders only the head of each axis exactly (kernel.rank_floors): shapes with k' > the head, with
+# Step 1 orders only the head of each axis exactly (rank_floors): shapes with k' > the head, with
 # (n > k') and without (n = k') the compaction before the bucketing, K = MAX_TOP_K, and ragged tiles of
 # several tokens.
 BUCKETED = [
@@ -152,7 +160,7 @@ BUCKETED = [
 
 @pytest.mark.parametrize(CASE_NAMES, BUCKETED)
 def test_bucketed_axis_order_matches_reference(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
-    assert min(top_k, n) > kernel.head_ranks(n, top_k)
+    assert min(top_k, n) > head_ranks(n, top_k)
     check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
 
 
@@ -160,7 +168,7 @@ def test_ties_across_bucket_boundaries_match_brute_force(seed):
     # Four distinct values per axis: every bucket boundary of step 1 falls inside a run of ties, which the
     # prefix counts must split by column exactly as the reference's lower-index-first rule does.
     n, top_k = 160, 512
-    assert min(top_k, n) > kernel.head_ranks(n, top_k)
+    assert min(top_k, n) > head_ranks(n, top_k)
     rng = np.random.default_rng(seed)
     lpx = rng.integers(-3, 1, (8, n)).astype(np.float32)
     lpy = rng.integers(-3, 1, (8, n)).astype(np.float32)
@@ -220,12 +228,12 @@ def test_no_tokens():
 @pytest.mark.parametrize(("tokens", "n", "top_k"), [(1, 2, 1), (4096, 64, 16), (16384, 1024, 64), (4096, 320, 512)])
 def test_default_config_stays_in_budget(tokens, n, top_k):
     config = default_config(tokens, n, top_k)
-    slots = kernel.candidate_table(n, top_k).shape[1]
-    widest = max(kernel.next_power_of_2(n), slots)
+    slots = candidate_table(n, top_k).shape[1]
+    widest = max(next_power_of_2(n), slots)
     assert 4 <= config.num_warps <= 16
     assert config.block_tokens * widest <= 32 * 16 * config.num_warps, "more than ~16 registers/thread/array"
     assert config.block_tokens == 1 or -(-tokens // config.block_tokens) >= 264, "too few programs"
-    assert config.block_tokens * config.backward_block_k * kernel.next_power_of_2(n) <= 512 * config.num_warps
+    assert config.block_tokens * config.backward_block_k * next_power_of_2(n) <= 512 * config.num_warps
 
 
 @pytest.mark.parametrize(
@@ -233,34 +241,34 @@ def test_default_config_stays_in_budget(tokens, n, top_k):
 )
 def test_candidate_table_is_the_dominance_region_of_the_rank_floors(n, top_k):
     k_axis = min(top_k, n)
-    floors = kernel.rank_floors(n, top_k)
-    head = min(kernel.head_ranks(n, top_k), k_axis)
+    floors = rank_floors(n, top_k)
+    head = min(head_ranks(n, top_k), k_axis)
     # Exact ranks in the head, then buckets [r, 2r) whose floor is r, cut at k'.
     np.testing.assert_array_equal(floors[:head], np.arange(head))
     for position in range(head, k_axis):
         start = 1 << (position // head).bit_length() - 1
         assert floors[position] == head * start
-    table = kernel.candidate_table(n, top_k)
+    table = candidate_table(n, top_k)
     pairs = {(a, b) for a, b in table.T if a >= 0}
     want = {(a, b) for a in range(k_axis) for b in range(k_axis) if (floors[a] + 1) * (floors[b] + 1) <= top_k}
     assert pairs == want and len(pairs) == int((table[0] >= 0).sum())
     exact = {(a, b) for a in range(k_axis) for b in range(k_axis) if (a + 1) * (b + 1) <= top_k}
     assert exact <= pairs, "the coarser order keeps every pair an exact order would"
     # The head is chosen so that the coarser order costs no more slots than an exact one.
-    assert table.shape[1] == kernel.next_power_of_2(len(pairs)) == kernel.next_power_of_2(len(exact))
+    assert table.shape[1] == next_power_of_2(len(pairs)) == next_power_of_2(len(exact))
 
 
 def test_candidate_table_sizes_at_the_papers_setting():
-    assert kernel.head_ranks(320, 512) == 32 and len(kernel.candidate_table(320, 512)[0]) == 4096  # of 102,400
-    assert len(kernel.candidate_table(320, 1024)[0]) == 8192
+    assert head_ranks(320, 512) == 32 and len(candidate_table(320, 512)[0]) == 4096  # of 102,400
+    assert len(candidate_table(320, 1024)[0]) == 8192
 
 
 @pytest.mark.parametrize(("n", "top_k"), [(2, 4), (3, 9), (16, 16), (100, 1), (320, 512), (320, 1024), (4096, 1024)])
 def test_bound_pairs_are_exact_head_ranks_beaten_by_k_pairs(n, top_k):
-    head = min(kernel.head_ranks(n, top_k), top_k, n)
-    table = kernel.bound_table(n, top_k)
+    head = min(head_ranks(n, top_k), top_k, n)
+    table = bound_table(n, top_k)
     pairs = [(a, b) for a, b in table.T if a >= 0]
-    assert pairs and table.shape[1] == kernel.next_power_of_2(len(pairs))
+    assert pairs and table.shape[1] == next_power_of_2(len(pairs))
     assert all(a < head and b < head and (a + 1) * (b + 1) >= top_k for a, b in pairs)
 
 

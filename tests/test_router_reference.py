@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import normal
+from helpers import normal, omni_router_brute_force
 
 from pallas_kernels import omni_router
-from pallas_kernels.omni_router import omni_router_brute_force, omni_router_reference
+from pallas_kernels.omni_router import omni_router_reference
 
 
 def log_probs(key, tokens, n, dtype=jnp.float32):

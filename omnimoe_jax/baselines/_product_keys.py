@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnimoe_jax._router import RouterBatchNorm
+from omnimoe_jax._batch_norm import TorchBatchNorm
 from pallas_kernels import omni_router
 
 
@@ -57,7 +57,7 @@ class ProductKeyRetrieval(nn.Module):
             heads * self.key_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="query"
         )(tokens).astype(acc)  # [T, heads * key_dim]
         if self.query_norm == "batchnorm":
-            query = RouterBatchNorm(
+            query = TorchBatchNorm(
                 heads * self.key_dim, eps=self.query_norm_eps, momentum=self.query_norm_momentum, name="query_norm"
             )(query, train=train)
         query = query.reshape(num_tokens, heads, 2, half).astype(self.dtype)  # [T, heads, 2, c]

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch
+from pallas_kernels._checks import check_concrete_indices, check_float_arrays, check_integer_array, check_kernel_dtype
 from pallas_kernels.embedding_bag.reference import embedding_bag_reference
 from pallas_kernels.omni_expert import kernel
-from pallas_kernels.omni_expert.api import check_concrete_indices, check_kernel_dtype, check_kernel_limits
-from pallas_kernels.omni_expert.config import ExpertKernelConfig, default_config
+from pallas_kernels.omni_expert.config import ExpertKernelConfig, check_kernel_limits, default_config
 from pallas_kernels.omni_expert.scheduling import build_schedule
 
 SUPPORTED_IMPLEMENTATIONS = ("xla", "pallas")
@@ -36,11 +36,8 @@ def validate_inputs(table, weights, indices) -> None:
         raise ValueError(f"indices must be [tokens, K], got shape {indices.shape}")
     if weights.shape != indices.shape:
         raise ValueError(f"weights must have the shape of indices {indices.shape}, got {weights.shape}")
-    if not jnp.issubdtype(indices.dtype, jnp.integer):
-        raise TypeError(f"indices must be an integer array, got dtype {indices.dtype}")
-    for name, arr in (("table", table), ("weights", weights)):
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
+    check_integer_array("indices", indices)
+    check_float_arrays(table=table, weights=weights)
     check_concrete_indices(indices, table.shape[0])
 
 

@@ -22,19 +22,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import _dispatch
+from pallas_kernels._checks import check_concrete_indices, check_float_arrays, check_integer_array, check_kernel_dtype
 from pallas_kernels.activations import get_activation
 from pallas_kernels.omni_expert import kernel
-from pallas_kernels.omni_expert.config import ExpertKernelConfig, default_config
+from pallas_kernels.omni_expert.config import ExpertKernelConfig, check_kernel_limits, default_config
 from pallas_kernels.omni_expert.reference import omni_expert_reference
 from pallas_kernels.omni_expert.scheduling import ExpertSchedule, build_schedule
 
 SUPPORTED_IMPLEMENTATIONS = ("xla", "pallas")
-KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-MAX_WIDTH = 8192  # the widest d the kernels are tested for
-INT32_LIMIT = 2**31 - 1
 
 
 def validate_expert_inputs(x, up, down, weights, indices, activation) -> None:
@@ -52,30 +49,9 @@ def validate_expert_inputs(x, up, down, weights, indices, activation) -> None:
         raise ValueError(f"indices must be [tokens={tokens}, K], got shape {indices.shape}")
     if weights.shape != indices.shape:
         raise ValueError(f"weights must have the shape of indices {indices.shape}, got {weights.shape}")
-    if not jnp.issubdtype(indices.dtype, jnp.integer):
-        raise TypeError(f"indices must be an integer array, got dtype {indices.dtype}")
-    for name, arr in (("x", x), ("up", up), ("down", down), ("weights", weights)):
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
+    check_integer_array("indices", indices)
+    check_float_arrays(x=x, up=up, down=down, weights=weights)
     check_concrete_indices(indices, up.shape[0])
-
-
-def check_concrete_indices(indices, num_experts: int) -> None:
-    """ValueError for out-of-range indices the caller can see (eager calls): the kernels would read outside
-    the tables and the references' jnp.take would return NaN rows. Inside jit (tracers) or across processes
-    (not fully addressable) nothing can be checked without a host round trip; the docstring states the
-    contract."""
-    try:
-        if isinstance(indices, jax.Array) and not indices.is_fully_addressable:
-            return
-        values = np.asarray(indices)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return
-    if values.size == 0:
-        return
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= num_experts:
-        raise ValueError(f"indices must be in [0, N={num_experts}), got values in [{low}, {high}]")
 
 
 def validate_kernel_inputs(x, up, down, indices, config) -> None:
@@ -89,33 +65,6 @@ def validate_kernel_inputs(x, up, down, indices, config) -> None:
             "needs one dtype for all three"
         )
     check_kernel_limits("x", x.shape[1], indices, up.shape[0], "experts", config)
-
-
-def check_kernel_dtype(name: str, arr) -> None:
-    """TypeError unless `arr` (the argument `name`) is f32 or bf16, the kernels' dtypes."""
-    if jnp.dtype(arr.dtype) not in KERNEL_DTYPES:
-        raise TypeError(
-            f"{name} has dtype {arr.dtype}; implementation='pallas' takes float32 or bfloat16 "
-            "(use implementation='xla' for others)"
-        )
-
-
-def check_kernel_limits(width_of: str, d: int, indices, num_rows: int, rows_are: str, config) -> None:
-    """ValueError/TypeError for sizes or a config the kernels cannot take, shared by every op built on them:
-    rows of width d (the argument `width_of`'s), [T, K] indices into `num_rows` rows (`rows_are` names them)."""
-    tokens, top_k = indices.shape
-    if d % 16 or not 16 <= d <= MAX_WIDTH:
-        raise ValueError(f"{width_of} has d={d}; implementation='pallas' needs d a multiple of 16 in [16, {MAX_WIDTH}]")
-    if tokens < 1 or top_k < 1:
-        raise ValueError(f"indices has shape {indices.shape}; implementation='pallas' needs T >= 1 and K >= 1")
-    if tokens * top_k > INT32_LIMIT or num_rows > INT32_LIMIT:
-        raise ValueError(
-            f"T*K={tokens * top_k} pairs and N={num_rows} {rows_are} must each fit int32 for implementation='pallas'"
-        )
-    if config is not None:
-        if not isinstance(config, ExpertKernelConfig):
-            raise TypeError(f"config must be an ExpertKernelConfig or None, got {type(config).__name__}")
-        config.check_width(d)
 
 
 def omni_expert(

@@ -1,4 +1,5 @@
-"""Tile sizes, warps and the forward variant of the atomic-expert kernels, with the default heuristic.
+"""Tile sizes, warps and the forward variant of the atomic-expert kernels, with the default heuristic, and
+the sizes the kernels take (`check_kernel_limits`, for every op built on them: omni_expert, embedding_bag).
 
 The kernels (kernel.py) are three passes over the T*K (token, expert) pairs, each memory-bound:
 
@@ -17,13 +18,12 @@ expert row across its sorted segment). Three things decide the speed:
   of N * d_block elements can sit in L2 when the whole table cannot. The score pass needs full-width dots,
   so it cuts the columns into `score_splits` slices on its grid and sums the partial dots afterwards.
 - How many bytes are in flight: every program gathers one tile of about `TILE_BYTES` in ONE step (no
-  loop), because v1's measurements on an H100 showed that loops of dependent loads (ids, then rows) run at
-  1-2 TB/s while single-step programs reach 5-6 TB/s: the GPU hides latency across programs, not within one.
+  loop), because in v1 loops of dependent loads (ids, then rows) ran several times slower than single-step
+  programs (benchmarks/NOTES.md, "v1 measured"): the GPU hides latency across programs, not within one.
 - Registers: segments are summed by tensor-core products whose result has `segment_slots` rows of the
-  column chunk; 16 slots (the fewest a Triton dot allows) keep the segment pass near 96 registers per
-  thread at 4 warps, 32 slots take 160 and 64 slots 234 (sm_90 resource report, benchmarks/
-  kernel_resources.py). A block with more segments loops over windows of slots: more products and
-  stores, no more loads.
+  column chunk; 16 slots (the fewest a Triton dot allows) keep the segment pass's registers per thread
+  lowest, and each doubling costs many more (benchmarks/kernel_resources.py reports them). A block with
+  more segments loops over windows of slots: more products and stores, no more loads.
 
 Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on the GPU to settle:
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
@@ -31,15 +31,14 @@ Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on th
      slice of a table, N * d_block * itemsize, fits `L2_BUDGET_BYTES`.
   3. variant "sorted" (walk pairs in expert order: each table row read once per segment, the token rows
      gathered instead, from an x slice small enough for L2) when each touched expert serves at least
-     `SORTED_REUSE` pairs on average AND the table does not fit L2 whole: measured on an H100 at the
-     paper's setting (~20 pairs per expert, a 210 MB table) the expert-order score pass took 0.70 ms
-     against 0.88 ms in token order, and v2's schedule is one sort (~0.06 ms predicted) that the backward
-     reuses. Otherwise "token" (no sort in the forward, x rows reused across the K pairs, table rows
-     gathered; at ~2 pairs per expert the two orders tied, 0.077 vs 0.080 ms; between 2 and 16 nothing
-     was measured apart) with `score_splits` the fewest slices whose table slice fits the budget; but
-     when even the thinnest slice does not fit and rows are reused, "sorted" again (x is small, so it
-     stays in L2). Without reuse (T*K/N < 2) every touched row is read about once whatever the order:
-     "token", one slice.
+     `SORTED_REUSE` pairs on average AND the table does not fit L2 whole: at the paper's setting (~20
+     pairs per expert, a 210 MB table) the expert-order score pass beat the token order, and the schedule
+     is one sort that the backward reuses (benchmarks/NOTES.md, "Variants"). Otherwise "token" (no sort
+     in the forward, x rows reused across the K pairs, table rows gathered; at ~2 pairs per expert the two
+     orders tied, and between 2 and 16 nothing was measured apart) with `score_splits` the fewest slices
+     whose table slice fits the budget; but when even the thinnest slice does not fit and rows are reused,
+     "sorted" again (x is small, so it stays in L2). Without reuse (T*K/N < 2) every touched row is read
+     about once whatever the order: "token", one slice.
   4. Tiles of `TILE_BYTES` per gather: R = TILE_BYTES / (d_block * itemsize) rows (at least 16).
      pair_block = R; k_block = min(K rounded up to a power of two, R), token_block = R / k_block (K is
      split over several programs when it exceeds R: their f32 partial sums are added by XLA);
@@ -52,6 +51,8 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+
+from pallas_kernels._checks import is_int, is_power_of_two
 
 # Half of an H100's 50 MB L2: the gathered slice must share the cache with the reused rows and outputs.
 L2_BUDGET_BYTES = 24 * 2**20
@@ -72,10 +73,8 @@ MIN_DOT_DIM = 16
 MAX_SEGMENT_BLOCK = 128
 
 VARIANTS = ("token", "sorted")
-
-
-def _is_power_of_two(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
+MAX_WIDTH = 8192  # the widest d the kernels are tested for
+INT32_LIMIT = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +112,7 @@ class ExpertKernelConfig:
         blocks = ("d_block", "score_splits", "pair_block", "token_block", "k_block", "segment_block", "segment_slots")
         for name in (*blocks, "num_warps"):
             value = getattr(self, name)
-            if not _is_power_of_two(value):
+            if not is_power_of_two(value):
                 raise ValueError(f"{name}={value!r} must be a power of two (Triton blocks are)")
         for name in ("d_block", "segment_block", "segment_slots"):  # dimensions of the segment pass's jnp.dot
             if getattr(self, name) < MIN_DOT_DIM:
@@ -125,7 +124,7 @@ class ExpertKernelConfig:
                 f"segment_slots={self.segment_slots} must be <= segment_block={self.segment_block} "
                 "(a block holds at most one segment per pair)"
             )
-        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+        if not is_int(self.num_stages) or self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages!r} must be a positive int")
 
     def check_width(self, d: int) -> None:
@@ -136,6 +135,24 @@ class ExpertKernelConfig:
             raise ValueError(
                 f"config.score_splits={self.score_splits} must divide d // d_block = {d // self.d_block} (d={d})"
             )
+
+
+def check_kernel_limits(width_of: str, d: int, indices, num_rows: int, rows_are: str, config) -> None:
+    """ValueError/TypeError for sizes or a config the kernels cannot take, shared by every op built on them:
+    rows of width d (the argument `width_of`'s), [T, K] indices into `num_rows` rows (`rows_are` names them)."""
+    tokens, top_k = indices.shape
+    if d % 16 or not 16 <= d <= MAX_WIDTH:
+        raise ValueError(f"{width_of} has d={d}; implementation='pallas' needs d a multiple of 16 in [16, {MAX_WIDTH}]")
+    if tokens < 1 or top_k < 1:
+        raise ValueError(f"indices has shape {indices.shape}; implementation='pallas' needs T >= 1 and K >= 1")
+    if tokens * top_k > INT32_LIMIT or num_rows > INT32_LIMIT:
+        raise ValueError(
+            f"T*K={tokens * top_k} pairs and N={num_rows} {rows_are} must each fit int32 for implementation='pallas'"
+        )
+    if config is not None:
+        if not isinstance(config, ExpertKernelConfig):
+            raise TypeError(f"config must be an ExpertKernelConfig or None, got {type(config).__name__}")
+        config.check_width(d)
 
 
 def _widest_power_of_two_dividing(d: int, cap: int) -> int:

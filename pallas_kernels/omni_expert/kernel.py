@@ -16,8 +16,8 @@ past the end of the output, because interpret mode writes masked lanes back with
 must not land on an element a valid lane writes. All sums are f32; results are cast to the output dtype
 once, at the store.
 
-The combine and segment passes gather their whole tile in one step (no loop over dependent loads): on an
-H100 that is what reached 5-6 TB/s in v1, while loops of dependent loads ran at 1-2 TB/s.
+The combine and segment passes gather their whole tile in one step (no loop over dependent loads), which
+config.py explains: in v1 loops of dependent loads ran several times slower (benchmarks/NOTES.md).
 
 Grids: the big dimension (pair blocks, token tiles) is axis 0, CUDA's x axis (up to 2**31 - 1 programs);
 the column slice is the last axis (at most d / 16 = 512) and any other axis is small (K / k_block <= 64),
@@ -395,8 +395,9 @@ def segment_sum(
     Three pallas_calls (see the section comment above), each writing its own rows of one uninitialised
     output: blocks of `config.segment_block` sorted pairs x `config.d_block` columns; the fix-up of the
     segments cut by block boundaries, from an f32 side buffer of two rows per block; zeros in the untouched
-    rows (cheaper than zero-filling all of [N, d] first, which ran at 1.4 TB/s on an H100: at ~20 pairs
-    per expert almost no row is untouched). The dots are summed over the column chunks by XLA.
+    rows (cheaper than zero-filling all of [N, d] first, a pass of its own over the whole output,
+    benchmarks/NOTES.md "v3": at ~20 pairs per expert almost no row is untouched). The dots are summed over
+    the column chunks by XLA.
     """
     out_shape = jax.ShapeDtypeStruct(out_like.shape, out_like.dtype)
     partial_out, side, dots = segment_blocks(

@@ -8,19 +8,18 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch
+from pallas_kernels._checks import KERNEL_DTYPES, check_float_arrays, is_int
 from pallas_kernels.omni_router import kernel
-from pallas_kernels.omni_router.kernel import RouterConfig
+from pallas_kernels.omni_router.config import MAX_AXIS_SIZE, MAX_TOP_K, RouterConfig, default_config
 from pallas_kernels.omni_router.reference import omni_router_reference
 
 SUPPORTED_IMPLEMENTATIONS = ("xla", "pallas", "triton")
-# "auto" on a GPU uses the jax-triton variant from this K up, where its native sort pays (H100,
-# benchmarks/results/router.json: n=320, K=512, T=4096 forward 0.54 ms vs 1.79 ms for "pallas"). At
-# K <= 64 the two are within ~0.03 ms of each other either way (triton ahead at n <= 128 and K = 64,
-# pallas at n = 1024), too close for a rule; K between 64 and 512 is unmeasured. Those numbers predate the
-# bucketed step 1 of `kernel.py` (issue 18), which removed the k'^2 rank count that made "pallas" slow at
-# K = 512: the rule stands until benchmarks/router.py measures both again.
+# "auto" on a GPU uses the jax-triton variant from this K up, where its native sort paid at the paper's
+# setting (n=320, K=512); at K <= 64 the two were too close for a rule either way, and K between 64 and
+# 512 is unmeasured (the timings: benchmarks/results/router.json). Those measurements predate the bucketed
+# step 1 of `kernel.py` (issue 18), which removed the k'^2 rank count that made "pallas" slow at K = 512:
+# the rule stands until benchmarks/router.py measures both again.
 AUTO_TRITON_MIN_TOP_K = 65
-KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def validate_router_inputs(log_probs_x, log_probs_y, top_k) -> None:
@@ -28,14 +27,13 @@ def validate_router_inputs(log_probs_x, log_probs_y, top_k) -> None:
     for name, arr in (("log_probs_x", log_probs_x), ("log_probs_y", log_probs_y)):
         if arr.ndim != 2:
             raise ValueError(f"{name} must be [tokens, n], got shape {arr.shape}")
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
+    check_float_arrays(log_probs_x=log_probs_x, log_probs_y=log_probs_y)
     if log_probs_x.shape != log_probs_y.shape:
         raise ValueError(
             f"log_probs_x and log_probs_y must have the same shape, got {log_probs_x.shape} and {log_probs_y.shape}"
         )
     n = log_probs_x.shape[1]
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+    if not is_int(top_k):
         raise TypeError(f"top_k must be a Python int, got {top_k!r}")
     if not 1 <= top_k <= n * n:
         raise ValueError(f"top_k={top_k} must be in [1, n*n] = [1, {n * n}] for n={n}")
@@ -55,13 +53,13 @@ def validate_kernel_inputs(log_probs_x, log_probs_y, top_k, implementation: str)
             f"got {log_probs_x.dtype} and {log_probs_y.dtype}"
         )
     n = log_probs_x.shape[1]
-    if not 2 <= n <= kernel.MAX_AXIS_SIZE:
+    if not 2 <= n <= MAX_AXIS_SIZE:
         raise ValueError(
             f"log_probs_x has n={n} experts per axis; implementation={implementation!r} takes "
-            f"2 <= n <= {kernel.MAX_AXIS_SIZE} ({hint})"
+            f"2 <= n <= {MAX_AXIS_SIZE} ({hint})"
         )
-    if top_k > kernel.MAX_TOP_K:
-        raise ValueError(f"top_k={top_k}; implementation={implementation!r} takes top_k <= {kernel.MAX_TOP_K} ({hint})")
+    if top_k > MAX_TOP_K:
+        raise ValueError(f"top_k={top_k}; implementation={implementation!r} takes top_k <= {MAX_TOP_K} ({hint})")
 
 
 def omni_router(
@@ -92,7 +90,7 @@ def omni_router(
     The kernels return the reference's scores and indices bit for bit; the one exception is which of
     several experts whose sums tie only through rounding or -inf fill the last places (`kernel.py`
     explains why; the scores agree even then). `interpret` (pallas only): None = off on a GPU, on
-    elsewhere. `config`: kernel tiling and step-1 method, `kernel.default_config(T, n, K)` when None.
+    elsewhere. `config`: kernel tiling and step-1 method, `default_config(T, n, K)` (config.py) when None.
 
     Differentiable with respect to both inputs: the cotangent of each score flows to lp_x[i] and lp_y[j]
     of its expert (summed where a token picks one row or column several times).
@@ -108,7 +106,7 @@ def omni_router(
     if implementation == "auto" and top_k >= AUTO_TRITON_MIN_TOP_K and not interpret and _triton_available():
         impl = "triton"
     if config is None:
-        config = kernel.default_config(log_probs_x.shape[0], log_probs_x.shape[1], top_k)
+        config = default_config(log_probs_x.shape[0], log_probs_x.shape[1], top_k)
     elif not isinstance(config, RouterConfig):
         raise TypeError(f"config must be a RouterConfig or None, got {config!r}")
     if impl == "triton":

@@ -1,4 +1,6 @@
 """Pallas (Triton lowering) kernels of the Cartesian top-K router. No autodiff here: `api` adds the VJP.
+The host-side pieces they are built from (the size limits, the static tables `head_ranks`, `rank_floors`,
+`candidate_table`, `bound_table`, and the tiling `RouterConfig` / `default_config`) live in config.py.
 
 Forward, one program per tile of `block_tokens` tokens; besides the [T, K] result it writes only [T, k']
 scratch rows per axis (the ordered positions; for "threshold" also the column-ordered winners and heads),
@@ -59,29 +61,25 @@ same token, so there are no atomics.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.omni_router.config import (
+    ELEMENTS_PER_WARP,
+    RouterConfig,
+    bound_table,
+    candidate_table,
+    head_ranks,
+    next_power_of_2,
+)
+
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
-MAX_AXIS_SIZE = 4096  # n: the [block_tokens, n] row tile must stay in registers
-MAX_TOP_K = 1024  # K: the candidate slots (~K (ln K + 1) per token) must stay in registers
-# Step 1 sorts each axis exactly only over its top h entries (an h^2 rank count) and puts the rest in octave
-# buckets by rank (`rank_floors`); `head_ranks` picks h among these. Each h^2 >= MAX_TOP_K (`bound_table`).
-HEAD_SIZES = (32, 64, 128)
-AXIS_SORTS = ("threshold", "select")  # see RouterConfig.axis_sort
-
-
-def next_power_of_2(x: int) -> int:
-    """Smallest power of two >= x (x >= 1)."""
-    return 1 << (x - 1).bit_length()
 
 
 def order_key(x: jax.Array) -> jax.Array:
@@ -99,148 +97,6 @@ def key_value(key: jax.Array) -> jax.Array:
     """Inverse of `order_key`: int32 -> f32."""
     bits = jnp.where(key < 0, key ^ INT32_MAX, key)
     return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _floors(k_axis: int, head: int) -> np.ndarray:
-    floors = np.arange(k_axis, dtype=np.int32)
-    start = head
-    while start < k_axis:
-        floors[start : 2 * start] = start
-        start *= 2
-    return floors
-
-
-def _region_size(floors: np.ndarray, top_k: int) -> int:
-    return int(np.count_nonzero((floors[:, None] + 1) * (floors[None, :] + 1) <= top_k))
-
-
-@functools.cache
-def head_ranks(n: int, top_k: int) -> int:
-    """h: how many of an axis's top entries step 1 orders exactly (min(k', h) of them; see `rank_floors`).
-
-    k' itself (an exact order) up to the largest of `HEAD_SIZES`, where a k'^2 rank count is short next to
-    the bucketing's bisection; above, the smallest of `HEAD_SIZES` whose candidate region still fits the
-    power-of-two slot count of the exact region (a smaller head is a cheaper rank count but a coarser
-    order, hence more candidates).
-    """
-    k_axis = min(top_k, n)
-    if k_axis <= HEAD_SIZES[-1]:
-        return k_axis
-    exact_slots = next_power_of_2(_region_size(np.arange(k_axis), top_k))
-    for head in HEAD_SIZES:
-        if next_power_of_2(_region_size(_floors(k_axis, head), top_k)) <= exact_slots:
-            return head
-    return HEAD_SIZES[-1]
-
-
-def rank_floors(n: int, top_k: int) -> np.ndarray:
-    """[k'] int32: a lower bound on the rank of the entry step 1 puts at each position of its axis order.
-
-    Step 1 orders each axis only partly: the first h = `head_ranks` positions hold the top entries exactly
-    by rank, the rest come in buckets of ranks [h, 2h), [2h, 4h), ... (the last one cut at k'), each bucket
-    in column order. An entry in bucket [r, 2r) has rank >= r, so its floor is r; in the head the floor is
-    the rank itself.
-    """
-    return _floors(min(top_k, n), head_ranks(n, top_k))
-
-
-def candidate_table(n: int, top_k: int) -> np.ndarray:
-    """[2, slots] int32: the position pairs (a, b), a, b < k' = min(K, n), that step 2 must score.
-
-    With f(p) = `rank_floors` of position p, the entry pair at positions (a, b) is beaten by at least
-    (f(a)+1)(f(b)+1) - 1 others (every pair of entries ranked no lower on both axes), so only pairs with
-    (f(a)+1)(f(b)+1) <= K can be in the top K (for an exact order, f(p) = p: the region (a+1)(b+1) <= K).
-    Row 0 holds a, row 1 holds b; `slots` is the pair count rounded up to a power of two and the padding
-    holds -1. The pairs are listed row by row; their order does not matter (outputs are sorted at the end).
-    The kernels take the two rows as two [slots] inputs.
-    """
-    floors = rank_floors(n, top_k) + 1  # [k']
-    rows, cols = np.nonzero(floors[:, None] * floors[None, :] <= top_k)  # row-major: a, then b
-    table = np.full((2, next_power_of_2(len(rows))), -1, np.int32)
-    table[0, : len(rows)], table[1, : len(rows)] = rows, cols
-    return table
-
-
-def bound_table(n: int, top_k: int) -> np.ndarray:
-    """[2, pairs] int32: head position pairs (a, b) with (a+1)(b+1) >= K, the smallest b for each a.
-
-    Positions below min(h, k') (h = `head_ranks`) are exact ranks, so each such pair scores no more than
-    the (a+1)(b+1) >= K pairs ranked no lower on both axes: its score is a lower bound on the K-th largest,
-    where step 3's bisection can start. Padded with -1 to a power of two like `candidate_table`. One such
-    pair always exists: the head is K wide when K <= n, n wide when n^2 >= K > n and n <= h, and h^2 >=
-    MAX_TOP_K otherwise.
-    """
-    head = min(head_ranks(n, top_k), top_k, n)
-    pairs = [(a, -(-top_k // (a + 1)) - 1) for a in range(head)]
-    pairs = [(a, b) for a, b in pairs if b < head]
-    assert pairs, (n, top_k)
-    table = np.full((2, next_power_of_2(len(pairs))), -1, np.int32)
-    table[:, : len(pairs)] = np.asarray(pairs, np.int32).T
-    return table
-
-
-@dataclasses.dataclass(frozen=True)
-class RouterConfig:
-    """How the router kernels tile the work. `default_config` picks one from (T, n, K).
-
-    Attributes:
-      block_tokens: tokens per program (a power of two, at most 64), forward and backward.
-      num_warps: warps per program (a power of two, at most 16).
-      num_stages: Triton software-pipelining depth (the kernels have no pipelined load loops: 1 suffices).
-      backward_block_k: how many of the K routed experts the backward one-hot sums take at once (a power
-        of two): its temporary is [block_tokens, backward_block_k, n padded] elements.
-      axis_sort: how step 1 finds each axis's sorted top k': "threshold" (bisection for the k'-th largest,
-        then a rank count among the k': ~bits + k'^2/n passes over the row's work) or "select" (k' argmax
-        passes over the row). `router_merge` does not use it.
-    """
-
-    block_tokens: int
-    num_warps: int
-    num_stages: int = 1
-    backward_block_k: int = 1
-    axis_sort: str = "threshold"
-
-    def __post_init__(self):
-        checks = (
-            ("block_tokens", self.block_tokens, 64),
-            ("num_warps", self.num_warps, 16),
-            ("backward_block_k", self.backward_block_k, MAX_TOP_K),
-        )
-        for field, value, largest in checks:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
-                raise ValueError(f"RouterConfig.{field}={value!r} must be a power-of-two int")
-            if value > largest:
-                raise ValueError(f"RouterConfig.{field}={value} must be <= {largest}")
-        if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
-            raise ValueError(f"RouterConfig.num_stages={self.num_stages!r} must be a positive int")
-        if self.axis_sort not in AXIS_SORTS:
-            raise ValueError(f"RouterConfig.axis_sort={self.axis_sort!r} must be one of {AXIS_SORTS}")
-
-
-# Register budget of the heuristic: elements of one working array per warp (16 per thread).
-_ELEMENTS_PER_WARP = 512
-# Aim for at least this many programs (two waves on a 132-SM H100) before packing more tokens per program.
-_MIN_PROGRAMS = 264
-
-
-def default_config(tokens: int, n: int, top_k: int) -> RouterConfig:
-    """A tiling for T tokens, n experts per axis and K experts per token.
-
-    A token's widest working array is the padded row of the sorting passes or the candidate slots of the
-    merge (keys and expert ids). Warps grow with it (4 up to 2048 elements, at most 16) so that no array
-    needs more than ~16 registers per thread; tokens are then packed per program up to that budget, but
-    never so many that fewer than `_MIN_PROGRAMS` programs remain. The backward chunk of K fills the same
-    budget with its [block_tokens, chunk, n padded] one-hot temporary.
-    """
-    n_pad = next_power_of_2(n)
-    per_token = max(n_pad, candidate_table(n, top_k).shape[1])
-    num_warps = min(16, max(4, per_token // _ELEMENTS_PER_WARP))
-    budget = _ELEMENTS_PER_WARP * num_warps
-    block_tokens = max(1, min(16, budget // per_token))
-    while block_tokens > 1 and pl.cdiv(tokens, block_tokens) < _MIN_PROGRAMS:
-        block_tokens //= 2
-    backward_block_k = max(1, min(next_power_of_2(top_k), budget // (block_tokens * n_pad)))
-    return RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, backward_block_k=backward_block_k)
 
 
 def _compiler_params(config: RouterConfig) -> pltriton.CompilerParams:
@@ -678,7 +534,7 @@ def router_forward(
         bt=config.block_tokens,
         axis_sort=config.axis_sort,
         key_bits=16 if log_probs_x.dtype == jnp.bfloat16 else 32,
-        block_j=max(1, min(head_pad, _ELEMENTS_PER_WARP * config.num_warps // (config.block_tokens * head_pad))),
+        block_j=max(1, min(head_pad, ELEMENTS_PER_WARP * config.num_warps // (config.block_tokens * head_pad))),
         head=head,
         interpret=interpret,
     )

@@ -8,7 +8,7 @@ can be among the top K only if (a + 1)(b + 1) <= K. That leaves about K (ln K + 
 n = 256 it would be 8.6 GB of f32 per layer, more again inside `lax.top_k`).
 
 Ties are broken by the lowest expert index: the candidates are sorted by (score descending, expert index
-ascending), exactly the order of scoring all n*n experts (`omni_router_brute_force`).
+ascending), exactly the order of scoring all n*n experts (the tests' `omni_router_brute_force`).
 """
 
 from __future__ import annotations
@@ -57,12 +57,3 @@ def omni_router_reference(log_probs_x: jax.Array, log_probs_y: jax.Array, top_k:
     # One sort by (score descending, expert ascending); negation is exact, so -(-s) is s bit for bit.
     neg_scores, experts = jax.lax.sort((-scores, experts), dimension=-1, num_keys=2)  # [T, C] each
     return -neg_scores[:, :top_k], experts[:, :top_k]
-
-
-def omni_router_brute_force(log_probs_x: jax.Array, log_probs_y: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """Scores all n*n experts and takes the top K (lowest index first on ties). O(n^2): tests only."""
-    n = log_probs_x.shape[-1]
-    acc = jnp.promote_types(log_probs_x.dtype, jnp.float32)
-    full = log_probs_x.astype(acc)[:, :, None] + log_probs_y.astype(acc)[:, None, :]  # [T, n, n]
-    scores, idx = jax.lax.top_k(full.reshape(full.shape[0], n * n), top_k)  # [T, K]
-    return scores, idx.astype(jnp.int32)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from pallas_kernels.omni_router.kernel import RouterConfig, next_power_of_2
+from pallas_kernels.omni_router.config import RouterConfig, next_power_of_2
 
 
 @triton.jit

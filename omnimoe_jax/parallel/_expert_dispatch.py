@@ -32,14 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from omnimoe_jax._mesh import batch_axes
+from omnimoe_jax.parallel._device_mesh import batch_axes
 from pallas_kernels import omni_expert
-
-
-def expert_parallel_mesh(expert_axis: str | None) -> AbstractMesh | None:
-    """The mesh set by `jax.set_mesh` if expert parallelism is on (it has `expert_axis`), else None."""
-    mesh = jax.sharding.get_abstract_mesh()  # empty when no mesh is set
-    return mesh if expert_axis is not None and expert_axis in mesh.axis_names else None
 
 
 def dispatch_capacity(local_tokens: int, num_shards: int, top_k: int, capacity_factor: float | None) -> int:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from omnimoe_jax._mesh import EXPERT_AXIS
+from omnimoe_jax.parallel._device_mesh import EXPERT_AXIS
 
 # (regular expression searched in the leaf path, PartitionSpec of the leaf's TRAILING dimensions).
 # Expert tables [N, d] are row-sharded over "expert": each expert shard owns N/E whole rows, which is what

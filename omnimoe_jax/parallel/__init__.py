@@ -20,37 +20,43 @@ train/mesh.py):
 Layout: expert tables `up_embed`/`down_embed` [N, d] are row-sharded over "expert" (each shard owns N/E
 whole experts), everything else is replicated, and the batch is split over ("data", "expert"). The router
 runs under plain jit on the sharded batch, so its BatchNorm statistics are those of the global batch.
-Apply the model with `mutable=[..., "intermediates"]` to read each layer's "dropped_pairs" count.
+Apply the model with `mutable=[..., "intermediates"]` to read each layer's "dispatch_dropped_pairs" count.
 
 Checkpoints: save the sharded state with orbax as usual; restore onto another mesh (or mesh shape) with
 `ocp.args.StandardRestore(parallel.abstract_state(state_or_abstract, new_mesh))`.
 
 Traffic: `collective_bytes(jax.jit(step).lower(...).compile().as_text())` sums the collectives of a compiled
 step by kind; `dispatch_payload_bytes` gives the expert dispatch's share from its buffer shapes.
+
+Modules (all private; this file is the public surface): `_device_mesh` (axes, `make_mesh`, the mesh a layer
+finds in context, the batch's layout), `_partition` (the parameter layout rules), `_expert_dispatch` (the
+all_to_all of tokens to expert shards), `_collectives` (traffic read from compiled HLO), `_multihost`
+(`jax.distributed`). They import JAX, `pallas_kernels` and the field checks (`_config_fields`), never the
+layers: the layers (router, atomic experts) import `_device_mesh` and `_expert_dispatch`.
 """
 
-from omnimoe_jax._communication import COLLECTIVES, collective_bytes
-from omnimoe_jax._distributed import initialize_distributed
-from omnimoe_jax._expert_parallel import (
-    dispatch_capacity,
-    dispatch_payload_bytes,
-    expert_parallel_mesh,
-    expert_parallel_omni_expert,
-)
-from omnimoe_jax._mesh import (
+from omnimoe_jax.parallel._collectives import COLLECTIVES, collective_bytes
+from omnimoe_jax.parallel._device_mesh import (
     BATCH_AXES,
     DATA_AXIS,
     EXPERT_AXIS,
     MESH_AXES,
     batch_axes,
     batch_sharding,
+    expert_parallel_mesh,
     make_mesh,
     parse_mesh_spec,
     process_rows,
     shard_batch,
     shard_tokens,
 )
-from omnimoe_jax._partition import DEFAULT_RULES, abstract_state, partition_specs, path_name, shardings
+from omnimoe_jax.parallel._expert_dispatch import (
+    dispatch_capacity,
+    dispatch_payload_bytes,
+    expert_parallel_omni_expert,
+)
+from omnimoe_jax.parallel._multihost import initialize_distributed
+from omnimoe_jax.parallel._partition import DEFAULT_RULES, abstract_state, partition_specs, path_name, shardings
 
 __all__ = [
     "BATCH_AXES",

@@ -1,4 +1,8 @@
-"""The device mesh: named axes ("data", "expert"), built from a spec such as "data=2,expert=4"."""
+"""The device mesh: named axes ("data", "expert"), built from a spec such as "data=2,expert=4"; the mesh a
+layer finds in context; the batch's layout on it.
+
+Imports nothing of the layers or of the expert dispatch, so every layer (the router too) can look the mesh
+up here."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+from omnimoe_jax._config_fields import is_int
 
 DATA_AXIS = "data"
 EXPERT_AXIS = "expert"
@@ -51,7 +57,7 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
             raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; expected axes from {MESH_AXES}")
         if name in seen:
             raise ValueError(f"mesh spec {spec!r}: axis {name!r} is given twice")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"mesh spec {spec!r}: size of axis {name!r} must be a positive int, got {size!r}")
         seen.add(name)
         sizes[name] = size
@@ -90,9 +96,17 @@ def batch_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 
+def expert_parallel_mesh(expert_axis: str | None) -> AbstractMesh | None:
+    """The mesh set by `jax.set_mesh` if expert parallelism is on (it has `expert_axis`), else None.
+
+    What the router (per-device top-K) and the atomic experts (dispatch to expert shards) both ask."""
+    mesh = jax.sharding.get_abstract_mesh()  # empty when no mesh is set
+    return mesh if expert_axis is not None and expert_axis in mesh.axis_names else None
+
+
 def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
     """Dimension `axis` (the batch; default the leading one) split over `batch_axes(mesh)`, others replicated."""
-    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+    if not is_int(axis) or axis < 0:
         raise ValueError(f"axis={axis!r} must be a non-negative int (the batch dimension)")
     return NamedSharding(mesh, PartitionSpec(*([None] * axis), batch_axes(mesh)))
 
@@ -127,7 +141,7 @@ def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
     process's devices (`make_mesh` may order devices for the topology, so do not assume a block per process).
     """
     shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
-    if isinstance(global_rows, bool) or not isinstance(global_rows, int) or global_rows < 1 or global_rows % shards:
+    if not is_int(global_rows) or global_rows < 1 or global_rows % shards:
         raise ValueError(
             f"global_rows={global_rows!r}: a batch must have a positive multiple of the {shards} batch shards of "
             f"mesh {dict(mesh.shape)} rows"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax
 
+from omnimoe_jax._config_fields import is_int
+
 
 def initialize_distributed(
     coordinator_address: str,
@@ -28,14 +30,14 @@ def initialize_distributed(
     if not (host and sep and port.isdigit()):
         raise ValueError(f"coordinator_address={coordinator_address!r} must be 'host:port', e.g. '10.0.0.1:1234'")
     for name, value in (("num_processes", num_processes), ("process_id", process_id)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise TypeError(f"{name}={value!r} must be an int")
     if num_processes < 1:
         raise ValueError(f"num_processes={num_processes} must be >= 1")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
     if local_device_count is not None:
-        if isinstance(local_device_count, bool) or not isinstance(local_device_count, int) or local_device_count < 1:
+        if not is_int(local_device_count) or local_device_count < 1:
             raise ValueError(f"local_device_count={local_device_count!r} must be None or a positive int")
         jax.config.update("jax_num_cpu_devices", local_device_count)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
