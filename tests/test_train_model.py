@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import assert_close, normal, rel_error, tolerance
 
-from omnimoe_jax import OmniMoE, OmniMoEConfig, routing_statistics
+from omnimoe_jax import OmniMoE, OmniMoEConfig, ffn_registry, routing_statistics
 from omnimoe_jax._model import FFN_KINDS, LMConfig, TransformerLM, parameter_counts, rotary
 from omnimoe_jax.baselines import DenseFFNConfig, GShardMoEConfig
 
@@ -177,7 +177,8 @@ def test_ffn_switch_and_routing_results(key):
 def test_every_sparse_ffn_sows_its_routing_statistics_into_metrics(ffn, remat, key):
     # One channel: every sparse kind sows "expert_counts" (and OmniMoE and FlashMoE "router_entropy") under
     # layer_<i>/ffn of "metrics", the collection the eval step reads; the dense layers sow nothing.
-    config = LMConfig(**SMALL, moe_every=2, ffn=ffn, remat=remat)
+    ffn_config = ffn_registry.config_class(ffn).small_preset(SMALL["hidden_size"])
+    config = LMConfig(**{**SMALL, "ffn": ffn_config}, moe_every=2, remat=remat)
     variables, tokens = init(config, key)
     assert "metrics" not in variables  # init sows none
     (_, routings), sown = apply(config, variables, tokens, return_routing=True, mutable=("metrics",))
@@ -189,14 +190,16 @@ def test_every_sparse_ffn_sows_its_routing_statistics_into_metrics(ffn, remat, k
         assert "router_entropy" not in stats and routings == ()
         return
     (routing,) = routings
-    assert counts.shape == (config.num_experts,)
-    assert int(counts.sum()) == tokens.size * config.num_experts_per_token  # every assignment, once
-    want_counts = np.bincount(np.asarray(routing.indices).ravel(), minlength=config.num_experts)
+    num_experts, top_k = ffn_config.num_experts, routing.indices.shape[-1]
+    assert top_k == getattr(ffn_config, "num_experts_per_token", getattr(ffn_config, "num_experts_per_tok", None))
+    assert counts.shape == (num_experts,)
+    assert int(counts.sum()) == tokens.size * top_k  # every assignment, once
+    want_counts = np.bincount(np.asarray(routing.indices).ravel(), minlength=num_experts)
     np.testing.assert_array_equal(counts, want_counts)
     (entropy,) = stats["router_entropy"]
-    np.testing.assert_allclose(entropy, routing_statistics(routing, config.num_experts)[1], rtol=1e-6)
+    np.testing.assert_allclose(entropy, routing_statistics(routing, num_experts)[1], rtol=1e-6)
     # Per token, H(p_x) + H(p_y) lies in (0, log N]: the LM's tokens route neither one-hot nor beyond uniform.
-    assert 0 < float(entropy) / tokens.size <= np.log(config.num_experts) + 1e-5
+    assert 0 < float(entropy) / tokens.size <= np.log(num_experts) + 1e-5
 
 
 def test_train_mode_updates_router_statistics(key):
