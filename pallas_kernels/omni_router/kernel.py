@@ -254,6 +254,12 @@ def _bucket_axes(entries, head_refs, positions_refs, *, key_bits: int):
 
 def _load_entries(keys_ref, cols_ref, t0, *, block_tokens: int):
     """The [T, k'] column-ordered top k' of `_compact_top_of_axis`, rows t0...: keys, cols, rows [bt, k_pad]."""
+    keys, cols, rows, _ = _load_entries_and_mask(keys_ref, cols_ref, t0, block_tokens=block_tokens)
+    return keys, cols, rows
+
+
+def _load_entries_and_mask(keys_ref, cols_ref, t0, *, block_tokens: int):
+    """`_load_entries` and which of its [bt, k_pad] entries are real (a token's, within k')."""
     tokens, k_axis = keys_ref.shape
     k_pad = next_power_of_2(k_axis)
     rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 0)
@@ -262,7 +268,7 @@ def _load_entries(keys_ref, cols_ref, t0, *, block_tokens: int):
     window = (pl.ds(t0, block_tokens), pl.ds(0, k_pad))
     keys = pltriton.load(keys_ref.at[window], mask=real, other=INT32_MIN)
     cols = pltriton.load(cols_ref.at[window], mask=real, other=0)
-    return keys, cols, rows
+    return keys, cols, rows, real
 
 
 def _rank_compacted(keys_ref, cols_ref, positions_ref, t0, *, block_tokens: int, block_j: int):
@@ -273,12 +279,8 @@ def _rank_compacted(keys_ref, cols_ref, positions_ref, t0, *, block_tokens: int,
     """
     tokens, k_axis = keys_ref.shape
     k_pad = next_power_of_2(k_axis)
-    rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 0)
-    entry = lax.broadcasted_iota(jnp.int32, (block_tokens, k_pad), 1)
-    real = (rows < tokens) & (entry < k_axis)
-    window = (pl.ds(t0, block_tokens), pl.ds(0, k_pad))
-    keys = pltriton.load(keys_ref.at[window], mask=real, other=INT32_MIN)[:, :, None]  # [bt, k_pad, 1]
-    cols = pltriton.load(cols_ref.at[window], mask=real, other=0)
+    keys, cols, rows, real = _load_entries_and_mask(keys_ref, cols_ref, t0, block_tokens=block_tokens)
+    keys = keys[:, :, None]  # [bt, k_pad, 1]
     j_rows = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens, block_j), 0)
     i = lax.broadcasted_iota(jnp.int32, (1, k_pad, 1), 1)
 
