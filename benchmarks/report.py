@@ -391,8 +391,10 @@ def render() -> str:
         if (result := _load(name)) is not None:
             sections.append(compare_section({**result, "name": name}))
             break
-    if (train_step := _load("train_step")) is not None:
-        sections.append(train_step_section(train_step))
+    # One table per run: each run's MFU is against its own measured matrix rate.
+    for name in ("train_step", "train_step_small", "train_step_moe"):
+        if (train_step := _load(name)) is not None:
+            sections.append(train_step_section(train_step))
     if (scaling := _load("scaling_gpu")) is not None:
         sections.append(scaling_section(scaling))
     if quality := {
