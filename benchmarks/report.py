@@ -327,7 +327,7 @@ def scaling_section(result: dict) -> list[str]:
     ]
 
 
-def train_step_section(result: dict) -> list[str]:
+def train_step_section(result: dict, title: str) -> list[str]:
     def cell(row: dict, name: str, fmt: str) -> str:
         return "-" if row.get(name) is None else format(row[name], fmt)
 
@@ -346,7 +346,7 @@ def train_step_section(result: dict) -> list[str]:
     ]
     header = ["preset", "active params", "ms/step", "tokens/s", "MFU", "peak GB", "steady", "status"]
     return [
-        "### Training step (one device)",
+        f"### Training step (one device): {title}",
         "",
         _measured_on(result)
         + f" MFU: model FLOPs (`train.flops`) per second over the {result['bf16_matmul_flops'] / 1e12:.0f} "
@@ -392,9 +392,15 @@ def render() -> str:
             sections.append(compare_section({**result, "name": name}))
             break
     # One table per run: each run's MFU is against its own measured matrix rate.
-    for name in ("train_step", "train_step_small", "train_step_moe"):
+    train_step_runs = {
+        "train_step": "all presets",
+        "train_step_small": "the small dense and OmniMoE presets",
+        "train_step_moe": "the matched MoE presets",
+        **{f"train_step_omnimoe_split_k{k}": f"small-omnimoe at K = {k}" for k in (1280, 512, 128)},
+    }
+    for name, title in train_step_runs.items():
         if (train_step := _load(name)) is not None:
-            sections.append(train_step_section(train_step))
+            sections.append(train_step_section(train_step, title))
     if (scaling := _load("scaling_gpu")) is not None:
         sections.append(scaling_section(scaling))
     if quality := {
