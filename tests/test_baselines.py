@@ -240,41 +240,101 @@ def test_one_expert_taking_every_token_leaves_the_others_empty(seed):
 
 @pytest.mark.parametrize("tile_rows", [8, 16])
 def test_expert_tiles_multiply_each_group_by_its_experts_matrix(tile_rows, seed):
-    # Group sizes with empty groups, a group of exactly one tile and one spanning several; every row of the
-    # tiled product is its row times its group's matrix, and nothing is lost or duplicated on the way back.
+    # Group sizes with empty groups, a group of exactly one tile and one spanning several, the pairs in a
+    # random order; every row of the tiled product is its row times its expert's matrix, nothing is lost or
+    # duplicated on the way back, and the gradients (gathers by the inverse maps) are the scatter-adds'.
     rng = np.random.default_rng(seed)
     sizes = np.array([0, 5, tile_rows, 0, 3 * tile_rows + 1, 2, 0])
-    rows, weights = rng.normal(size=(sizes.sum(), 6)), rng.normal(size=(len(sizes), 6, 4))
-    group = np.repeat(np.arange(len(sizes)), sizes)
-    want = np.einsum("pi,pio->po", rows, weights[group])
+    pair_expert = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    rows, weights = rng.normal(size=(len(pair_expert), 6)), rng.normal(size=(len(sizes), 6, 4))
+    want = np.einsum("pi,pio->po", rows, weights[pair_expert])
 
-    @jax.jit
-    def tiled_product(rows, weights, sizes):
-        tiles = ExpertTiles(sizes, rows.shape[0], tile_rows)
-        return tiles.from_tiles(tiles.matmul(tiles.to_tiles(rows), weights, preferred_element_type=jnp.float32))
+    def tiled_product(rows, weights, pair_expert):
+        tiles = ExpertTiles(pair_expert, len(sizes), tile_rows=tile_rows)
+        return tiles.combine(tiles.matmul(tiles.to_tiles(rows), weights))
 
-    got = tiled_product(jnp.asarray(rows, jnp.float32), jnp.asarray(weights, jnp.float32), jnp.asarray(sizes))
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    tiles = ExpertTiles(jnp.asarray(sizes), int(sizes.sum()), tile_rows)
-    destination = np.asarray(tiles.destination).tolist()
-    assert len(set(destination)) == len(destination)  # no two rows share a slot
+    with jax.enable_x64(True):
+        args = (jnp.asarray(rows), jnp.asarray(weights), jnp.asarray(pair_expert))
+        got = jax.jit(tiled_product)(*args)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+        probe = jnp.asarray(rng.normal(size=want.shape))
+        grads = jax.grad(lambda r, w: jnp.sum(tiled_product(r, w, args[2]) * probe), argnums=(0, 1))(*args[:2])
+        want_grads = jax.grad(lambda r, w: jnp.sum(jnp.einsum("pi,pio->po", r, w[args[2]]) * probe), (0, 1))(*args[:2])
+        for g, w in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12)
+    tiles = ExpertTiles(jnp.asarray(pair_expert), len(sizes), tile_rows=tile_rows)
+    slots = np.asarray(tiles.pair_slot)
+    assert len(set(slots.tolist())) == len(slots) and slots.max() < tiles.num_tiles * tile_rows  # one slot each
+    slot_pair = np.asarray(tiles.slot_pair)
+    assert sorted(slot_pair[slot_pair < len(slots)].tolist()) == list(range(len(slots)))  # the inverse map
     used = -(-sizes // tile_rows)  # tiles per group
     assert np.asarray(tiles.tile_expert)[: used.sum()].tolist() == np.repeat(np.arange(len(sizes)), used).tolist()
 
 
-def test_the_dropless_dispatch_forms_no_product_over_every_expert():
+def test_expert_tiles_dispatch_copies_each_token_to_its_k_slots_and_sums_their_gradients(seed):
+    # Pairs are slot-major (p = c * T + t reads token t); the capacity layout drops pairs past C per expert
+    # in that priority order, and their gradient is zero.
+    rng = np.random.default_rng(seed)
+    num_tokens, top_k, num_experts, capacity = 12, 3, 4, 5
+    with jax.enable_x64(True):
+        pair_expert = jnp.asarray(rng.integers(0, num_experts, size=num_tokens * top_k))
+        tokens = jnp.asarray(rng.normal(size=(num_tokens, 6)))
+        probe = jnp.asarray(rng.normal(size=(num_tokens * top_k, 6)))
+        for layout in (
+            ExpertTiles(pair_expert, num_experts, tile_rows=4),
+            ExpertTiles(pair_expert, num_experts, capacity=capacity),
+        ):
+            rank = np.array([np.sum(pair_expert[:p] == pair_expert[p]) for p in range(len(pair_expert))])
+            kept = rank < (capacity if layout.capacity else len(rank))
+            want_rows = np.where(kept[:, None], np.tile(np.asarray(tokens), (top_k, 1)), 0.0)
+            np.testing.assert_array_equal(np.asarray(layout.combine(layout.dispatch(tokens))), want_rows)
+            assert int(layout.dropped) == int(np.sum(~kept))
+            grad = jax.grad(lambda x, layout=layout: jnp.sum(layout.combine(layout.dispatch(x)) * probe))(tokens)
+            want = np.sum((np.asarray(probe) * kept[:, None]).reshape(top_k, num_tokens, 6), axis=0)
+            np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-12)
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive in a closed jaxpr, its sub-jaxprs (custom_vjp, pjit, scan) included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= _primitives(inner)
+    return names
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DeepSeekMoEConfig(D, 16, 12, 2),
+        DeepSeekMoEConfig(D, 16, 12, 2, dispatch="capacity"),
+        GShardMoEConfig(D, 16, 12),
+    ],
+    ids=["deepseek-sorted", "deepseek-capacity", "gshard"],
+)
+def test_the_expert_dispatch_runs_on_gathers_forward_and_backward(config):
     # jax.lax.ragged_dot lowers to a product of every row with every expert's matrix on XLA:GPU and jax's
-    # fallback: E times the work and an [E, P, I] buffer. The expert tiles never call it, forward or backward.
-    # (Read from the jaxpr: the lowered text of a ragged_dot need not name it.)
-    config = DeepSeekMoEConfig(D, 16, 12, 2)
+    # fallback (E times the work and an [E, P, I] buffer); a float scatter-add (autodiff's transpose of a
+    # gather or of top_k) runs as one atomic add per element on the GPU. The dispatch uses neither, forward or
+    # backward. (Read from the jaxpr: the lowered text need not name them.)
     x = jnp.ones((TOKENS, D))
     model = module_for(config)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-    loss = lambda v, x: jnp.sum(model.apply(v, x))
-    assert "ragged_dot" not in str(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x))
-    # the check sees a ragged_dot where there is one
+    loss = lambda v, x: jnp.sum(model.apply(v, x, mutable=["metrics"])[0])
+    used = _primitives(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x).jaxpr)
+    assert "ragged_dot" not in used and "ragged_dot_general" not in used
+    assert "scatter-add" not in used and "scatter_add" not in used
+    # the check sees them where they are
     groups = jnp.array([TOKENS // 2, TOKENS - TOKENS // 2], jnp.int32)
-    assert "ragged_dot" in str(jax.make_jaxpr(jax.lax.ragged_dot)(x, jnp.ones((2, D, 4)), groups))
+    assert {"ragged_dot", "ragged_dot_general"} & _primitives(
+        jax.make_jaxpr(jax.lax.ragged_dot)(x, jnp.ones((2, D, 4)), groups).jaxpr
+    )
+    top_k_grad = jax.grad(lambda p: jnp.sum(jax.lax.top_k(p, 2)[0]))
+    assert {"scatter-add", "scatter_add"} & _primitives(jax.make_jaxpr(top_k_grad)(x).jaxpr)
 
 
 # (The dense FFN is SharedMLP, flax Dense layers: nothing of ours to differentiate.)

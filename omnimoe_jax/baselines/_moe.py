@@ -11,12 +11,17 @@ order) and sorted by expert with a stable argsort; then either
               in priority order, pairs ranked C or later are dropped (counted), and the experts run as one
               batched [E, C, d] x [E, d, I] product.
 
-The outputs return to pair order through the inverse permutation and are summed per token with the gates.
+The outputs return to pair order and are summed per token with the gates.
 
-The tiles cost at most E - 1 partial tiles of padding (m is chosen from the mean group size) and a gather of
-one weight matrix per tile. `jax.lax.ragged_dot`, the obvious primitive, is not used: XLA on GPUs (jax 0.10-
-0.11) and jax's CPU fallback lower it to a product of every row with every group's matrix, E times the work
-and an [E, P, I] buffer (12 GiB at the `small-deepseekmoe` preset's 32,768 tokens). The capacity buffers cost
+Every move of rows between token order, pair order and the tiles is a gather, forward and backward
+(`gather_rows`: the gradient of a permutation is the gather by its inverse), and the gates of the chosen experts
+are a one-hot contraction: autodiff would transpose gathers and `top_k` into float scatter-adds, which the GPU
+runs as one atomic add per element (a compare-and-swap loop in bf16), and those dominated the step of the
+`small-deepseekmoe` preset. The tiles cost at most E - 1 partial tiles of padding (m is chosen from the mean
+group size) and a copy of one weight matrix per tile, whose gradient is summed per expert by a one-hot product
+on the matrix units. `jax.lax.ragged_dot`, the obvious primitive, is not used: XLA on GPUs (jax 0.10-0.11) and
+jax's CPU fallback lower it to a product of every row with every group's matrix, E times the work and an
+[E, P, I] buffer (12 GiB at the `small-deepseekmoe` preset's 32,768 tokens). The capacity buffers cost
 (capacity_factor - 1) of padding and drop overflow. benchmarks/compare.py times both ("deepseekmoe-matched" vs
 "deepseekmoe-capacity").
 """
@@ -51,7 +56,11 @@ def softmax_top_k(logits: jax.Array, top_k: int, *, normalize: bool) -> tuple[ja
     """
     acc = jnp.promote_types(logits.dtype, jnp.float32)  # routing hinges on small gaps: f32 at least
     probs = jax.nn.softmax(logits.astype(acc), axis=-1)  # [T, E]
-    weights, experts = jax.lax.top_k(probs, top_k)  # [T, k] each
+    _, experts = jax.lax.top_k(jax.lax.stop_gradient(probs), top_k)  # [T, k]
+    # The chosen gates as a one-hot contraction (exact: one product by 1, the rest by 0) rather than top_k's
+    # own gradient, a scatter-add of T*k elements that the GPU runs as atomics; E is small for coarse MoEs.
+    chosen = experts[:, :, None] == jnp.arange(probs.shape[-1], dtype=experts.dtype)  # [T, k, E]
+    weights = jnp.sum(jnp.where(chosen, probs[:, None, :], 0), axis=-1)  # [T, k]
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return probs, weights, experts.astype(jnp.int32)
@@ -69,16 +78,26 @@ def balance_loss(probs: jax.Array, counted: jax.Array) -> jax.Array:
     Gradients flow through `probs` only (the counts are piecewise constant).
     """
     num_experts = probs.shape[-1]
-    counts = jnp.zeros(num_experts, probs.dtype).at[counted.reshape(-1)].add(1.0)  # [E]
+    counts = count_per_expert(counted, num_experts).astype(probs.dtype)  # [E]
     fraction = counts / counted.size  # [E], sums to 1
     return num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
+
+
+def count_per_expert(experts: jax.Array, num_experts: int) -> jax.Array:
+    """[E] int32: how often each expert id occurs in `experts` (any shape).
+
+    A one-hot sum rather than `bincount`: a scatter-add of T*k ones into E counters serialises on the GPU's
+    atomics (every update of one expert hits one address), while [T*k, E] compares fuse into one reduction
+    (E is at most a few hundred for the coarse MoEs)."""
+    one_hot = experts.reshape(-1, 1) == jnp.arange(num_experts, dtype=experts.dtype)  # [T*k, E]
+    return jnp.sum(one_hot, axis=0, dtype=jnp.int32)  # [E]
 
 
 def expert_counts(experts: jax.Array, num_experts: int) -> jax.Array:
     """[E] int32: how many of the T*k assignments each expert received (sums to T*k; before any drop).
 
     Counts rather than fractions so that a training loop can add them up over batches."""
-    return jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.int32)  # [E]
+    return count_per_expert(experts, num_experts)
 
 
 def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -86,46 +105,142 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: 
     return max(1, min(tokens, math.ceil(capacity_factor * top_k * tokens / num_experts)))
 
 
-class ExpertTiles:
-    """Rows sorted by expert, laid out as whole tiles of `m` rows that each belong to one expert.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_rows(rows: jax.Array, index: jax.Array, transpose_index: jax.Array, copies: int) -> jax.Array:
+    """rows[index] ([len(index), f]; an index >= len(rows) reads a zero row), with a gradient that gathers too.
 
-    Group e's rows (`group_sizes[e]` of them, consecutive in the sorted order) fill ceil(size / m) tiles; the
-    last one is padded with zero rows. The tile count is static: at most ceil(P / m) + E - 1 tiles hold rows,
-    and the spare ones are all padding. `matmul` multiplies every tile by its expert's matrix in one batched
-    product, so a SwiGLU stays in the tiled layout from its first product to its last.
+    Autodiff would transpose the gather into a scatter-add, which the GPU runs as one atomic add per element
+    (and as a compare-and-swap loop in bf16). Every gather here is a permutation, possibly with padding and
+    with each row read `copies` times, so its transpose is the gather by the inverse map: `transpose_index`
+    [copies * len(rows)] lists, for copy c of row r at c * len(rows) + r, the output row that read it (or an
+    index >= len(index) if none did). The gradient sums the copies in f32 at least.
+    """
+    return rows.at[index].get(mode="fill", fill_value=0)
+
+
+def _gather_rows_forward(rows, index, transpose_index, copies):
+    return gather_rows(rows, index, transpose_index, copies), transpose_index
+
+
+def _gather_rows_backward(copies, transpose_index, grad):
+    num_rows = transpose_index.shape[0] // copies
+    picked = grad.at[transpose_index].get(mode="fill", fill_value=0)  # [copies * rows, f]
+    if copies > 1:
+        acc = jnp.promote_types(grad.dtype, jnp.float32)
+        picked = jnp.sum(picked.reshape(copies, num_rows, -1).astype(acc), axis=0)
+    return picked.astype(grad.dtype), None, None
+
+
+gather_rows.defvjp(_gather_rows_forward, _gather_rows_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gather_tile_weights(weights: jax.Array, tile_expert: jax.Array, num_experts: int) -> jax.Array:
+    """weights[tile_expert]: [E, f_in, f_out] -> [tiles, f_in, f_out] (E = `num_experts`).
+
+    The gradient sums each expert's tiles by a one-hot product [E, tiles] x [tiles, f_in * f_out] on the
+    matrix units (accumulated in f32 at least) rather than by autodiff's scatter-add of every element.
+    """
+    return weights[tile_expert]
+
+
+def _gather_tile_weights_forward(weights, tile_expert, num_experts):
+    return weights[tile_expert], tile_expert
+
+
+def _gather_tile_weights_backward(num_experts, tile_expert, grad):
+    one_hot = (jnp.arange(num_experts)[:, None] == tile_expert[None, :]).astype(grad.dtype)  # [E, tiles]
+    acc = jnp.promote_types(grad.dtype, jnp.float32)
+    summed = jnp.einsum("et,tio->eio", one_hot, grad, preferred_element_type=acc)  # [E, f_in, f_out]
+    return summed.astype(grad.dtype), None
+
+
+gather_tile_weights.defvjp(_gather_tile_weights_forward, _gather_tile_weights_backward)
+
+
+class ExpertTiles:
+    """A layout of the (token, expert) pairs as tiles of `m` rows that each belong to one expert.
+
+    The P = T*k pairs come slot-major (pair p = c * T + t is token t's c-th choice) with their experts
+    `pair_expert` [P]. A stable sort by expert keeps that priority order inside each expert's group; then
+
+      dropless (capacity=None): group e's rows fill ceil(size_e / m) tiles, the last one padded with zero
+        rows. The tile count is static: at most ceil(P / m) + E - 1 tiles hold rows, the spare ones are all
+        padding (m = `tile_rows`).
+      capacity C: expert e owns one tile of m = C rows; its pairs ranked C or later are dropped (they read
+        zero on the way back), `dropped` counts them.
+
+    `dispatch` gathers the tokens into the tiles, `matmul` multiplies every tile by its expert's matrix in one
+    batched product, so a SwiGLU stays in the tiled layout from its first product to its last, and `combine`
+    gathers the tiles' rows back to pair order. Every move is a gather, forward and backward (`gather_rows`).
     """
 
-    def __init__(self, group_sizes: jax.Array, num_rows: int, tile_rows: int):
-        num_experts = group_sizes.shape[0]
-        self.num_rows, self.tile_rows = num_rows, tile_rows
-        self.num_tiles = -(-num_rows // tile_rows) + num_experts - 1  # static bound on the tiles in use
-        tiles = -(-group_sizes // tile_rows)  # [E] tiles per group
-        first_tile = jnp.cumsum(tiles) - tiles  # [E], exclusive prefix sum
+    def __init__(
+        self, pair_expert: jax.Array, num_experts: int, *, tile_rows: int | None = None, capacity: int | None = None
+    ):
+        if (tile_rows is None) == (capacity is None):
+            raise ValueError(f"give one of tile_rows={tile_rows!r} (dropless) and capacity={capacity!r}")
+        num_pairs = pair_expert.shape[0]
+        self.num_pairs, self.num_experts = num_pairs, num_experts
+        self.tile_rows = tile_rows if capacity is None else capacity
+        m = self.tile_rows
+        self.num_tiles = -(-num_pairs // m) + num_experts - 1 if capacity is None else num_experts  # static
+        order = jnp.argsort(pair_expert, stable=True)  # [P] sorted position -> pair
+        group_sizes = count_per_expert(pair_expert, num_experts)  # [E]
+        tiles = -(-group_sizes // m) if capacity is None else jnp.ones_like(group_sizes)  # [E] tiles per group
+        first_tile = jnp.cumsum(tiles) - tiles  # [E], exclusive prefix sums
         first_row = jnp.cumsum(group_sizes) - group_sizes  # [E]
-        group = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=num_rows)  # [P], each row's
-        # where each sorted row goes in the tiled layout [num_tiles * m]
-        self.destination = first_tile[group] * tile_rows + jnp.arange(num_rows) - first_row[group]  # [P]
-        # the expert of each tile; the spare tiles past the last group (all padding) take the last expert
-        ends = jnp.cumsum(tiles)  # [E]
+        # sorted row s of group e, rank r = s - first_row[e] in it, goes to slot first_tile[e] * m + r if r < C
+        group = pair_expert[order]  # [P]
+        rank = jnp.arange(num_pairs) - first_row[group]  # [P]
+        slot_count = self.num_tiles * m
+        kept = rank < tiles[group] * m  # [P], all True when dropless
+        sorted_slot = jnp.where(kept, first_tile[group] * m + rank, slot_count)  # [P]
+        self.dropped = num_pairs - jnp.sum(kept, dtype=jnp.int32)
+        # each pair's slot (slot_count if dropped): sorted_slot in pair order (a permutation: plain stores)
+        self.pair_slot = jnp.zeros(num_pairs, sorted_slot.dtype).at[order].set(sorted_slot, unique_indices=True)
+        # each tile's expert; the dropless layout's spare tiles past the last group (all padding) take the last
         self.tile_expert = jnp.minimum(
-            jnp.searchsorted(ends, jnp.arange(self.num_tiles), side="right"), num_experts - 1
+            jnp.searchsorted(jnp.cumsum(tiles), jnp.arange(self.num_tiles), side="right"), num_experts - 1
         )  # [num_tiles]
+        # and the inverse map: the pair in each slot, num_pairs for padding
+        slot = jnp.arange(slot_count)
+        slot_expert = self.tile_expert[slot // m]
+        offset = slot - first_tile[slot_expert] * m  # the slot's rank within its group
+        filled = offset < jnp.minimum(group_sizes, tiles * m)[slot_expert]
+        self.slot_pair = jnp.where(
+            filled, order[jnp.minimum(first_row[slot_expert] + offset, num_pairs - 1)], num_pairs
+        )
+        self.capacity = capacity
+
+    def _tiled(self, flat: jax.Array) -> jax.Array:
+        return flat.reshape(self.num_tiles, self.tile_rows, flat.shape[-1])
 
     def to_tiles(self, rows: jax.Array) -> jax.Array:
-        """[P, f] sorted rows -> [num_tiles, m, f], zero rows as padding."""
-        tiled = jnp.zeros((self.num_tiles * self.tile_rows, rows.shape[-1]), rows.dtype)
-        tiled = tiled.at[self.destination].set(rows, unique_indices=True, indices_are_sorted=True)
-        return tiled.reshape(self.num_tiles, self.tile_rows, rows.shape[-1])
+        """[P, f] rows in pair order -> [num_tiles, m, f], zero rows as padding."""
+        return self._tiled(gather_rows(rows, self.slot_pair, self.pair_slot, 1))
 
-    def from_tiles(self, tiled: jax.Array) -> jax.Array:
-        """[num_tiles, m, f] -> [P, f] in the sorted order (padding left behind)."""
+    def dispatch(self, tokens: jax.Array) -> jax.Array:
+        """[T, f] tokens (pair p = c * T + t reads token t) -> [num_tiles, m, f], zero rows as padding."""
+        num_tokens = tokens.shape[0]
+        slot_token = jnp.where(self.slot_pair < self.num_pairs, self.slot_pair % num_tokens, num_tokens)
+        return self._tiled(gather_rows(tokens, slot_token, self.pair_slot, self.num_pairs // num_tokens))
+
+    def combine(self, tiled: jax.Array) -> jax.Array:
+        """[num_tiles, m, f] -> [P, f] in pair order (a dropped pair reads zeros; padding is left behind)."""
         flat = tiled.reshape(self.num_tiles * self.tile_rows, tiled.shape[-1])
-        return flat.at[self.destination].get(unique_indices=True, indices_are_sorted=True)
+        return gather_rows(flat, self.pair_slot, self.slot_pair, 1)
 
-    def matmul(self, tiled: jax.Array, weights: jax.Array, *, preferred_element_type) -> jax.Array:
-        """[num_tiles, m, f_in] x weights [E, f_in, f_out] -> [num_tiles, m, f_out], each tile by its expert's."""
-        per_tile = weights[self.tile_expert]  # [num_tiles, f_in, f_out]
-        return jnp.einsum("tmi,tio->tmo", tiled, per_tile, preferred_element_type=preferred_element_type)
+    def matmul(self, tiled: jax.Array, weights: jax.Array) -> jax.Array:
+        """[num_tiles, m, f_in] x weights [E, f_in, f_out] -> [num_tiles, m, f_out], each tile by its expert's.
+
+        In the inputs' dtype (the matrix units accumulate in f32 either way): an f32 result would make the
+        backward products f32 x bf16, which XLA runs as f32 (TF32) matrix products.
+        """
+        if self.capacity is not None:  # one tile per expert, in expert order
+            return jnp.einsum("tmi,tio->tmo", tiled, weights)
+        per_tile = gather_tile_weights(weights, self.tile_expert, self.num_experts)  # [num_tiles, f_in, f_out]
+        return jnp.einsum("tmi,tio->tmo", tiled, per_tile)
 
 
 def tile_rows_for(num_rows: int, num_experts: int) -> int:
@@ -168,46 +283,14 @@ class RoutedSwiGLUExperts(nn.Module):
         num_tokens, top_k = experts.shape
         pairs = num_tokens * top_k
         pair_expert = experts.T.reshape(pairs)  # [P], slot-major: p = slot * T + t
-        pair_token = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), top_k)  # [P]
-        order = jnp.argsort(pair_expert, stable=True)  # [P], grouped by expert, priority order kept inside
-        group_sizes = jnp.zeros(e, jnp.int32).at[pair_expert].add(1)  # [E]
         if self.dispatch == "sorted":
-            dropped = 0
-            out = self._sorted(tokens[pair_token[order]], group_sizes, gate_w, up_w, down_w)  # [P, d] sorted
-            inverse = jnp.zeros_like(order).at[order].set(jnp.arange(pairs, dtype=order.dtype))  # [P]
-            out = out[inverse]  # [P, d], back to pair order
+            layout = ExpertTiles(pair_expert, e, tile_rows=tile_rows_for(pairs, e))
         else:
-            group_start = jnp.cumsum(group_sizes) - group_sizes  # [E], exclusive prefix sum
-            rank = jnp.arange(pairs, dtype=jnp.int32) - group_start[pair_expert[order]]  # [P] in sorted order
-            position = jnp.zeros(pairs, jnp.int32).at[order].set(rank)  # [P] in pair order
-            capacity = expert_capacity(num_tokens, top_k, e, self.capacity_factor)
-            kept = position < capacity  # [P]
-            dropped = pairs - jnp.sum(kept, dtype=jnp.int32)
-            out = self._capacity(tokens, pair_token, pair_expert, position, kept, capacity, gate_w, up_w, down_w)
+            layout = ExpertTiles(pair_expert, e, capacity=expert_capacity(num_tokens, top_k, e, self.capacity_factor))
+        tiled = layout.dispatch(tokens)  # [tiles, m, d]
+        hidden = get_activation(self.hidden_act).forward(layout.matmul(tiled, gate_w)) * layout.matmul(tiled, up_w)
+        out = layout.combine(layout.matmul(hidden.astype(self.dtype), down_w))  # [P, d] in pair order
         out = out.reshape(top_k, num_tokens, d)  # [k, T, d], in `dtype`
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        y = jnp.einsum("kt,ktd->td", weights.T.astype(self.dtype), out, preferred_element_type=acc)  # [T, d]
-        return y.astype(self.dtype), jnp.asarray(dropped, jnp.int32)
-
-    def _swiglu(self, gate: jax.Array, up: jax.Array) -> jax.Array:
-        return (get_activation(self.hidden_act).forward(gate) * up).astype(self.dtype)
-
-    def _sorted(self, rows, group_sizes, gate_w, up_w, down_w) -> jax.Array:
-        # rows: [P, d] sorted by expert -> [P, d]; each expert's run multiplied by its matrices, tile by tile.
-        acc = jnp.promote_types(self.dtype, jnp.float32)
-        tiles = ExpertTiles(group_sizes, rows.shape[0], tile_rows_for(rows.shape[0], self.num_experts))
-        tiled = tiles.to_tiles(rows)  # [tiles, m, d]
-        dot = functools.partial(tiles.matmul, preferred_element_type=acc)
-        hidden = self._swiglu(dot(tiled, gate_w), dot(tiled, up_w))  # [tiles, m, I]
-        return tiles.from_tiles(dot(hidden, down_w).astype(self.dtype))  # [P, d]
-
-    def _capacity(self, tokens, pair_token, pair_expert, position, kept, capacity, gate_w, up_w, down_w):
-        # -> [P, d] in pair order; a dropped pair writes nowhere (its slot index C is out of bounds) and reads 0.
-        acc = jnp.promote_types(self.dtype, jnp.float32)
-        slot = jnp.where(kept, position, capacity)  # [P]
-        buffer = jnp.zeros((self.num_experts, capacity, self.hidden_size), self.dtype)  # [E, C, d]
-        buffer = buffer.at[pair_expert, slot].set(tokens[pair_token], mode="drop")  # [E, C, d]
-        gate = jnp.einsum("ecd,edi->eci", buffer, gate_w, preferred_element_type=acc)  # [E, C, I]
-        up = jnp.einsum("ecd,edi->eci", buffer, up_w, preferred_element_type=acc)  # [E, C, I]
-        out = jnp.einsum("eci,eid->ecd", self._swiglu(gate, up), down_w, preferred_element_type=acc)  # [E, C, d]
-        return out.astype(self.dtype).at[pair_expert, slot].get(mode="fill", fill_value=0)  # [P, d]
+        y = jnp.sum(weights.T[:, :, None].astype(acc) * out, axis=0)  # [T, d], summed in f32 at least
+        return y.astype(self.dtype), layout.dropped
