@@ -12,8 +12,7 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false step gpu_tests_router_flashmoe 200 "$python"
     --durations=10 tests/test_router_gpu.py tests/test_flashmoe_gpu.py &
 tests=$!
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 step train_step_fit 200 "$python" benchmarks/train_step.py \
-    --presets small-omnimoe,small --steps 10 --timeout 90
-[ -f "$logs/train_step.json" ] && mv "$logs/train_step.json" "$logs/train_step_fit.json"
+    --presets small-omnimoe,small --steps 10 --timeout 90 --output train_step_fit.json
 wait "$tests" || status=1
 step router_paper 120 "$python" benchmarks/router.py --paper --budget-s 60
 echo "== total $SECONDS s"

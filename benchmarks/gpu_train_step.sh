@@ -9,10 +9,9 @@
 source "$(dirname "$0")/gpu_common.sh"
 step gpu_tests_flashmoe 150 "$python" -m pytest -m gpu -q -rfE --durations=5 tests/test_flashmoe_gpu.py
 step train_step_small 170 "$python" benchmarks/train_step.py --presets small-dense,small --steps 50 --trace \
-    --timeout 80
-[ -f "$logs/train_step.json" ] && mv "$logs/train_step.json" "$logs/train_step_small.json"
+    --timeout 80 --output train_step_small.json
 step train_step_moe 280 "$python" benchmarks/train_step.py \
-    --presets small-omnimoe,small-deepseekmoe,small-flashmoe --steps 10 --trace --timeout 90
-[ -f "$logs/train_step.json" ] && mv "$logs/train_step.json" "$logs/train_step_moe.json"
+    --presets small-omnimoe,small-deepseekmoe,small-flashmoe --steps 10 --trace --timeout 90 \
+    --output train_step_moe.json
 echo "== total $SECONDS s"
 exit "$status"

@@ -396,6 +396,7 @@ def render() -> str:
         "train_step": "all presets",
         "train_step_small": "the small dense and OmniMoE presets",
         "train_step_moe": "the matched MoE presets",
+        "train_step_dispatch": "the coarse and fine-grained baselines, dispatch by gathers",
         **{f"train_step_omnimoe_split_k{k}": f"small-omnimoe at K = {k}" for k in (1280, 512, 128)},
     }
     for name, title in train_step_runs.items():

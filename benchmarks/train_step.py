@@ -23,8 +23,8 @@ per parameter and token) + 12 x layers x context x d for the attention scores an
 appendix's count, causal masking not discounted). MFU divides achieved model FLOP/s by the bf16 matrix
 rate of an 8192^3 product measured in the same run (`benchmarks/layer.py`'s `matmul_rate`).
 
-Writes train_step.json (environment, rows) under $OUT when set, else benchmarks/results/, and prints a
-table.
+Writes `--output` (default train_step.json: environment, rows) under $OUT when set, else
+benchmarks/results/, and prints a table.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--steady-steps", type=int, default=0, help="also time a window at this step (0: skip)")
     parser.add_argument("--trace", action="store_true", help="profile three steps and sum kernels by name")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per preset")
+    parser.add_argument("--output", default="train_step.json", help="result file name, under $OUT or results/")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--matmul-flops", type=float, help=argparse.SUPPRESS)
@@ -108,7 +109,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     out = pathlib.Path(os.environ.get("OUT") or RESULTS)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "train_step.json"
+    path = out / args.output
     run = {**device["environment"], "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])}
     path.write_text(json.dumps({**run, "bf16_matmul_flops": matmul, "columns": COLUMNS, "rows": rows}, indent=2) + "\n")
     print_table(rows, COLUMNS)
