@@ -177,12 +177,20 @@ def time_limit_minutes(share_s: float) -> float:
 
 
 def run_one(
-    entry: dict, run_dir: pathlib.Path, env: dict[str, str], *, limit_minutes: float | None, timeout_s: float | None
+    entry: dict,
+    run_dir: pathlib.Path,
+    env: dict[str, str],
+    *,
+    limit_minutes: float | None,
+    timeout_s: float | None,
+    resume: bool = False,
 ) -> dict:
     """Run one planned kind; {"command", "returncode", "wall_s", "log_tail", "killed"} (its metrics stay in
-    run_dir). limit_minutes: the run's own `--time_limit_minutes` (None: none, the run goes to its last step);
-    timeout_s: kill the process after this long (None: never)."""
-    command = [sys.executable, "-m", "train", "--preset", BASE_PRESET, "--run-dir", str(run_dir), *entry["overrides"]]
+    run_dir, its log beside it). limit_minutes: the run's own `--time_limit_minutes` (None: none, the run goes
+    to its last step); timeout_s: kill the process after this long (None: never); resume: continue the run
+    already in run_dir (`python -m train --resume`: its stored config, from its latest checkpoint)."""
+    command = [sys.executable, "-m", "train", "--run-dir", str(run_dir)]
+    command += ["--resume"] if resume else ["--preset", BASE_PRESET, *entry["overrides"]]
     if limit_minutes is not None:
         command.append(f"--time_limit_minutes={limit_minutes:.3f}")
     log_path = run_dir.parent / f"{run_dir.name}.log"

@@ -23,15 +23,18 @@ The grid, per kind (the first value of every list is its centre):
 `--order informative` (the default) runs the centre setting first (seed by seed, every kind), then the other
 learning rates, then the multipliers, then the splits; `--order grid` runs kind by kind.
 
-Each run is one `python -m train` process (`quality.run_one`) with no time limit of its own beyond the
-budget; its record (settings, final validation bits per byte, tokens, wall time, device, versions, date,
-command, and the routing health of its last evaluation: experts used, load entropy, max load, from the
-sown expert counts; `train.metrics`) is written atomically to `<results-dir>/<shape>__<run>.json` and copied
-to $OUT/quality_sweep/ when $OUT is set. A run whose record exists is skipped unless it was stopped by the
-budget (then it runs again from the start; `--retry-errors` reruns failed ones too), so each slice continues
-where the last stopped. `--budget-minutes` bounds a slice: no run starts after it, a run whose expected time
-(from the finished or stopped runs of the same kind, split and shape) does not fit in what is left is not
-started, and a run still going when the budget ends stops itself and is recorded as stopped.
+Each run is one `python -m train` process (`quality.run_one`) in `--runs-dir`; its record (settings, final
+validation bits per byte, tokens, wall time, device, versions, date, command, and the routing health of its
+last evaluation: experts used, load entropy, max load, from the sown expert counts; `train.metrics`) is
+written atomically to `<results-dir>/<shape>__<run>.json` and copied to $OUT/quality_sweep/ when $OUT is
+set (commit those files: the next slice skips them). A run whose record exists is skipped, unless the budget
+stopped it (`--retry-errors` reruns failed ones too), so each slice continues where the last stopped.
+
+`--budget-minutes` bounds a slice: no run starts after it, and a run still going when it ends stops itself
+(its own `--time_limit_minutes`, a checkpoint) and is recorded as stopped: the next slice resumes it from
+that checkpoint if its run directory is still there (a warm GPU machine keeps the ignored runs/ between
+calls), else starts it again. A run whose expected time (from the finished or stopped runs of the same
+kind, split and shape) would fit a whole slice but not what is left of this one waits for the next.
 
 `--combine` merges every record of the results folder into `<results-dir>.json` and `.png` (by default
 benchmarks/results/quality_sweep.json, which `benchmarks/report.py` renders): for every shape and kind, the
@@ -51,6 +54,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,6 +81,7 @@ TABLE_LR_FIELD = "table_learning_rate_multiplier"
 HAS_TABLE_LR = TABLE_LR_FIELD in {field.name for field in dataclasses.fields(TrainConfig)}
 SPLIT_TOLERANCE = 0.01  # a split's active parameters may differ from dense's by at most this fraction
 RESULTS_DIR = common.RESULTS / "quality_sweep"
+RUNS_DIR = quality.REPO / "runs" / "quality_sweep"  # git ignores runs/; a warm GPU machine keeps it between calls
 TIERS = ("centre", "learning rate", "table multiplier", "split")
 # The shape of every run: (default, --quick default). d = 256 and 40M tokens are issue 13's floor.
 SHAPE_DEFAULTS = {
@@ -332,7 +337,8 @@ def make_record(run: Run, shape: Shape, records: list[dict], outcome: dict, envi
         "tokens_per_s": row.get("tokens_per_s"),
         "train_s": end["elapsed_s"] if end else None,
         "wall_s": outcome.get("wall_s"),
-        "curve": quality.eval_curve(records, shape.tokens_per_step),
+        # A resumed run's metrics hold every segment; an evaluation repeated at the step it resumed from is kept once.
+        "curve": list({p["step"]: p for p in quality.eval_curve(records, shape.tokens_per_step)}.values()),
         "config": start["config"] if start else None,
     }
     if status == "error":
@@ -377,19 +383,26 @@ def sweep(
     runs: list[Run],
     shape: Shape,
     results_dir: pathlib.Path,
+    runs_dir: pathlib.Path,
     *,
     budget_s: float,
     retry_errors: bool,
     child_env: dict[str, str],
     environment: dict,
 ) -> dict[str, int]:
-    """Run, in order, the runs that should run and fit in the budget; returns counts of what happened."""
+    """Run, in order, the runs that should run and fit in the budget; returns counts of what happened.
+
+    Each run trains in `runs_dir/<shape>__<run>`, removed once its record is a result or an error. A run the
+    budget stopped keeps its directory (and the checkpoint its time limit saved), so a later slice on the
+    same machine resumes it (`python -m train --resume`); elsewhere it starts again from step 0.
+    """
     start = time.time()
     records = load_records(results_dir)
     by_name = {(r["shape"]["key"], r["name"]): r for r in records}
     counts = {"skipped (recorded)": 0, "ran": 0, "not started (would not fit)": 0, "left (budget spent)": 0}
     for i, run in enumerate(runs):
-        if not should_run(by_name.get((shape.key, run.name)), retry_errors=retry_errors):
+        previous = by_name.get((shape.key, run.name))
+        if not should_run(previous, retry_errors=retry_errors):
             counts["skipped (recorded)"] += 1
             continue
         left = budget_s - (time.time() - start)
@@ -398,24 +411,40 @@ def sweep(
                 should_run(by_name.get((shape.key, r.name)), retry_errors=retry_errors) for r in runs[i:]
             )
             break
-        expected = expected_seconds(records, shape, run)
-        if expected is not None and expected > left:
+        run_dir = runs_dir / f"{shape.key}__{run.name}"
+        resume = previous is not None and previous["status"] == "stopped" and (run_dir / "config.json").exists()
+        if resume:
+            expected = previous["wall_s"] * (previous["planned_steps"] - previous["steps"]) / max(previous["steps"], 1)
+        else:
+            expected = expected_seconds(records, shape, run)
+        # Deferred only if a later slice could hold it whole; one longer than any slice starts (and resumes in
+        # the next slice on this machine), and a resumed one keeps what it trains.
+        if not resume and expected is not None and left < expected <= budget_s:
             print(f"{run.name}: not started: expected {expected:.0f} s, {left:.0f} s of the budget left", flush=True)
             counts["not started (would not fit)"] += 1
             continue
+        if not resume and run_dir.exists():  # what a killed or failed attempt left: this run starts again
+            shutil.rmtree(run_dir)
+        runs_dir.mkdir(parents=True, exist_ok=True)
         entry = run_entry(run, shape)
-        print(f"{run.name} ({TIERS[run.tier]}): {left:.0f} s left; {' '.join(entry['overrides'])}", flush=True)
-        with tempfile.TemporaryDirectory(prefix="quality-sweep-") as tmp:
-            run_dir = pathlib.Path(tmp) / "run"
-            outcome = quality.run_one(
-                entry,
-                run_dir,
-                child_env,
-                limit_minutes=quality.time_limit_minutes(left),
-                timeout_s=left + quality.GRACE_S,
-            )
-            metrics = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+        what = f"resuming at step {previous['steps']}" if resume else " ".join(entry["overrides"])
+        print(f"{run.name} ({TIERS[run.tier]}): {left:.0f} s left; {what}", flush=True)
+        outcome = quality.run_one(
+            entry,
+            run_dir,
+            child_env,
+            limit_minutes=quality.time_limit_minutes(left),
+            timeout_s=left + quality.GRACE_S,
+            resume=resume,
+        )
+        metrics = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
         record = make_record(run, shape, metrics, outcome, environment)
+        if resume:  # the record covers every segment of the run
+            record["wall_s"] = round(previous["wall_s"] + record["wall_s"], 1)
+            record["segments"] = previous.get("segments", 1) + 1
+        if record["status"] != "stopped":
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.with_name(run_dir.name + ".log").unlink(missing_ok=True)
         path = results_dir / run.filename(shape)
         common.write_json_atomic(path, record)
         common.copy_to_out(path, under=results_dir.name)
@@ -733,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", default="informative", choices=["informative", "grid"])
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="no run starts (or goes on) past this")
     parser.add_argument("--results-dir", default=None, help=f"run records (default {RESULTS_DIR}; --quick: a tmp dir)")
+    parser.add_argument("--runs-dir", default=None, help=f"run directories (default {RUNS_DIR}; --quick: a tmp dir)")
     parser.add_argument("--retry-errors", action="store_true", help="run failed runs again")
     parser.add_argument("--list", action="store_true", help="print the plan and what is recorded; run nothing")
     parser.add_argument("--combine", action="store_true", help="merge the records into <results-dir>.json")
@@ -744,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = pathlib.Path(tempfile.mkdtemp(prefix="quality-sweep-quick-")) / "quality_sweep"
     else:
         results_dir = RESULTS_DIR
+    default_runs = results_dir.parent / "runs" if args.quick else RUNS_DIR
+    runs_dir = pathlib.Path(args.runs_dir) if args.runs_dir else default_runs
     if args.combine:
         write_combined(results_dir)
         return 0
@@ -798,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         runs,
         shape,
         results_dir,
+        runs_dir,
         budget_s=60 * args.budget_minutes,
         retry_errors=args.retry_errors,
         child_env=child_env,

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -299,25 +300,27 @@ def test_sweep_records_each_ending():
     assert killed["status"] == "stopped"  # the budget's grace ran out: it runs again next time
 
 
-def test_sweep_skips_recorded_runs_and_keeps_to_its_budget(monkeypatch, tmp_path):
+def test_sweep_skips_recorded_runs_resumes_stopped_ones_and_keeps_to_its_budget(monkeypatch, tmp_path):
     shape = _quick_shape()
     runs = quality_sweep.order(
         _grid(["dense", "omnimoe"], learning_rates=[2e-3], multipliers=[1.0], splits=[(32, 40)]), "informative"
     )
-    assert [r.name for r in runs] == [
-        "dense-lr0.002-seed0",
-        "omnimoe-lr0.002-tm1-i32k40-seed0",
-        "dense-lr0.002-seed1",
-        "omnimoe-lr0.002-tm1-i32k40-seed1",
+    names = [r.name for r in runs]
+    assert names == [
+        f"{kind}-seed{seed}" for seed in (0, 1) for kind in ("dense-lr0.002", "omnimoe-lr0.002-tm1-i32k40")
     ]
-    results = tmp_path / "quality_sweep"
+    results, run_dirs = tmp_path / "quality_sweep", tmp_path / "runs"
+    now = [0.0]  # the sweep's clock: each fake run takes 50 s of it
+    monkeypatch.setattr(quality_sweep, "time", types.SimpleNamespace(time=lambda: now[0]))
     started = []
 
-    def fake_run_one(entry, run_dir, env, *, limit_minutes, timeout_s):
-        started.append(next(o for o in entry["overrides"] if o.startswith("--ffn=")) + f" {timeout_s:.0f}")
-        run_dir.mkdir(parents=True)
+    def fake_run_one(entry, run_dir, env, *, limit_minutes, timeout_s, resume):
+        started.append((entry["kind"], resume, round(timeout_s)))
+        run_dir.mkdir(parents=True, exist_ok=resume)  # a fresh run finds no directory: the sweep cleared it
         metrics = "".join(json.dumps(r) + "\n" for r in _fake_metrics(4, planned=4))
         (run_dir / "metrics.jsonl").write_text(metrics)
+        (run_dir.parent / f"{run_dir.name}.log").write_text("log\n")
+        now[0] += 50.0
         return {"command": ["python"], "returncode": 0, "killed": False, "wall_s": 50.0, "log_tail": []}
 
     monkeypatch.setattr(quality_sweep.quality, "run_one", fake_run_one)
@@ -325,41 +328,50 @@ def test_sweep_skips_recorded_runs_and_keeps_to_its_budget(monkeypatch, tmp_path
 
     def prior(run, metrics, outcome):
         record = quality_sweep.make_record(run, shape, metrics, outcome, ENVIRONMENT)
-        common_write(results / run.filename(shape), record)
+        quality_sweep.common.write_json_atomic(results / run.filename(shape), record)
 
     ok = {"command": ["python"], "returncode": 0, "killed": False, "wall_s": 40.0, "log_tail": []}
     prior(runs[0], _fake_metrics(4, planned=4), ok)  # done: skipped
-    prior(runs[1], _fake_metrics(2, planned=4, reason="time limit"), ok)  # stopped: runs again
+    prior(runs[1], _fake_metrics(2, planned=4, reason="time limit"), ok)  # stopped, its directory here: resumed
     prior(runs[2], [], {**ok, "returncode": 1})  # failed: skipped unless retried
+    (run_dirs / f"{shape.key}__{names[1]}").mkdir(parents=True)
+    (run_dirs / f"{shape.key}__{names[1]}" / "config.json").write_text("{}")
+    (run_dirs / f"{shape.key}__{names[3]}").mkdir()  # a killed attempt's leftovers: cleared, started again
 
     def sweep(budget_s, retry_errors=False):
         started.clear()
         return quality_sweep.sweep(
-            runs, shape, results, budget_s=budget_s, retry_errors=retry_errors, child_env={}, environment=ENVIRONMENT
+            runs,
+            shape,
+            results,
+            run_dirs,
+            budget_s=budget_s,
+            retry_errors=retry_errors,
+            child_env={},
+            environment=ENVIRONMENT,
         )
 
     assert sweep(0.0) == {"skipped (recorded)": 1, "ran": 0, "not started (would not fit)": 0, "left (budget spent)": 2}
     assert started == []
-    # The stopped omnimoe run took 40 s for 2 of 4 steps: 80 s expected, more than 60 s: not started; the
-    # other omnimoe run has the same kind, split and shape, so neither is.
-    counts = sweep(60.0)
-    assert counts["not started (would not fit)"] == 2 and counts["ran"] == 0 and started == []
-    counts = sweep(600.0)
-    assert counts == {"skipped (recorded)": 2, "ran": 2, "not started (would not fit)": 0, "left (budget spent)": 0}
-    assert [s.split()[0] for s in started] == ["--ffn=omnimoe", "--ffn=omnimoe"]
-    assert float(started[0].split()[1]) == pytest.approx(600 + quality.GRACE_S, abs=2)  # the budget bounds it
+    # The stopped run resumes (40 s for 2 of 4 steps: 40 s to go) and takes 50 s; the other omnimoe run is now
+    # expected to take what the first did in all (90 s): it would fit a slice of 100 s, but not the 50 s left.
+    counts = sweep(100.0)
+    assert counts == {"skipped (recorded)": 2, "ran": 1, "not started (would not fit)": 1, "left (budget spent)": 0}
+    assert started == [("omnimoe", True, 100 + quality.GRACE_S)]  # the budget bounds the run
+    resumed = json.loads((results / runs[1].filename(shape)).read_text())
+    assert (resumed["status"], resumed["wall_s"], resumed["segments"]) == ("done", 90.0, 2)
+    assert not (run_dirs / f"{shape.key}__{names[1]}").exists()  # a finished run's directory goes
+    assert not (run_dirs / f"{shape.key}__{names[1]}.log").exists()
+    # A slice shorter than the run's 90 s: the run could never fit one, so it starts (to resume later).
+    assert sweep(60.0)["ran"] == 1 and started == [("omnimoe", False, 60 + quality.GRACE_S)]
     assert sweep(600.0)["ran"] == 0  # everything recorded: a new slice starts nothing
-    assert sweep(600.0, retry_errors=True)["ran"] == 1 and started[0].startswith("--ffn=dense")
+    assert sweep(600.0, retry_errors=True)["ran"] == 1 and started[0][0] == "dense"
     records = {r["name"]: r for r in quality_sweep.load_records(results)}
-    assert {r["status"] for r in records.values()} == {"done"} and len(records) == 4
-    assert sorted(p.name for p in (tmp_path / "out" / "quality_sweep").iterdir()) == sorted(
-        r.filename(shape) for r in runs[1:]
-    )
+    assert {r["status"] for r in records.values()} == {"done"} and sorted(records) == sorted(names)
+    out = sorted(p.name for p in (tmp_path / "out" / "quality_sweep").iterdir())
+    assert out == sorted(r.filename(shape) for r in runs[1:])  # each record as it was written
     assert not [p for p in results.iterdir() if p.suffix != ".json"]  # no temporary file left behind
-
-
-def common_write(path, record):
-    quality_sweep.common.write_json_atomic(path, record)
+    assert list(run_dirs.iterdir()) == []
 
 
 def _record(kind, seed, lr, bits, *, multiplier=None, split=None, status="done", shape="S"):
