@@ -489,6 +489,8 @@ def render() -> str:
         "train_step_small": "the small dense and OmniMoE presets",
         "train_step_moe": "the matched MoE presets",
         "train_step_dispatch": "the coarse and fine-grained baselines, dispatch by gathers",
+        "train_step_fine": "the fine-grained baselines PEER and PKM",
+        "train_step_steady": "steady state, tokens/s at step ~200 against the first window",
         **{f"train_step_omnimoe_split_k{k}": f"small-omnimoe at K = {k}" for k in (1280, 512, 128)},
     }
     for name, title in train_step_runs.items():
