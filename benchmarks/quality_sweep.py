@@ -30,7 +30,7 @@ written atomically to `<results-dir>/<shape>__<run>.json` and copied to $OUT/qua
 set (commit those files: the next slice skips them). A run whose record exists is skipped, unless the budget
 stopped it (`--retry-errors` reruns failed ones too), so each slice continues where the last stopped.
 
-`--budget-minutes` bounds a slice: no run starts after it, and a run still going when it ends stops itself
+`--budget-minutes` bounds a slice: no run starts in its last minute, and a run still going at its end stops itself
 (its own `--time_limit_minutes`, a checkpoint) and is recorded as stopped: the next slice resumes it from
 that checkpoint if its run directory is still there (a warm GPU machine keeps the ignored runs/ between
 calls), else starts it again. A run whose expected time (from the finished or stopped runs of the same
@@ -82,6 +82,7 @@ HAS_TABLE_LR = TABLE_LR_FIELD in {field.name for field in dataclasses.fields(Tra
 SPLIT_TOLERANCE = 0.01  # a split's active parameters may differ from dense's by at most this fraction
 RESULTS_DIR = common.RESULTS / "quality_sweep"
 RUNS_DIR = quality.REPO / "runs" / "quality_sweep"  # git ignores runs/; a warm GPU machine keeps it between calls
+MIN_START_S = 60.0  # no run starts with less of the budget left: starting Python and JAX and compiling take that
 TIERS = ("centre", "learning rate", "table multiplier", "split")
 # The shape of every run: (default, --quick default). d = 256 and 40M tokens are issue 13's floor.
 SHAPE_DEFAULTS = {
@@ -406,7 +407,7 @@ def sweep(
             counts["skipped (recorded)"] += 1
             continue
         left = budget_s - (time.time() - start)
-        if left <= 0:
+        if left < MIN_START_S:
             counts["left (budget spent)"] = sum(
                 should_run(by_name.get((shape.key, r.name)), retry_errors=retry_errors) for r in runs[i:]
             )

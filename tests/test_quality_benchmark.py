@@ -353,11 +353,12 @@ def test_sweep_skips_recorded_runs_resumes_stopped_ones_and_keeps_to_its_budget(
 
     assert sweep(0.0) == {"skipped (recorded)": 1, "ran": 0, "not started (would not fit)": 0, "left (budget spent)": 2}
     assert started == []
+    assert sweep(59.0)["left (budget spent)"] == 2 and started == []  # less than a minute: nothing starts
     # The stopped run resumes (40 s for 2 of 4 steps: 40 s to go) and takes 50 s; the other omnimoe run is now
-    # expected to take what the first did in all (90 s): it would fit a slice of 100 s, but not the 50 s left.
-    counts = sweep(100.0)
+    # expected to take what the first did in all (90 s): it would fit a slice of 120 s, but not the 70 s left.
+    counts = sweep(120.0)
     assert counts == {"skipped (recorded)": 2, "ran": 1, "not started (would not fit)": 1, "left (budget spent)": 0}
-    assert started == [("omnimoe", True, 100 + quality.GRACE_S)]  # the budget bounds the run
+    assert started == [("omnimoe", True, 120 + quality.GRACE_S)]  # the budget bounds the run
     resumed = json.loads((results / runs[1].filename(shape)).read_text())
     assert (resumed["status"], resumed["wall_s"], resumed["segments"]) == ("done", 90.0, 2)
     assert not (run_dirs / f"{shape.key}__{names[1]}").exists()  # a finished run's directory goes
