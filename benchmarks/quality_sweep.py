@@ -30,9 +30,9 @@ written atomically to `<results-dir>/<shape>__<run>.json` and copied to $OUT/qua
 set (commit those files: the next slice skips them). A run whose record exists is skipped, unless the budget
 stopped it (`--retry-errors` reruns failed ones too), so each slice continues where the last stopped.
 
-`--budget-minutes` bounds a slice: no run starts in its last minute, and a run still going at its end stops itself
-(its own `--time_limit_minutes`, a checkpoint) and is recorded as stopped: the next slice resumes it from
-that checkpoint if its run directory is still there (a warm GPU machine keeps the ignored runs/ between
+`--budget-minutes` bounds a slice: no run starts in its last minute, and a run still going at its end stops
+itself (its own `--time_limit_minutes`, a checkpoint) and is recorded as stopped: the next slice resumes it
+from that checkpoint if its run directory is still there (a warm GPU machine keeps the ignored runs/ between
 calls), else starts it again. A run whose expected time (from the finished or stopped runs of the same
 kind, split and shape) would fit a whole slice but not what is left of this one waits for the next.
 
@@ -66,8 +66,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # benchmarks/ is a folder of scripts, not a package
 import quality
 
-from omnimoe_jax._config import OmniMoEConfig
-from omnimoe_jax.baselines._dense import DenseFFNConfig
+from omnimoe_jax import OmniMoEConfig
+from omnimoe_jax.baselines import DenseFFNConfig
 from train import divergence
 from train.config import TrainConfig, apply_overrides, parse_overrides
 from train.metrics import read_metrics
@@ -91,7 +91,10 @@ SHAPE_DEFAULTS = {
     "num_heads": (4, quality.QUICK_SHARED["num_heads"]),
     "context_length": (256, quality.QUICK_SHARED["context_length"]),
     "batch_size": (64, quality.QUICK_SHARED["batch_size"]),
-    "tokens": (40_000_000, quality.QUICK_STEPS * 4 * 16),
+    "tokens": (
+        40_000_000,
+        quality.QUICK_STEPS * quality.QUICK_SHARED["batch_size"] * quality.QUICK_SHARED["context_length"],
+    ),
 }
 DEFAULT_LEARNING_RATES = "2e-3,1e-3"  # 2e-3: benchmarks/quality.py's; 1e-3: the small preset's
 DEFAULT_MULTIPLIERS = "1,3,10"
@@ -196,9 +199,8 @@ def grid(
 ) -> list[Run]:
     """Every run of the sweep, kind by kind (the module docstring says which). `multipliers` apply to
     TABLE_KINDS and `splits` to SPLIT_KINDS; their first values are the centre the other axis varies around."""
-    for name, values in (("seeds", seeds), ("learning_rates", learning_rates)):
+    for name, values in (("seeds", seeds), ("learning_rates", learning_rates), ("multipliers", multipliers)):
         _check_list(name, values)
-    _check_list("table multipliers", multipliers)
     _check_list("splits", splits)
     runs = []
     for k, kind in enumerate(kinds):
@@ -222,8 +224,9 @@ def _check_list(name: str, values: Sequence) -> None:
 
 
 def order(runs: list[Run], how: str) -> list[Run]:
-    """ "informative": tier by tier (the centre, other learning rates, multipliers, splits), each seed by seed
-    across every kind, so a sweep cut short holds the most comparable runs; "grid": kind by kind."""
+    """The runs in the order `how` names. "informative": tier by tier (the centre, other learning rates,
+    multipliers, splits), each seed by seed across every kind, so a sweep cut short holds the most comparable
+    runs; "grid": kind by kind."""
     if how == "informative":
         return sorted(runs, key=lambda r: (r.tier, r.index[4], r.index[1], r.index[2], r.index[3], r.index[0]))
     if how == "grid":
@@ -293,7 +296,8 @@ def make_record(run: Run, shape: Shape, records: list[dict], outcome: dict, envi
     """One run's JSON record from its metrics records and how its process ended (`quality.run_one`).
 
     status: "done" (every step, a final evaluation), "diverged" (a non-finite loss: a result too, of a bad
-    setting), "stopped" (the budget ran out: not a result; the run starts again next time) or "error".
+    setting), "stopped" (the budget ran out: not a result; the run resumes, or starts again, next time) or
+    "error".
     """
     row = quality.summarise(run.kind, records, outcome, shape.steps)
     start = next((r for r in records if r["kind"] == "start"), None)
@@ -323,8 +327,9 @@ def make_record(run: Run, shape: Shape, records: list[dict], outcome: dict, envi
         "tier": TIERS[run.tier],
         "status": status,
         "detail": row["status"] if status != "error" else row.get("error"),
-        "bits_per_byte": row.get("bits_per_byte"),
-        "val_loss": row.get("val_loss"),
+        # Only a finished run's last evaluation is its result; the curve keeps what the others evaluated.
+        "bits_per_byte": row.get("bits_per_byte") if status == "done" else None,
+        "val_loss": row.get("val_loss") if status == "done" else None,
         "eval_step": row.get("eval_step"),
         "steps": row.get("steps"),
         "planned_steps": shape.steps,
@@ -413,7 +418,11 @@ def sweep(
             )
             break
         run_dir = runs_dir / f"{shape.key}__{run.name}"
-        resume = previous is not None and previous["status"] == "stopped" and (run_dir / "config.json").exists()
+        # A stopped run with steps done and its directory here resumes (one killed before its first step, or
+        # whose directory went with another machine, starts again).
+        resume = bool(
+            previous and previous["status"] == "stopped" and previous["steps"] and (run_dir / "config.json").exists()
+        )
         if resume:
             expected = previous["wall_s"] * (previous["planned_steps"] - previous["steps"]) / max(previous["steps"], 1)
         else:

@@ -289,6 +289,7 @@ def test_sweep_records_each_ending():
     assert (done["command"], done["sweep_command"], done["wall_s"]) == ("python -m train", ENVIRONMENT["command"], 9.0)
     stopped = quality_sweep.make_record(run, shape, _fake_metrics(2, planned=4, reason="time limit"), ok, ENVIRONMENT)
     assert stopped["status"] == "stopped" and stopped["detail"] == "stopped at step 2 (time limit)"
+    assert stopped["bits_per_byte"] is None and stopped["curve"][-1]["bits_per_byte"] == 2.0  # partial: no result
     diverged = quality_sweep.make_record(
         run, shape, _fake_metrics(2, planned=4, reason="non-finite loss"), {**ok, "returncode": 3}, ENVIRONMENT
     )
@@ -297,7 +298,7 @@ def test_sweep_records_each_ending():
     failed = quality_sweep.make_record(run, shape, _fake_metrics(0, planned=4)[:1], crashed, ENVIRONMENT)
     assert failed["status"] == "error" and "RESOURCE_EXHAUSTED" in failed["detail"] and failed["log_tail"]
     killed = quality_sweep.make_record(run, shape, [], {**ok, "returncode": None, "killed": True}, ENVIRONMENT)
-    assert killed["status"] == "stopped"  # the budget's grace ran out: it runs again next time
+    assert killed["status"] == "stopped" and killed["steps"] is None  # killed: it starts again next time
 
 
 def test_sweep_skips_recorded_runs_resumes_stopped_ones_and_keeps_to_its_budget(monkeypatch, tmp_path):
@@ -336,7 +337,9 @@ def test_sweep_skips_recorded_runs_resumes_stopped_ones_and_keeps_to_its_budget(
     prior(runs[2], [], {**ok, "returncode": 1})  # failed: skipped unless retried
     (run_dirs / f"{shape.key}__{names[1]}").mkdir(parents=True)
     (run_dirs / f"{shape.key}__{names[1]}" / "config.json").write_text("{}")
-    (run_dirs / f"{shape.key}__{names[3]}").mkdir()  # a killed attempt's leftovers: cleared, started again
+    prior(runs[3], [], {**ok, "returncode": None, "killed": True})  # killed before its first step: starts again
+    (run_dirs / f"{shape.key}__{names[3]}").mkdir()  # and its leftovers are cleared first
+    (run_dirs / f"{shape.key}__{names[3]}" / "config.json").write_text("{}")
 
     def sweep(budget_s, retry_errors=False):
         started.clear()
