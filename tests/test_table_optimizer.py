@@ -119,10 +119,16 @@ def test_labels_name_each_kinds_expert_tables(kind):
 
 
 @pytest.mark.parametrize("kind", ["dense", "gshard"])
-def test_table_settings_are_refused_for_a_model_without_tables(kind):
+def test_table_settings_are_refused_for_a_model_without_tables(kind, capsys):
     config = kind_config(kind, "--table_learning_rate_multiplier=3")
-    with pytest.raises(ValueError, match="table_learning_rate_multiplier, table_lr_decay_to_one and table_weight"):
+    message = "table_learning_rate_multiplier, table_lr_decay_to_one and table_weight_decay set the expert"
+    with pytest.raises(ValueError, match=message):
         make_optimizer(config).init(param_shapes(config))
+    with pytest.raises(SystemExit):  # the command line refuses it before loading data or compiling
+        cli.main([f"--ffn={kind}", "--table_weight_decay=0", "--print-config"])
+    assert message in capsys.readouterr().err
+    assert cli.main(["--ffn=pkm", "--table_weight_decay=0", "--print-config"]) == 0
+    assert '"table_weight_decay": 0.0' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind", ["omnimoe", "pkm"])

@@ -104,6 +104,19 @@ def table_labels(params: Any) -> Any:
     return labels
 
 
+def check_table_parameters(config: TrainConfig) -> None:
+    """ValueError (`table_labels`'s) when `config` sets a table field but its model has no expert table;
+    without allocating (jax.eval_shape), so the command line refuses it before loading data."""
+    if not config.has_table_group:
+        return
+    tokens = jax.ShapeDtypeStruct((1, config.model.context_length), jnp.int32)  # [1, L]
+    shapes = jax.eval_shape(lambda t: TransformerLM(config.model).init(jax.random.key(0), t), tokens)
+    try:
+        table_labels(shapes["params"])
+    except ValueError as err:  # say which kind: the parameters alone do not
+        raise ValueError(f"ffn={config.model.ffn_kind!r}: {err}") from None
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping (over all parameters), then AdamW; weight decay on parameters of rank >= 2 (not
     norm scales).
