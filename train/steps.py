@@ -122,7 +122,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     norm scales).
 
     With a table field of `config` set (`TrainConfig.has_table_group`) the AdamW is an `optax.partition`
-    into two AdamWs of the same moments: the expert tables (`table_labels`) at
+    into two AdamWs with the same betas and epsilon: the expert tables (`table_labels`) at
     `table_learning_rate_schedule` with table_weight_decay (None: weight_decay), the other parameters as
     before. Otherwise it is the single AdamW, so the optimizer state keeps the structure checkpoints of
     such runs hold.
