@@ -180,8 +180,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
     metrics: loss (cross-entropy, mean over micro-batches), aux_loss (the sown auxiliary losses, mean over
     micro-batches; for the FFN kinds that sow one), grad_norm (before clipping), learning_rate (of this
     update), table_learning_rate (the expert tables' of this update, with a table group:
-    `make_optimizer`), dropped_pairs (int32, expert-parallel dispatch drops summed over micro-batches and layers; see
-    `train.metrics.dispatch_dropped_pairs`). No "metrics" collection: routing health is measured in eval.
+    `make_optimizer`), dropped_pairs (int32, expert-parallel dispatch drops summed over micro-batches and
+    layers; see `train.metrics.dispatch_dropped_pairs`). No "metrics" collection: routing health is measured in eval.
     """
     schedule, table_schedule = learning_rate_schedule(config), table_learning_rate_schedule(config)
 
