@@ -16,9 +16,12 @@ The grid, per kind (the first value of every list is its centre):
   12 d^2 active parameters per token and layer for every kind;
 - seeds (`--seeds`) x base learning rates (`--learning-rates`) x the kind's variants: for the kinds with
   expert or value tables (TABLE_KINDS) every `--table-multipliers` value at the centre split, passed as
-  `--table_learning_rate_multiplier=` (skipped, with a message, while TrainConfig has no such field), and for
+  `--table_learning_rate_multiplier=` (`train.steps.TABLE_PARAMETERS` train at that multiple), and for
   OmniMoE every other `--omnimoe-splits` value (intermediate_size:K, each within 1% of dense's active
   parameters) at the centre multiplier. The two axes are not crossed: each is varied around the centre.
+
+Other `--key=value` overrides go to every run (the `--table_*` ones, such as `--table_lr_decay_to_one`, to
+the kinds with tables alone) and are part of the shape's name, so runs with other overrides keep apart.
 
 `--order informative` (the default) runs the centre setting first (seed by seed, every kind), then the other
 learning rates, then the multipliers, then the splits; `--order grid` runs kind by kind.
@@ -69,7 +72,7 @@ import quality
 from omnimoe_jax import OmniMoEConfig
 from omnimoe_jax.baselines import DenseFFNConfig
 from train import divergence
-from train.config import TrainConfig, apply_overrides, parse_overrides
+from train.config import apply_overrides, parse_overrides
 from train.metrics import read_metrics
 from train.presets import get_preset, matched_ffn_overrides
 
@@ -78,7 +81,6 @@ TABLE_KINDS = ("omnimoe", "flashmoe", "peer", "pkm")  # expert or value tables: 
 SPLIT_KINDS = ("omnimoe",)
 RIVALS = ("dense", "deepseekmoe", "peer")  # what OmniMoE must beat (issue 13's target)
 TABLE_LR_FIELD = "table_learning_rate_multiplier"
-HAS_TABLE_LR = TABLE_LR_FIELD in {field.name for field in dataclasses.fields(TrainConfig)}
 SPLIT_TOLERANCE = 0.01  # a split's active parameters may differ from dense's by at most this fraction
 RESULTS_DIR = common.RESULTS / "quality_sweep"
 RUNS_DIR = quality.REPO / "runs" / "quality_sweep"  # git ignores runs/; a warm GPU machine keeps it between calls
@@ -268,8 +270,10 @@ def run_entry(run: Run, shape: Shape) -> dict[str, Any]:
     ffn = matched_ffn_overrides(run.kind, shape.hidden_size)
     if run.split is not None:
         ffn["ffn.intermediate_size"], ffn["ffn.num_experts_per_token"] = map(str, run.split)
-    extra = list(shape.extra)
-    if run.table_multiplier is not None and HAS_TABLE_LR:
+    # The table settings (table_lr_decay_to_one, table_weight_decay) go to the kinds with tables alone: the
+    # others have none for them to change.
+    extra = [e for e in shape.extra if run.kind in TABLE_KINDS or not e.startswith("--table_")]
+    if run.table_multiplier is not None:
         extra.append(f"--{TABLE_LR_FIELD}={run.table_multiplier:g}")
     overrides = quality.run_overrides(
         run.kind,
@@ -760,7 +764,8 @@ def _tokens(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Other --key=value arguments go to every run (see `python -m train --help`) and name the shape.",
+        epilog="Other --key=value arguments go to every run (see `python -m train --help`; the --table_* ones to "
+        "the kinds with tables alone) and name the shape.",
     )
     parser.add_argument("--ffn", default=",".join(SWEEP_KINDS), help="comma-separated FFN kinds")
     for field, (default, quick) in SHAPE_DEFAULTS.items():
@@ -798,17 +803,13 @@ def main(argv: list[str] | None = None) -> int:
         for field, (default, quick) in SHAPE_DEFAULTS.items():
             text = getattr(args, field)
             values[field] = (quick if args.quick else default) if text is None else _tokens(text)
+        # One spelling per override ("--key=value"), so the same overrides name the same shape.
+        extra = [f"--{key}" if value is None else f"--{key}={value}" for key, value in parse_overrides(extra).items()]
         shape = Shape(**values, quick=args.quick, extra=tuple(extra))
         learning_rates = _numbers(args.learning_rates, float, "--learning-rates")
         if len(learning_rates) < 2 and not args.quick:
             raise ValueError(f"--learning-rates={args.learning_rates}: expected >= 2 (each kind at its own best)")
         multipliers = _numbers(args.table_multipliers, float, "--table-multipliers")
-        if not HAS_TABLE_LR and multipliers != [1.0]:
-            print(
-                f"note: TrainConfig has no {TABLE_LR_FIELD} field yet (issue 13, item 1), so the table "
-                f"multipliers {multipliers} are skipped: the table kinds run at multiplier 1 only (no flag passed)"
-            )
-            multipliers = [1.0]
         splits = _splits(args.omnimoe_splits) if args.omnimoe_splits else default_splits(shape.hidden_size)
         if any(kind in SPLIT_KINDS for kind in kinds):
             check_splits(splits, shape.hidden_size)

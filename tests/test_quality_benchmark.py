@@ -18,7 +18,7 @@ import quality_sweep
 import report
 
 from omnimoe_jax.baselines import presets as ffn_presets
-from train.config import TrainConfig, apply_overrides, parse_overrides
+from train.config import apply_overrides, parse_overrides
 from train.presets import get_preset
 
 KINDS = ["dense", "gshard", "deepseekmoe", "omnimoe", "peer", "pkm"]
@@ -140,7 +140,6 @@ def test_quick_mode_end_to_end(tmp_path):
 # benchmarks/quality_sweep.py
 
 SWEEP = list(quality_sweep.SWEEP_KINDS)
-HAS_TABLE_LR = quality_sweep.TABLE_LR_FIELD in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _grid(kinds=SWEEP, **changes):
@@ -214,17 +213,20 @@ def test_sweep_runs_share_everything_but_the_ffn_and_the_swept_settings():
     for config in configs.values():
         assert config.model.replace(ffn=reference.model.ffn) == reference.model
         assert dataclasses.replace(config, model=reference.model, learning_rate=2e-3, seed=0) == reference
-    peer = next(r for r in _grid() if r.kind == "peer" and r.table_multiplier == 3.0)
-    if HAS_TABLE_LR:  # item 1 of issue 13 is on this branch: the multiplier reaches the run's config
-        entry = quality_sweep.run_entry(peer, shape)
-        assert f"--{quality_sweep.TABLE_LR_FIELD}=3" in entry["overrides"]
-        config = apply_overrides(get_preset("small"), parse_overrides(entry["overrides"]))
-        assert config.table_learning_rate_multiplier == 3.0
-    else:  # until it is, the flag is not passed (and main drops the axis with a message)
-        assert not any("table" in o for o in quality_sweep.run_entry(peer, shape)["overrides"])
+    for run in _grid():  # every multiplier reaches its run's optimizer settings, as a TrainConfig field
+        config = apply_overrides(get_preset("small"), parse_overrides(quality_sweep.run_entry(run, shape)["overrides"]))
+        assert config.table_learning_rate_multiplier == (run.table_multiplier or 1.0)
+        assert config.has_table_group == (run.table_multiplier not in (None, 1.0))
 
 
-def test_sweep_shape_names_its_runs_and_refuses_too_few_tokens():
+def test_sweep_table_settings_go_to_the_kinds_with_tables_alone():
+    shape = _quick_shape(hidden_size=64, tokens=64 * 10, extra=("--table_lr_decay_to_one", "--attention=xla"))
+    for run in _grid(multipliers=[3.0]):
+        config = apply_overrides(get_preset("small"), parse_overrides(quality_sweep.run_entry(run, shape)["overrides"]))
+        assert config.table_lr_decay_to_one == (run.kind in ("omnimoe", "peer")) and config.model.attention == "xla"
+
+
+def test_sweep_shape_names_its_runs_and_refuses_too_few_tokens(capsys):
     shape = quality_sweep.Shape(256, 4, 4, 256, 64, 40_000_000)
     assert shape.steps == 2441 and shape.key == "d256-L4-H4-ctx256-b64-40M"
     other = dataclasses.replace(shape, extra=("--attention=xla",))
@@ -234,6 +236,8 @@ def test_sweep_shape_names_its_runs_and_refuses_too_few_tokens():
     )
     run = _grid()[0]
     assert run.filename(shape) == "d256-L4-H4-ctx256-b64-40M__omnimoe-lr0.002-tm1-i128k160-seed0.json"
+    assert quality_sweep.main(["--list", "--attention", "xla", "--results-dir", "/nonexistent"]) == 0
+    assert f"{shape.key}-x" + quality_sweep.hashlib.sha1(b"--attention=xla").hexdigest()[:8] in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"tokens=81,920 is 5 steps of 16,384 tokens"):
         quality_sweep.Shape(256, 4, 4, 256, 64, 5 * 16384)
 
@@ -252,8 +256,7 @@ def test_sweep_command_line_refusals(capsys, tmp_path):
         assert match in capsys.readouterr().err
     assert quality_sweep.main(["--list", "--results-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f"d256-L4-H4-ctx256-b64-40M: {40 if HAS_TABLE_LR else 24} runs, 0 recorded" in out
-    assert ("multipliers [1.0, 3.0, 10.0] are skipped" in out) == (not HAS_TABLE_LR)
+    assert "d256-L4-H4-ctx256-b64-40M: 40 runs, 0 recorded" in out
 
 
 ENVIRONMENT = {
@@ -476,6 +479,7 @@ def test_quick_sweep_end_to_end(tmp_path):
     env.pop("OUT", None)
     argv = [sys.executable, str(repo / "benchmarks/quality_sweep.py"), "--quick", "--results-dir", str(results)]
     argv += ["--ffn", "dense,omnimoe", "--seeds", "0", "--learning-rates", "2e-3", "--omnimoe-splits", "32:40"]
+    argv += ["--table-multipliers", "1"]
 
     def call(*more):
         done = subprocess.run([*argv, *more], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
