@@ -269,7 +269,8 @@ ENVIRONMENT = {
 }
 
 
-def _fake_metrics(steps, *, planned, bits=2.0, reason="done"):
+def _fake_metrics(steps, *, bits=2.0, reason="done"):
+    """metrics.jsonl records of a run that ended after `steps` steps, evaluated at the last."""
     config = {"batch_size": 4, "model": {"context_length": 16}}
     start = {"parameters": {"total": 900, "active": 300}, "compile_s": 1.0, "config": config, "device": "cpu"}
     records = [{"kind": "start", **start}]
@@ -285,20 +286,20 @@ def test_sweep_records_each_ending():
     shape = _quick_shape()
     run = _grid(["omnimoe"], multipliers=[1.0], splits=[(32, 40)])[0]
     ok = {"command": ["python", "-m", "train"], "returncode": 0, "killed": False, "wall_s": 9.0, "log_tail": []}
-    done = quality_sweep.make_record(run, shape, _fake_metrics(4, planned=4), ok, ENVIRONMENT)
+    done = quality_sweep.make_record(run, shape, _fake_metrics(4), ok, ENVIRONMENT)
     assert done["status"] == "done" and done["bits_per_byte"] == 2.0 and done["tokens"] == 4 * 64
     assert done["routing"] == {"experts_used": 0.5, "load_entropy": 0.9, "max_load": 2.0}
     assert done["split"] == {"intermediate_size": 32, "K": 40} and done["table_multiplier"] == 1.0
     assert (done["command"], done["sweep_command"], done["wall_s"]) == ("python -m train", ENVIRONMENT["command"], 9.0)
-    stopped = quality_sweep.make_record(run, shape, _fake_metrics(2, planned=4, reason="time limit"), ok, ENVIRONMENT)
+    stopped = quality_sweep.make_record(run, shape, _fake_metrics(2, reason="time limit"), ok, ENVIRONMENT)
     assert stopped["status"] == "stopped" and stopped["detail"] == "stopped at step 2 (time limit)"
     assert stopped["bits_per_byte"] is None and stopped["curve"][-1]["bits_per_byte"] == 2.0  # partial: no result
     diverged = quality_sweep.make_record(
-        run, shape, _fake_metrics(2, planned=4, reason="non-finite loss"), {**ok, "returncode": 3}, ENVIRONMENT
+        run, shape, _fake_metrics(2, reason="non-finite loss"), {**ok, "returncode": 3}, ENVIRONMENT
     )
     assert diverged["status"] == "diverged"
     crashed = {**ok, "returncode": 1, "log_tail": ["Traceback", "RESOURCE_EXHAUSTED"]}
-    failed = quality_sweep.make_record(run, shape, _fake_metrics(0, planned=4)[:1], crashed, ENVIRONMENT)
+    failed = quality_sweep.make_record(run, shape, _fake_metrics(0)[:1], crashed, ENVIRONMENT)
     assert failed["status"] == "error" and "RESOURCE_EXHAUSTED" in failed["detail"] and failed["log_tail"]
     killed = quality_sweep.make_record(run, shape, [], {**ok, "returncode": None, "killed": True}, ENVIRONMENT)
     assert killed["status"] == "stopped" and killed["steps"] is None  # killed: it starts again next time
@@ -321,7 +322,7 @@ def test_sweep_skips_recorded_runs_resumes_stopped_ones_and_keeps_to_its_budget(
     def fake_run_one(entry, run_dir, env, *, limit_minutes, timeout_s, resume):
         started.append((entry["kind"], resume, round(timeout_s)))
         run_dir.mkdir(parents=True, exist_ok=resume)  # a fresh run finds no directory: the sweep cleared it
-        metrics = "".join(json.dumps(r) + "\n" for r in _fake_metrics(4, planned=4))
+        metrics = "".join(json.dumps(r) + "\n" for r in _fake_metrics(4))
         (run_dir / "metrics.jsonl").write_text(metrics)
         (run_dir.parent / f"{run_dir.name}.log").write_text("log\n")
         now[0] += 50.0
@@ -335,8 +336,8 @@ def test_sweep_skips_recorded_runs_resumes_stopped_ones_and_keeps_to_its_budget(
         quality_sweep.common.write_json_atomic(results / run.filename(shape), record)
 
     ok = {"command": ["python"], "returncode": 0, "killed": False, "wall_s": 40.0, "log_tail": []}
-    prior(runs[0], _fake_metrics(4, planned=4), ok)  # done: skipped
-    prior(runs[1], _fake_metrics(2, planned=4, reason="time limit"), ok)  # stopped, its directory here: resumed
+    prior(runs[0], _fake_metrics(4), ok)  # done: skipped
+    prior(runs[1], _fake_metrics(2, reason="time limit"), ok)  # stopped, its directory here: resumed
     prior(runs[2], [], {**ok, "returncode": 1})  # failed: skipped unless retried
     (run_dirs / f"{shape.key}__{names[1]}").mkdir(parents=True)
     (run_dirs / f"{shape.key}__{names[1]}" / "config.json").write_text("{}")
