@@ -145,6 +145,30 @@ def test_token_combine_with_a_ragged_last_tile(k_block, seed):
     assert_close(out, want, F32)
 
 
+def _segment_sum_interpreted(indices, coef, rows, table, config):
+    """kernel.segment_sum with the fused dots, interpret mode, over the schedule of `indices` [T, K]:
+    (out, dots, schedule)."""
+    schedule = build_schedule(jnp.asarray(indices), table.shape[0])
+
+    @jax.jit
+    def run(coef, rows, table, schedule):
+        return kernel.segment_sum(
+            coef,
+            rows,
+            schedule.sorted_expert,
+            schedule.order,
+            out_like=table,
+            top_k=indices.shape[1],
+            dot_table=table,
+            config=config,
+            interpret=True,
+        )
+
+    out, dots = run(coef, rows, table, schedule)
+    return out, dots, schedule
+
+
+@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
 @pytest.mark.parametrize(
     ("dtype", "block", "slots"),
     [
@@ -152,7 +176,7 @@ def test_token_combine_with_a_ragged_last_tile(k_block, seed):
         (BF16, 32, 16),  # two-part bf16 products; blocks with more than 16 segments take two
     ],
 )
-def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, block, slots, seed):
+def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, block, slots, segment_sums, seed):
     # One expert takes every token (its segment spans several blocks, so the fix-up walks them); the rest
     # are mostly one pair each, with ties and cuts at block boundaries; most experts take none (their rows
     # must come out exactly 0 although interpret mode starts every output as NaN).
@@ -163,24 +187,38 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, b
     coef = rng.standard_normal(tokens * top_k, np.float32)  # in sorted order, like the kernel takes it
     rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), dtype)
     table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), dtype)
-    schedule = build_schedule(jnp.asarray(indices), num_experts)
-    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_slots=slots)
+    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_slots=slots, segment_sums=segment_sums)
+    out, dots, schedule = _segment_sum_interpreted(indices, coef, rows, table, config)
+    check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
 
-    @jax.jit
-    def run(coef, rows, table, schedule):
-        return kernel.segment_sum(
-            coef,
-            rows,
-            schedule.sorted_expert,
-            schedule.order,
-            out_like=table,
-            top_k=top_k,
-            dot_table=table,
-            config=config,
-            interpret=True,
-        )
 
-    out, dots = run(coef, rows, table, schedule)
+SEGMENT_LAYOUTS = {
+    # name: (T, K, experts the pairs choose from, N, segment_block); experts past the chosen ones untouched
+    # 150 pairs over 3 experts: ~50-pair segments across 3-4 blocks (heads, tails, both, whole blocks)
+    "long_segments": (50, 3, 3, 8, 16),
+    # 150 pairs over 2000 experts: nearly every pair a segment of its own, so each block of 32 meets over
+    # 16 segments (the products take a second window of slots)
+    "short_segments": (50, 3, 2000, 2000, 32),
+    # 33 pairs over 12 of 20 experts, ~3-pair segments; the last block holds 1 pair
+    "mixed_ragged": (33, 1, 12, 20, 16),
+}
+
+
+@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("layout", sorted(SEGMENT_LAYOUTS))
+def test_segment_sum_layouts(layout, dtype, segment_sums, seed):
+    # Both ways of summing a block's segments, against the float64 sum, with the fused dots (the op's tests
+    # below also run the pass without them: d_up).
+    tokens, top_k, chosen, num_experts, block = SEGMENT_LAYOUTS[layout]
+    rng = np.random.default_rng(seed)
+    d = 32
+    indices = rng.integers(0, chosen, (tokens, top_k), dtype=np.int32)
+    coef = rng.standard_normal(tokens * top_k, np.float32)
+    rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), dtype)
+    table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), dtype)
+    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_sums=segment_sums)
+    out, dots, schedule = _segment_sum_interpreted(indices, coef, rows, table, config)
     check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
 
 
