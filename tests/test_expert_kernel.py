@@ -87,6 +87,7 @@ def test_default_config_tiles_any_width(d, dtype):
     ("fields", "message"),
     [
         ({"variant": "expert"}, "variant='expert' must be one of"),
+        ({"segment_sums": "scan"}, "segment_sums='scan' must be one of ('products', 'reductions')"),
         ({"d_block": 48}, "d_block=48 must be a power of two"),
         ({"pair_block": 0}, "pair_block=0 must be a power of two"),
         ({"num_warps": 3}, "num_warps=3 must be a power of two"),
@@ -255,6 +256,27 @@ CASES = {
     "k512_n102400": (8, 512, 102400, 16, F32, None, None),
     "k512_n4_long_segments": (6, 512, 4, 16, F32, {"variant": "sorted"}, None),
     "n4_d1024_bf16": (40, 4, 4, 1024, BF16, None, None),
+    # The segment passes (d_down with the fused dh, d_up without) summing by reductions: short segments and
+    # cut ones, a segment across every block, segments thousands of pairs long
+    "reductions_ragged_sorted_split_columns_bf16": (
+        37,
+        5,
+        50,
+        64,
+        BF16,
+        {"variant": "sorted", "d_block": 16, "score_splits": 2, **SMALL_TILES, "segment_sums": "reductions"},
+        None,
+    ),
+    "reductions_one_expert_takes_every_token": (
+        40,
+        4,
+        16,
+        32,
+        F32,
+        {"variant": "token", **SMALL_TILES, "segment_sums": "reductions"},
+        3,
+    ),
+    "reductions_k512_n4_long_segments_bf16": (6, 512, 4, 16, BF16, {"segment_sums": "reductions"}, None),
 }
 
 
@@ -356,6 +378,26 @@ def test_lowers_for_cuda(tokens, top_k, num_experts, d, dtype, variant):
     assert grid, "no launch grid in the lowered text: its format changed, so the CUDA limit went unchecked"
     for axis, size in grid:
         assert int(size) <= 65535, f"grid {axis} = {size} exceeds CUDA's limit"
+
+
+# The other way to sum the segments: its loop over a block's segments (a dynamic trip count), the scalar
+# branches and the one-row stores must lower too. The training shapes, then the benchmark shapes and edges.
+TRAINING_SHAPES = [(32768, 32, 16384, 512, BF16), (32768, 128, 65536, 512, BF16), (32768, 1280, 65536, 512, BF16)]
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "num_experts", "d", "dtype"), TRAINING_SHAPES + LOWERING_SHAPES)
+def test_segment_sums_by_reductions_lower_for_cuda(tokens, top_k, num_experts, d, dtype):
+    config = default_config(tokens, top_k, num_experts, d, dtype, variant="sorted")
+    config = dataclasses.replace(config, segment_sums="reductions")
+
+    def loss(x, up, down, weights, indices):
+        y = omni_expert(x, up, down, weights, indices, implementation="pallas", interpret=False, config=config)
+        return jnp.sum(y.astype(F32))
+
+    shapes = [((tokens, d), dtype), ((num_experts, d), dtype), ((num_experts, d), dtype)]
+    shapes += [((tokens, top_k), F32), ((tokens, top_k), jnp.int32)]
+    grad_text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *shapes)
+    assert count_triton_calls(grad_text) == 9  # as with "products": the same kernels, another body
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -324,9 +324,11 @@ def _segment_blocks_kernel(
                 segment_expert = jnp.max(jnp.where(member & valid, expert, -1))  # the segment's expert, >= 0
                 pltriton.store(out_ref.at[segment_expert, cols], total.astype(out_ref.dtype))
 
+            # Side row 2 * index for the head, + 1 for the tail. Not jnp.where(head, 0, 1): Pallas's Triton
+            # select_n gives weak literals the predicate's type, so scalar ones come out i1 (jax 0.10).
             @pl.when(head | tail)
             def _():
-                pltriton.store(side_ref.at[2 * index + jnp.where(head, 0, 1), cols], total)
+                pltriton.store(side_ref.at[2 * index + tail.astype(jnp.int32), cols], total)
 
             return carry
 
