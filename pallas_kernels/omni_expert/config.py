@@ -35,9 +35,9 @@ expert row across its sorted segment). Four things decide the speed:
   about segment_block / (pairs per touched expert) + 1. Hypothesis for benchmarks/segment_probe.py --sums
   on the GPU to settle (benchmarks/NOTES.md, "The segment pass taken apart": the gather with one such sum
   per block took a third of the whole pass): "reductions" wins where blocks meet 1-3 segments (training's
-  64-640 pairs per expert) and loses where they meet many (the paper's ~20 pairs per expert, ~7 per
-  128-pair block; ~2 pairs per expert, ~30 per block). Until that is measured the heuristic keeps
-  "products".
+  64-640 pairs per expert) and ties or loses where they meet many (~7 per 128-pair block at the paper's
+  ~20 pairs per expert, ~30 per 64-pair block at ~2). Until that is measured the heuristic keeps
+  "products" (NOTES.md, "Segment sums by reductions", has the prediction per shape).
 
 Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on the GPU to settle:
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
