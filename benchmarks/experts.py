@@ -322,6 +322,7 @@ SWEEP = {
     "tiles / 2": lambda c, s: _scaled_tiles(c, 0.5),
     "tiles x 2": lambda c, s: _scaled_tiles(c, 2),
     "score pass unsliced": lambda c, s: dataclasses.replace(c, score_splits=1),
+    "segment sums by reductions": lambda c, s: dataclasses.replace(c, segment_sums="reductions"),
     "sorted variant": lambda c, s: default_config(s.tokens, s.top_k, s.num_experts, s.d, DTYPE, variant="sorted"),
 }
 

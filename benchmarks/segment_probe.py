@@ -27,13 +27,23 @@ and two variations, each against the rung it changes:
 Each rung's time minus the one before is that piece's cost. Every rung gathers the same bytes (one row
 chunk per pair), so the table's TB/s are comparable.
 
+`--sums` times instead the two ways a segment-pass program can sum its segments (ExpertKernelConfig.
+segment_sums: "products", tensor-core products of 16 slots a window, or "reductions", one f32 masked sum
+and one row store per segment meeting the block) at training's shapes and the paper's: the first
+pallas_call alone ("blocks"), the whole pass as d_up runs it ("segment_sum") and as d_down runs it, with
+the fused dots ("segment_sum + dots"), each in both modes, beside the "gather" rung (this grid's loads and
+one weighted sum per block: what either mode could at best approach). Written to results/segment_sums.json.
+
     PYTHONPATH=. python benchmarks/segment_probe.py               # the paper's setting and N = 65536, GPU
+    PYTHONPATH=. python benchmarks/segment_probe.py --sums        # products vs reductions, GPU
     PYTHONPATH=. python benchmarks/segment_probe.py --smoke       # tiny, interpret mode: the machinery (CPU)
+    PYTHONPATH=. python benchmarks/segment_probe.py --sums --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import pathlib
 import sys
@@ -56,6 +66,17 @@ DTYPE = jnp.bfloat16
 SETTINGS = [(4096, 512, 102400, 1024), (4096, 32, 65536, 1024)]  # (T, K, N, d): the paper's; the layer's N
 SMOKE_SETTINGS = [(64, 8, 256, 64)]
 STAGES = ("gather", "dots", "row stores")
+# (T, K, N, d) for --sums: training's micro-batch (32,768 tokens, d = 512) at the three splits of
+# benchmarks/NOTES.md ("What issue 12's targets ask"), then the paper's setting.
+SUMS_SETTINGS = [
+    (32768, 32, 16384, 512),
+    (32768, 128, 65536, 512),
+    (32768, 1280, 65536, 512),
+    (4096, 512, 102400, 1024),
+]
+SUMS_SMOKE_SETTINGS = [(64, 8, 16, 64), (64, 8, 256, 64)]  # long segments, short ones
+SEGMENT_SUMS = ("products", "reductions")
+SUMS_PIECES = ("blocks", "segment_sum", "segment_sum + dots")
 VARIATIONS = ("dots, one product", "row stores, contiguous")
 
 
@@ -186,13 +207,96 @@ def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     return rows
 
 
+def _segment_counts(sorted_expert, block: int) -> dict:
+    """Pairs per touched expert, and the mean number of segments meeting a block of `block` sorted pairs
+    (a block's first pair opens one, and so does every other pair whose expert differs from the one before)."""
+    num_pairs = sorted_expert.shape[0]
+    starts = jnp.concatenate([jnp.ones((1,), bool), sorted_expert[1:] != sorted_expert[:-1]])  # [P]
+    block_starts = jnp.arange(num_pairs) % block == 0  # [P]
+    return {
+        "pairs_per_touched_expert": num_pairs / int(jnp.sum(starts)),
+        "segments_per_block": int(jnp.sum(starts | block_starts)) / pl.cdiv(num_pairs, block),
+    }
+
+
+def _sums_piece(piece: str, config, *, top_k: int, out_shape, interpret: bool):
+    """One piece of the segment pass under `config`, jitted, as a function of (coef, rows, schedule, table)."""
+    kwargs = {"top_k": top_k, "config": config, "interpret": interpret}
+    if piece == "gather":
+        return jax.jit(lambda c, r, s, t: probe("gather", c, r, s.sorted_expert, s.order, t, **kwargs))
+    if piece == "blocks":
+        return jax.jit(
+            lambda c, r, s, t: kernel.segment_blocks(
+                c, r, s.sorted_expert, s.order, out_shape, dot_table=None, **kwargs
+            )
+        )
+    with_dots = piece == "segment_sum + dots"
+    return jax.jit(
+        lambda c, r, s, t: kernel.segment_sum(
+            c, r, s.sorted_expert, s.order, out_like=t, dot_table=t if with_dots else None, **kwargs
+        )
+    )
+
+
+def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
+    """The segment pass's pieces in both segment_sums modes at one setting (see the module doc)."""
+    kx, ku, ki, kc = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (tokens, d), DTYPE)
+    up = (d**-0.5 * jax.random.normal(ku, (num_experts, d), jnp.float32)).astype(DTYPE)
+    indices = jax.random.randint(ki, (tokens, top_k), 0, num_experts, jnp.int32)
+    coef = jax.random.normal(kc, (tokens * top_k,), jnp.float32)
+    schedule = jax.jit(build_schedule, static_argnums=1)(indices, num_experts)
+    del indices
+    base = default_config(tokens, top_k, num_experts, d, DTYPE)  # the segment pass's tiles, as training runs
+    setting = {"setting": f"T={tokens} K={top_k} N={num_experts} d={d}"}
+    setting.update(_segment_counts(schedule.sorted_expert, base.segment_block))
+    row_bytes = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one gathered row per pair
+    out_shape = jax.ShapeDtypeStruct(up.shape, up.dtype)
+    runs = [("gather", None)] + [(piece, mode) for piece in SUMS_PIECES for mode in SEGMENT_SUMS]
+    rows = []
+    for piece, mode in runs:
+        config = base if mode is None else dataclasses.replace(base, segment_sums=mode)
+        row = {**setting, "piece": piece, "segment_sums": mode, "config": str(config)}
+        if time.monotonic() > deadline:
+            rows.append({**row, "status": "skipped (time budget)"})
+            continue
+        try:
+            fn = _sums_piece(piece, config, top_k=top_k, out_shape=out_shape, interpret=interpret)
+            args = [(coef, x, schedule, up)]
+            row.update(common.time_fn(fn, args, reps=1 if interpret else 20, batches=1 if interpret else 5))
+            rows_per_pair = 2 if piece == "segment_sum + dots" else 1  # + the expert rows of the dots
+            row["gather_TBps"] = rows_per_pair * row_bytes / (row["ms"] * 1e-3) / 1e12
+            products = rows[-1] if rows and mode == "reductions" else {}  # the same piece, "products"
+            if "ms" in products:
+                row["products_over_reductions"] = products["ms"] / row["ms"]  # > 1: reductions faster
+            row["status"] = "ok"
+        except Exception as err:  # one failing piece must not cost the others
+            row["status"] = f"error: {type(err).__name__}"
+            row["error"] = traceback.format_exc(limit=3)[-2000:]
+        print({k: v for k, v in row.items() if k not in ("config", "error")}, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
+    parser.add_argument("--sums", action="store_true", help="segment_sums 'products' vs 'reductions' instead")
     parser.add_argument("--budget-s", type=float, default=150.0)
     args = parser.parse_args()
     start = time.monotonic()
     deadline = start + args.budget_s
+    if args.sums:
+        settings = SUMS_SMOKE_SETTINGS if args.smoke else SUMS_SETTINGS
+        rows = [r for s in settings for r in compare_sums(*s, interpret=args.smoke, deadline=deadline)]
+        print()
+        columns = ["setting", "segments_per_block", "piece", "segment_sums", "ms", "products_over_reductions"]
+        common.print_table(rows, [*columns, "gather_TBps", "status"])
+        if not args.smoke:
+            path = common.write_results("segment_sums", rows, wall_s=round(time.monotonic() - start, 1))
+            common.copy_to_out(path)
+            print(f"\nwrote {path}")
+        return
     settings = SMOKE_SETTINGS if args.smoke else SETTINGS
     rows = [r for s in settings for r in ladder(*s, interpret=args.smoke, deadline=deadline)]
     print()

@@ -51,6 +51,18 @@ def test_forward_and_gradients_match_the_reference(tokens, top_k, num_experts, d
     check_against_reference(inputs, interpret=False, config=config)
 
 
+# Summing the segments by reductions: the shapes that stress the segment pass (ragged, one hot expert,
+# K > N, a segment across 30+ blocks, the paper's N and K, almost every row untouched).
+REDUCTION_SHAPES = [SHAPES[i] for i in (0, 1, 3, 6, 7, 8)]
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "num_experts", "d", "dtype", "hot"), REDUCTION_SHAPES)
+def test_segment_sums_by_reductions_match_the_reference(tokens, top_k, num_experts, d, dtype, hot, seed):
+    inputs = expert_inputs(seed, tokens, top_k, num_experts, d, dtype, hot_expert=hot)
+    config = default_config(tokens, top_k, num_experts, d, dtype, variant="sorted")
+    check_against_reference(inputs, interpret=False, config=dataclasses.replace(config, segment_sums="reductions"))
+
+
 def test_results_are_bitwise_deterministic(seed):
     inputs = expert_inputs(seed, 1024, 32, 16384, 1024, BF16)
 
@@ -66,8 +78,9 @@ def test_results_are_bitwise_deterministic(seed):
             np.testing.assert_array_equal(np.asarray(a.astype(F32)), np.asarray(b.astype(F32)))
 
 
+@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, seed):
+def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, segment_sums, seed):
     rng = np.random.default_rng(seed)
     tokens, top_k, num_experts, d = 2000, 8, 50000, 256
     indices = rng.integers(0, num_experts, (tokens, top_k), dtype=np.int32)
@@ -76,7 +89,7 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, s
     rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), dtype)
     table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), dtype)
     schedule = build_schedule(jnp.asarray(indices), num_experts)
-    config = default_config(tokens, top_k, num_experts, d, dtype)
+    config = dataclasses.replace(default_config(tokens, top_k, num_experts, d, dtype), segment_sums=segment_sums)
     jnp.full((num_experts, d), 7.0, dtype).block_until_ready()  # likely reused memory: garbage if a row is missed
     out, dots = kernel.segment_sum(
         jnp.asarray(coef),

@@ -87,6 +87,7 @@ def test_default_config_tiles_any_width(d, dtype):
     ("fields", "message"),
     [
         ({"variant": "expert"}, "variant='expert' must be one of"),
+        ({"segment_sums": "scan"}, "segment_sums='scan' must be one of ('products', 'reductions')"),
         ({"d_block": 48}, "d_block=48 must be a power of two"),
         ({"pair_block": 0}, "pair_block=0 must be a power of two"),
         ({"num_warps": 3}, "num_warps=3 must be a power of two"),
@@ -145,6 +146,30 @@ def test_token_combine_with_a_ragged_last_tile(k_block, seed):
     assert_close(out, want, F32)
 
 
+def _segment_sum_interpreted(indices, coef, rows, table, config):
+    """kernel.segment_sum with the fused dots, interpret mode, over the schedule of `indices` [T, K]:
+    (out, dots, schedule)."""
+    schedule = build_schedule(jnp.asarray(indices), table.shape[0])
+
+    @jax.jit
+    def run(coef, rows, table, schedule):
+        return kernel.segment_sum(
+            coef,
+            rows,
+            schedule.sorted_expert,
+            schedule.order,
+            out_like=table,
+            top_k=indices.shape[1],
+            dot_table=table,
+            config=config,
+            interpret=True,
+        )
+
+    out, dots = run(coef, rows, table, schedule)
+    return out, dots, schedule
+
+
+@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
 @pytest.mark.parametrize(
     ("dtype", "block", "slots"),
     [
@@ -152,7 +177,7 @@ def test_token_combine_with_a_ragged_last_tile(k_block, seed):
         (BF16, 32, 16),  # two-part bf16 products; blocks with more than 16 segments take two
     ],
 )
-def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, block, slots, seed):
+def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, block, slots, segment_sums, seed):
     # One expert takes every token (its segment spans several blocks, so the fix-up walks them); the rest
     # are mostly one pair each, with ties and cuts at block boundaries; most experts take none (their rows
     # must come out exactly 0 although interpret mode starts every output as NaN).
@@ -163,24 +188,38 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, b
     coef = rng.standard_normal(tokens * top_k, np.float32)  # in sorted order, like the kernel takes it
     rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), dtype)
     table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), dtype)
-    schedule = build_schedule(jnp.asarray(indices), num_experts)
-    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_slots=slots)
+    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_slots=slots, segment_sums=segment_sums)
+    out, dots, schedule = _segment_sum_interpreted(indices, coef, rows, table, config)
+    check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
 
-    @jax.jit
-    def run(coef, rows, table, schedule):
-        return kernel.segment_sum(
-            coef,
-            rows,
-            schedule.sorted_expert,
-            schedule.order,
-            out_like=table,
-            top_k=top_k,
-            dot_table=table,
-            config=config,
-            interpret=True,
-        )
 
-    out, dots = run(coef, rows, table, schedule)
+SEGMENT_LAYOUTS = {
+    # name: (T, K, experts the pairs choose from, N, segment_block); experts past the chosen ones untouched
+    # 150 pairs over 3 experts: ~50-pair segments across 3-4 blocks (heads, tails, both, whole blocks)
+    "long_segments": (50, 3, 3, 8, 16),
+    # 150 pairs over 2000 experts: nearly every pair a segment of its own, so each block of 32 meets over
+    # 16 segments (the products take a second window of slots)
+    "short_segments": (50, 3, 2000, 2000, 32),
+    # 33 pairs over 12 of 20 experts, ~3-pair segments; the last block holds 1 pair
+    "mixed_ragged": (33, 1, 12, 20, 16),
+}
+
+
+@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("layout", sorted(SEGMENT_LAYOUTS))
+def test_segment_sum_layouts(layout, dtype, segment_sums, seed):
+    # Both ways of summing a block's segments, against the float64 sum, with the fused dots (the op's tests
+    # below also run the pass without them: d_up).
+    tokens, top_k, chosen, num_experts, block = SEGMENT_LAYOUTS[layout]
+    rng = np.random.default_rng(seed)
+    d = 32
+    indices = rng.integers(0, chosen, (tokens, top_k), dtype=np.int32)
+    coef = rng.standard_normal(tokens * top_k, np.float32)
+    rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), dtype)
+    table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), dtype)
+    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_sums=segment_sums)
+    out, dots, schedule = _segment_sum_interpreted(indices, coef, rows, table, config)
     check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
 
 
@@ -217,6 +256,27 @@ CASES = {
     "k512_n102400": (8, 512, 102400, 16, F32, None, None),
     "k512_n4_long_segments": (6, 512, 4, 16, F32, {"variant": "sorted"}, None),
     "n4_d1024_bf16": (40, 4, 4, 1024, BF16, None, None),
+    # The segment passes (d_down with the fused dh, d_up without) summing by reductions: short segments and
+    # cut ones, a segment across every block, segments thousands of pairs long
+    "reductions_ragged_sorted_split_columns_bf16": (
+        37,
+        5,
+        50,
+        64,
+        BF16,
+        {"variant": "sorted", "d_block": 16, "score_splits": 2, **SMALL_TILES, "segment_sums": "reductions"},
+        None,
+    ),
+    "reductions_one_expert_takes_every_token": (
+        40,
+        4,
+        16,
+        32,
+        F32,
+        {"variant": "token", **SMALL_TILES, "segment_sums": "reductions"},
+        3,
+    ),
+    "reductions_k512_n4_long_segments_bf16": (6, 512, 4, 16, BF16, {"segment_sums": "reductions"}, None),
 }
 
 
@@ -318,6 +378,26 @@ def test_lowers_for_cuda(tokens, top_k, num_experts, d, dtype, variant):
     assert grid, "no launch grid in the lowered text: its format changed, so the CUDA limit went unchecked"
     for axis, size in grid:
         assert int(size) <= 65535, f"grid {axis} = {size} exceeds CUDA's limit"
+
+
+# The other way to sum the segments: its loop over a block's segments (a dynamic trip count), the scalar
+# branches and the one-row stores must lower too. The training shapes, then the benchmark shapes and edges.
+TRAINING_SHAPES = [(32768, 32, 16384, 512, BF16), (32768, 128, 65536, 512, BF16), (32768, 1280, 65536, 512, BF16)]
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "num_experts", "d", "dtype"), TRAINING_SHAPES + LOWERING_SHAPES)
+def test_segment_sums_by_reductions_lower_for_cuda(tokens, top_k, num_experts, d, dtype):
+    config = default_config(tokens, top_k, num_experts, d, dtype, variant="sorted")
+    config = dataclasses.replace(config, segment_sums="reductions")
+
+    def loss(x, up, down, weights, indices):
+        y = omni_expert(x, up, down, weights, indices, implementation="pallas", interpret=False, config=config)
+        return jnp.sum(y.astype(F32))
+
+    shapes = [((tokens, d), dtype), ((num_experts, d), dtype), ((num_experts, d), dtype)]
+    shapes += [((tokens, top_k), F32), ((tokens, top_k), jnp.int32)]
+    grad_text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *shapes)
+    assert count_triton_calls(grad_text) == 9  # as with "products": the same kernels, another body
 
 
 # ---------------------------------------------------------------------------------------------------------

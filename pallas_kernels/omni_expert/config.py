@@ -1,5 +1,6 @@
-"""Tile sizes, warps and the forward variant of the atomic-expert kernels, with the default heuristic, and
-the sizes the kernels take (`check_kernel_limits`, for every op built on them: omni_expert, embedding_bag).
+"""Tile sizes, warps, the forward variant and the segment sums of the atomic-expert kernels, with the
+default heuristic, and the sizes the kernels take (`check_kernel_limits`, for every op built on them:
+omni_expert, embedding_bag).
 
 The kernels (kernel.py) are three passes over the T*K (token, expert) pairs, each memory-bound:
 
@@ -9,9 +10,11 @@ The kernels (kernel.py) are three passes over the T*K (token, expert) pairs, eac
   segment pass   out[e] = sum_{p in seg(e)} c_p rows[t_p]   program = `segment_block` consecutive sorted pairs x
                                                                       `d_block` columns, in one step; its
                                                                       segments summed `segment_slots` at a time
+                                                                      ("products") or one at a time
+                                                                      ("reductions"): `segment_sums`
 
 Every pass gathers one side's rows per pair and reuses the other (a token row across its K pairs, or an
-expert row across its sorted segment). Three things decide the speed:
+expert row across its sorted segment). Four things decide the speed:
 
 - Where the gathered rows come from: L2 (fast) or HBM. All grids put the column slice on their slowest
   axis, so the programs running at any moment share one column slice of the gathered table, and a slice
@@ -24,6 +27,17 @@ expert row across its sorted segment). Three things decide the speed:
   column chunk; 16 slots (the fewest a Triton dot allows) keep the segment pass's registers per thread
   lowest, and each doubling costs many more (benchmarks/kernel_resources.py reports them). A block with
   more segments loops over windows of slots: more products and stores, no more loads.
+- How the segment pass sums its tile (`segment_sums`). "products" (above) pays the same per block whatever
+  its segments: per window, two [segment_slots, segment_block] x [segment_block, d_block] products (for
+  f32-accurate weights) and 2 x segment_slots row stores, most of them masked. "reductions" sums each
+  segment meeting the block by an f32 masked sum over the block's pairs (CUDA cores, in the layout the
+  rows were loaded in) and stores one row per segment, so its cost grows with the segments per block,
+  about segment_block / (pairs per touched expert) + 1. Hypothesis for benchmarks/segment_probe.py --sums
+  on the GPU to settle (benchmarks/NOTES.md, "The segment pass taken apart": the gather with one such sum
+  per block took a third of the whole pass): "reductions" wins where blocks meet 1-3 segments (training's
+  64-640 pairs per expert) and ties or loses where they meet many (~7 per 128-pair block at the paper's
+  ~20 pairs per expert, ~30 per 64-pair block at ~2). Until that is measured the heuristic keeps
+  "products" (NOTES.md, "Segment sums by reductions", has the prediction per shape).
 
 Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on the GPU to settle:
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
@@ -42,7 +56,7 @@ Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on th
   4. Tiles of `TILE_BYTES` per gather: R = TILE_BYTES / (d_block * itemsize) rows (at least 16).
      pair_block = R; k_block = min(K rounded up to a power of two, R), token_block = R / k_block (K is
      split over several programs when it exceeds R: their f32 partial sums are added by XLA);
-     segment_block = R (at most 128); segment_slots = 16.
+     segment_block = R (at most 128); segment_slots = 16; segment_sums = "products" (see above).
 """
 
 from __future__ import annotations
@@ -73,6 +87,7 @@ MIN_DOT_DIM = 16
 MAX_SEGMENT_BLOCK = 128
 
 VARIANTS = ("token", "sorted")
+SEGMENT_SUMS = ("products", "reductions")
 MAX_WIDTH = 8192  # the widest d the kernels are tested for
 INT32_LIMIT = 2**31 - 1
 
@@ -91,7 +106,10 @@ class ExpertKernelConfig:
       k_block: pairs of each token per combine-pass program; K > k_block splits K over programs.
       segment_block: consecutive expert-sorted pairs per segment-pass program (a dot dimension: >= 16).
       segment_slots: segments summed per tensor-core product in a segment-pass program (>= 16, <=
-        segment_block); a block with more segments takes several products.
+        segment_block); a block with more segments takes several products. Unused by "reductions".
+      segment_sums: how a segment-pass program sums its segments: "products" (tensor-core products of
+        `segment_slots` segments at a time, 16 slot rows stored per window) or "reductions" (one f32 masked
+        sum over the block's pairs and one row store per segment meeting the block); see the module doc.
       num_warps, num_stages: Triton launch parameters, shared by the passes.
     """
 
@@ -103,12 +121,15 @@ class ExpertKernelConfig:
     k_block: int = 16
     segment_block: int = 64
     segment_slots: int = 16
+    segment_sums: str = "products"
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS}")
+        if self.segment_sums not in SEGMENT_SUMS:
+            raise ValueError(f"segment_sums={self.segment_sums!r} must be one of {SEGMENT_SUMS}")
         blocks = ("d_block", "score_splits", "pair_block", "token_block", "k_block", "segment_block", "segment_slots")
         for name in (*blocks, "num_warps"):
             value = getattr(self, name)

@@ -225,15 +225,17 @@ def token_combine(
 # Programs own FIXED blocks of `segment_block` consecutive sorted pairs (so work is balanced whatever the
 # segment lengths, and every lane of a tile is a real pair). Within a block the pairs of one expert are
 # consecutive; the block numbers its segments 0, 1, ... (a cumulative sum of "a segment opens here" flags)
-# and sums each one's contributions with a tensor-core product: weights [slots, block] (coef where the
-# pair belongs to the slot's segment, else 0) times the gathered rows [block, Dc]. A block with more
-# segments than `segment_slots` takes several products. Each segment lying wholly inside a block is
-# written by that block. A segment cut by a block boundary leaves one f32 partial row per block it
-# touches in a side buffer (the block's first segment as its "head" partial, its last as its "tail"), and
-# a second, small kernel adds those up: the block where such a segment starts walks the following blocks'
-# head partials until the segment ends, then writes the row. A third kernel writes zeros into the rows no
-# pair touched (the output starts uninitialised: zero-filling all of it first cost more wherever most rows
-# are touched). Every row is written exactly once, in a fixed order: deterministic, no atomics.
+# and sums each one's contributions in one of two ways (`config.segment_sums`). "products": a tensor-core
+# product of weights [slots, block] (coef where the pair belongs to the slot's segment, else 0) and the
+# gathered rows [block, Dc]; a block with more segments than `segment_slots` takes several products.
+# "reductions": per segment, an f32 masked sum over the block's pairs and one row store, so a block pays
+# for the segments it meets and nothing for empty slots. Both write the same rows: each segment lying
+# wholly inside a block is written by that block. A segment cut by a block boundary leaves one f32 partial
+# row per block it touches in a side buffer (the block's first segment as its "head" partial, its last as
+# its "tail"), and a second, small kernel adds those up: the block where such a segment starts walks the
+# following blocks' head partials until the segment ends, then writes the row. A third kernel writes zeros
+# into the rows no pair touched (the output starts uninitialised: zero-filling all of it first cost more
+# wherever most rows are touched). Every row is written exactly once, in a fixed order: deterministic, no atomics.
 
 
 def _weighted_row_sums(weights: jax.Array, rows: jax.Array) -> jax.Array:
@@ -271,6 +273,7 @@ def _segment_blocks_kernel(
     slots: int,
     d_block: int,
     with_dots: bool,
+    segment_sums: str,
 ):
     # refs: [dot_table_ref,] out_ref, side_ref[, dots_ref]: the dot table and dots only with_dots. out_ref
     # starts uninitialised: this kernel writes the uncut segments' rows, the fix-up the cut ones and
@@ -306,6 +309,31 @@ def _segment_blocks_kernel(
         table_rows = _gather_rows(dot_table_ref, jnp.maximum(expert, 0), cols, valid)  # [B, Dc]
         dots = jnp.sum(table_rows * rows.astype(jnp.float32), axis=1)  # [B]
         pltriton.store(dots_ref.at[chunk, positions], dots, mask=valid)  # sorted order: contiguous
+
+    if segment_sums == "reductions":
+        rows = rows.astype(jnp.float32)  # [B, Dc]: converted once for all the block's segments
+
+        def sum_segment(segment, carry):  # the block's `segment`-th segment: one f32 row, stored once
+            member = rank == segment  # [B]; lanes past P share the last segment's rank but add 0 (coef 0)
+            total = jnp.sum(jnp.where(member, coef, 0.0)[:, None] * rows, axis=0)  # [Dc] f32
+            head = (segment == 0) & head_cut  # (a segment cut at both ends counts as the head)
+            tail = (segment == num_local - 1) & tail_cut & ~head
+
+            @pl.when(~head & ~tail)
+            def _():
+                segment_expert = jnp.max(jnp.where(member & valid, expert, -1))  # the segment's expert, >= 0
+                pltriton.store(out_ref.at[segment_expert, cols], total.astype(out_ref.dtype))
+
+            # Side row 2 * index for the head, + 1 for the tail. Not jnp.where(head, 0, 1): Pallas's Triton
+            # select_n gives weak literals the predicate's type, so scalar ones come out i1 (jax 0.10).
+            @pl.when(head | tail)
+            def _():
+                pltriton.store(side_ref.at[2 * index + tail.astype(jnp.int32), cols], total)
+
+            return carry
+
+        lax.fori_loop(0, num_local, sum_segment, 0)
+        return
 
     side_rows = side_ref.shape[0]
 
@@ -452,6 +480,7 @@ def segment_blocks(
         slots=config.segment_slots,
         d_block=config.d_block,
         with_dots=with_dots,
+        segment_sums=config.segment_sums,
     )
     inputs = [sorted_expert, order, coef, rows]
     # The side buffer: rows 2b and 2b + 1 hold block b's head and tail partials, written only where a
