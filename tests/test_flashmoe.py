@@ -368,8 +368,8 @@ def test_config_takes_the_seeds_quick_start():
         ({"expert_axis": ""}, "expert_axis='' must be a mesh axis name"),
         ({"expert_capacity_factor": 0}, "expert_capacity_factor=0 must be None or a positive finite number"),
         (
-            {"implementation": "pallas", "num_experts_per_tok": 1025, "num_experts": 1089},
-            'num_experts_per_tok=1025: implementation="pallas" needs at most 1024',
+            {"implementation": "pallas", "num_experts_per_tok": 4097, "num_experts": 4225},
+            'num_experts_per_tok=4097: implementation="pallas" needs at most 4096',
         ),
         ({"implementation": "pallas", "hidden_size": 24}, 'hidden_size=24: implementation="pallas" needs a multiple'),
     ],

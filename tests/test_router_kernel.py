@@ -146,8 +146,8 @@ def test_ties_match_brute_force(n, top_k, axis_sort, dtype, seed):
 
 
 # Step 1 orders only the head of each axis exactly (rank_floors): shapes with k' > the head, with
-# (n > k') and without (n = k') the compaction before the bucketing, K = MAX_TOP_K, and ragged tiles of
-# several tokens.
+# (n > k') and without (n = k') the compaction before the bucketing, K = 1024 (the largest K a 32 head
+# serves, see `head_ranks`), and ragged tiles of several tokens.
 BUCKETED = [
     (9, 1024, 512, "bfloat16", 4, "threshold"),
     pytest.param(7, 320, 512, "float32", 2, "threshold", marks=pytest.mark.slow),
@@ -162,6 +162,44 @@ BUCKETED = [
 def test_bucketed_axis_order_matches_reference(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
     assert min(top_k, n) > head_ranks(n, top_k)
     check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
+
+
+# K > 1024: a head of at least 64 (h^2 >= K) and 8,192 to 65,536 candidate slots per token. An exact head
+# (k' = n <= 128), the bucketing (n = 256, 320), the compaction before it (K < n = 2048), K = MAX_TOP_K, the
+# full sort of "select" and a ragged tile.
+LARGE_K = [
+    (5, 64, 1280, "float32", None, "threshold"),
+    (3, 128, 2048, "bfloat16", 2, "threshold"),
+    (3, 256, 1280, "bfloat16", None, "threshold"),
+    (3, 256, 2048, "float32", None, "threshold"),
+    (2, 256, 1280, "float32", None, "select"),
+    pytest.param(3, 320, 2048, "bfloat16", None, "threshold", marks=pytest.mark.slow),
+    pytest.param(2, 2048, 1280, "float32", None, "threshold", marks=pytest.mark.slow),
+    pytest.param(2, 160, 4096, "float32", None, "threshold", marks=pytest.mark.slow),
+    pytest.param(3, 64, 4096, "bfloat16", None, "threshold", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(CASE_NAMES, LARGE_K)
+def test_large_k_matches_reference(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
+    assert top_k > 1024 and head_ranks(n, top_k) ** 2 >= top_k
+    check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
+
+
+def test_large_k_ties_match_brute_force(seed):
+    # As `test_ties_match_brute_force`, at K > 1024 with the bucketing (k' = n = 160 > h = 64): five values per
+    # axis put every bucket boundary and the K-th score inside runs of ties.
+    n, top_k = 160, 1280
+    assert min(top_k, n) > head_ranks(n, top_k) == 64
+    rng = np.random.default_rng(seed)
+    lpx = rng.integers(-4, 1, (4, n)).astype(np.float32)
+    lpy = rng.integers(-4, 1, (4, n)).astype(np.float32)
+    lpx[0], lpy[0] = 0.0, 0.0
+    lpx = jnp.asarray(lpx, jnp.bfloat16)
+    lpy = jnp.asarray(lpy, jnp.bfloat16)
+    got = pallas_route(lpx, lpy, top_k)
+    assert_routes_equal(got, omni_router_brute_force(lpx, lpy, top_k))
+    np.testing.assert_array_equal(got[1][0], np.arange(top_k))
 
 
 def test_ties_across_bucket_boundaries_match_brute_force(seed):
@@ -225,19 +263,26 @@ def test_no_tokens():
     assert scores.shape == indices.shape == (0, 3)
 
 
-@pytest.mark.parametrize(("tokens", "n", "top_k"), [(1, 2, 1), (4096, 64, 16), (16384, 1024, 64), (4096, 320, 512)])
+@pytest.mark.parametrize(
+    ("tokens", "n", "top_k"),
+    [(1, 2, 1), (4096, 64, 16), (16384, 1024, 64), (4096, 320, 512), (32768, 256, 1280), (32768, 320, 2048)],
+)
 def test_default_config_stays_in_budget(tokens, n, top_k):
     config = default_config(tokens, n, top_k)
     slots = candidate_table(n, top_k).shape[1]
     widest = max(next_power_of_2(n), slots)
     assert 4 <= config.num_warps <= 16
-    assert config.block_tokens * widest <= 32 * 16 * config.num_warps, "more than ~16 registers/thread/array"
+    if widest <= 8192:
+        assert config.block_tokens * widest <= 32 * 16 * config.num_warps, "more than ~16 registers/thread/array"
+    else:  # wider than 16 warps hold at 16 registers per thread: as few tokens and as many warps as there are
+        assert config.block_tokens == 1 and config.num_warps == 16
     assert config.block_tokens == 1 or -(-tokens // config.block_tokens) >= 264, "too few programs"
     assert config.block_tokens * config.backward_block_k * next_power_of_2(n) <= 512 * config.num_warps
 
 
 @pytest.mark.parametrize(
-    ("n", "top_k"), [(3, 9), (16, 16), (320, 512), (100, 1), (200, 512), (320, 1024), (1024, 1024)]
+    ("n", "top_k"),
+    [(3, 9), (16, 16), (320, 512), (100, 1), (200, 512), (320, 1024), (1024, 1024), (256, 1280), (320, 2048)],
 )
 def test_candidate_table_is_the_dominance_region_of_the_rank_floors(n, top_k):
     k_axis = min(top_k, n)
@@ -263,9 +308,13 @@ def test_candidate_table_sizes_at_the_papers_setting():
     assert len(candidate_table(320, 1024)[0]) == 8192
 
 
-@pytest.mark.parametrize(("n", "top_k"), [(2, 4), (3, 9), (16, 16), (100, 1), (320, 512), (320, 1024), (4096, 1024)])
+@pytest.mark.parametrize(
+    ("n", "top_k"),
+    [(2, 4), (3, 9), (16, 16), (100, 1), (320, 512), (320, 1024), (4096, 1024), (256, 1280), (64, 4096), (4096, 4096)],
+)
 def test_bound_pairs_are_exact_head_ranks_beaten_by_k_pairs(n, top_k):
     head = min(head_ranks(n, top_k), top_k, n)
+    assert head == min(top_k, n) or head * head >= top_k, "a bucketed head must hold a pair beaten by K"
     table = bound_table(n, top_k)
     pairs = [(a, b) for a, b in table.T if a >= 0]
     assert pairs and table.shape[1] == next_power_of_2(len(pairs))
@@ -287,7 +336,7 @@ def test_order_key_follows_the_total_order():
         ((4, 40), ("float32", "bfloat16"), 4, None, ValueError, "must have one dtype"),
         ((4, 4097), ("float32",) * 2, 2, None, ValueError, r"n=4097 experts per axis; .* takes 2 <= n <= 4096"),
         ((4, 1), ("float32",) * 2, 1, None, ValueError, r"n=1 experts per axis"),
-        ((4, 40), ("float32",) * 2, 1025, None, ValueError, r"top_k=1025; .* takes top_k <= 1024"),
+        ((4, 65), ("float32",) * 2, 4097, None, ValueError, r"top_k=4097; .* takes top_k <= 4096"),
         ((4, 40), ("float32",) * 2, 4, (8, 4), TypeError, "config must be a RouterConfig or None"),
     ],
 )
@@ -383,6 +432,10 @@ def check_cuda_lowering(tokens, n, top_k, dtype, axis_sort="threshold"):
         (4096, 320, 1024, "float32", None, "threshold"),
         (4096, 1024, 1024, "bfloat16", None, "threshold"),
         (4096, 320, 1024, "bfloat16", None, "select"),
+        (32768, 256, 1280, "bfloat16", None, "threshold"),  # small-omnimoe's router (K > 1024)
+        (4096, 320, 2048, "float32", None, "threshold"),
+        (4096, 4096, 4096, "bfloat16", None, "threshold"),  # K = MAX_TOP_K, 65,536 slots
+        (4096, 256, 2048, "bfloat16", None, "select"),
     ],
 )
 def test_lowers_for_cuda(tokens, n, top_k, dtype, block_tokens, axis_sort):

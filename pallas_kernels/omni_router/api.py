@@ -84,7 +84,7 @@ def omni_router(
         installed (where the kernels take the input); "xla" otherwise.
       - "xla": `omni_router_reference` (plain jnp, `lax.top_k`).
       - "pallas": the Pallas kernels of `kernel.py` (Triton lowering; Pallas interpret mode off the GPU).
-        Takes 2 <= n <= 4096 and K <= 1024.
+        Takes 2 <= n <= 4096 and K <= 4096.
       - "triton": the sorting step as a native Triton kernel through jax-triton (`tl.topk`), the rest as
         "pallas". GPU only; needs the `triton` extra.
     The kernels return the reference's scores and indices bit for bit; the one exception is which of

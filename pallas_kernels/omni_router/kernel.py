@@ -7,8 +7,8 @@ scratch rows per axis (the ordered positions; for "threshold" also the column-or
 which it reads straight back:
 
 1. Ordered axes. For each axis the positions of the top k' = min(K, n) log-probs in an order that is exact
-   for the first h = `head_ranks(n, K)` ranks (all k' up to 128, else 32-128), descending, ties by lower
-   position (exactly `lax.top_k`'s order), with the rest in octave buckets of ranks [h, 2h), [2h, 4h), ...
+   for the first h = `head_ranks(n, K)` ranks (all k' up to 128, else 32-128 with h^2 >= K), descending,
+   ties by lower position (exactly `lax.top_k`'s order), with the rest in octave buckets of ranks [h, 2h), [2h, 4h), ...
    (each in column order; `rank_floors`). Values are compared as order-preserving int32 keys (`order_key`), so
    -inf, -0.0 and NaN order as in the IEEE total order `lax.top_k` uses and can never be confused with
    the padding sentinel. Two methods (`RouterConfig.axis_sort`):
