@@ -18,7 +18,7 @@ import pytest
 from helpers import assert_close, normal, omni_router_brute_force
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
-from omnimoe_jax._router import CartesianRouter
+from omnimoe_jax._router import CartesianRouter, by_score
 from pallas_kernels import _dispatch, omni_router
 from pallas_kernels.omni_expert import api as expert_api
 from pallas_kernels.omni_router import RouterConfig, api, default_config, kernel
@@ -239,6 +239,89 @@ def test_minus_infinity_only_ties_where_every_score_is_minus_infinity(seed):
     assert all(len(set(row)) == top_k for row in indices.tolist()), "an expert chosen twice"
 
 
+@functools.partial(jax.jit, static_argnames=("top_k", "config"), compiler_options=FAST_COMPILE)
+def pallas_route_both_orders(lpx, lpy, top_k, config):
+    """The kernel router's output sorted by score and unsorted, and (unsorted) its input gradients for a
+    loss that weighs each score by its expert only, so that any order of the K gives the same gradient."""
+    route = functools.partial(omni_router, top_k=top_k, implementation="pallas", interpret=True, config=config)
+    expert_weight = jnp.cos(jnp.arange(lpx.shape[1] ** 2, dtype=jnp.float32))  # [N]
+
+    def loss(a, b):
+        scores, indices = route(a, b, sort_by_score=False)
+        return jnp.sum(scores * expert_weight[indices]), (scores, indices)
+
+    grads, unsorted = jax.grad(loss, argnums=(0, 1), has_aux=True)(lpx, lpy)
+    return route(lpx, lpy), unsorted, grads
+
+
+def assert_same_sets(got, want):
+    """Per row, the same K (index, score) pairs: both sorted by index, then compared bit for bit."""
+    (scores, indices), (want_scores, want_indices) = (tuple(map(np.asarray, pair)) for pair in (got, want))
+    assert scores.shape == want_scores.shape and indices.dtype == want_indices.dtype == np.int32
+    by_index, want_by_index = np.argsort(indices, axis=1), np.argsort(want_indices, axis=1)
+    np.testing.assert_array_equal(
+        np.take_along_axis(indices, by_index, 1), np.take_along_axis(want_indices, want_by_index, 1)
+    )
+    np.testing.assert_array_equal(
+        np.take_along_axis(scores, by_index, 1), np.take_along_axis(want_scores, want_by_index, 1)
+    )
+
+
+def axis_ranks(log_probs):
+    """[T, n] int: each entry's rank on its axis (lax.top_k's order: descending, ties by lower column)."""
+    _, order = jax.lax.top_k(kernel.order_key(log_probs.astype(jnp.float32)), log_probs.shape[1])
+    return np.argsort(np.asarray(order), axis=1)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "n", "top_k", "dtype", "axis_sort"),
+    [
+        (9, 16, 40, "float32", "threshold"),  # exact axis order (k' = n <= the head)
+        (5, 100, 64, "bfloat16", "select"),  # a full sort
+        (3, 256, 1280, "bfloat16", "threshold"),  # bucketed axis order, small-omnimoe's n and K
+    ],
+)
+def test_unsorted_output_is_the_sorted_set_in_slot_order(tokens, n, top_k, dtype, axis_sort, key):
+    k1, k2 = jax.random.split(key)
+    lpx, lpy = log_probs(k1, tokens, n, dtype)
+    config = dataclasses.replace(default_config(tokens, n, top_k), axis_sort=axis_sort)
+    got_sorted, unsorted, (dx, dy) = pallas_route_both_orders(lpx, lpy, top_k, config)
+    want = omni_router_reference(lpx, lpy, top_k)
+    assert_routes_equal(got_sorted, want)
+    assert_same_sets(unsorted, want)
+    indices = np.asarray(unsorted[1])
+    assert not np.array_equal(indices, np.asarray(want[1])), "sort_by_score=False must skip the sort"
+    if min(top_k, n) <= head_ranks(n, top_k) or axis_sort == "select":
+        # Exact axis orders: slot order is (rank of the row on x, rank of the column on y) ascending.
+        tok = np.arange(tokens)[:, None]
+        pairs = axis_ranks(lpx)[tok, indices // n] * n + axis_ranks(lpy)[tok, indices % n]
+        assert np.all(np.diff(pairs, axis=1) > 0), "not in slot order"
+    # Gradients through the unsorted output: those of the reference (sorted) for the same loss.
+    expert_weight = jnp.cos(jnp.arange(n * n, dtype=jnp.float32))
+
+    def reference_loss(a, b):
+        scores, idx = omni_router_reference(a, b, top_k)
+        return jnp.sum(scores * expert_weight[idx])
+
+    want_dx, want_dy = jax.grad(reference_loss, argnums=(0, 1))(lpx, lpy)
+    assert_close(dx, want_dx, dtype, what="d log_probs_x")
+    assert_close(dy, want_dy, dtype, what="d log_probs_y")
+    del k2
+
+
+def test_unsorted_xla_output_stays_in_score_order(key):
+    # The reference's selection is its sort: sort_by_score=False changes nothing there.
+    lpx, lpy = log_probs(key, 4, 16, "float32")
+    got = omni_router(lpx, lpy, 40, implementation="xla", sort_by_score=False)
+    assert_routes_equal(got, omni_router_reference(lpx, lpy, 40))
+
+
+def test_sort_by_score_must_be_a_bool():
+    lpx = jnp.zeros((4, 8))
+    with pytest.raises(TypeError, match="sort_by_score must be a bool, got 1"):
+        omni_router(lpx, lpx, 3, implementation="pallas", interpret=True, sort_by_score=1)
+
+
 def sorted_positions(log_probs, k_axis):
     """What step 1 (and the jax-triton kernel) hands to the merge: [T, k'] columns of the top k'."""
     _, positions = jax.lax.top_k(kernel.order_key(log_probs.astype(jnp.float32)), k_axis)  # ties: lower first
@@ -252,9 +335,12 @@ def test_merge_from_presorted_axes_matches_reference(tokens, n, top_k, key):
     lpx, lpy = log_probs(key, tokens, n, "bfloat16")
     config = default_config(tokens, n, top_k)
     merge = functools.partial(kernel.router_merge, top_k=top_k, config=config, interpret=True)
+    unsorted = jax.jit(functools.partial(merge, sort_by_score=False), compiler_options=FAST_COMPILE)
     merge = jax.jit(merge, compiler_options=FAST_COMPILE)
-    got = merge(lpx, lpy, sorted_positions(lpx, min(top_k, n)), sorted_positions(lpy, min(top_k, n)))
-    assert_routes_equal(got, omni_router_reference(lpx, lpy, top_k))
+    positions = sorted_positions(lpx, min(top_k, n)), sorted_positions(lpy, min(top_k, n))
+    want = omni_router_reference(lpx, lpy, top_k)
+    assert_routes_equal(merge(lpx, lpy, *positions), want)
+    assert_same_sets(unsorted(lpx, lpy, *positions), want)
 
 
 def test_no_tokens():
@@ -484,6 +570,21 @@ def layer_config(implementation):
     )
 
 
+def test_router_module_unsorted_then_by_score_is_the_sorted_routing(key):
+    # What the layers do: route unsorted, sort only the RoutingResult they return.
+    x = normal(key, (40, 32))
+    router = CartesianRouter(layer_config("pallas"))
+    variables = router.init(jax.random.key(1), x)
+    routed = jax.jit(lambda v, a, s: router.apply(v, a, sort_by_score=s), static_argnums=2)
+    want, unsorted = routed(variables, x, True), routed(variables, x, False)
+    assert not np.array_equal(unsorted.indices, want.indices)
+    assert_same_sets((unsorted.scores, unsorted.indices), (want.scores, want.indices))
+    got = by_score(unsorted)
+    assert_routes_equal((got.scores, got.indices), (want.scores, want.indices))
+    np.testing.assert_array_equal(got.weights, want.weights)  # exp(score) per entry: no sum to reorder
+    np.testing.assert_array_equal(got.logits_x, want.logits_x)
+
+
 def test_router_module_with_the_pallas_kernel(key):
     x = normal(key, (40, 32))
     pallas, xla = CartesianRouter(layer_config("pallas")), CartesianRouter(layer_config("xla"))
@@ -518,7 +619,11 @@ def test_layer_with_pallas_kernels(key):
     grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
     got_grads, (got_y, got_indices) = grad(layer_config("pallas"), variables["params"], x)
     want_grads, (want_y, want_indices) = grad(layer_config("xla"), variables["params"], x)
-    np.testing.assert_array_equal(got_indices, want_indices)
+    np.testing.assert_array_equal(got_indices, want_indices)  # the returned routing is sorted by score
+    # The experts take the router's unsorted output whether or not the routing is returned: the same y.
+    layer = OmniMoE(layer_config("pallas"))
+    y, (y_again, _) = jax.jit(lambda v, a: (layer.apply(v, a), layer.apply(v, a, return_routing=True)))(variables, x)
+    np.testing.assert_array_equal(y, y_again)
     assert_close(got_y, want_y, jnp.float32)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         assert_close(g, w, jnp.float32, what="layer gradient")

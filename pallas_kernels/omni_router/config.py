@@ -83,8 +83,8 @@ def candidate_table(n: int, top_k: int) -> np.ndarray:
     (f(a)+1)(f(b)+1) - 1 others (every pair of entries ranked no lower on both axes), so only pairs with
     (f(a)+1)(f(b)+1) <= K can be in the top K (for an exact order, f(p) = p: the region (a+1)(b+1) <= K).
     Row 0 holds a, row 1 holds b; `slots` is the pair count rounded up to a power of two and the padding
-    holds -1. The pairs are listed row by row; their order does not matter (outputs are sorted at the end).
-    The kernels take the two rows as two [slots] inputs.
+    holds -1. The pairs are listed row by row: the order of the kernels' output where the final sort by
+    score is skipped ("slot order", kernel.py step 4). The kernels take the two rows as two [slots] inputs.
     """
     floors = rank_floors(n, top_k) + 1  # [k']
     rows, cols = np.nonzero(floors[:, None] * floors[None, :] <= top_k)  # row-major: a, then b
