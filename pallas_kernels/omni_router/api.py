@@ -81,11 +81,11 @@ def omni_router(
     | returns indices | [T, K] | int32, e = i * n + j |
 
     `sort_by_score`: True (default) orders each row by score descending, ties by lowest expert index. False
-    returns the same K (score, index) pairs per row, each score still beside its index, in an order that is
-    deterministic but not by score: for the kernels their slot order (`kernel.py`, step 4: by the row
-    expert's position in step 1's order of the x axis, then the column expert's in y's), which skips one
-    XLA sort of the [T, K] result; for "xla" the score order (its selection is that sort). For callers
-    that need only the set, such as the expert op, which groups the pairs by expert itself.
+    returns the same K (score, index) pairs per row, in an order that is deterministic but not by score: for
+    the kernels their slot order (`kernel.py`, step 4: by the row expert's position in step 1's order of the
+    x axis, then the column expert's in y's, so it differs between step-1 methods and "triton"), which
+    skips one XLA sort of the [T, K] result; for "xla" the score order (its selection is that sort). For
+    callers that need only the set, such as the expert op, which groups the pairs by expert itself.
 
     `implementation`:
       - "auto": on a GPU "pallas", or "triton" for K >= AUTO_TRITON_MIN_TOP_K when jax-triton is
