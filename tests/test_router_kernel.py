@@ -528,6 +528,17 @@ def test_lowers_for_cuda(tokens, n, top_k, dtype, block_tokens, axis_sort):
     check_cuda_lowering(tokens, n, top_k, dtype, axis_sort)
 
 
+@pytest.mark.parametrize(("tokens", "n", "top_k"), [(32768, 256, 1280), (4096, 320, 512)])
+def test_unsorted_output_lowers_without_a_sort(tokens, n, top_k):
+    lpx = jnp.zeros((tokens, n), jnp.bfloat16)
+    for sort_by_score, sorts in ((True, 1), (False, 0)):
+        route = functools.partial(
+            omni_router, top_k=top_k, implementation="pallas", interpret=False, sort_by_score=sort_by_score
+        )
+        text = lower_for_cuda(route, lpx, lpx).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1 and text.count("stablehlo.sort") == sorts, sort_by_score
+
+
 def test_lowers_for_cuda_with_64_bit_defaults():
     # With x64 on, jnp reductions and index ops default to 64-bit types, which Triton kernels must not see.
     with jax.enable_x64(True):
