@@ -282,8 +282,7 @@ def axis_ranks(log_probs):
     ],
 )
 def test_unsorted_output_is_the_sorted_set_in_slot_order(tokens, n, top_k, dtype, axis_sort, key):
-    k1, k2 = jax.random.split(key)
-    lpx, lpy = log_probs(k1, tokens, n, dtype)
+    lpx, lpy = log_probs(key, tokens, n, dtype)
     config = dataclasses.replace(default_config(tokens, n, top_k), axis_sort=axis_sort)
     got_sorted, unsorted, (dx, dy) = pallas_route_both_orders(lpx, lpy, top_k, config)
     want = omni_router_reference(lpx, lpy, top_k)
@@ -306,7 +305,6 @@ def test_unsorted_output_is_the_sorted_set_in_slot_order(tokens, n, top_k, dtype
     want_dx, want_dy = jax.grad(reference_loss, argnums=(0, 1))(lpx, lpy)
     assert_close(dx, want_dx, dtype, what="d log_probs_x")
     assert_close(dy, want_dy, dtype, what="d log_probs_y")
-    del k2
 
 
 def test_unsorted_xla_output_stays_in_score_order(key):
