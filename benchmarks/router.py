@@ -1,15 +1,18 @@
 """Router benchmark: the Pallas and jax-triton top-K kernels against the jnp reference, bf16, on one GPU.
 
 For each (T, n, K): forward and forward+backward time of "pallas", "triton" and "xla" (the `lax.top_k`
-reference), the forward of "pallas" with the other step-1 method (axis_sort="select"), the bytes of
-log-probs a call must read (2 T n x 2 bytes), the achieved read rate, and the time XLA needs to read those
-logits once (a max over both arrays) as the floor the forward is compared with. Then a sweep of tilings
-and both step-1 methods for a few shapes, to check `default_config`. Prints tables and writes
-benchmarks/results/router.json (and a copy under $OUT if set).
+reference), the kernels' forward and forward+backward again with sort_by_score=False (the K winners in slot
+order: no XLA sort of the [T, K] result), the forward of "pallas" with the other step-1 method
+(axis_sort="select"), the bytes of log-probs a call must read (2 T n x 2 bytes), the achieved read rate,
+and the time XLA needs to read those logits once (a max over both arrays) as the floor the forward is
+compared with. Then a sweep of tilings and both step-1 methods for a few shapes, to check
+`default_config`. Prints tables and writes benchmarks/results/router.json (`--output`; and a copy under
+$OUT if set).
 
     PYTHONPATH=. python benchmarks/router.py            # the full grid (~2-3 minutes on an H100)
     PYTHONPATH=. python benchmarks/router.py --quick    # two shapes, to try the script
     PYTHONPATH=. python benchmarks/router.py --paper    # the paper's setting (and K = 1024) and its sweep
+    PYTHONPATH=. python benchmarks/router.py --large-k  # K = 1280, 2048 at n = 256, 320 -> router_large_k.json
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from pallas_kernels.omni_router.config import AXIS_SORTS
 IMPLEMENTATIONS = ("pallas", "triton", "xla")
 TOKENS = (4096, 16384)
 GRID = [(n, k) for n in (64, 128, 256, 1024) for k in (16, 32, 64)] + [(320, 512), (320, 1024)]
-PAPER_SHAPES = [(4096, 320, 512), (4096, 320, 1024)]  # T, n, K: the paper's setting, and K = MAX_TOP_K
+PAPER_SHAPES = [(4096, 320, 512), (4096, 320, 1024)]  # T, n, K: the paper's setting, and K = 1024
+# K > 1024: small-omnimoe's router (T = 32768 tokens per step, n = 256, K = 1280) and its neighbours.
+LARGE_K_SHAPES = [(t, n, k) for t in (32768, 4096) for n in (256, 320) for k in (1280, 2048)]
 SWEEP_SHAPES = [(4096, 320, 512), (16384, 256, 32), (16384, 1024, 64)]
 SWEEP_TILINGS = [(1, 4), (2, 4), (4, 4), (8, 4), (2, 8), (8, 8), (1, 16), (2, 16)]
 INPUT_SETS = 3  # independently drawn inputs per shape, rotated between calls (see benchmarks/common.py)
@@ -50,14 +55,16 @@ def inputs(tokens: int, n: int, top_k: int) -> list[tuple[jax.Array, jax.Array, 
 
 
 @functools.cache  # one jitted function (and compile) per route, shared by the timing and the check
-def forward(top_k, implementation, config=None):
-    route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
+def forward(top_k, implementation, config=None, sort_by_score=True):
+    route = functools.partial(
+        omni_router, top_k=top_k, implementation=implementation, config=config, sort_by_score=sort_by_score
+    )
     return jax.jit(lambda lpx, lpy, cotangent: route(lpx, lpy))
 
 
 @functools.cache
-def forward_backward(top_k, implementation):
-    route = functools.partial(omni_router, top_k=top_k, implementation=implementation)
+def forward_backward(top_k, implementation, sort_by_score=True):
+    route = functools.partial(omni_router, top_k=top_k, implementation=implementation, sort_by_score=sort_by_score)
 
     def run(lpx, lpy, cotangent):
         (_, indices), vjp = jax.vjp(route, lpx, lpy)
@@ -84,16 +91,23 @@ def timed(fn, arg_sets) -> dict:
 
 
 def same_routes(arg_sets, top_k, kernels) -> bool:
-    """The kernels' indices equal the reference's on the first input set (a benchmark of wrong code is moot)."""
+    """The kernels' indices equal the reference's on the first input set, and so do their unsorted indices
+    as sets per row (a benchmark of wrong code is moot)."""
     lpx, lpy, cotangent = arg_sets[0]
     want = forward(top_k, "xla")(lpx, lpy, cotangent)[1]
-    return all(bool(jnp.all(forward(top_k, impl)(lpx, lpy, cotangent)[1] == want)) for impl in kernels)
+    exact = all(bool(jnp.all(forward(top_k, impl)(lpx, lpy, cotangent)[1] == want)) for impl in kernels)
+    unsorted = (forward(top_k, impl, sort_by_score=False)(lpx, lpy, cotangent)[1] for impl in kernels)
+    return exact and all(bool(jnp.all(jnp.sort(got, axis=1) == jnp.sort(want, axis=1))) for got in unsorted)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two small shapes, no sweep (tries the script)")
     parser.add_argument("--paper", action="store_true", help="only T = 4096, n = 320, K = 512 / 1024, and its sweep")
+    parser.add_argument(
+        "--large-k", action="store_true", help="only K = 1280, 2048 at n = 256, 320, T = 32768, 4096; no sweep"
+    )
+    parser.add_argument("--output", default=None, help="results/<OUTPUT>.json (default router, router_large_k)")
     parser.add_argument("--implementations", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
     parser.add_argument("--budget-s", type=float, default=None, help="start no new shape after this many seconds")
     args = parser.parse_args(argv)
@@ -110,6 +124,8 @@ def main(argv=None) -> None:
         shapes, sweep = [(256, 64, 16), (256, 320, 512)], []
     elif args.paper:
         shapes, sweep = PAPER_SHAPES, SWEEP_SHAPES[:1]
+    elif args.large_k:
+        shapes, sweep = LARGE_K_SHAPES, []
     else:  # the paper's shapes first: a --budget-s run that stops early still has them
         grid = [(t, n, k) for t in TOKENS for n, k in GRID]
         shapes, sweep = PAPER_SHAPES + [s for s in grid if s not in PAPER_SHAPES], SWEEP_SHAPES
@@ -132,6 +148,12 @@ def main(argv=None) -> None:
             row[f"{impl}_fwdbwd_ms"] = both["ms"]
             row[f"{impl}_fwd_GBps"] = logit_bytes / fwd["ms"] / 1e6
             row[f"{impl}_detail"] = {"fwd": fwd, "fwd+bwd": both}
+            if impl != "xla":  # the reference's selection is its sort: it has no unsorted form
+                fwd = timed(forward(top_k, impl, sort_by_score=False), arg_sets)
+                both = timed(forward_backward(top_k, impl, sort_by_score=False), arg_sets)
+                row[f"{impl}_unsorted_fwd_ms"] = fwd["ms"]
+                row[f"{impl}_unsorted_fwdbwd_ms"] = both["ms"]
+                row[f"{impl}_detail"].update({"unsorted fwd": fwd, "unsorted fwd+bwd": both})
         if "pallas" in implementations:
             select = dataclasses.replace(default_config(tokens, n, top_k), axis_sort="select")
             row["pallas_select_fwd_ms"] = timed(forward(top_k, "pallas", select), arg_sets)["ms"]
@@ -145,6 +167,7 @@ def main(argv=None) -> None:
     columns = ["T", "n", "K", "exact", "MB_read", "read_ms"]
     columns += [f"{impl}_fwd_ms" for impl in implementations] + ["pallas_select_fwd_ms"]
     columns += [f"{impl}_fwdbwd_ms" for impl in implementations]
+    columns += [f"{impl}_unsorted_{what}_ms" for what in ("fwd", "fwdbwd") for impl in kernels]
     columns += [f"{impl}_{what}" for what in ("speedup", "fwd_over_read", "fwd_GBps") for impl in kernels]
     print_table(rows, columns)
 
@@ -172,7 +195,8 @@ def main(argv=None) -> None:
 
     if skipped:
         print(f"over the {args.budget_s} s budget, skipped: {skipped}")
-    path = write_results("router", rows, dtype="bfloat16", tiling_sweep=sweep_rows, skipped=skipped)
+    name = args.output or ("router_large_k" if args.large_k else "router")
+    path = write_results(name, rows, dtype="bfloat16", tiling_sweep=sweep_rows, skipped=skipped)
     print(f"wrote {path}")
     copy_to_out(path)
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from omnimoe_jax._batch_norm import TorchBatchNorm
 from omnimoe_jax._config import FlashMoEConfig
 from omnimoe_jax._experts import AtomicExperts
-from omnimoe_jax._router import RoutingResult, cartesian_routing, sow_routing_statistics
+from omnimoe_jax._router import RoutingResult, by_score, cartesian_routing, sow_routing_statistics
 from omnimoe_jax._shared_mlp import SharedMLP
 
 
@@ -60,7 +60,10 @@ class FlashMoE(nn.Module):
         gate = nn.Dense(2 * n, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="router_gate")
         logits = gate(normed).astype(acc).reshape(-1, 2, n)  # [T, 2n] -> [T, 2, n], torch's view
         router_logits = jnp.swapaxes(logits, 0, 1)  # [2, T, n], torch's transpose(0, 1)
-        routing = cartesian_routing(router_logits[0], router_logits[1], cfg, top_k=cfg.num_experts_per_tok)
+        # Unsorted for the experts; only a returned RoutingResult is sorted by score (as in OmniMoE).
+        routing = cartesian_routing(
+            router_logits[0], router_logits[1], cfg, top_k=cfg.num_experts_per_tok, sort_by_score=False
+        )
         sow_routing_statistics(self, routing, cfg.num_experts)
         experts = AtomicExperts(cfg, score_table="down_embed", name="experts")
         routed = experts(tokens, routing.weights, routing.indices)  # [T, d]
@@ -69,4 +72,4 @@ class FlashMoE(nn.Module):
         if not return_routing:
             return y, router_logits
         # [T, K] / [T, n] -> [..., K] / [..., n]
-        return y, jax.tree.map(lambda a: a.reshape(*lead, a.shape[-1]), routing)
+        return y, jax.tree.map(lambda a: a.reshape(*lead, a.shape[-1]), by_score(routing))

@@ -7,7 +7,7 @@ import jax
 
 from omnimoe_jax._config import OmniMoEConfig
 from omnimoe_jax._experts import AtomicExperts
-from omnimoe_jax._router import CartesianRouter, RoutingResult, sow_routing_statistics
+from omnimoe_jax._router import CartesianRouter, RoutingResult, by_score, sow_routing_statistics
 from omnimoe_jax._shared_mlp import SharedMLP
 from omnimoe_jax.baselines._shapes import flatten_tokens
 
@@ -29,7 +29,10 @@ class OmniMoE(nn.Module):
     layer sows "metrics"/"expert_counts" ([N] int32, how many of the T*K assignments each expert received)
     and "metrics"/"router_entropy" ([] f32, the sum over tokens of H(p_x) + H(p_y))
     (`omnimoe_jax.routing_statistics`). `return_routing=True` returns `(y, RoutingResult)` instead of y:
-    what the router chose for each token, with [..., K] and [..., n] fields.
+    what the router chose for each token, with [..., K] and [..., n] fields, the K by score. The experts
+    take the router's unsorted output (`omni_router(sort_by_score=False)`: the expert op groups the pairs by
+    expert itself); only the returned RoutingResult is sorted (`by_score`), so y does not depend on
+    `return_routing`. Against a router that sorts, y differs only by the order of each token's K-term sum.
     """
 
     config: OmniMoEConfig
@@ -41,7 +44,7 @@ class OmniMoE(nn.Module):
         cfg = self.config
         tokens = flatten_tokens(x, cfg.hidden_size, cfg.dtype)  # [T, d]
         lead = x.shape[:-1]
-        routing = CartesianRouter(cfg, name="router")(tokens, train=train)
+        routing = CartesianRouter(cfg, name="router")(tokens, train=train, sort_by_score=False)
         sow_routing_statistics(self, routing, cfg.num_experts)
         routed = AtomicExperts(cfg, name="experts")(tokens, routing.weights, routing.indices)  # [T, d]
         shared = SharedMLP(cfg, name="shared")(tokens)  # [T, d]
@@ -49,5 +52,5 @@ class OmniMoE(nn.Module):
         if not return_routing:
             return y
         # [T, K] / [T, n] -> [..., K] / [..., n]
-        routing = jax.tree.map(lambda a: a.reshape(*lead, a.shape[-1]), routing)
+        routing = jax.tree.map(lambda a: a.reshape(*lead, a.shape[-1]), by_score(routing))
         return y, routing

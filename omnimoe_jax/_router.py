@@ -21,7 +21,8 @@ class RoutingResult:
     """What the router chose for each token. Leading dims are the input's token dims.
 
     Attributes:
-      scores: [..., K] f32, log p_x(i) + log p_y(j) of the chosen experts, descending.
+      scores: [..., K] f32, log p_x(i) + log p_y(j) of the chosen experts, descending (ties by lowest
+        index) as the layers return it; inside them the router's unsorted order (`by_score` says which).
       indices: [..., K] int32 expert ids e = i * n + j.
       weights: [..., K] f32 routing weights exp(scores) (renormalised to sum 1 if `norm_topk_prob`).
       logits_x: [..., n] f32 router logits of the row axis after the router norm (input of log_softmax).
@@ -33,6 +34,21 @@ class RoutingResult:
     weights: jax.Array
     logits_x: jax.Array
     logits_y: jax.Array
+
+
+def by_score(routing: RoutingResult) -> RoutingResult:
+    """`routing` with each token's K (score, index, weight) entries ordered by score descending, then by
+    lowest index: the order of `omni_router`'s default, for a RoutingResult routed with sort_by_score=False.
+
+    The layers route unsorted (the expert op needs only the set) and sort only the RoutingResult they return
+    (`return_routing`), so their output y is the same with and without it; where the caller drops the
+    RoutingResult (the language model's blocks, under jit), the sort is dead code.
+    """
+    # The reference's sort (-score, index): negation is exact, and the indices of a row are distinct.
+    neg_scores, indices, weights = jax.lax.sort(
+        (-routing.scores, routing.indices, routing.weights), dimension=-1, num_keys=2
+    )
+    return routing.replace(scores=-neg_scores, indices=indices, weights=weights)
 
 
 def routing_statistics(routing: RoutingResult, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -88,15 +104,16 @@ class CartesianRouter(nn.Module):
        (`pallas_kernels.omni_router`); the kernels never form all n*n (the "xla" reference does when K >= n).
     5. weights = exp(scores), renormalised over the K if `norm_topk_prob`.
 
-    Input tokens [T, d]; returns a `RoutingResult` with [T, K] and [T, n] fields. Under expert parallelism
-    (`config.expert_axis` and a mesh, see `AtomicExperts`) the gates and the norm run on the sharded batch
-    (BatchNorm statistics are global) and step 4 runs on each device's own tokens.
+    Input tokens [T, d]; returns a `RoutingResult` with [T, K] and [T, n] fields, its K entries by score
+    (descending, ties by lowest index) or, with `sort_by_score=False`, in `omni_router`'s unsorted order.
+    Under expert parallelism (`config.expert_axis` and a mesh, see `AtomicExperts`) the gates and the norm
+    run on the sharded batch (BatchNorm statistics are global) and step 4 runs on each device's own tokens.
     """
 
     config: OmniMoEConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, train: bool = False) -> RoutingResult:
+    def __call__(self, tokens: jax.Array, *, train: bool = False, sort_by_score: bool = True) -> RoutingResult:
         cfg = self.config
         n = cfg.num_expert_sqrt
         # Both gates in one matmul: tokens [T, d] @ [d, 2n] (the kernels side by side), as nn.Dense computes
@@ -124,20 +141,24 @@ class CartesianRouter(nn.Module):
                 axis=1,
             )  # [T, 2n]
         logits_x, logits_y = (logits[:, half] for half in halves)  # [T, n] each
-        return cartesian_routing(logits_x, logits_y, cfg, top_k=cfg.num_experts_per_token)
+        return cartesian_routing(logits_x, logits_y, cfg, top_k=cfg.num_experts_per_token, sort_by_score=sort_by_score)
 
 
-def cartesian_routing(logits_x: jax.Array, logits_y: jax.Array, config: Any, *, top_k: int) -> RoutingResult:
+def cartesian_routing(
+    logits_x: jax.Array, logits_y: jax.Array, config: Any, *, top_k: int, sort_by_score: bool = True
+) -> RoutingResult:
     """Steps 3-5 of `CartesianRouter` from the two axes' final logits [T, n] (f32): log_softmax per axis, the
     exact top-K of the n*n sums through `omni_router`, weights exp(score) (renormalised if
     `config.norm_topk_prob`). Shared by OmniMoE's router and FlashMoE's (which has one joint gate and
-    normalises the input tokens instead of the logits).
+    normalises the input tokens instead of the logits). `sort_by_score`: passed to `omni_router`.
 
     `config`: an OmniMoEConfig or FlashMoEConfig (norm_topk_prob, implementation, expert_axis are read).
     """
     log_probs_x = jax.nn.log_softmax(logits_x, axis=-1)  # [T, n]
     log_probs_y = jax.nn.log_softmax(logits_y, axis=-1)  # [T, n]
-    route = functools.partial(omni_router, top_k=top_k, implementation=config.implementation)
+    route = functools.partial(
+        omni_router, top_k=top_k, implementation=config.implementation, sort_by_score=sort_by_score
+    )
     mesh = expert_parallel_mesh(config.expert_axis)
     if mesh is not None:
         # Top-K is per token, so each device ranks its own tokens; left to XLA's partitioner, top_k (and

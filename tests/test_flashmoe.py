@@ -243,6 +243,26 @@ def test_pallas_kernels_in_interpret_mode_match_xla(seed):
         assert_close(got, want, jnp.float32, what=f"gradient {jax.tree_util.keystr(path)}")
 
 
+def test_pallas_router_is_unsorted_inside_and_the_returned_routing_sorted(seed):
+    # The experts take the kernel router's unsorted output (sort_by_score=False); the RoutingResult the layer
+    # returns is sorted by score, as the seed's torch.topk orders it, and y does not depend on returning it.
+    config = small_config(implementation="pallas")
+    state, x = decisive_inputs(seed, config, 24, train=False)
+    variables = from_torch_state_dict(state, config)
+
+    def run(config):
+        model = FlashMoE(config)
+        return jax.jit(lambda v, a: (model.apply(v, a), model.apply(v, a, return_routing=True)))(variables, x)
+
+    (y, _), (y_again, routing) = run(config)
+    (want_y, _), (_, want) = run(config.replace(implementation="xla"))
+    np.testing.assert_array_equal(y, y_again)
+    assert_close(y, want_y, jnp.float32)
+    np.testing.assert_array_equal(routing.indices, want.indices)
+    np.testing.assert_array_equal(routing.scores, want.scores)
+    assert_close(routing.weights, want.weights, jnp.float32, what="routing weights")
+
+
 def test_expert_parallel_layer_matches_the_single_device_layer(seed):
     # Tables row-sharded over "expert", tokens over "data" x "expert" (the 8 CPU devices of conftest.py): the
     # same outputs, gradients and BatchNorm statistics (of the global batch) as with no mesh in context.
@@ -368,8 +388,8 @@ def test_config_takes_the_seeds_quick_start():
         ({"expert_axis": ""}, "expert_axis='' must be a mesh axis name"),
         ({"expert_capacity_factor": 0}, "expert_capacity_factor=0 must be None or a positive finite number"),
         (
-            {"implementation": "pallas", "num_experts_per_tok": 1025, "num_experts": 1089},
-            'num_experts_per_tok=1025: implementation="pallas" needs at most 1024',
+            {"implementation": "pallas", "num_experts_per_tok": 4097, "num_experts": 4225},
+            'num_experts_per_tok=4097: implementation="pallas" needs at most 4096',
         ),
         ({"implementation": "pallas", "hidden_size": 24}, 'hidden_size=24: implementation="pallas" needs a multiple'),
     ],

@@ -38,6 +38,11 @@ CASES = [
     (2048, 64, 1024, "float32"),
     (257, 4096, 1024, "float32"),
     (1031, 4096, 2, "bfloat16"),
+    # K > 1024 (a head of 64 or 128): small-omnimoe's router, then 16,384, 32,768 and 65,536 candidate slots.
+    (4096, 256, 1280, "bfloat16"),
+    (1021, 320, 2048, "float32"),
+    (513, 256, 4096, "bfloat16"),
+    (129, 4096, 4096, "float32"),
 ]
 
 
@@ -97,7 +102,7 @@ def test_matches_reference_on_gpu(tokens, n, top_k, dtype, key):
     check_against_reference(lpx, lpy, normal(k2, (tokens, top_k)), top_k)
 
 
-@pytest.mark.parametrize(("n", "top_k"), [(6, 5), (6, 13), (64, 64), (160, 512)])
+@pytest.mark.parametrize(("n", "top_k"), [(6, 5), (6, 13), (64, 64), (160, 512), (160, 1280)])
 def test_ties_match_brute_force_on_gpu(n, top_k, seed):
     rng = np.random.default_rng(seed)
     lpx = rng.integers(-3, 1, (512, n)).astype(np.float32)
@@ -108,6 +113,29 @@ def test_ties_match_brute_force_on_gpu(n, top_k, seed):
     for implementation, config, name in configs(512, n, top_k):
         route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
         assert_routes_equal(jax.jit(route)(lpx, lpy), want, name)
+
+
+@pytest.mark.parametrize(("tokens", "n", "top_k"), [(1021, 320, 512), (4096, 256, 1280)])
+def test_unsorted_output_is_the_sorted_set_on_gpu(tokens, n, top_k, key):
+    # sort_by_score=False: per row the reference's K (index, score) pairs, in slot order (not by score).
+    lpx, lpy = log_probs(key, tokens, n, "bfloat16")
+    want_scores, want_indices = map(
+        np.asarray, omni_router(*jax.device_put((lpx, lpy), CPU), top_k, implementation="xla")
+    )
+    want_order = np.argsort(want_indices, axis=1)
+    for implementation, config, name in configs(tokens, n, top_k):
+        route = functools.partial(
+            omni_router, top_k=top_k, implementation=implementation, config=config, sort_by_score=False
+        )
+        scores, indices = map(np.asarray, jax.jit(route)(lpx, lpy))
+        assert not np.array_equal(indices, want_indices), f"{name}: the sort was not skipped"
+        order = np.argsort(indices, axis=1)
+        np.testing.assert_array_equal(
+            np.take_along_axis(indices, order, 1), np.take_along_axis(want_indices, want_order, 1), err_msg=name
+        )
+        np.testing.assert_array_equal(
+            np.take_along_axis(scores, order, 1), np.take_along_axis(want_scores, want_order, 1), err_msg=name
+        )
 
 
 @pytest.mark.parametrize(("block_tokens", "num_warps"), [(1, 4), (4, 2), (16, 8)])

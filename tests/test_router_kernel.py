@@ -18,7 +18,7 @@ import pytest
 from helpers import assert_close, normal, omni_router_brute_force
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
-from omnimoe_jax._router import CartesianRouter
+from omnimoe_jax._router import CartesianRouter, by_score
 from pallas_kernels import _dispatch, omni_router
 from pallas_kernels.omni_expert import api as expert_api
 from pallas_kernels.omni_router import RouterConfig, api, default_config, kernel
@@ -146,8 +146,8 @@ def test_ties_match_brute_force(n, top_k, axis_sort, dtype, seed):
 
 
 # Step 1 orders only the head of each axis exactly (rank_floors): shapes with k' > the head, with
-# (n > k') and without (n = k') the compaction before the bucketing, K = MAX_TOP_K, and ragged tiles of
-# several tokens.
+# (n > k') and without (n = k') the compaction before the bucketing, K = 1024 (the largest K a 32 head
+# serves, see `head_ranks`), and ragged tiles of several tokens.
 BUCKETED = [
     (9, 1024, 512, "bfloat16", 4, "threshold"),
     pytest.param(7, 320, 512, "float32", 2, "threshold", marks=pytest.mark.slow),
@@ -162,6 +162,44 @@ BUCKETED = [
 def test_bucketed_axis_order_matches_reference(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
     assert min(top_k, n) > head_ranks(n, top_k)
     check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
+
+
+# K > 1024: a head of at least 64 (h^2 >= K) and 8,192 to 65,536 candidate slots per token. An exact head
+# (k' = n <= 128), the bucketing (n = 256, 320), the compaction before it (K < n = 2048), K = MAX_TOP_K, the
+# full sort of "select" and a ragged tile.
+LARGE_K = [
+    (5, 64, 1280, "float32", None, "threshold"),
+    (3, 128, 2048, "bfloat16", 2, "threshold"),
+    (3, 256, 1280, "bfloat16", None, "threshold"),
+    (3, 256, 2048, "float32", None, "threshold"),
+    (2, 256, 1280, "float32", None, "select"),
+    pytest.param(3, 320, 2048, "bfloat16", None, "threshold", marks=pytest.mark.slow),
+    pytest.param(2, 2048, 1280, "float32", None, "threshold", marks=pytest.mark.slow),
+    pytest.param(2, 160, 4096, "float32", None, "threshold", marks=pytest.mark.slow),
+    pytest.param(3, 64, 4096, "bfloat16", None, "threshold", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(CASE_NAMES, LARGE_K)
+def test_large_k_matches_reference(tokens, n, top_k, dtype, block_tokens, axis_sort, key):
+    assert top_k > 1024 and head_ranks(n, top_k) ** 2 >= top_k
+    check_against_reference(key, tokens, n, top_k, dtype, block_tokens, axis_sort)
+
+
+def test_large_k_ties_match_brute_force(seed):
+    # As `test_ties_match_brute_force`, at K > 1024 with the bucketing (k' = n = 160 > h = 64): five values per
+    # axis put every bucket boundary and the K-th score inside runs of ties.
+    n, top_k = 160, 1280
+    assert min(top_k, n) > head_ranks(n, top_k) == 64
+    rng = np.random.default_rng(seed)
+    lpx = rng.integers(-4, 1, (4, n)).astype(np.float32)
+    lpy = rng.integers(-4, 1, (4, n)).astype(np.float32)
+    lpx[0], lpy[0] = 0.0, 0.0
+    lpx = jnp.asarray(lpx, jnp.bfloat16)
+    lpy = jnp.asarray(lpy, jnp.bfloat16)
+    got = pallas_route(lpx, lpy, top_k)
+    assert_routes_equal(got, omni_router_brute_force(lpx, lpy, top_k))
+    np.testing.assert_array_equal(got[1][0], np.arange(top_k))
 
 
 def test_ties_across_bucket_boundaries_match_brute_force(seed):
@@ -201,6 +239,87 @@ def test_minus_infinity_only_ties_where_every_score_is_minus_infinity(seed):
     assert all(len(set(row)) == top_k for row in indices.tolist()), "an expert chosen twice"
 
 
+@functools.partial(jax.jit, static_argnames=("top_k", "config"), compiler_options=FAST_COMPILE)
+def pallas_route_both_orders(lpx, lpy, top_k, config):
+    """The kernel router's output sorted by score and unsorted, and (unsorted) its input gradients for a
+    loss that weighs each score by its expert only, so that any order of the K gives the same gradient."""
+    route = functools.partial(omni_router, top_k=top_k, implementation="pallas", interpret=True, config=config)
+    expert_weight = jnp.cos(jnp.arange(lpx.shape[1] ** 2, dtype=jnp.float32))  # [N]
+
+    def loss(a, b):
+        scores, indices = route(a, b, sort_by_score=False)
+        return jnp.sum(scores * expert_weight[indices]), (scores, indices)
+
+    grads, unsorted = jax.grad(loss, argnums=(0, 1), has_aux=True)(lpx, lpy)
+    return route(lpx, lpy), unsorted, grads
+
+
+def assert_same_sets(got, want):
+    """Per row, the same K (index, score) pairs: both sorted by index, then compared bit for bit."""
+    (scores, indices), (want_scores, want_indices) = (tuple(map(np.asarray, pair)) for pair in (got, want))
+    assert scores.shape == want_scores.shape and indices.dtype == want_indices.dtype == np.int32
+    by_index, want_by_index = np.argsort(indices, axis=1), np.argsort(want_indices, axis=1)
+    np.testing.assert_array_equal(
+        np.take_along_axis(indices, by_index, 1), np.take_along_axis(want_indices, want_by_index, 1)
+    )
+    np.testing.assert_array_equal(
+        np.take_along_axis(scores, by_index, 1), np.take_along_axis(want_scores, want_by_index, 1)
+    )
+
+
+def axis_ranks(log_probs):
+    """[T, n] int: each entry's rank on its axis (lax.top_k's order: descending, ties by lower column)."""
+    _, order = jax.lax.top_k(kernel.order_key(log_probs.astype(jnp.float32)), log_probs.shape[1])
+    return np.argsort(np.asarray(order), axis=1)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "n", "top_k", "dtype", "axis_sort"),
+    [
+        (9, 16, 40, "float32", "threshold"),  # exact axis order (k' = n <= the head)
+        (5, 100, 64, "bfloat16", "select"),  # a full sort
+        (3, 256, 1280, "bfloat16", "threshold"),  # bucketed axis order, small-omnimoe's n and K
+    ],
+)
+def test_unsorted_output_is_the_sorted_set_in_slot_order(tokens, n, top_k, dtype, axis_sort, key):
+    lpx, lpy = log_probs(key, tokens, n, dtype)
+    config = dataclasses.replace(default_config(tokens, n, top_k), axis_sort=axis_sort)
+    got_sorted, unsorted, (dx, dy) = pallas_route_both_orders(lpx, lpy, top_k, config)
+    want = omni_router_reference(lpx, lpy, top_k)
+    assert_routes_equal(got_sorted, want)
+    assert_same_sets(unsorted, want)
+    indices = np.asarray(unsorted[1])
+    assert not np.array_equal(indices, np.asarray(want[1])), "sort_by_score=False must skip the sort"
+    if min(top_k, n) <= head_ranks(n, top_k) or axis_sort == "select":
+        # Exact axis orders: slot order is (rank of the row on x, rank of the column on y) ascending.
+        tok = np.arange(tokens)[:, None]
+        pairs = axis_ranks(lpx)[tok, indices // n] * n + axis_ranks(lpy)[tok, indices % n]
+        assert np.all(np.diff(pairs, axis=1) > 0), "not in slot order"
+    # Gradients through the unsorted output: those of the reference (sorted) for the same loss.
+    expert_weight = jnp.cos(jnp.arange(n * n, dtype=jnp.float32))
+
+    def reference_loss(a, b):
+        scores, idx = omni_router_reference(a, b, top_k)
+        return jnp.sum(scores * expert_weight[idx])
+
+    want_dx, want_dy = jax.grad(reference_loss, argnums=(0, 1))(lpx, lpy)
+    assert_close(dx, want_dx, dtype, what="d log_probs_x")
+    assert_close(dy, want_dy, dtype, what="d log_probs_y")
+
+
+def test_unsorted_xla_output_stays_in_score_order(key):
+    # The reference's selection is its sort: sort_by_score=False changes nothing there.
+    lpx, lpy = log_probs(key, 4, 16, "float32")
+    got = omni_router(lpx, lpy, 40, implementation="xla", sort_by_score=False)
+    assert_routes_equal(got, omni_router_reference(lpx, lpy, 40))
+
+
+def test_sort_by_score_must_be_a_bool():
+    lpx = jnp.zeros((4, 8))
+    with pytest.raises(TypeError, match="sort_by_score must be a bool, got 1"):
+        omni_router(lpx, lpx, 3, implementation="pallas", interpret=True, sort_by_score=1)
+
+
 def sorted_positions(log_probs, k_axis):
     """What step 1 (and the jax-triton kernel) hands to the merge: [T, k'] columns of the top k'."""
     _, positions = jax.lax.top_k(kernel.order_key(log_probs.astype(jnp.float32)), k_axis)  # ties: lower first
@@ -214,9 +333,12 @@ def test_merge_from_presorted_axes_matches_reference(tokens, n, top_k, key):
     lpx, lpy = log_probs(key, tokens, n, "bfloat16")
     config = default_config(tokens, n, top_k)
     merge = functools.partial(kernel.router_merge, top_k=top_k, config=config, interpret=True)
+    unsorted = jax.jit(functools.partial(merge, sort_by_score=False), compiler_options=FAST_COMPILE)
     merge = jax.jit(merge, compiler_options=FAST_COMPILE)
-    got = merge(lpx, lpy, sorted_positions(lpx, min(top_k, n)), sorted_positions(lpy, min(top_k, n)))
-    assert_routes_equal(got, omni_router_reference(lpx, lpy, top_k))
+    positions = sorted_positions(lpx, min(top_k, n)), sorted_positions(lpy, min(top_k, n))
+    want = omni_router_reference(lpx, lpy, top_k)
+    assert_routes_equal(merge(lpx, lpy, *positions), want)
+    assert_same_sets(unsorted(lpx, lpy, *positions), want)
 
 
 def test_no_tokens():
@@ -225,19 +347,26 @@ def test_no_tokens():
     assert scores.shape == indices.shape == (0, 3)
 
 
-@pytest.mark.parametrize(("tokens", "n", "top_k"), [(1, 2, 1), (4096, 64, 16), (16384, 1024, 64), (4096, 320, 512)])
+@pytest.mark.parametrize(
+    ("tokens", "n", "top_k"),
+    [(1, 2, 1), (4096, 64, 16), (16384, 1024, 64), (4096, 320, 512), (32768, 256, 1280), (32768, 320, 2048)],
+)
 def test_default_config_stays_in_budget(tokens, n, top_k):
     config = default_config(tokens, n, top_k)
     slots = candidate_table(n, top_k).shape[1]
     widest = max(next_power_of_2(n), slots)
     assert 4 <= config.num_warps <= 16
-    assert config.block_tokens * widest <= 32 * 16 * config.num_warps, "more than ~16 registers/thread/array"
+    if widest <= 8192:
+        assert config.block_tokens * widest <= 32 * 16 * config.num_warps, "more than ~16 registers/thread/array"
+    else:  # wider than 16 warps hold at 16 registers per thread: as few tokens and as many warps as there are
+        assert config.block_tokens == 1 and config.num_warps == 16
     assert config.block_tokens == 1 or -(-tokens // config.block_tokens) >= 264, "too few programs"
     assert config.block_tokens * config.backward_block_k * next_power_of_2(n) <= 512 * config.num_warps
 
 
 @pytest.mark.parametrize(
-    ("n", "top_k"), [(3, 9), (16, 16), (320, 512), (100, 1), (200, 512), (320, 1024), (1024, 1024)]
+    ("n", "top_k"),
+    [(3, 9), (16, 16), (320, 512), (100, 1), (200, 512), (320, 1024), (1024, 1024), (256, 1280), (320, 2048)],
 )
 def test_candidate_table_is_the_dominance_region_of_the_rank_floors(n, top_k):
     k_axis = min(top_k, n)
@@ -263,9 +392,13 @@ def test_candidate_table_sizes_at_the_papers_setting():
     assert len(candidate_table(320, 1024)[0]) == 8192
 
 
-@pytest.mark.parametrize(("n", "top_k"), [(2, 4), (3, 9), (16, 16), (100, 1), (320, 512), (320, 1024), (4096, 1024)])
+@pytest.mark.parametrize(
+    ("n", "top_k"),
+    [(2, 4), (3, 9), (16, 16), (100, 1), (320, 512), (320, 1024), (4096, 1024), (256, 1280), (64, 4096), (4096, 4096)],
+)
 def test_bound_pairs_are_exact_head_ranks_beaten_by_k_pairs(n, top_k):
     head = min(head_ranks(n, top_k), top_k, n)
+    assert head == min(top_k, n) or head * head >= top_k, "a bucketed head must hold a pair beaten by K"
     table = bound_table(n, top_k)
     pairs = [(a, b) for a, b in table.T if a >= 0]
     assert pairs and table.shape[1] == next_power_of_2(len(pairs))
@@ -287,7 +420,7 @@ def test_order_key_follows_the_total_order():
         ((4, 40), ("float32", "bfloat16"), 4, None, ValueError, "must have one dtype"),
         ((4, 4097), ("float32",) * 2, 2, None, ValueError, r"n=4097 experts per axis; .* takes 2 <= n <= 4096"),
         ((4, 1), ("float32",) * 2, 1, None, ValueError, r"n=1 experts per axis"),
-        ((4, 40), ("float32",) * 2, 1025, None, ValueError, r"top_k=1025; .* takes top_k <= 1024"),
+        ((4, 65), ("float32",) * 2, 4097, None, ValueError, r"top_k=4097; .* takes top_k <= 4096"),
         ((4, 40), ("float32",) * 2, 4, (8, 4), TypeError, "config must be a RouterConfig or None"),
     ],
 )
@@ -383,10 +516,25 @@ def check_cuda_lowering(tokens, n, top_k, dtype, axis_sort="threshold"):
         (4096, 320, 1024, "float32", None, "threshold"),
         (4096, 1024, 1024, "bfloat16", None, "threshold"),
         (4096, 320, 1024, "bfloat16", None, "select"),
+        (32768, 256, 1280, "bfloat16", None, "threshold"),  # small-omnimoe's router (K > 1024)
+        (4096, 320, 2048, "float32", None, "threshold"),
+        (4096, 4096, 4096, "bfloat16", None, "threshold"),  # K = MAX_TOP_K, 65,536 slots
+        (4096, 256, 2048, "bfloat16", None, "select"),
     ],
 )
 def test_lowers_for_cuda(tokens, n, top_k, dtype, block_tokens, axis_sort):
     check_cuda_lowering(tokens, n, top_k, dtype, axis_sort)
+
+
+@pytest.mark.parametrize(("tokens", "n", "top_k"), [(32768, 256, 1280), (4096, 320, 512)])
+def test_unsorted_output_lowers_without_a_sort(tokens, n, top_k):
+    lpx = jnp.zeros((tokens, n), jnp.bfloat16)
+    for sort_by_score, sorts in ((True, 1), (False, 0)):
+        route = functools.partial(
+            omni_router, top_k=top_k, implementation="pallas", interpret=False, sort_by_score=sort_by_score
+        )
+        text = lower_for_cuda(route, lpx, lpx).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1 and text.count("stablehlo.sort") == sorts, sort_by_score
 
 
 def test_lowers_for_cuda_with_64_bit_defaults():
@@ -431,6 +579,21 @@ def layer_config(implementation):
     )
 
 
+def test_router_module_unsorted_then_by_score_is_the_sorted_routing(key):
+    # What the layers do: route unsorted, sort only the RoutingResult they return.
+    x = normal(key, (40, 32))
+    router = CartesianRouter(layer_config("pallas"))
+    variables = router.init(jax.random.key(1), x)
+    routed = jax.jit(lambda v, a, s: router.apply(v, a, sort_by_score=s), static_argnums=2)
+    want, unsorted = routed(variables, x, True), routed(variables, x, False)
+    assert not np.array_equal(unsorted.indices, want.indices)
+    assert_same_sets((unsorted.scores, unsorted.indices), (want.scores, want.indices))
+    got = by_score(unsorted)
+    assert_routes_equal((got.scores, got.indices), (want.scores, want.indices))
+    np.testing.assert_array_equal(got.weights, want.weights)  # exp(score) per entry: no sum to reorder
+    np.testing.assert_array_equal(got.logits_x, want.logits_x)
+
+
 def test_router_module_with_the_pallas_kernel(key):
     x = normal(key, (40, 32))
     pallas, xla = CartesianRouter(layer_config("pallas")), CartesianRouter(layer_config("xla"))
@@ -465,7 +628,11 @@ def test_layer_with_pallas_kernels(key):
     grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
     got_grads, (got_y, got_indices) = grad(layer_config("pallas"), variables["params"], x)
     want_grads, (want_y, want_indices) = grad(layer_config("xla"), variables["params"], x)
-    np.testing.assert_array_equal(got_indices, want_indices)
+    np.testing.assert_array_equal(got_indices, want_indices)  # the returned routing is sorted by score
+    # The experts take the router's unsorted output whether or not the routing is returned: the same y.
+    layer = OmniMoE(layer_config("pallas"))
+    y, (y_again, _) = jax.jit(lambda v, a: (layer.apply(v, a), layer.apply(v, a, return_routing=True)))(variables, x)
+    np.testing.assert_array_equal(y, y_again)
     assert_close(got_y, want_y, jnp.float32)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         assert_close(g, w, jnp.float32, what="layer gradient")

@@ -70,21 +70,29 @@ def omni_router(
     implementation: str = "auto",
     interpret: bool | None = None,
     config: RouterConfig | None = None,
+    sort_by_score: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact top-K of the Cartesian product scores lp_x[i] + lp_y[j] over N = n*n experts.
 
     | argument | shape | dtype |
     | --- | --- | --- |
     | log_probs_x, log_probs_y | [T, n] | f32 or bf16 (kernels); any float for "xla" |
-    | returns scores | [T, K] | f32, descending, ties by lowest expert index |
+    | returns scores | [T, K] | f32, descending, ties by lowest expert index (see `sort_by_score`) |
     | returns indices | [T, K] | int32, e = i * n + j |
+
+    `sort_by_score`: True (default) orders each row by score descending, ties by lowest expert index. False
+    returns the same K (score, index) pairs per row, in an order that is deterministic but not by score: for
+    the kernels their slot order (`kernel.py`, step 4: by the row expert's position in step 1's order of the
+    x axis, then the column expert's in y's, so it differs between step-1 methods and "triton"), which
+    skips one XLA sort of the [T, K] result; for "xla" the score order (its selection is that sort). For
+    callers that need only the set, such as the expert op, which groups the pairs by expert itself.
 
     `implementation`:
       - "auto": on a GPU "pallas", or "triton" for K >= AUTO_TRITON_MIN_TOP_K when jax-triton is
         installed (where the kernels take the input); "xla" otherwise.
       - "xla": `omni_router_reference` (plain jnp, `lax.top_k`).
       - "pallas": the Pallas kernels of `kernel.py` (Triton lowering; Pallas interpret mode off the GPU).
-        Takes 2 <= n <= 4096 and K <= 1024.
+        Takes 2 <= n <= 4096 and K <= 4096.
       - "triton": the sorting step as a native Triton kernel through jax-triton (`tl.topk`), the rest as
         "pallas". GPU only; needs the `triton` extra.
     The kernels return the reference's scores and indices bit for bit; the one exception is which of
@@ -96,6 +104,8 @@ def omni_router(
     of its expert (summed where a token picks one row or column several times).
     """
     validate_router_inputs(log_probs_x, log_probs_y, top_k)
+    if not isinstance(sort_by_score, bool):
+        raise TypeError(f"sort_by_score must be a bool, got {sort_by_score!r}")
     impl = _dispatch.choose_implementation(
         implementation,
         supported=SUPPORTED_IMPLEMENTATIONS,
@@ -113,8 +123,9 @@ def omni_router(
         if interpret:
             raise ValueError('interpret=True is not available for implementation="triton" (jax-triton has none)')
         _require_triton()
-        return _kernel_router(log_probs_x, log_probs_y, top_k, impl, config, False)
-    return _kernel_router(log_probs_x, log_probs_y, top_k, impl, config, _dispatch.resolve_interpret(interpret))
+        return _kernel_router(log_probs_x, log_probs_y, top_k, impl, config, False, sort_by_score)
+    interpret = _dispatch.resolve_interpret(interpret)
+    return _kernel_router(log_probs_x, log_probs_y, top_k, impl, config, interpret, sort_by_score)
 
 
 @functools.cache
@@ -144,29 +155,30 @@ def _require_triton() -> None:
         ) from err
 
 
-def _forward(log_probs_x, log_probs_y, top_k, implementation, config, interpret):
+def _forward(log_probs_x, log_probs_y, top_k, implementation, config, interpret, sort_by_score):
+    order = dict(config=config, sort_by_score=sort_by_score)
     if implementation == "triton":
         from pallas_kernels.omni_router import triton_kernel
 
         positions = triton_kernel.sort_axes(log_probs_x, log_probs_y, top_k, config=config)
-        return kernel.router_merge(log_probs_x, log_probs_y, *positions, top_k=top_k, config=config, interpret=False)
-    return kernel.router_forward(log_probs_x, log_probs_y, top_k, config=config, interpret=interpret)
+        return kernel.router_merge(log_probs_x, log_probs_y, *positions, top_k=top_k, interpret=False, **order)
+    return kernel.router_forward(log_probs_x, log_probs_y, top_k, interpret=interpret, **order)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _kernel_router(log_probs_x, log_probs_y, top_k, implementation, config, interpret):
-    return _forward(log_probs_x, log_probs_y, top_k, implementation, config, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _kernel_router(log_probs_x, log_probs_y, top_k, implementation, config, interpret, sort_by_score):
+    return _forward(log_probs_x, log_probs_y, top_k, implementation, config, interpret, sort_by_score)
 
 
-def _kernel_router_fwd(log_probs_x, log_probs_y, top_k, implementation, config, interpret):
-    scores, indices = _forward(log_probs_x, log_probs_y, top_k, implementation, config, interpret)
+def _kernel_router_fwd(log_probs_x, log_probs_y, top_k, implementation, config, interpret, sort_by_score):
+    scores, indices = _forward(log_probs_x, log_probs_y, top_k, implementation, config, interpret, sort_by_score)
     # Residuals must be arrays: a zero-size [0, n] array carries n and the input dtype to the backward.
     input_like = jnp.zeros((0, log_probs_x.shape[1]), log_probs_x.dtype)
     return (scores, indices), (indices, input_like)
 
 
-def _kernel_router_bwd(top_k, implementation, config, interpret, residuals, cotangents):
-    del top_k, implementation  # both implementations share the Pallas backward
+def _kernel_router_bwd(top_k, implementation, config, interpret, sort_by_score, residuals, cotangents):
+    del top_k, implementation, sort_by_score  # one Pallas backward for both, by index: any order of the K
     indices, input_like = residuals
     dscores, _ = cotangents  # the integer indices have no cotangent
     return kernel.router_backward(

@@ -15,10 +15,14 @@ import numpy as np
 from pallas_kernels._checks import is_int, is_power_of_two
 
 MAX_AXIS_SIZE = 4096  # n: the [block_tokens, n] row tile must stay in registers
-MAX_TOP_K = 1024  # K: the candidate slots (~K (ln K + 1) per token) must stay in registers
+# K: a token's candidate slots (fewer than K (ln K + 1)) live in the registers of one program: 16,384 at
+# K = 2048 (n <= 320) and K = 4096 (n = 256), 32,768 at K = 4096 for n = 320 (see `default_config`).
+MAX_TOP_K = 4096
 # Step 1 sorts each axis exactly only over its top h entries (an h^2 rank count) and puts the rest in octave
-# buckets by rank (`rank_floors`); `head_ranks` picks h among these. Each h^2 >= MAX_TOP_K (`bound_table`).
+# buckets by rank (`rank_floors`); `head_ranks` picks h among these, one with h^2 >= K (`bound_table`), which
+# the largest provides for every K <= MAX_TOP_K.
 HEAD_SIZES = (32, 64, 128)
+assert HEAD_SIZES[-1] ** 2 >= MAX_TOP_K
 AXIS_SORTS = ("threshold", "select")  # see RouterConfig.axis_sort
 
 
@@ -47,16 +51,18 @@ def head_ranks(n: int, top_k: int) -> int:
     k' itself (an exact order) up to the largest of `HEAD_SIZES`, where a k'^2 rank count is short next to
     the bucketing's bisection; above, the smallest of `HEAD_SIZES` whose candidate region still fits the
     power-of-two slot count of the exact region (a smaller head is a cheaper rank count but a coarser
-    order, hence more candidates).
+    order, hence more candidates), among those with h^2 >= K: step 3's lower bound needs a pair of exact
+    head ranks (a, b) with (a+1)(b+1) >= K (`bound_table`), which rules out h = 32 for K > 1024.
     """
     k_axis = min(top_k, n)
     if k_axis <= HEAD_SIZES[-1]:
         return k_axis
+    heads = [head for head in HEAD_SIZES if head * head >= top_k]
     exact_slots = next_power_of_2(_region_size(np.arange(k_axis), top_k))
-    for head in HEAD_SIZES:
+    for head in heads:
         if next_power_of_2(_region_size(_floors(k_axis, head), top_k)) <= exact_slots:
             return head
-    return HEAD_SIZES[-1]
+    return heads[-1]
 
 
 def rank_floors(n: int, top_k: int) -> np.ndarray:
@@ -77,8 +83,8 @@ def candidate_table(n: int, top_k: int) -> np.ndarray:
     (f(a)+1)(f(b)+1) - 1 others (every pair of entries ranked no lower on both axes), so only pairs with
     (f(a)+1)(f(b)+1) <= K can be in the top K (for an exact order, f(p) = p: the region (a+1)(b+1) <= K).
     Row 0 holds a, row 1 holds b; `slots` is the pair count rounded up to a power of two and the padding
-    holds -1. The pairs are listed row by row; their order does not matter (outputs are sorted at the end).
-    The kernels take the two rows as two [slots] inputs.
+    holds -1. The pairs are listed row by row: the order of the kernels' output where the final sort by
+    score is skipped ("slot order", kernel.py step 4). The kernels take the two rows as two [slots] inputs.
     """
     floors = rank_floors(n, top_k) + 1  # [k']
     rows, cols = np.nonzero(floors[:, None] * floors[None, :] <= top_k)  # row-major: a, then b
@@ -93,8 +99,8 @@ def bound_table(n: int, top_k: int) -> np.ndarray:
     Positions below min(h, k') (h = `head_ranks`) are exact ranks, so each such pair scores no more than
     the (a+1)(b+1) >= K pairs ranked no lower on both axes: its score is a lower bound on the K-th largest,
     where step 3's bisection can start. Padded with -1 to a power of two like `candidate_table`. One such
-    pair always exists: the head is K wide when K <= n, n wide when n^2 >= K > n and n <= h, and h^2 >=
-    MAX_TOP_K otherwise.
+    pair always exists: the head is K wide when K <= n, n wide when n^2 >= K > n and n <= h, and h^2 >= K
+    otherwise (`head_ranks`).
     """
     head = min(head_ranks(n, top_k), top_k, n)
     pairs = [(a, -(-top_k // (a + 1)) - 1) for a in range(head)]
@@ -157,6 +163,10 @@ def default_config(tokens: int, n: int, top_k: int) -> RouterConfig:
     needs more than ~16 registers per thread; tokens are then packed per program up to that budget, but
     never so many that fewer than `MIN_PROGRAMS` programs remain. The backward chunk of K fills the same
     budget with its [block_tokens, chunk, n padded] one-hot temporary.
+
+    Past 8,192 slots (K > 1024 for most n) one token per program at 16 warps is all there is: each slot
+    array then takes slots / 512 registers per thread (32 at 16,384 slots, the keys and expert ids together
+    half the 128 a thread has at 16 warps), and the compiler spills what does not fit (64 at 32,768 slots).
     """
     n_pad = next_power_of_2(n)
     per_token = max(n_pad, candidate_table(n, top_k).shape[1])

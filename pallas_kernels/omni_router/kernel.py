@@ -7,8 +7,8 @@ scratch rows per axis (the ordered positions; for "threshold" also the column-or
 which it reads straight back:
 
 1. Ordered axes. For each axis the positions of the top k' = min(K, n) log-probs in an order that is exact
-   for the first h = `head_ranks(n, K)` ranks (all k' up to 128, else 32-128), descending, ties by lower
-   position (exactly `lax.top_k`'s order), with the rest in octave buckets of ranks [h, 2h), [2h, 4h), ...
+   for the first h = `head_ranks(n, K)` ranks (all k' up to 128, else 32-128 with h^2 >= K), descending,
+   ties by lower position (exactly `lax.top_k`'s order), with the rest in octave buckets of ranks [h, 2h), [2h, 4h), ...
    (each in column order; `rank_floors`). Values are compared as order-preserving int32 keys (`order_key`), so
    -inf, -0.0 and NaN order as in the IEEE total order `lax.top_k` uses and can never be confused with
    the padding sentinel. Two methods (`RouterConfig.axis_sort`):
@@ -37,8 +37,11 @@ which it reads straight back:
    tau are taken, and of those equal to tau a second bisection on the expert index takes the lowest ones
    (it runs only while some token in the tile has more ties at tau than places left).
 4. Output. Each taken candidate gets a slot from a prefix count and is scattered to [T, K]. Slots follow
-   candidate order, not score order: `sort_by_score` orders each row with one XLA sort afterwards (keys:
-   score descending, expert ascending), which is the reference's order.
+   candidate order, not score order: the pairs (a, b) ascending, a then b, where a is the row expert's
+   position in step 1's order of the x axis and b the column expert's in y's ("slot order"; it depends on
+   the step-1 method, exact or bucketed). `sort_by_score` orders each row with one XLA sort afterwards
+   (keys: score descending, expert ascending), which is the reference's order; callers that need only the
+   set skip it (`sort_by_score=False` of `router_forward`, `router_merge`).
 
 Cost per token of step 1 "threshold": per axis ~16-32 count passes over the padded row (k' < n), ~log2 of the
 row's key range passes over [2 x boundaries, k'] for both axes (k' > h), and an h^2 rank count; "select" k'
@@ -335,8 +338,8 @@ def _select_top_k(
 
     rank_x_ref, rank_y_ref: the rows of `candidate_table` ([slots] each); bound_x_ref, bound_y_ref: those
     of `bound_table`; lpx_ref, lpy_ref: the log-probs [T, n]; the position lists in the order of
-    `rank_floors` (or fully sorted, which is a finer order). Each token's K outputs land in slot order (see
-    `sort_by_score`).
+    `rank_floors` (or fully sorted, which is a finer order). Each token's K outputs land in slot order (module
+    docstring, step 4).
     """
     tokens, top_k = scores_ref.shape
     n = lpx_ref.shape[1]
@@ -500,16 +503,29 @@ def sort_by_score(scores: jax.Array, experts: jax.Array) -> tuple[jax.Array, jax
     return scores, experts
 
 
+def _in_order(scores: jax.Array, experts: jax.Array, sort: bool) -> tuple[jax.Array, jax.Array]:
+    """The kernels' [T, K] outputs in score order (`sort_by_score`) or as they were written (slot order)."""
+    return sort_by_score(scores, experts) if sort else (scores, experts)
+
+
 def _empty(*shapes: jax.ShapeDtypeStruct) -> tuple[jax.Array, ...]:
     return tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
 
 
 def router_forward(
-    log_probs_x: jax.Array, log_probs_y: jax.Array, top_k: int, *, config: RouterConfig, interpret: bool
+    log_probs_x: jax.Array,
+    log_probs_y: jax.Array,
+    top_k: int,
+    *,
+    config: RouterConfig,
+    interpret: bool,
+    sort_by_score: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-K experts per token: scores [T, K] f32 descending and expert ids [T, K] int32 (e = i*n + j).
 
-    log_probs_x, log_probs_y: [T, n] f32 or bf16 (validated by `api`). Equals `omni_router_reference`.
+    log_probs_x, log_probs_y: [T, n] f32 or bf16 (validated by `api`). Equals `omni_router_reference`;
+    with sort_by_score=False each row holds the same K (score, expert) pairs in slot order (module docstring,
+    step 4), without the final sort.
     """
     tokens, n = log_probs_x.shape
     k_axis = min(top_k, n)
@@ -548,7 +564,7 @@ def router_forward(
         interpret=interpret,
         name="omni_router_forward",
     )(log_probs_x, log_probs_y, *_tables(n, top_k))
-    return sort_by_score(scores, experts)
+    return _in_order(scores, experts, sort_by_score)
 
 
 def router_merge(
@@ -560,6 +576,7 @@ def router_merge(
     top_k: int,
     config: RouterConfig,
     interpret: bool,
+    sort_by_score: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Steps 2-4 from per-axis top-k' lists computed elsewhere; the same outputs as `router_forward`.
 
@@ -578,7 +595,7 @@ def router_merge(
         interpret=interpret,
         name="omni_router_merge",
     )(*_tables(n, top_k), log_probs_x, log_probs_y, positions_x, positions_y)
-    return sort_by_score(scores, experts)
+    return _in_order(scores, experts, sort_by_score)
 
 
 def _backward_kernel(dscores_ref, experts_ref, dx_ref, dy_ref, *, bt: int, block_k: int):
