@@ -7,6 +7,7 @@ CUDA (no GPU needed) to catch unlowerable primitives; tests/test_expert_gpu.py r
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -106,6 +107,25 @@ def test_default_config_variant_override():
     assert default_config(4096, 32, 65536, 1024, BF16, variant="sorted").variant == "sorted"
     with pytest.raises(ValueError, match=re.escape("variant='both' must be None or one of")):
         default_config(4096, 32, 65536, 1024, BF16, variant="both")
+
+
+@pytest.mark.parametrize(
+    "tokens, top_k, num_experts, d, expected",
+    [
+        (32768, 32, 16384, 512, "reductions"),  # `small`'s training step: 64 pairs per expert, 64-pair blocks
+        (32768, 1280, 65536, 512, "reductions"),  # `small-omnimoe`'s: 640 pairs per expert
+        (4096, 512, 102400, 1024, "products"),  # the paper's setting: ~20 pairs per expert, 128-pair blocks
+        (4096, 32, 65536, 1024, "products"),  # ~2 pairs per expert
+    ],
+)
+def test_default_config_sums_segments_by_reductions_where_blocks_meet_few_segments(
+    tokens, top_k, num_experts, d, expected
+):
+    config = default_config(tokens, top_k, num_experts, d, BF16)
+    pairs = tokens * top_k
+    per_expert = pairs / (num_experts * -math.expm1(-pairs / num_experts))
+    assert (per_expert >= config.segment_block) == (expected == "reductions")
+    assert config.segment_sums == expected
 
 
 def test_config_must_tile_the_width():

@@ -32,12 +32,10 @@ expert row across its sorted segment). Four things decide the speed:
   f32-accurate weights) and 2 x segment_slots row stores, most of them masked. "reductions" sums each
   segment meeting the block by an f32 masked sum over the block's pairs (CUDA cores, in the layout the
   rows were loaded in) and stores one row per segment, so its cost grows with the segments per block,
-  about segment_block / (pairs per touched expert) + 1. Hypothesis for benchmarks/segment_probe.py --sums
-  on the GPU to settle (benchmarks/NOTES.md, "The segment pass taken apart": the gather with one such sum
-  per block took a third of the whole pass): "reductions" wins where blocks meet 1-3 segments (training's
-  64-640 pairs per expert) and ties or loses where they meet many (~7 per 128-pair block at the paper's
-  ~20 pairs per expert, ~30 per 64-pair block at ~2). Until that is measured the heuristic keeps
-  "products" (NOTES.md, "Segment sums by reductions", has the prediction per shape).
+  about segment_block / (pairs per touched expert) + 1. Measured on an H200 (`benchmarks/segment_probe.py
+  --sums`, results/segment_sums.json, NOTES.md "Segment sums by reductions"): "reductions" is faster where
+  a block meets about two segments or fewer (training's 64 and 640 pairs per expert in 64-pair blocks) and
+  slower where it meets ~7 (the paper's ~20 pairs per expert in 128-pair blocks); step 5 below.
 
 Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on the GPU to settle:
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
@@ -56,7 +54,10 @@ Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on th
   4. Tiles of `TILE_BYTES` per gather: R = TILE_BYTES / (d_block * itemsize) rows (at least 16).
      pair_block = R; k_block = min(K rounded up to a power of two, R), token_block = R / k_block (K is
      split over several programs when it exceeds R: their f32 partial sums are added by XLA);
-     segment_block = R (at most 128); segment_slots = 16; segment_sums = "products" (see above).
+     segment_block = R (at most 128); segment_slots = 16.
+  5. segment_sums "reductions" when the pairs per touched expert are at least segment_block (a block then
+     meets about two segments or fewer), else "products". Measured on both sides of that line, not at it:
+     nothing between ~0.16 and 1 segment_block of pairs per expert has been timed.
 """
 
 from __future__ import annotations
@@ -228,9 +229,9 @@ def default_config(
             splits *= 2
         return splits
 
+    pairs = tokens * top_k
+    per_expert = pairs / (num_experts * -math.expm1(-pairs / num_experts))  # pairs per touched expert
     if variant is None:
-        pairs = tokens * top_k
-        per_expert = pairs / (num_experts * -math.expm1(-pairs / num_experts))  # pairs per touched expert
         token_splits = fewest_splits(num_experts)
         table_fits = num_experts * (d // token_splits) * itemsize <= L2_BUDGET_BYTES
         heavy_reuse = per_expert >= SORTED_REUSE and token_splits > 1
@@ -242,4 +243,5 @@ def default_config(
         splits = fewest_splits(num_experts)
     else:
         splits = fewest_splits(tokens)
-    return ExpertKernelConfig(variant=variant, d_block=d_block, score_splits=splits, **tiles)
+    segment_sums = "reductions" if per_expert >= tiles["segment_block"] else "products"  # step 5
+    return ExpertKernelConfig(variant=variant, d_block=d_block, score_splits=splits, segment_sums=segment_sums, **tiles)
