@@ -311,6 +311,14 @@ def test_sample_refuses_a_bad_temperature(temperature):
         sample.generate(model, {}, [1, 2], max_new_tokens=1, temperature=temperature)
 
 
+@pytest.mark.parametrize("max_new_tokens", [True, 0, 2.0])
+def test_sample_refuses_a_bad_max_new_tokens(max_new_tokens):
+    # True is an int to Python: it used to generate one token.
+    model = TransformerLM(shrunk_config().model)
+    with pytest.raises(ValueError, match=f"max_new_tokens={max_new_tokens!r} must be a positive int"):
+        sample.generate(model, {}, [1, 2], max_new_tokens=max_new_tokens)
+
+
 def test_sample_refuses_a_run_on_pre_tokenised_files(tmp_path, capsys):
     # Only the start record matters: the check runs before any checkpoint is read.
     start = {"kind": "start", "step": 0, "corpus": {"source": "tokens.npy", "byte_level": False}}
