@@ -384,6 +384,9 @@ def test_bad_inputs_are_refused(key):
     model = FlashMoE(config)
     with pytest.raises(ValueError, match=r"x must be \[..., hidden_size=32\], got shape \(4, 31\)"):
         model.init(key, jnp.zeros((4, 31)))
+    # A cast to float32 would silently drop the imaginary part.
+    with pytest.raises(TypeError, match="x has dtype complex64: a real input is expected"):
+        model.init(key, jnp.ones((4, config.hidden_size), jnp.complex64) * (1 + 2j))
     variables = model.init(key, jnp.ones((4, config.hidden_size)))
     with pytest.raises(ValueError, match="at least 2 tokens"):
         model.apply(variables, jnp.ones((1, config.hidden_size)), train=True, mutable=["batch_stats"])

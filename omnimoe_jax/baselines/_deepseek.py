@@ -9,11 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnimoe_jax._shapes import flatten_tokens
 from omnimoe_jax._shared_mlp import SharedMLP
 from omnimoe_jax.baselines._config import ACTIVATION_NAMES, BaselineConfig
 from omnimoe_jax.baselines._dense import DenseFFNConfig
 from omnimoe_jax.baselines._moe import DISPATCHES, RoutedSwiGLUExperts, balance_loss, expert_counts, softmax_top_k
-from omnimoe_jax.baselines._shapes import flatten_tokens
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,9 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnimoe_jax._shapes import flatten_tokens
 from omnimoe_jax.baselines._config import ACTIVATION_NAMES, BaselineConfig
 from omnimoe_jax.baselines._moe import RoutedSwiGLUExperts, balance_loss, expert_counts, softmax_top_k
-from omnimoe_jax.baselines._shapes import flatten_tokens
 
 
 @dataclasses.dataclass(frozen=True)

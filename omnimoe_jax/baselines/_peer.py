@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnimoe_jax._shapes import flatten_tokens
 from omnimoe_jax.baselines._config import (
     ACTIVATION_NAMES,
     IMPLEMENTATIONS,
@@ -18,7 +19,6 @@ from omnimoe_jax.baselines._config import (
     BaselineConfig,
 )
 from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, retrieval_counts
-from omnimoe_jax.baselines._shapes import flatten_tokens
 from pallas_kernels import get_activation, omni_expert
 
 EXPERT_IMPLEMENTATIONS = ("reference", "omni_expert")

@@ -11,9 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnimoe_jax._shapes import flatten_tokens
 from omnimoe_jax.baselines._config import IMPLEMENTATIONS, QUERY_NORMS, BaselineConfig
 from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, retrieval_counts
-from omnimoe_jax.baselines._shapes import flatten_tokens
 from pallas_kernels import embedding_bag
 
 
