@@ -3,7 +3,10 @@ from omnimoe_jax.testing."""
 
 from __future__ import annotations
 
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +23,11 @@ __all__ = [
     "normal",
     "omni_router_brute_force",
     "rel_error",
+    "run_readme_block",
     "tolerance",
 ]
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # A Pallas kernel in lowered StableHLO: jax 0.10 names the custom call one way, 0.11 the other.
 _TRITON_CALL = re.compile(r"custom_call @(__gpu\$xla\.gpu\.triton|triton_kernel_call_ffi)")
@@ -45,6 +51,16 @@ def check_gradients_by_finite_differences(loss, params, tokens) -> None:
     grads = jax.grad(loss)(params, tokens)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert float(jnp.abs(g).max()) > 0, f"gradient of {jax.tree_util.keystr(path)} is identically zero"
+
+
+def run_readme_block(tag: str) -> str:
+    """Runs README.md's one ```python <tag> block in a fresh interpreter; returns its stdout once it exited 0."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(rf"^```python {tag}\n(.*?)^```$", readme, flags=re.S | re.M)
+    assert len(blocks) == 1, f"README.md must hold exactly one ```python {tag} block"
+    result = subprocess.run([sys.executable, "-c", blocks[0]], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def normal(key, shape, dtype=jnp.float32, scale=1.0):
