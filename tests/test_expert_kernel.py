@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from expert_checks import check_against_reference, check_segment_sum, expert_inputs
+from expert_checks import check_against_reference, check_segment_sum, expert_inputs, segment_sum
 from helpers import assert_close, count_triton_calls, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
@@ -166,21 +166,7 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, b
     schedule = build_schedule(jnp.asarray(indices), num_experts)
     config = ExpertKernelConfig(d_block=16, segment_block=block, segment_slots=slots)
 
-    @jax.jit
-    def run(coef, rows, table, schedule):
-        return kernel.segment_sum(
-            coef,
-            rows,
-            schedule.sorted_expert,
-            schedule.order,
-            out_like=table,
-            top_k=top_k,
-            dot_table=table,
-            config=config,
-            interpret=True,
-        )
-
-    out, dots = run(coef, rows, table, schedule)
+    out, dots = segment_sum(coef, rows, table, schedule, top_k=top_k, config=config, interpret=True)
     check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
 
 
