@@ -1,5 +1,5 @@
-"""OmniMoEConfig and FlashMoEConfig: the seeds' configuration fields, validated at construction; FFNConfig, what
-every FFN kind's config tells the registry (`omnimoe_jax.ffn_registry`)."""
+"""OmniMoEConfig and FlashMoEConfig: the seeds' configuration fields, validated at construction, and RoutedConfig,
+what the two share; FFNConfig, what every FFN kind's config tells the registry (`omnimoe_jax.ffn_registry`)."""
 
 from __future__ import annotations
 
@@ -53,66 +53,102 @@ class FFNConfig(ConfigMethods):
         raise NotImplementedError(f"{cls.__name__} has no small preset")
 
 
-def check_layer_fields(config: Any, *, top_k_field: str) -> None:
-    """The checks OmniMoEConfig and FlashMoEConfig share, each error naming the field; normalises the dtypes.
+class RoutedConfig(FFNConfig):
+    """Base of OmniMoEConfig and FlashMoEConfig: a shared SwiGLU MLP plus K of N = n*n atomic experts picked by
+    the Cartesian router. No fields of its own: the checks (each error naming the field), n, the
+    active-parameter count and the small preset the two kinds share.
 
-    `config` has hidden_size, intermediate_size, num_experts, hidden_act, router_norm_eps,
+    A subclass has hidden_size, intermediate_size, num_experts, hidden_act, router_norm_eps,
     router_norm_momentum, norm_topk_prob, dtype, param_dtype, implementation, expert_axis and
     expert_capacity_factor, and K under the name `top_k_field` (the seeds spell it differently).
     """
-    top_k = getattr(config, top_k_field)
-    config._check_positive_ints("hidden_size", "intermediate_size", "num_experts", top_k_field)
-    n = math.isqrt(config.num_experts)
-    if n * n != config.num_experts or n < 2:
-        below = max(n, 2) ** 2
-        above = (n + 1) ** 2 if n >= 2 else 9
-        nearest = sorted({below, above} - {config.num_experts})
-        raise ValueError(
-            f"num_experts={config.num_experts} must be a perfect square n*n with n >= 2 (the Cartesian "
-            f"router indexes experts by a row and a column); nearest valid counts: {nearest}"
-        )
-    if top_k > config.num_experts:
-        raise ValueError(f"{top_k_field}={top_k} must be <= num_experts={config.num_experts}")
-    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
-    config._check_positive_number("router_norm_eps")
-    config._check_fraction("router_norm_momentum")
-    config._check_bool("norm_topk_prob")
-    config._check_choice("implementation", IMPLEMENTATIONS)
-    axis = config.expert_axis
-    if axis is not None and not (isinstance(axis, str) and axis):
-        raise ValueError(f"expert_axis={axis!r} must be a mesh axis name (a non-empty str) or None")
-    factor = config.expert_capacity_factor
-    if factor is not None and (not is_number(factor) or not 0 < factor < math.inf):
-        raise ValueError(f"expert_capacity_factor={factor!r} must be None or a positive finite number")
-    # Normalise dtypes so equal configs compare (and hash) equal whether given as str or type.
-    object.__setattr__(config, "dtype", float_dtype("dtype", config.dtype))
-    object.__setattr__(config, "param_dtype", float_dtype("param_dtype", config.param_dtype))
-    if config.implementation != "pallas":
-        return
-    # implementation="pallas" names the kernels: refuse here, naming the field, what they cannot take (the ops
-    # would refuse it at the first call, naming their own arguments).
-    width, axis_size = expert_tiling.MAX_WIDTH, router_tiling.MAX_AXIS_SIZE
-    limits = [
-        (
-            config.hidden_size % 16 == 0 and 16 <= config.hidden_size <= width,
-            "hidden_size",
-            f"a multiple of 16 in [16, {width}]",
-        ),
-        (n <= axis_size, "num_experts", f"at most {axis_size}^2 (the router kernel's n <= {axis_size})"),
-        (top_k <= router_tiling.MAX_TOP_K, top_k_field, f"at most {router_tiling.MAX_TOP_K}"),
-        (config.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)), "dtype", "float32 or bfloat16"),
-    ]
-    for ok, field, expected in limits:
-        if not ok:
+
+    routed: ClassVar[bool] = True
+    top_k_field: ClassVar[str]
+
+    def __post_init__(self):
+        """Validates the shared fields; normalises the dtypes."""
+        top_k_field, top_k = self.top_k_field, self.top_k
+        self._check_positive_ints("hidden_size", "intermediate_size", "num_experts", top_k_field)
+        n = math.isqrt(self.num_experts)
+        if n * n != self.num_experts or n < 2:
+            below = max(n, 2) ** 2
+            above = (n + 1) ** 2 if n >= 2 else 9
+            nearest = sorted({below, above} - {self.num_experts})
             raise ValueError(
-                f'{field}={getattr(config, field)!r}: implementation="pallas" needs {expected} '
-                '(implementation="auto" uses the XLA reference where the kernels do not apply)'
+                f"num_experts={self.num_experts} must be a perfect square n*n with n >= 2 (the Cartesian "
+                f"router indexes experts by a row and a column); nearest valid counts: {nearest}"
             )
+        if top_k > self.num_experts:
+            raise ValueError(f"{top_k_field}={top_k} must be <= num_experts={self.num_experts}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        self._check_positive_number("router_norm_eps")
+        self._check_fraction("router_norm_momentum")
+        self._check_bool("norm_topk_prob")
+        self._check_choice("implementation", IMPLEMENTATIONS)
+        axis = self.expert_axis
+        if axis is not None and not (isinstance(axis, str) and axis):
+            raise ValueError(f"expert_axis={axis!r} must be a mesh axis name (a non-empty str) or None")
+        factor = self.expert_capacity_factor
+        if factor is not None and (not is_number(factor) or not 0 < factor < math.inf):
+            raise ValueError(f"expert_capacity_factor={factor!r} must be None or a positive finite number")
+        # Normalise dtypes so equal configs compare (and hash) equal whether given as str or type.
+        object.__setattr__(self, "dtype", float_dtype("dtype", self.dtype))
+        object.__setattr__(self, "param_dtype", float_dtype("param_dtype", self.param_dtype))
+        if self.implementation != "pallas":
+            return
+        # implementation="pallas" names the kernels: refuse here, naming the field, what they cannot take (the ops
+        # would refuse it at the first call, naming their own arguments).
+        width, axis_size = expert_tiling.MAX_WIDTH, router_tiling.MAX_AXIS_SIZE
+        limits = [
+            (
+                self.hidden_size % 16 == 0 and 16 <= self.hidden_size <= width,
+                "hidden_size",
+                f"a multiple of 16 in [16, {width}]",
+            ),
+            (n <= axis_size, "num_experts", f"at most {axis_size}^2 (the router kernel's n <= {axis_size})"),
+            (top_k <= router_tiling.MAX_TOP_K, top_k_field, f"at most {router_tiling.MAX_TOP_K}"),
+            (self.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)), "dtype", "float32 or bfloat16"),
+        ]
+        for ok, field, expected in limits:
+            if not ok:
+                raise ValueError(
+                    f'{field}={getattr(self, field)!r}: implementation="pallas" needs {expected} '
+                    '(implementation="auto" uses the XLA reference where the kernels do not apply)'
+                )
+
+    @property
+    def top_k(self) -> int:
+        """K, the experts per token (the field named `top_k_field`)."""
+        return getattr(self, self.top_k_field)
+
+    @property
+    def num_expert_sqrt(self) -> int:
+        """n: experts per router axis (the OmniMoE seed's name; the FlashMoE seed's `num_keys`)."""
+        return math.isqrt(self.num_experts)
+
+    def active_parameters(self) -> int:
+        """3 d I (shared SwiGLU) + 2 d n (OmniMoE's two gates d -> n, FlashMoE's one d -> 2n) + 2 d K (u_e, v_e)."""
+        d = self.hidden_size
+        return 3 * d * self.intermediate_size + 2 * d * self.num_expert_sqrt + 2 * d * self.top_k
+
+    @classmethod
+    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
+        d, n = hidden_size, hidden_size // 2
+        return cls(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            hidden_act="silu",
+            num_experts=n * n,
+            **{cls.top_k_field: 5 * d // 2},
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
-class OmniMoEConfig(FFNConfig):
+class OmniMoEConfig(RoutedConfig):
     """Sizes and switches of one OmniMoE layer. Field names follow the seed's `OmniMoEConfig`.
 
     Attributes:
@@ -155,17 +191,12 @@ class OmniMoEConfig(FFNConfig):
     expert_axis: str | None = None
     expert_capacity_factor: float | None = None
 
-    routed: ClassVar[bool] = True
+    top_k_field: ClassVar[str] = "num_experts_per_token"
 
     def __post_init__(self):
-        check_layer_fields(self, top_k_field="num_experts_per_token")
+        super().__post_init__()
         if self.router_norm not in ROUTER_NORMS:
             raise ValueError(f"router_norm={self.router_norm!r} must be one of {ROUTER_NORMS}")
-
-    @property
-    def num_expert_sqrt(self) -> int:
-        """n: experts per router axis (the seed's name)."""
-        return math.isqrt(self.num_experts)
 
     @classmethod
     def module_class(cls) -> type[nn.Module]:
@@ -173,17 +204,9 @@ class OmniMoEConfig(FFNConfig):
 
         return OmniMoE
 
-    def active_parameters(self) -> int:
-        return _routed_active_parameters(self, self.num_experts_per_token)
-
-    @classmethod
-    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
-        d, n = hidden_size, hidden_size // 2
-        return cls(d, 2 * d, n * n, 5 * d // 2, dtype=dtype, param_dtype=param_dtype)
-
 
 @dataclasses.dataclass(frozen=True)
-class FlashMoEConfig(FFNConfig):
+class FlashMoEConfig(RoutedConfig):
     """Sizes and switches of one FlashMoE layer (`omnimoe_jax.FlashMoE`). The first six fields are the seed's
     `FlashMoEConfig` (flash-algo/flash-moe), in its order; the rest are `OmniMoEConfig`'s, validated alike.
 
@@ -213,32 +236,10 @@ class FlashMoEConfig(FFNConfig):
     expert_axis: str | None = None
     expert_capacity_factor: float | None = None
 
-    routed: ClassVar[bool] = True
-
-    def __post_init__(self):
-        check_layer_fields(self, top_k_field="num_experts_per_tok")
-
-    @property
-    def num_expert_sqrt(self) -> int:
-        """n: experts per router axis (the seed's `num_keys`)."""
-        return math.isqrt(self.num_experts)
+    top_k_field: ClassVar[str] = "num_experts_per_tok"
 
     @classmethod
     def module_class(cls) -> type[nn.Module]:
         from omnimoe_jax._flashmoe import FlashMoE  # the layer module imports this one
 
         return FlashMoE
-
-    def active_parameters(self) -> int:
-        return _routed_active_parameters(self, self.num_experts_per_tok)
-
-    @classmethod
-    def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
-        d, n = hidden_size, hidden_size // 2
-        return cls(d, 2 * d, "silu", n * n, 5 * d // 2, dtype=dtype, param_dtype=param_dtype)
-
-
-def _routed_active_parameters(config: OmniMoEConfig | FlashMoEConfig, top_k: int) -> int:
-    """3 d I (shared SwiGLU) + 2 d n (OmniMoE's two gates d -> n, FlashMoE's one d -> 2n) + 2 d K (u_e, v_e)."""
-    d = config.hidden_size
-    return 3 * d * config.intermediate_size + 2 * d * config.num_expert_sqrt + 2 * d * top_k

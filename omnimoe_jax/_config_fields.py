@@ -9,10 +9,9 @@ from typing import Any, Self
 
 import jax.numpy as jnp
 
-
-def is_int(value: Any) -> bool:
-    """A Python int that is not a bool (`True` is an int to Python, never a size here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+# One definition for the kernels and the configs: pallas_kernels sits below omnimoe_jax. Re-exported for
+# omnimoe_jax.parallel and train.
+from pallas_kernels._checks import is_int as is_int
 
 
 def is_number(value: Any) -> bool:

@@ -11,6 +11,7 @@ from omnimoe_jax._batch_norm import TorchBatchNorm
 from omnimoe_jax._config import FlashMoEConfig
 from omnimoe_jax._experts import AtomicExperts
 from omnimoe_jax._router import RoutingResult, by_score, cartesian_routing, sow_routing_statistics
+from omnimoe_jax._shapes import flatten_tokens
 from omnimoe_jax._shared_mlp import SharedMLP
 
 
@@ -46,10 +47,8 @@ class FlashMoE(nn.Module):
         self, x: jax.Array, *, train: bool = False, return_routing: bool = False
     ) -> tuple[jax.Array, jax.Array | RoutingResult]:
         cfg = self.config
-        if x.ndim < 1 or x.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"x must be [..., hidden_size={cfg.hidden_size}], got shape {x.shape}")
+        tokens = flatten_tokens(x, cfg.hidden_size, cfg.dtype)  # [T, d]
         lead, n = x.shape[:-1], cfg.num_expert_sqrt
-        tokens = x.astype(cfg.dtype).reshape(-1, cfg.hidden_size)  # [T, d]
         # The statistics and the normalisation in f32 at least, as OmniMoE's router norm; the gate then runs in
         # cfg.dtype, as the seed's nn.Linear does.
         acc = jnp.promote_types(cfg.dtype, jnp.float32)

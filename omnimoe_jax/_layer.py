@@ -8,8 +8,8 @@ import jax
 from omnimoe_jax._config import OmniMoEConfig
 from omnimoe_jax._experts import AtomicExperts
 from omnimoe_jax._router import CartesianRouter, RoutingResult, by_score, sow_routing_statistics
+from omnimoe_jax._shapes import flatten_tokens
 from omnimoe_jax._shared_mlp import SharedMLP
-from omnimoe_jax.baselines._shapes import flatten_tokens
 
 
 class OmniMoE(nn.Module):

@@ -105,10 +105,7 @@ class LMConfig(ConfigMethods):
 
     def __post_init__(self):
         positive = ("vocab_size", "context_length", "num_layers", "num_heads", "hidden_size", "dense_intermediate_size")
-        for field in (*positive, "moe_every"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{field}={value!r} must be a positive int")
+        self._check_positive_ints(*positive, "moe_every")
         # Normalised so equal configs compare (and hash) equal whether given as str or type.
         object.__setattr__(self, "dtype", float_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", float_dtype("param_dtype", self.param_dtype))
@@ -127,14 +124,10 @@ class LMConfig(ConfigMethods):
                 f"moe_every={self.moe_every} must be <= num_layers={self.num_layers}, or no layer would use "
                 f"ffn={self.ffn_kind!r}"
             )
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings={self.tie_embeddings!r} must be a bool")
-        if not isinstance(self.remat, bool):
-            raise ValueError(f"remat={self.remat!r} must be a bool")
-        for field in ("rope_theta", "norm_eps"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise ValueError(f"{field}={value!r} must be a positive finite number")
+        self._check_bool("tie_embeddings")
+        self._check_bool("remat")
+        self._check_positive_number("rope_theta")
+        self._check_positive_number("norm_eps")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 from helpers import assert_close
 
 from pallas_kernels import omni_expert, omni_expert_reference
+from pallas_kernels.omni_expert import kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +114,23 @@ def check_against_reference(inputs: ExpertInputs, *, interpret: bool, config=Non
 def _max_abs_where(table, rows):
     """max |table[e]| over the rows e where `rows` [N] is True (0 if none), computed on the device."""
     return jnp.max(jnp.where(rows[:, None], jnp.abs(table.astype(jnp.float32)), 0.0))
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "config", "interpret"))
+def segment_sum(coef, rows, table, schedule, *, top_k, config, interpret):
+    """`kernel.segment_sum` of coef [P] (in the schedule's sorted order) times rows [T, d] into a table shaped
+    like `table` [N, d], with the fused dots against `table`: (out [N, d], dots [P])."""
+    return kernel.segment_sum(
+        coef,
+        rows,
+        schedule.sorted_expert,
+        schedule.order,
+        out_like=table,
+        top_k=top_k,
+        dot_table=table,
+        config=config,
+        interpret=interpret,
+    )
 
 
 def check_segment_sum(out, dots, *, coef, rows, table, indices, order, dtype) -> None:

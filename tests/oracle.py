@@ -38,16 +38,34 @@ def top_k_by_score_then_index(scores, k):
     return order[:k]
 
 
+def route_token(logits_x, logits_y, top_k: int, *, normalize: bool):
+    """One token's routing from its two axes' logits [n] each, scoring all n*n experts: the K chosen (by score,
+    ties to the lower index) and their gates exp(lp_x[i] + lp_y[j]), renormalised to sum 1 if `normalize`."""
+    lp_x, lp_y = log_softmax(logits_x), log_softmax(logits_y)
+    n = lp_x.size
+    scores = np.array([lp_x[e // n] + lp_y[e % n] for e in range(n * n)])
+    chosen = top_k_by_score_then_index(scores, top_k)
+    gates = np.exp(scores[chosen])
+    if normalize:
+        gates = gates / gates.sum()
+    return chosen, gates
+
+
+def score_margin(logits_x, logits_y, top_k: int) -> float:
+    """Smallest gap between the K-th and (K+1)-th expert score over the tokens of logits [T, n] (each axis's)."""
+    margin = math.inf
+    for t in range(logits_x.shape[0]):
+        lp_x, lp_y = log_softmax(logits_x[t]), log_softmax(logits_y[t])
+        scores = np.sort((lp_x[:, None] + lp_y[None, :]).ravel())[::-1]
+        margin = min(margin, scores[top_k - 1] - scores[top_k])
+    return margin
+
+
 def omnimoe_forward(state, config, x, *, train: bool):
     """y [T, d], indices [T, K], weights [T, K], new running stats (train) for tokens x [T, d] (float64)."""
     x = np.asarray(x, np.float64)
     w = {k: np.asarray(v, np.float64) for k, v in state.items()}
-    n, top_k, eps, momentum = (
-        config.num_expert_sqrt,
-        config.num_experts_per_token,
-        config.router_norm_eps,
-        config.router_norm_momentum,
-    )
+    top_k, eps, momentum = config.num_experts_per_token, config.router_norm_eps, config.router_norm_momentum
     logits = {axis: x @ w[f"router_gate_{axis}.weight"].T for axis in "xy"}  # [T, n] (torch Linear: x W^T)
     new_stats = {}
     if config.router_norm == "batchnorm":
@@ -69,12 +87,7 @@ def omnimoe_forward(state, config, x, *, train: bool):
     all_indices = np.zeros((tokens, top_k), np.int64)
     all_weights = np.zeros((tokens, top_k))
     for t in range(tokens):
-        lp_x, lp_y = log_softmax(logits["x"][t]), log_softmax(logits["y"][t])
-        scores = np.array([lp_x[e // n] + lp_y[e % n] for e in range(n * n)])
-        chosen = top_k_by_score_then_index(scores, top_k)
-        gates = np.exp(scores[chosen])
-        if config.norm_topk_prob:
-            gates = gates / gates.sum()
+        chosen, gates = route_token(logits["x"][t], logits["y"][t], top_k, normalize=config.norm_topk_prob)
         routed = np.zeros(d)
         for e, g in zip(chosen, gates, strict=True):
             routed += g * activation(config.hidden_act, w["up_embed.weight"][e] @ x[t]) * w["down_embed.weight"][e]
@@ -106,6 +119,18 @@ def random_state_dict(rng: np.random.Generator, config, *, dtype=np.float32):
     return state
 
 
+def decisive_inputs(seed, config, tokens: int, *, train: bool):
+    """A random seed-layout state dict and tokens [tokens, d] f32 whose routing is far from a tie (a
+    `routing_margin` above 1e-4), from numpy's generator at `seed`."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        state = random_state_dict(rng, config)
+        x = rng.standard_normal((tokens, config.hidden_size)).astype(np.float32)
+        if routing_margin(state, config, x, train=train) > 1e-4:
+            return state, x
+    raise AssertionError("could not draw inputs with a decisive routing")
+
+
 def routing_margin(state, config, x, *, train: bool) -> float:
     """Smallest gap between the K-th and (K+1)-th expert score over tokens (inf when K = N).
 
@@ -125,12 +150,7 @@ def routing_margin(state, config, x, *, train: bool) -> float:
             else:
                 mean, var = state[prefix + "running_mean"], state[prefix + "running_var"]
             logits[axis] = batch_norm(logits[axis], mean, var, config.router_norm_eps)
-    margin = math.inf
-    for t in range(x.shape[0]):
-        lp_x, lp_y = log_softmax(logits["x"][t]), log_softmax(logits["y"][t])
-        scores = np.sort((lp_x[:, None] + lp_y[None, :]).ravel())[::-1]
-        margin = min(margin, scores[top_k - 1] - scores[top_k])
-    return margin
+    return score_margin(logits["x"], logits["y"], top_k)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,19 +200,14 @@ def flashmoe_forward(state, config, x, *, train: bool):
     """y [T, d], router_logits [2, T, n], indices [T, K], weights [T, K], new running stats (train)."""
     x = np.asarray(x, np.float64)
     w = {k: np.asarray(v, np.float64) for k, v in state.items()}
-    n, top_k = config.num_expert_sqrt, config.num_experts_per_tok
+    top_k = config.num_experts_per_tok
     router_logits, new_stats = flashmoe_router_logits(state, config, x, train=train)
     tokens, d = x.shape
     y = np.zeros((tokens, d))
     all_indices = np.zeros((tokens, top_k), np.int64)
     all_weights = np.zeros((tokens, top_k))
     for t in range(tokens):
-        lp_x, lp_y = log_softmax(router_logits[0, t]), log_softmax(router_logits[1, t])
-        scores = np.array([lp_x[e // n] + lp_y[e % n] for e in range(n * n)])
-        chosen = top_k_by_score_then_index(scores, top_k)
-        gates = np.exp(scores[chosen])
-        if config.norm_topk_prob:
-            gates = gates / gates.sum()
+        chosen, gates = route_token(router_logits[0, t], router_logits[1, t], top_k, normalize=config.norm_topk_prob)
         routed = np.zeros(d)
         for e, g in zip(chosen, gates, strict=True):
             h = activation(config.hidden_act, w["down_embed.weight"][e] @ x[t]) * g
@@ -210,9 +225,4 @@ def flashmoe_routing_margin(state, config, x, *, train: bool) -> float:
     if top_k == config.num_experts:
         return math.inf
     router_logits, _ = flashmoe_router_logits(state, config, x, train=train)
-    margin = math.inf
-    for t in range(router_logits.shape[1]):
-        lp_x, lp_y = log_softmax(router_logits[0, t]), log_softmax(router_logits[1, t])
-        scores = np.sort((lp_x[:, None] + lp_y[None, :]).ravel())[::-1]
-        margin = min(margin, scores[top_k - 1] - scores[top_k])
-    return margin
+    return score_margin(router_logits[0], router_logits[1], top_k)

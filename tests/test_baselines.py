@@ -418,6 +418,8 @@ def test_init_holds_only_params_and_batch_stats(name):
         assert {leaf.dtype for leaf in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
     with pytest.raises(ValueError, match=rf"x must be \[\.\.\., hidden_size={D}\], got shape \(6, 5\)"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.ones((6, 5)))
+    with pytest.raises(TypeError, match="x has dtype complex64: a real input is expected"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.ones((6, D), jnp.complex64))
 
 
 @pytest.mark.slow

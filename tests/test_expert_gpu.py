@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from expert_checks import check_against_reference, check_segment_sum, expert_inputs
+from expert_checks import check_against_reference, check_segment_sum, expert_inputs, segment_sum
 from helpers import assert_close, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from pallas_kernels import omni_expert
-from pallas_kernels.omni_expert import kernel
 from pallas_kernels.omni_expert.config import default_config
 from pallas_kernels.omni_expert.scheduling import build_schedule
 
@@ -91,17 +90,7 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, s
     schedule = build_schedule(jnp.asarray(indices), num_experts)
     config = dataclasses.replace(default_config(tokens, top_k, num_experts, d, dtype), segment_sums=segment_sums)
     jnp.full((num_experts, d), 7.0, dtype).block_until_ready()  # likely reused memory: garbage if a row is missed
-    out, dots = kernel.segment_sum(
-        jnp.asarray(coef),
-        rows,
-        schedule.sorted_expert,
-        schedule.order,
-        out_like=table,
-        top_k=top_k,
-        dot_table=table,
-        config=config,
-        interpret=False,
-    )
+    out, dots = segment_sum(jnp.asarray(coef), rows, table, schedule, top_k=top_k, config=config, interpret=False)
     check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
 
 

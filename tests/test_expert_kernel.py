@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from expert_checks import check_against_reference, check_segment_sum, expert_inputs
+from expert_checks import check_against_reference, check_segment_sum, expert_inputs, segment_sum
 from helpers import assert_close, count_triton_calls, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
@@ -167,25 +167,10 @@ def test_token_combine_with_a_ragged_last_tile(k_block, seed):
 
 
 def _segment_sum_interpreted(indices, coef, rows, table, config):
-    """kernel.segment_sum with the fused dots, interpret mode, over the schedule of `indices` [T, K]:
+    """`segment_sum` with the fused dots, interpret mode, over the schedule of `indices` [T, K]:
     (out, dots, schedule)."""
     schedule = build_schedule(jnp.asarray(indices), table.shape[0])
-
-    @jax.jit
-    def run(coef, rows, table, schedule):
-        return kernel.segment_sum(
-            coef,
-            rows,
-            schedule.sorted_expert,
-            schedule.order,
-            out_like=table,
-            top_k=indices.shape[1],
-            dot_table=table,
-            config=config,
-            interpret=True,
-        )
-
-    out, dots = run(coef, rows, table, schedule)
+    out, dots = segment_sum(coef, rows, table, schedule, top_k=indices.shape[1], config=config, interpret=True)
     return out, dots, schedule
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import assert_close, count_triton_calls, cpu_mesh
 from jax.sharding import AbstractMesh, AxisType
-from oracle import random_state_dict, routing_margin
+from oracle import decisive_inputs
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig, SharedMLP, parallel
 from omnimoe_jax.convert import from_torch_state_dict
@@ -37,13 +37,8 @@ def layer_config(**changes):
 
 def decisive_variables(seed, config, tokens, *, train):
     """Random variables and tokens [tokens, d] whose routing is far from a tie (see oracle.routing_margin)."""
-    rng = np.random.default_rng(seed)
-    for _ in range(20):
-        state = random_state_dict(rng, config)
-        x = rng.standard_normal((tokens, config.hidden_size)).astype(np.float32)
-        if routing_margin(state, config, x, train=train) > 1e-4:
-            return from_torch_state_dict(state, config), jnp.asarray(x)
-    raise AssertionError("could not draw inputs with a decisive routing")
+    state, x = decisive_inputs(seed, config, tokens, train=train)
+    return from_torch_state_dict(state, config), jnp.asarray(x)
 
 
 def forward_and_gradients(config, variables, x, cotangent):

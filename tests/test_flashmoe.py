@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, cpu_mesh, normal
-from jax.test_util import check_grads
+from helpers import assert_close, check_gradients_by_finite_differences, cpu_mesh, normal
 from oracle import flashmoe_forward, flashmoe_routing_margin, random_flashmoe_state_dict
 
 from omnimoe_jax import FlashMoE, FlashMoEConfig, OmniMoEConfig, parallel
@@ -204,13 +203,7 @@ def test_gradients_of_every_parameter_and_input_by_finite_differences(train, see
             # Non-linear readouts of both outputs, so every element matters differently.
             return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(router_logits))
 
-        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables["params"])
-        tokens = jnp.asarray(x, jnp.float64)
-        # Routing is piecewise constant; a small step stays inside the region (margin > 1e-4 checked).
-        check_grads(loss, (params, tokens), order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
-        grads = jax.grad(loss)(params, tokens)
-        for path, g in jax.tree_util.tree_leaves_with_path(grads):
-            assert float(jnp.abs(g).max()) > 0, f"gradient of {jax.tree_util.keystr(path)} is identically zero"
+        check_gradients_by_finite_differences(loss, variables["params"], x)
 
 
 def test_pallas_kernels_in_interpret_mode_match_xla(seed):
@@ -404,6 +397,9 @@ def test_bad_inputs_are_refused(key):
     model = FlashMoE(config)
     with pytest.raises(ValueError, match=r"x must be \[..., hidden_size=32\], got shape \(4, 31\)"):
         model.init(key, jnp.zeros((4, 31)))
+    # A cast to float32 would silently drop the imaginary part.
+    with pytest.raises(TypeError, match="x has dtype complex64: a real input is expected"):
+        model.init(key, jnp.ones((4, config.hidden_size), jnp.complex64) * (1 + 2j))
     variables = model.init(key, jnp.ones((4, config.hidden_size)))
     with pytest.raises(ValueError, match="at least 2 tokens"):
         model.apply(variables, jnp.ones((1, config.hidden_size)), train=True, mutable=["batch_stats"])

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import pathlib
-import re
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import run_readme_block
 
 from omnimoe_jax import LMConfig, OmniMoE, OmniMoEConfig, TransformerLM
 from omnimoe_jax import nnx as omnimoe_nnx
 from omnimoe_jax.testing import assert_close
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = OmniMoEConfig(hidden_size=16, intermediate_size=32, num_experts=16, num_experts_per_token=4)
 
 
@@ -71,9 +66,5 @@ def test_a_non_linen_module_is_refused():
 
 
 def test_the_readme_nnx_example_runs():
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"^```python nnx\n(.*?)^```$", readme, flags=re.S | re.M)
-    assert len(blocks) == 1, "README.md must hold exactly one ```python nnx block"
-    result = subprocess.run([sys.executable, "-c", blocks[0]], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("1"), result.stdout
+    stdout = run_readme_block("nnx")
+    assert stdout.strip().endswith("1"), stdout

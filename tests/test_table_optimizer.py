@@ -279,7 +279,7 @@ def test_a_table_multiplier_run_resumes_bit_exactly(tmp_path, small_corpus, seed
     lines = []
     assert run(config, straight, log=lines.append)["step"] == 10
     step_lines = [line for line in lines if line.startswith("step ")]
-    assert step_lines and all(" (tables " in line for line in step_lines), step_lines
+    assert step_lines and all(" | tables lr " in line for line in step_lines), step_lines
     assert run(config, split, stop_at_step=5, log=print)["reason"] == "stop_at_step"
     # Another table setting would make the rest of the run another run's: refused, by the command line ...
     for other in ("--table_learning_rate_multiplier=1", "--table_weight_decay=0"):

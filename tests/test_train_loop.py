@@ -19,11 +19,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import assert_close
 
 from omnimoe_jax import TransformerLM
 from train import cli, sample
+from train import metrics as metrics_lib
+from train import steps as steps_lib
 from train.checkpoint import Checkpoints
 from train.config import apply_overrides, parse_overrides
 from train.data import decode, encode
@@ -311,9 +314,78 @@ def test_sample_refuses_a_bad_temperature(temperature):
         sample.generate(model, {}, [1, 2], max_new_tokens=1, temperature=temperature)
 
 
+@pytest.mark.parametrize("max_new_tokens", [True, 0, 2.0])
+def test_sample_refuses_a_bad_max_new_tokens(max_new_tokens):
+    # True is an int to Python: it used to generate one token.
+    model = TransformerLM(shrunk_config().model)
+    with pytest.raises(ValueError, match=f"max_new_tokens={max_new_tokens!r} must be a positive int"):
+        sample.generate(model, {}, [1, 2], max_new_tokens=max_new_tokens)
+
+
 def test_sample_refuses_a_run_on_pre_tokenised_files(tmp_path, capsys):
     # Only the start record matters: the check runs before any checkpoint is read.
     start = {"kind": "start", "step": 0, "corpus": {"source": "tokens.npy", "byte_level": False}}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(start) + "\n")
     assert sample.main(["--run-dir", str(tmp_path), "--prompt", "hello"]) == 2
     assert "trained on pre-tokenised files (tokens.npy), not byte tokens" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fresh_steps():
+    """Steps built again for the test and forgotten after it (`build_steps` caches per config, and a test that
+    changes what the steps compute must not hand its compilation to another)."""
+    steps_lib._build_steps.cache_clear()
+    yield
+    steps_lib._build_steps.cache_clear()
+
+
+def test_a_train_field_declared_in_its_table_reaches_the_records_and_the_console(
+    tmp_path, small_corpus, monkeypatch, fresh_steps
+):
+    # One entry in train.metrics.TRAIN_FIELDS, nothing else: the step computes it, the loop reduces it over the
+    # window, the train (and end) records hold it and the progress line shows it.
+    update_norm = metrics_lib.TrainField(
+        "global norm of the optimizer's update", lambda v: optax.tree.norm(v["updates"]), "update norm {:.3g}"
+    )
+    steps_taken = metrics_lib.TrainField(
+        "steps since the previous train record", lambda v: jnp.ones((), jnp.int32), "{:d} steps", window="sum"
+    )
+    monkeypatch.setitem(metrics_lib.TRAIN_FIELDS, "update_norm", update_norm)
+    monkeypatch.setitem(metrics_lib.TRAIN_FIELDS, "steps_taken", steps_taken)
+    config = shrunk_config(f"--data={small_corpus}", "--steps=5", "--log_every=2", "--eval_every=5")
+    lines = []
+    assert run(config, tmp_path / "run", log=lines.append)["step"] == 5
+    records = read_metrics(tmp_path / "run")
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 5]
+    assert [r["steps_taken"] for r in train] == [2, 2, 1]
+    assert all(r["update_norm"] > 0 and math.isfinite(r["update_norm"]) for r in train)
+    assert records[-1]["kind"] == "end" and records[-1]["steps_taken"] == 0  # every step was in a train record
+    progress = [line for line in lines if line.startswith("step ")]
+    assert len(progress) == 3 and all(" | update norm " in line for line in progress)
+    assert " | 2 steps | " in progress[0] and " | 1 steps | " in progress[2]
+
+
+def test_a_routing_statistic_declared_in_its_table_reaches_the_eval_record_and_the_console(monkeypatch):
+    # One entry in train.metrics.ROUTING_STATISTICS for a statistic a layer sows: the eval step's sums, the
+    # record's routing fields and the eval line read it from there.
+    hottest = metrics_lib.RoutingStatistic(
+        "the hottest expert's share of the assignments",
+        ("hottest_share",),
+        lambda total, layer: (float(total / np.sum(layer.counts)),),
+        "hottest {hottest_share:.0%}",
+    )
+    monkeypatch.setitem(metrics_lib.ROUTING_STATISTICS, "hottest_count", hottest)
+    sown = {
+        f"layer_{i}": {"ffn": {"expert_counts": (np.array(counts),), "hottest_count": (np.int32(max(counts)),)}}
+        for i, counts in ((0, [6, 2, 0, 0]), (1, [2, 2, 2, 2]))
+    }
+    sums = {k: np.asarray(v) for k, v in metrics_lib.sown_statistics(sown, (0, 1)).items()}
+    assert sums["hottest_count"].tolist() == [6, 2]
+    report = metrics_lib.routing_report({**sums, "tokens": np.float64(4)}, (0, 1), num_batches=1)
+    assert [layer["hottest_share"] for layer in report["routing_per_layer"]] == [0.75, 0.25]
+    assert report["routing"]["hottest_share"] == 0.5
+    lines = []
+    result = {"val_loss": 1.0, "bits_per_byte": None, "tokens": 4, "dropped_pairs": 0, **report}
+    metrics_lib.log_eval(metrics_lib.MetricsLog(".", enabled=False), lines.append, step=3, result=result)
+    assert lines[0].endswith(" | load entropy 0.703 | hottest 50%"), lines[0]

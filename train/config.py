@@ -21,6 +21,7 @@ from typing import Any
 
 from omnimoe_jax import ffn_registry
 from omnimoe_jax._config import check_known_fields
+from omnimoe_jax._config_fields import is_int, is_number
 from omnimoe_jax._model import LMConfig
 from omnimoe_jax.ffn_registry import FFN_REGISTRY
 
@@ -167,7 +168,7 @@ class TrainConfig:
 
 
 def _check_int(field: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{field}={value!r} must be an int >= {minimum}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{field}={value!r} must be an int in [{minimum}, {maximum}]")
@@ -176,12 +177,7 @@ def _check_int(field: str, value: Any, *, minimum: int, maximum: int | None = No
 def _check_number(field: str, value: Any, in_range: Callable[[float], bool], expected: str) -> None:
     """ValueError unless `value` is a finite real number `in_range` (inf and nan are refused whatever the
     range: an infinite learning rate, decay or epsilon trains nothing but NaNs)."""
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or not in_range(value)
-    ):
+    if not is_number(value) or not math.isfinite(value) or not in_range(value):
         raise ValueError(f"{field}={value!r} must be a finite number {expected}")
 
 

@@ -151,7 +151,7 @@ def run(
         prefetcher = stack.enter_context(BatchPrefetcher(sampler.next, put=put, state=sampler.state))
         reason, last_eval = "done", None
         window_start, window_steps = time.perf_counter(), 0  # tokens/s counts training time since the last record
-        window_dropped = []  # each step's dropped pairs since the last train record, read when logging
+        window = metrics_lib.TrainWindow(config)  # the fields summed since the last train record, read when logging
         while step < config.steps:
             if step == stop_at_step:
                 reason = "stop_at_step"
@@ -163,7 +163,7 @@ def run(
                 break
             batch, sampler_state = prefetcher.next()  # on the device already
             state, metrics = train_step(state, batch)  # dispatched asynchronously; read back only when logged
-            window_dropped.append(metrics["dropped_pairs"])
+            window.add(metrics)
             step, window_steps = step + 1, window_steps + 1
             progress.advance(step)  # no device read: shows the last logged metrics
             done = step == config.steps
@@ -172,8 +172,7 @@ def run(
             saved = step % config.checkpoint_every == 0 or done
             if logged:
                 metrics = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}  # waits for the step
-                metrics["dropped_pairs"] = int(np.sum(jax.device_get(window_dropped)))
-                window_dropped = []
+                metrics.update(window.take())
                 metrics_lib.log_train(
                     metrics_log,
                     log,
@@ -211,13 +210,13 @@ def run(
             else:
                 save()
     elapsed = round(time.perf_counter() - started, 2)
-    # Steps after the last train record (a run stopped between logged steps) report their drops here.
+    # Steps after the last train record (a run stopped between logged steps) report their sums here.
     metrics_lib.log_end(
         metrics_log,
         log,
         step=step,
         reason=reason,
-        dropped_pairs=int(np.sum(jax.device_get(window_dropped))),
+        window=window.take(),
         elapsed=elapsed,
         nonfinite_step=nonfinite if reason == divergence.REASON else None,
         checkpoint_directory=checkpoints.directory,

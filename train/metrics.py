@@ -10,45 +10,30 @@ metrics.jsonl records, one JSON object per line, `kind` first, each written by o
   train_documents, validation_documents}, device, jax, compile_s, model_flops_per_token (`train.flops`),
   peak_flops_per_device (the datasheet bf16 peak of the device kind, null where unknown), mesh
   ({"data": D, "expert": E}, or null on one device), processes.
-- train: step, loss (mean nats per target token over the step's batch), [aux_loss (the auxiliary loss term
-  of the objective, before aux_loss_coefficient; GShard and DeepSeekMoE only)], grad_norm (before
-  clipping), learning_rate (used by this step), [table_learning_rate (the expert tables' learning rate of
-  this step; when a table field of the config is set: `train.steps.make_optimizer`)], dropped_pairs
-  (routed (token, expert) pairs dropped for lack of expert-parallel dispatch capacity in all steps since
-  the previous train record; 0 unless expert_capacity_factor is set and the run has a mesh), tokens_per_s
-  (training time only, since the previous record), mfu (model FLOPs utilisation of that throughput against
-  every device's datasheet bf16 peak; null where the device kind is unknown, as on a CPU), tokens_seen,
-  elapsed_s.
+- train: step, the fields of `TRAIN_FIELDS` that apply to the run (loss, [aux_loss], learning_rate,
+  [table_learning_rate], grad_norm, dropped_pairs: each documented there), tokens_per_s (training time
+  only, since the previous record), mfu (model FLOPs utilisation of that throughput against every device's
+  datasheet bf16 peak; null where the device kind is unknown, as on a CPU), tokens_seen, elapsed_s.
 - eval: step, val_loss (mean nats per validation target token), bits_per_byte (nats / ln 2 over the byte
   targets, BOS/EOS excluded; with a tokenizer, val_loss * validation tokens / validation bytes / ln 2;
-  null for pre-tokenised corpora), tokens, dropped_pairs (expert-parallel
-  dispatch drops over the evaluation, as above), routing (mean over the sparse layers of experts_used,
-  max_load, load_entropy, and router_entropy (OmniMoE, FlashMoE) or dropped_pairs, dropped_fraction (pairs over a
-  capacity-bound MoE expert's capacity: GShard, DeepSeekMoE with dispatch="capacity") and balance_loss
-  (MoEs): below) and routing_per_layer (the same for each sparse layer, with its index). No
-  routing fields for the dense FFN.
+  null for pre-tokenised corpora), tokens, dropped_pairs (expert-parallel dispatch drops over the
+  evaluation, as in the train record), routing (the mean over the sparse layers of each routing field, below)
+  and routing_per_layer (the same for each sparse layer, with its index). No routing fields for the dense FFN.
 - checkpoint: step, seconds.
 - end: step, reason ("done", "stop_at_step", "time limit", "SIGINT", "SIGTERM", "non-finite loss", or
-  in a multi-process run "another process stopped"), dropped_pairs (in the steps after the last train
-  record), elapsed_s; with "non-finite loss" also nonfinite_step (the first step not applied:
-  `train.divergence`).
+  in a multi-process run "another process stopped"), the train fields summed over a window (dropped_pairs)
+  over the steps after the last train record, elapsed_s; with "non-finite loss" also nonfinite_step (the
+  first step not applied: `train.divergence`).
 
-Routing health, per sparse layer, over all tokens of one evaluation (N experts, K assignments per token;
-for PEER and PKM an assignment is a (head, slot) retrieval and PKM's "experts" are its value rows):
+Routing health, per sparse layer, over all tokens of one evaluation: every sparse FFN sows per-layer sums into
+the "metrics" collection under the names of `ROUTING_STATISTICS` it has (expert_counts always; router_entropy,
+dropped_pairs or balance_loss where the kind has them), which the eval step reads (`sown_statistics`); each
+entry of the table says which routing fields it gives, how, and how the console shows them. The dense FFN
+sows none.
 
-- experts_used: fraction of the N experts chosen by at least one token (ideal 1; the "used fraction").
-- max_load: the most-chosen expert's count over the mean count T K / N (ideal 1; large = a hot expert).
-- load_entropy: entropy of the expert load distribution / log N (1 = uniform load).
-- router_entropy (OmniMoE, FlashMoE): mean over tokens of H(p_x) + H(p_y), the entropy of the token's whole routing
-  distribution p_x(i) p_y(j) over the N experts, / log N (1 = uniform; falls as routing sharpens).
-- dropped_pairs, dropped_fraction (GShard, DeepSeekMoE with dispatch="capacity"): (token, expert) pairs
-  over an expert's capacity, which contribute nothing, summed over the evaluation, and their share of T K.
-- balance_loss (GShard, DeepSeekMoE): the unweighted load-balancing loss, mean over evaluation batches
-  (1 = balanced).
-
-Every sparse FFN sows these per-layer sums into the "metrics" collection under the same names
-(expert_counts, and router_entropy, dropped_pairs or balance_loss where the kind has them), which the eval
-step reads (`sown_statistics`); the dense FFN sows none.
+Adding a metric is one entry in one table: `TRAIN_FIELDS` (a train-record field, computed in the train step
+from its `StepValues`) or `ROUTING_STATISTICS` (an eval routing field, from a statistic the FFN modules sow).
+The steps, the loop, the records and the console lines read the tables.
 
 Expert-parallel dropped pairs (the train/eval record's top-level `dropped_pairs`, not the routing field
 above): routed (token, expert) pairs an expert-parallel OmniMoE or FlashMoE layer had no dispatch slot for
@@ -58,6 +43,7 @@ above): routed (token, expert) pairs an expert-parallel OmniMoE or FlashMoE laye
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -80,6 +66,161 @@ if TYPE_CHECKING:  # train.steps reads the sown statistics with this module's he
     from train.steps import Steps, TrainState
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The metrics, each declared once: what it is, how it is computed and reduced, how the console shows it.
+
+StepValues = dict[str, Any]
+"""What the train step exposes to `TrainField.value`, all computed inside the jitted step: loss and aux_loss
+(cross-entropy and the sown auxiliary losses, means over the micro-batches; aux_loss is 0 for the kinds that
+sow none), dropped_pairs ([] int32, expert-parallel dispatch drops summed over micro-batches and layers:
+`dispatch_dropped_pairs`), grads (the averaged gradients), grad_norm (their global norm, before clipping),
+updates (the optimizer's), params (before the update), new_params (after it), learning_rate (of this update)
+and step (the state's step before it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainField:
+    """A field of the train record.
+
+    Attributes:
+      doc: what it is (for readers of this table).
+      value: the field from the train step's `StepValues`, a [] array (computed inside the jitted step).
+      console: format of its piece of the progress line, applied to its value (None: record only).
+      window: "last" (the logged step's value) or "sum" (summed over every step since the previous train
+        record; the steps after the last train record report their sum in the end record).
+      show_zero: False leaves the console piece out while the value is 0.
+      applies: whether a run of `config` records the field.
+    """
+
+    doc: str
+    value: Callable[[StepValues], jax.Array]
+    console: str | None
+    window: str = "last"
+    show_zero: bool = True
+    applies: Callable[[TrainConfig], bool] = lambda config: True
+
+
+TRAIN_FIELDS: dict[str, TrainField] = {  # record and console order
+    "loss": TrainField("mean nats per target token over the step's batch", lambda v: v["loss"], "loss {:.4f}"),
+    "aux_loss": TrainField(
+        "the auxiliary loss term of the objective, before aux_loss_coefficient (the kinds that sow one)",
+        lambda v: v["aux_loss"],
+        "aux {:.4f}",
+        applies=lambda config: config.model.ffn.sows_aux_loss,
+    ),
+    "learning_rate": TrainField("used by this step", lambda v: v["learning_rate"], "lr {:.2e}"),
+    "table_learning_rate": TrainField(
+        "the expert tables' learning rate of this step, when a table field of the config is set "
+        "(`train.steps.make_optimizer`)",
+        lambda v: v["table_learning_rate"],
+        "tables lr {:.2e}",
+        applies=lambda config: config.has_table_group,
+    ),
+    "grad_norm": TrainField("before clipping", lambda v: v["grad_norm"], "grad norm {:.3f}"),
+    "dropped_pairs": TrainField(
+        "routed (token, expert) pairs dropped for lack of expert-parallel dispatch capacity in all steps since "
+        "the previous train record; 0 unless expert_capacity_factor is set and the run has a mesh",
+        lambda v: v["dropped_pairs"],
+        "dropped pairs {:,}",
+        window="sum",
+        show_zero=False,
+    ),
+}
+
+
+def train_fields(config: TrainConfig) -> dict[str, TrainField]:
+    """The `TRAIN_FIELDS` a run of `config` records, in order."""
+    return {name: field for name, field in TRAIN_FIELDS.items() if field.applies(config)}
+
+
+class TrainWindow:
+    """The train fields summed over the steps since the last train record (`TrainField.window == "sum"`),
+    kept as device arrays so that a step that is not logged reads nothing back."""
+
+    def __init__(self, config: TrainConfig):
+        self.names = [name for name, field in train_fields(config).items() if field.window == "sum"]
+        self.values: dict[str, list[jax.Array]] = {name: [] for name in self.names}
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        for name in self.names:
+            self.values[name].append(metrics[name])
+
+    def take(self) -> dict[str, Any]:
+        """{name: sum since the last take} as Python numbers (waits for the steps); starts a new window."""
+        sums = {name: sum(np.asarray(v).item() for v in jax.device_get(self.values[name])) for name in self.names}
+        self.values = {name: [] for name in self.names}
+        return sums
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTotals:
+    """What every routing statistic of one sparse layer may read, over one evaluation: counts [N] (its
+    expert_counts: how many of the T K assignments each expert received), tokens T and the batches."""
+
+    counts: np.ndarray
+    tokens: int
+    num_batches: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingStatistic:
+    """A per-layer sum the sparse FFNs sow into "metrics" under the table's name, summed over an
+    evaluation's batches, and the routing fields of the eval record it gives.
+
+    Attributes:
+      doc: what its fields are (for readers of this table).
+      fields: the routing fields it gives, in record order.
+      report: their values for one layer, from its evaluation total and the layer's `LayerTotals`.
+      console: format of its piece of the eval line, applied to the mean over layers of `fields` (by name).
+    """
+
+    doc: str
+    fields: tuple[str, ...]
+    report: Callable[[np.ndarray, LayerTotals], tuple[float, ...]]
+    console: str
+
+
+def _load_health(counts: np.ndarray) -> tuple[float, float, float]:
+    load = np.asarray(counts, np.float64)
+    share = load / load.sum()
+    nonzero = share[share > 0]
+    entropy = -np.sum(nonzero * np.log(nonzero)) / math.log(load.size)
+    return float(np.mean(load > 0)), float(load.max() / load.mean()), float(entropy)
+
+
+# For PEER and PKM an assignment is a (head, slot) retrieval and PKM's "experts" are its value rows.
+ROUTING_STATISTICS: dict[str, RoutingStatistic] = {  # record and console order
+    "expert_counts": RoutingStatistic(
+        "experts_used: fraction of the N experts chosen by at least one token (ideal 1; the used fraction); "
+        "max_load: the most-chosen expert's count over the mean count T K / N (ideal 1; large = a hot expert); "
+        "load_entropy: entropy of the expert load distribution / log N (1 = uniform load)",
+        ("experts_used", "max_load", "load_entropy"),
+        lambda counts, layer: _load_health(counts),
+        "experts used {experts_used:.3f} | max load {max_load:.2f}x | load entropy {load_entropy:.3f}",
+    ),
+    "router_entropy": RoutingStatistic(
+        "OmniMoE, FlashMoE: mean over tokens of H(p_x) + H(p_y), the entropy of the token's whole routing "
+        "distribution p_x(i) p_y(j) over the N experts, / log N (1 = uniform; falls as routing sharpens)",
+        ("router_entropy",),
+        lambda total, layer: (float(total / layer.tokens / math.log(layer.counts.size)),),
+        "router entropy {router_entropy:.3f}",
+    ),
+    "dropped_pairs": RoutingStatistic(
+        'GShard, DeepSeekMoE with dispatch="capacity": (token, expert) pairs over an expert\'s capacity, which '
+        "contribute nothing, summed over the evaluation, and their share of T K",
+        ("dropped_pairs", "dropped_fraction"),
+        lambda total, layer: (int(total), float(total / np.sum(layer.counts))),  # counts: every pair
+        "dropped {dropped_fraction:.2%}",
+    ),
+    "balance_loss": RoutingStatistic(
+        "GShard, DeepSeekMoE: the unweighted load-balancing loss, mean over evaluation batches (1 = balanced)",
+        ("balance_loss",),
+        lambda total, layer: (float(total / layer.num_batches),),
+        "balance {balance_loss:.3f}",
+    ),
+}
+
+
 def dispatch_dropped_pairs(collections: Any) -> jax.Array:
     """[] int32: the "dispatch_dropped_pairs" every OmniMoE or FlashMoE layer's experts sowed into the
     "intermediates" collection (`omnimoe_jax.AtomicExperts`), summed.
@@ -98,53 +239,34 @@ def sown_statistics(metrics: dict[str, Any], layers: Sequence[int]) -> dict[str,
     """Per-layer sums for one batch from the "metrics" collection every sparse FFN sows its routing into.
 
     metrics: {layer_<i>: {ffn: {name: (value,)}}} (flax keeps a tuple of one value per call);
-    layers: the sparse layers, in order. Returns expert_counts [M, N] int32 and, where the layers sow them,
-    router_entropy [M] (OmniMoE, FlashMoE: `omnimoe_jax.routing_statistics`), dropped_pairs [M] and
-    balance_loss [M] (the capacity-bound and the balanced MoEs).
+    layers: the sparse layers, in order. Returns {name: [M, ...]} for every name of `ROUTING_STATISTICS` the
+    layers sow: expert_counts [M, N] int32 always, router_entropy [M] (OmniMoE, FlashMoE:
+    `omnimoe_jax.routing_statistics`), dropped_pairs [M] and balance_loss [M] (the capacity-bound and the
+    balanced MoEs).
     """
     per_layer = [metrics[f"layer_{i}"]["ffn"] for i in layers]
     sums = {}
-    for name in ("expert_counts", "router_entropy", "dropped_pairs", "balance_loss"):
+    for name in ROUTING_STATISTICS:
         if name in per_layer[0]:
             sums[name] = jnp.stack([sum(layer[name]) for layer in per_layer])  # [M, ...]
     return sums
 
 
-def routing_health(counts: np.ndarray, entropy_sum: float | None, num_tokens: int) -> dict[str, float]:
-    """experts_used, max_load, load_entropy and (given the token entropy sum) router_entropy of one layer's
-    accumulated expert counts [N]."""
-    counts = np.asarray(counts, np.float64)
-    num_experts = counts.size
-    load = counts / counts.sum()
-    nonzero = load[load > 0]
-    health = {
-        "experts_used": float(np.mean(counts > 0)),
-        "max_load": float(counts.max() / counts.mean()),
-        "load_entropy": float(-np.sum(nonzero * np.log(nonzero)) / math.log(num_experts)),
-    }
-    if entropy_sum is not None:
-        health["router_entropy"] = float(entropy_sum / num_tokens / math.log(num_experts))
-    return health
-
-
 def routing_report(totals: dict[str, np.ndarray], layers: Sequence[int], *, num_batches: int) -> dict[str, Any]:
-    """The eval record's routing fields from an evaluation's summed statistics (see the module docstring).
+    """The eval record's routing fields from an evaluation's summed statistics (`ROUTING_STATISTICS`).
 
-    totals: tokens and expert_counts [M, N], and router_entropy [M] (OmniMoE, FlashMoE) or dropped_pairs [M] and
-    balance_loss [M] (the MoEs), each summed over the `num_batches` evaluation batches.
+    totals: tokens, and {name: [M, ...]} for the statistics the layers sow (expert_counts [M, N] among them),
+    each summed over the `num_batches` evaluation batches.
     Returns {"routing": mean over layers of each number, "routing_per_layer": [{"layer": i, ...}, ...]}.
     """
     per_layer = []
     for m, layer in enumerate(layers):
-        counts = totals["expert_counts"][m]
-        entropy = totals["router_entropy"][m] if "router_entropy" in totals else None
-        health = routing_health(counts, entropy, int(totals["tokens"]))
-        if "dropped_pairs" in totals:
-            health["dropped_pairs"] = int(totals["dropped_pairs"][m])
-            health["dropped_fraction"] = float(totals["dropped_pairs"][m] / np.sum(counts))  # counts: every pair
-        if "balance_loss" in totals:
-            health["balance_loss"] = float(totals["balance_loss"][m] / num_batches)
-        per_layer.append({"layer": layer, **health})
+        totals_m = LayerTotals(totals["expert_counts"][m], int(totals["tokens"]), num_batches)
+        health: dict[str, Any] = {"layer": layer}
+        for name, statistic in ROUTING_STATISTICS.items():
+            if name in totals:
+                health.update(zip(statistic.fields, statistic.report(totals[name][m], totals_m), strict=True))
+        per_layer.append(health)
     names = [k for k in per_layer[0] if k != "layer"]
     return {
         "routing": {k: float(np.mean([layer[k] for layer in per_layer])) for k in names},
@@ -295,7 +417,7 @@ def log_train(
     elapsed: float,
 ) -> None:
     """The train record and progress line of step `step`, for the `window_steps` steps that took `seconds`
-    (`metrics`: the train step's, as Python numbers, with dropped_pairs summed over the window)."""
+    (`metrics`: the train step's `train_fields`, as Python numbers, the window's sums among them)."""
     tokens_per_s = window_steps * config.tokens_per_step / seconds
     utilisation = _mfu(config, tokens_per_s)
     metrics_log.write(
@@ -310,15 +432,14 @@ def log_train(
         }
     )
     eta = (config.steps - step) * seconds / window_steps
-    aux = f" | aux {metrics['aux_loss']:.4f}" if "aux_loss" in metrics else ""
-    table = f" (tables {metrics['table_learning_rate']:.2e})" if "table_learning_rate" in metrics else ""
-    dropped = f" | dropped pairs {metrics['dropped_pairs']:,}" if metrics["dropped_pairs"] else ""
-    log(
-        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f}{aux} | lr {metrics['learning_rate']:.2e}{table}"
-        f" | grad norm {metrics['grad_norm']:.3f}{dropped} | {tokens_per_s:,.0f} tok/s"
-        + ("" if utilisation is None else f" | mfu {utilisation:.1%}")
-        + f" | eta {_duration(eta)}"
-    )
+    pieces = [f"step {step:>6}/{config.steps}"]
+    for name, field in train_fields(config).items():
+        if field.console is not None and (field.show_zero or metrics[name]):
+            pieces.append(field.console.format(metrics[name]))
+    pieces.append(f"{tokens_per_s:,.0f} tok/s")
+    if utilisation is not None:
+        pieces.append(f"mfu {utilisation:.1%}")
+    log(" | ".join([*pieces, f"eta {_duration(eta)}"]))
 
 
 def _mfu(config: TrainConfig, tokens_per_s: float) -> float | None:
@@ -339,16 +460,10 @@ def log_eval(metrics_log: MetricsLog, log: Log, *, step: int, result: dict[str, 
         line += f" | bits/byte {result['bits_per_byte']:.3f}"
     if result["dropped_pairs"]:
         line += f" | dropped pairs {result['dropped_pairs']:,}"
-    if "routing" in result:
-        r = result["routing"]
-        line += f" | experts used {r['experts_used']:.3f} | max load {r['max_load']:.2f}x"
-        line += f" | load entropy {r['load_entropy']:.3f}"
-        if "router_entropy" in r:
-            line += f" | router entropy {r['router_entropy']:.3f}"
-        if "dropped_fraction" in r:
-            line += f" | dropped {r['dropped_fraction']:.2%}"
-        if "balance_loss" in r:
-            line += f" | balance {r['balance_loss']:.3f}"
+    routing = result.get("routing", {})
+    for statistic in ROUTING_STATISTICS.values():
+        if statistic.fields[0] in routing:
+            line += " | " + statistic.console.format(**routing)
     log(line)
 
 
@@ -364,13 +479,14 @@ def log_end(
     *,
     step: int,
     reason: str,
-    dropped_pairs: int,
+    window: dict[str, Any],
     elapsed: float,
     nonfinite_step: int | None,
     checkpoint_directory: pathlib.Path,
 ) -> None:
-    """The end record (`nonfinite_step` only with reason `train.divergence.REASON`) and the last line."""
-    end = {"kind": "end", "step": step, "reason": reason, "dropped_pairs": dropped_pairs, "elapsed_s": elapsed}
+    """The end record (`window`: the summed train fields of the steps after the last train record;
+    `nonfinite_step` only with reason `train.divergence.REASON`) and the last line."""
+    end = {"kind": "end", "step": step, "reason": reason, **window, "elapsed_s": elapsed}
     if nonfinite_step is not None:
         end["nonfinite_step"] = nonfinite_step
     metrics_log.write(end)

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from omnimoe_jax._config_fields import is_int
+
 _DONE = object()
 
 
@@ -32,7 +34,7 @@ class BatchPrefetcher:
         state: Callable[[], Any] | None = None,
         depth: int = 2,
     ):
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        if not is_int(depth) or depth < 1:
             raise ValueError(f"depth={depth!r} must be an int >= 1")
         self._draw, self._put, self._state = draw, put, state or (lambda: None)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)

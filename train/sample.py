@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omnimoe_jax._config_fields import is_int
 from omnimoe_jax._model import TransformerLM
 from train import data as data_lib
 from train import tokenizer as tokenizer_lib
@@ -113,7 +114,7 @@ def generate(
 
     pad: the id filling the window past the context (never seen by it); a tokenizer run's `TextTokenizer.pad`.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")

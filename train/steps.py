@@ -25,7 +25,7 @@ from train import data as data_lib
 from train import divergence
 from train import mesh as mesh_lib
 from train.config import TrainConfig
-from train.metrics import dispatch_dropped_pairs, sown_statistics
+from train.metrics import dispatch_dropped_pairs, sown_statistics, train_fields
 
 
 @struct.dataclass
@@ -177,12 +177,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
     Gradients of the micro-batches are averaged (a scan, so memory holds one micro-batch of activations);
     the BatchNorm statistics are updated by each micro-batch in turn, as separate steps would. The gradient
     is that of cross-entropy + aux_loss_coefficient * the sown auxiliary losses.
-    metrics: loss (cross-entropy, mean over micro-batches), aux_loss (the sown auxiliary losses, mean over
-    micro-batches; for the FFN kinds that sow one), grad_norm (before clipping), learning_rate (of this
-    update), table_learning_rate (the expert tables' of this update, with a table group:
-    `make_optimizer`), dropped_pairs (int32, expert-parallel dispatch drops summed over micro-batches and
-    layers; see `train.metrics.dispatch_dropped_pairs`). No "metrics" collection: routing health is measured in eval.
+    metrics: {name: [] array} of the run's `train.metrics.train_fields`, each computed from the step's
+    `train.metrics.StepValues`. No "metrics" collection: routing health is measured in eval.
     """
+    fields = train_fields(config)
     schedule, table_schedule = learning_rate_schedule(config), table_learning_rate_schedule(config)
 
     def loss_fn(params, batch_stats, tokens):
@@ -225,14 +223,20 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
         )
         finite = divergence.all_finite(loss_sum, aux_sum, grad_norm, params)
         new_state = divergence.guard(state, candidate, finite=finite)  # the old state if not finite
-        metrics = {"loss": loss_sum / micro_batches}
-        if config.model.ffn.sows_aux_loss:
-            metrics["aux_loss"] = aux_sum / micro_batches
-        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step))
-        if config.has_table_group:
-            metrics["table_learning_rate"] = table_schedule(state.step)
-        metrics["dropped_pairs"] = dropped
-        return new_state, metrics
+        values = {
+            "loss": loss_sum / micro_batches,
+            "aux_loss": aux_sum / micro_batches,
+            "dropped_pairs": dropped,
+            "grads": grads,
+            "grad_norm": grad_norm,
+            "updates": updates,
+            "params": state.params,
+            "new_params": params,
+            "learning_rate": schedule(state.step),
+            "table_learning_rate": table_schedule(state.step),
+            "step": state.step,
+        }
+        return new_state, {name: field.value(values) for name, field in fields.items()}
 
     return train_step
 
@@ -242,8 +246,9 @@ def make_eval_step(model: nn.Module, config: TrainConfig) -> Callable:
 
     Sums: nll and tokens (all targets), byte_nll and bytes (targets < 256), dispatch_dropped_pairs
     (expert-parallel dispatch drops, `train.metrics.dispatch_dropped_pairs`), and what the M sparse layers sow
-    into "metrics" (`train.metrics.sown_statistics`): expert_counts [M, N] and, where the kind has them,
-    router_entropy [M] (OmniMoE, FlashMoE), dropped_pairs [M] and balance_loss [M] (the baseline MoEs).
+    into "metrics" under the names of `train.metrics.ROUTING_STATISTICS` (`train.metrics.sown_statistics`):
+    expert_counts [M, N] and, where the kind has them, router_entropy [M] (OmniMoE, FlashMoE), dropped_pairs [M]
+    and balance_loss [M] (the baseline MoEs).
     """
 
     def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:

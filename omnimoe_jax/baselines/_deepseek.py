@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnimoe_jax._shapes import flatten_tokens
 from omnimoe_jax._shared_mlp import SharedMLP
-from omnimoe_jax.baselines._config import ACTIVATION_NAMES, BaselineConfig
 from omnimoe_jax.baselines._dense import DenseFFNConfig
-from omnimoe_jax.baselines._moe import DISPATCHES, RoutedSwiGLUExperts, balance_loss, expert_counts, softmax_top_k
-from omnimoe_jax.baselines._shapes import flatten_tokens
+from omnimoe_jax.baselines._moe import DISPATCHES, CoarseMoEConfig, routed_experts
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepSeekMoEConfig(BaselineConfig):
+class DeepSeekMoEConfig(CoarseMoEConfig):
     """Fine-grained routed experts with top-k softmax gating, plus shared experts every token uses.
 
     Attributes:
@@ -50,26 +49,16 @@ class DeepSeekMoEConfig(BaselineConfig):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        self._check_positive_ints("hidden_size", "num_experts", "expert_intermediate_size", "num_experts_per_token")
-        self._check_at_most("num_experts_per_token", "num_experts")
         self._check_non_negative_int("shared_intermediate_size")
-        self._check_bool("norm_topk_prob")
-        self._check_non_negative_number("aux_loss_weight")
         self._check_choice("dispatch", DISPATCHES)
-        self._check_positive_number("capacity_factor")
-        self._check_choice("hidden_act", ACTIVATION_NAMES)
         super().__post_init__()
-
-    sows_aux_loss: ClassVar[bool] = True
 
     @classmethod
     def module_class(cls) -> type[nn.Module]:
         return DeepSeekMoE
 
     def active_parameters(self) -> int:
-        d = self.hidden_size  # 3 d I_s (shared) + d E (gate) + 3 d I_e k
-        routed = 3 * d * self.expert_intermediate_size * self.num_experts_per_token
-        return 3 * d * self.shared_intermediate_size + d * self.num_experts + routed
+        return 3 * self.hidden_size * self.shared_intermediate_size + super().active_parameters()  # + shared
 
     @classmethod
     def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
@@ -103,33 +92,10 @@ class DeepSeekMoE(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         cfg = self.config
         tokens = flatten_tokens(x, cfg.hidden_size, cfg.dtype)  # [T, d]
-        gate = nn.Dense(cfg.num_experts, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="gate")
-        probs, weights, experts = softmax_top_k(
-            gate(tokens), cfg.num_experts_per_token, normalize=cfg.norm_topk_prob
-        )  # [T, E], [T, k], [T, k]
-        routed, dropped = RoutedSwiGLUExperts(
-            num_experts=cfg.num_experts,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.expert_intermediate_size,
-            hidden_act=cfg.hidden_act,
-            dispatch=cfg.dispatch,
-            capacity_factor=cfg.capacity_factor,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            name="experts",
-        )(tokens, weights, experts)  # [T, d]
-        y = routed
+        y = routed_experts(self, tokens, dispatch=cfg.dispatch, balance_first_choices=False, train=train)  # [T, d]
         if cfg.shared_intermediate_size:
             shared = DenseFFNConfig(
                 cfg.hidden_size, cfg.shared_intermediate_size, cfg.hidden_act, cfg.dtype, cfg.param_dtype
             )
             y = y + SharedMLP(shared, name="shared")(tokens)  # [T, d]
-        if not self.is_initializing():
-            balance = balance_loss(probs, experts)
-            if train:
-                self.sow("losses", "aux_loss", cfg.aux_loss_weight * balance)
-            self.sow("metrics", "balance_loss", balance)
-            self.sow("metrics", "expert_counts", expert_counts(experts, cfg.num_experts))
-            if cfg.dispatch == "capacity":
-                self.sow("metrics", "dropped_pairs", dropped)
         return y.reshape(*x.shape[:-1], cfg.hidden_size)  # [..., d]

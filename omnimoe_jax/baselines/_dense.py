@@ -9,9 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnimoe_jax._shapes import flatten_tokens
 from omnimoe_jax._shared_mlp import SharedMLP
 from omnimoe_jax.baselines._config import ACTIVATION_NAMES, BaselineConfig
-from omnimoe_jax.baselines._shapes import flatten_tokens
 
 
 @dataclasses.dataclass(frozen=True)

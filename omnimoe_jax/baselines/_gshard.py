@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnimoe_jax.baselines._config import ACTIVATION_NAMES, BaselineConfig
-from omnimoe_jax.baselines._moe import RoutedSwiGLUExperts, balance_loss, expert_counts, softmax_top_k
-from omnimoe_jax.baselines._shapes import flatten_tokens
+from omnimoe_jax._shapes import flatten_tokens
+from omnimoe_jax.baselines._moe import CoarseMoEConfig, routed_experts
 
 
 @dataclasses.dataclass(frozen=True)
-class GShardMoEConfig(BaselineConfig):
+class GShardMoEConfig(CoarseMoEConfig):
     """A few wide experts, top-2 softmax gating, a fixed capacity per expert.
 
     Attributes:
@@ -45,24 +44,9 @@ class GShardMoEConfig(BaselineConfig):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self):
-        self._check_positive_ints("hidden_size", "num_experts", "expert_intermediate_size", "num_experts_per_token")
-        self._check_at_most("num_experts_per_token", "num_experts")
-        self._check_positive_number("capacity_factor")
-        self._check_bool("norm_topk_prob")
-        self._check_non_negative_number("aux_loss_weight")
-        self._check_choice("hidden_act", ACTIVATION_NAMES)
-        super().__post_init__()
-
-    sows_aux_loss: ClassVar[bool] = True
-
     @classmethod
     def module_class(cls) -> type[nn.Module]:
         return GShardMoE
-
-    def active_parameters(self) -> int:
-        d = self.hidden_size  # d E (gate) + 3 d I_e k
-        return d * self.num_experts + 3 * d * self.expert_intermediate_size * self.num_experts_per_token
 
     @classmethod
     def small_preset(cls, hidden_size: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Self:
@@ -95,26 +79,5 @@ class GShardMoE(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         cfg = self.config
         tokens = flatten_tokens(x, cfg.hidden_size, cfg.dtype)  # [T, d]
-        gate = nn.Dense(cfg.num_experts, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="gate")
-        probs, weights, experts = softmax_top_k(
-            gate(tokens), cfg.num_experts_per_token, normalize=cfg.norm_topk_prob
-        )  # [T, E], [T, k], [T, k]
-        y, dropped = RoutedSwiGLUExperts(
-            num_experts=cfg.num_experts,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.expert_intermediate_size,
-            hidden_act=cfg.hidden_act,
-            dispatch="capacity",
-            capacity_factor=cfg.capacity_factor,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            name="experts",
-        )(tokens, weights, experts)  # [T, d]
-        if not self.is_initializing():
-            balance = balance_loss(probs, experts[:, :1])
-            if train:
-                self.sow("losses", "aux_loss", cfg.aux_loss_weight * balance)
-            self.sow("metrics", "balance_loss", balance)
-            self.sow("metrics", "expert_counts", expert_counts(experts, cfg.num_experts))
-            self.sow("metrics", "dropped_pairs", dropped)
+        y = routed_experts(self, tokens, dispatch="capacity", balance_first_choices=True, train=train)  # [T, d]
         return y.reshape(*x.shape[:-1], cfg.hidden_size)  # [..., d]

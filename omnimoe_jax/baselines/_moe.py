@@ -1,5 +1,5 @@
-"""What the coarse MoEs (GShard, DeepSeekMoE) share: softmax top-k gating, the balance loss, and routed
-SwiGLU experts computed grouped by expert.
+"""What the coarse MoEs (GShard, DeepSeekMoE) share: their config checks (`CoarseMoEConfig`), softmax top-k
+gating, the balance loss, and routed SwiGLU experts computed grouped by expert (`routed_experts`).
 
 Routed experts never form a dense [T, E, ...] tensor. The T*k (token, expert) pairs are laid out slot-major
 (pair p = slot * T + t: every token's first choice before any token's second, which is GShard's priority
@@ -28,17 +28,88 @@ jax's CPU fallback lower it to a product of every row with every group's matrix,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnimoe_jax.baselines._config import ACTIVATION_NAMES, BaselineConfig
 from pallas_kernels import get_activation
 
 DISPATCHES = ("sorted", "capacity")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoarseMoEConfig(BaselineConfig):
+    """Base of GShardMoEConfig and DeepSeekMoEConfig: E SwiGLU experts of width I_e behind a softmax top-k
+    gate, with a balance loss sown when training. No fields of its own: the checks the two share (each error
+    naming the field) and the active parameters of the gate and the routed experts.
+
+    A subclass has hidden_size, num_experts, expert_intermediate_size, num_experts_per_token, capacity_factor,
+    norm_topk_prob, hidden_act, aux_loss_weight, dtype and param_dtype.
+    """
+
+    sows_aux_loss: ClassVar[bool] = True
+
+    def __post_init__(self):
+        self._check_positive_ints("hidden_size", "num_experts", "expert_intermediate_size", "num_experts_per_token")
+        self._check_at_most("num_experts_per_token", "num_experts")
+        self._check_positive_number("capacity_factor")
+        self._check_bool("norm_topk_prob")
+        self._check_non_negative_number("aux_loss_weight")
+        self._check_choice("hidden_act", ACTIVATION_NAMES)
+        super().__post_init__()
+
+    def active_parameters(self) -> int:
+        d = self.hidden_size  # d E (gate) + 3 d I_e k
+        return d * self.num_experts + 3 * d * self.expert_intermediate_size * self.num_experts_per_token
+
+
+def routed_experts(
+    module: nn.Module,
+    tokens: jax.Array,
+    *,
+    dispatch: str,
+    balance_first_choices: bool,
+    train: bool,
+) -> jax.Array:
+    """The routed part of a coarse MoE, built inside `module`'s compact call (its config a `CoarseMoEConfig`):
+    `gate` (bias-free d -> E), the softmax top-k gates, then `experts` (`RoutedSwiGLUExperts` with `dispatch`).
+    tokens [T, d] -> [T, d] in the config's dtype.
+
+    Sown into `module` outside `init`: "losses"/"aux_loss" (aux_loss_weight * balance loss, when `train`),
+    "metrics"/"balance_loss", "metrics"/"expert_counts" and, for dispatch="capacity", "metrics"/"dropped_pairs".
+    The balance loss counts every choice as load, or only the first (`balance_first_choices`, GShard's).
+    """
+    cfg = module.config
+    gate = nn.Dense(cfg.num_experts, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="gate")
+    probs, weights, experts = softmax_top_k(
+        gate(tokens), cfg.num_experts_per_token, normalize=cfg.norm_topk_prob
+    )  # [T, E], [T, k], [T, k]
+    y, dropped = RoutedSwiGLUExperts(
+        num_experts=cfg.num_experts,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.expert_intermediate_size,
+        hidden_act=cfg.hidden_act,
+        dispatch=dispatch,
+        capacity_factor=cfg.capacity_factor,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name="experts",
+    )(tokens, weights, experts)  # [T, d]
+    if not module.is_initializing():
+        balance = balance_loss(probs, experts[:, :1] if balance_first_choices else experts)
+        if train:
+            module.sow("losses", "aux_loss", cfg.aux_loss_weight * balance)
+        module.sow("metrics", "balance_loss", balance)
+        module.sow("metrics", "expert_counts", expert_counts(experts, cfg.num_experts))
+        if dispatch == "capacity":
+            module.sow("metrics", "dropped_pairs", dropped)
+    return y
 
 
 def softmax_top_k(logits: jax.Array, top_k: int, *, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:

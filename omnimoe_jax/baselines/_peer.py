@@ -4,28 +4,22 @@ experts, several retrieval heads sharing one pool."""
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnimoe_jax.baselines._config import (
-    ACTIVATION_NAMES,
-    IMPLEMENTATIONS,
-    QUERY_NORMS,
-    BaselineConfig,
-)
-from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, retrieval_counts
-from omnimoe_jax.baselines._shapes import flatten_tokens
+from omnimoe_jax._shapes import flatten_tokens
+from omnimoe_jax.baselines._config import ACTIVATION_NAMES
+from omnimoe_jax.baselines._product_keys import ProductKeyConfig, retrieval_counts
 from pallas_kernels import get_activation, omni_expert
 
 EXPERT_IMPLEMENTATIONS = ("reference", "omni_expert")
 
 
 @dataclasses.dataclass(frozen=True)
-class PEERConfig(BaselineConfig):
+class PEERConfig(ProductKeyConfig):
     """Sizes and switches of one PEER layer.
 
     Attributes:
@@ -61,24 +55,14 @@ class PEERConfig(BaselineConfig):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self):
-        self._check_positive_ints("hidden_size", "num_experts", "num_heads", "experts_per_head", "key_dim")
-        self._check_square("num_experts")
-        self._check_at_most("experts_per_head", "num_experts")
-        if self.key_dim % 2:
-            raise ValueError(f"key_dim={self.key_dim} must be even (each half scores one sub-key table)")
-        self._check_choice("hidden_act", ACTIVATION_NAMES)
-        self._check_choice("query_norm", QUERY_NORMS)
-        self._check_positive_number("query_norm_eps")
-        self._check_fraction("query_norm_momentum")
-        self._check_choice("expert_implementation", EXPERT_IMPLEMENTATIONS)
-        self._check_choice("implementation", IMPLEMENTATIONS)
-        super().__post_init__()
+    table_field: ClassVar[str] = "num_experts"
+    top_k_field: ClassVar[str] = "experts_per_head"
+    shared_keys: ClassVar[bool] = True
 
-    @property
-    def num_keys(self) -> int:
-        """n: sub-keys per axis."""
-        return math.isqrt(self.num_experts)
+    def __post_init__(self):
+        self._check_choice("hidden_act", ACTIVATION_NAMES)
+        self._check_choice("expert_implementation", EXPERT_IMPLEMENTATIONS)
+        super().__post_init__()
 
     @classmethod
     def module_class(cls) -> type[nn.Module]:
@@ -135,20 +119,7 @@ class PEER(nn.Module):
         cfg = self.config
         tokens = flatten_tokens(x, cfg.hidden_size, cfg.dtype)  # [T, d]
         num_tokens, heads, top_k = tokens.shape[0], cfg.num_heads, cfg.experts_per_head
-        gates, indices = ProductKeyRetrieval(
-            num_heads=heads,
-            num_keys=cfg.num_keys,
-            top_k=top_k,
-            key_dim=cfg.key_dim,
-            shared_keys=True,
-            query_norm=cfg.query_norm,
-            query_norm_eps=cfg.query_norm_eps,
-            query_norm_momentum=cfg.query_norm_momentum,
-            implementation=cfg.implementation,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            name="retrieval",
-        )(tokens, train=train)  # [T, h, k] each
+        gates, indices = cfg.retrieval()(tokens, train=train)  # [T, h, k] each
         # Rows ~ N(0, 1/d), as OmniMoE's atomic experts: u_e . x is O(1) for unit-scale x.
         init = nn.initializers.normal(stddev=cfg.hidden_size**-0.5)
         shape = (cfg.num_experts, cfg.hidden_size)

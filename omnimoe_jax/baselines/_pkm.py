@@ -4,21 +4,19 @@ retrieved by product keys, several heads reading one value table."""
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnimoe_jax.baselines._config import IMPLEMENTATIONS, QUERY_NORMS, BaselineConfig
-from omnimoe_jax.baselines._product_keys import ProductKeyRetrieval, retrieval_counts
-from omnimoe_jax.baselines._shapes import flatten_tokens
+from omnimoe_jax._shapes import flatten_tokens
+from omnimoe_jax.baselines._product_keys import ProductKeyConfig, retrieval_counts
 from pallas_kernels import embedding_bag
 
 
 @dataclasses.dataclass(frozen=True)
-class PKMConfig(BaselineConfig):
+class PKMConfig(ProductKeyConfig):
     """Sizes and switches of one product-key memory layer.
 
     Attributes:
@@ -47,22 +45,9 @@ class PKMConfig(BaselineConfig):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self):
-        self._check_positive_ints("hidden_size", "num_values", "num_heads", "values_per_head", "key_dim")
-        self._check_square("num_values")
-        self._check_at_most("values_per_head", "num_values")
-        if self.key_dim % 2:
-            raise ValueError(f"key_dim={self.key_dim} must be even (each half scores one sub-key table)")
-        self._check_choice("query_norm", QUERY_NORMS)
-        self._check_positive_number("query_norm_eps")
-        self._check_fraction("query_norm_momentum")
-        self._check_choice("implementation", IMPLEMENTATIONS)
-        super().__post_init__()
-
-    @property
-    def num_keys(self) -> int:
-        """n: sub-keys per axis."""
-        return math.isqrt(self.num_values)
+    table_field: ClassVar[str] = "num_values"
+    top_k_field: ClassVar[str] = "values_per_head"
+    shared_keys: ClassVar[bool] = False
 
     @classmethod
     def module_class(cls) -> type[nn.Module]:
@@ -98,20 +83,7 @@ class PKM(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         cfg = self.config
         tokens = flatten_tokens(x, cfg.hidden_size, cfg.dtype)  # [T, d]
-        gates, indices = ProductKeyRetrieval(
-            num_heads=cfg.num_heads,
-            num_keys=cfg.num_keys,
-            top_k=cfg.values_per_head,
-            key_dim=cfg.key_dim,
-            shared_keys=False,
-            query_norm=cfg.query_norm,
-            query_norm_eps=cfg.query_norm_eps,
-            query_norm_momentum=cfg.query_norm_momentum,
-            implementation=cfg.implementation,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            name="retrieval",
-        )(tokens, train=train)  # [T, h, k] each
+        gates, indices = cfg.retrieval()(tokens, train=train)  # [T, h, k] each
         init = nn.initializers.normal(stddev=cfg.hidden_size**-0.5)
         values = self.param("values", init, (cfg.num_values, cfg.hidden_size), cfg.param_dtype).astype(cfg.dtype)
         num_tokens, heads, k = indices.shape

@@ -6,19 +6,77 @@ products, s_1[i] + s_2[j], and the exact top k over all N slots only ever needs 
 axis. That search is `pallas_kernels.omni_router`: it takes per-axis scores [tokens, n] and returns the exact
 top-k of their sums with e = i*n + j. It was written for OmniMoE's per-axis log-probabilities, but nothing
 in it assumes a sign or a normalisation (the tests check it against brute force on raw dot products here),
-so PEER and PKM pass raw q.k scores, one router "token" per (token, head).
+so PEER and PKM pass raw q.k scores, one router "token" per (token, head). `ProductKeyConfig` is what their
+configs share: the checks and the retrieval they build.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import math
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from omnimoe_jax._batch_norm import TorchBatchNorm
+from omnimoe_jax.baselines._config import IMPLEMENTATIONS, QUERY_NORMS, BaselineConfig
 from pallas_kernels import omni_router
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductKeyConfig(BaselineConfig):
+    """Base of PEERConfig and PKMConfig: a table of N = n*n rows read by `num_heads` heads through product
+    keys. No fields of its own: the checks the two share (each error naming the field), n, and the
+    `ProductKeyRetrieval` a module builds from the config.
+
+    A subclass has hidden_size, num_heads, key_dim, query_norm, query_norm_eps, query_norm_momentum,
+    implementation, dtype and param_dtype, and N and k (rows per head) under the names `table_field` and
+    `top_k_field` (PEER's experts, PKM's values).
+
+    Class attributes:
+      table_field, top_k_field: the names of the N and k fields.
+      shared_keys: one pair of sub-key tables for all heads (PEER), or one pair per head (PKM).
+    """
+
+    table_field: ClassVar[str]
+    top_k_field: ClassVar[str]
+    shared_keys: ClassVar[bool]
+
+    def __post_init__(self):
+        self._check_positive_ints("hidden_size", self.table_field, "num_heads", self.top_k_field, "key_dim")
+        self._check_square(self.table_field)
+        self._check_at_most(self.top_k_field, self.table_field)
+        if self.key_dim % 2:
+            raise ValueError(f"key_dim={self.key_dim} must be even (each half scores one sub-key table)")
+        self._check_choice("query_norm", QUERY_NORMS)
+        self._check_positive_number("query_norm_eps")
+        self._check_fraction("query_norm_momentum")
+        self._check_choice("implementation", IMPLEMENTATIONS)
+        super().__post_init__()
+
+    @property
+    def num_keys(self) -> int:
+        """n: sub-keys per axis."""
+        return math.isqrt(getattr(self, self.table_field))
+
+    def retrieval(self) -> ProductKeyRetrieval:
+        """This config's `ProductKeyRetrieval`, named "retrieval" (built inside the owning module's compact call)."""
+        return ProductKeyRetrieval(
+            num_heads=self.num_heads,
+            num_keys=self.num_keys,
+            top_k=getattr(self, self.top_k_field),
+            key_dim=self.key_dim,
+            shared_keys=self.shared_keys,
+            query_norm=self.query_norm,
+            query_norm_eps=self.query_norm_eps,
+            query_norm_momentum=self.query_norm_momentum,
+            implementation=self.implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="retrieval",
+        )
 
 
 class ProductKeyRetrieval(nn.Module):

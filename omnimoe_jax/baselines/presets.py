@@ -55,6 +55,7 @@ import jax.numpy as jnp
 # reads FFN_REGISTRY only when called.
 from omnimoe_jax import ffn_registry
 from omnimoe_jax._config import FFNConfig, FlashMoEConfig, OmniMoEConfig
+from omnimoe_jax._config_fields import is_int
 from omnimoe_jax.baselines._deepseek import DeepSeekMoEConfig
 from omnimoe_jax.baselines._dense import DenseFFNConfig
 from omnimoe_jax.baselines._gshard import GShardMoEConfig
@@ -107,7 +108,7 @@ def small_presets(
     rows must hold OmniMoE's K = 5d/2 and PKM's k = 9d/4 per head: (d/2)^2 >= 5d/2 from d = 10 on).
     """
     d = hidden_size
-    if isinstance(d, bool) or not isinstance(d, int) or d < 12 or d % 4:
+    if not is_int(d) or d < 12 or d % 4:
         raise ValueError(f"hidden_size={d!r} must be an int >= 12 and a multiple of 4")
     return {
         kind: cls.small_preset(d, dtype=dtype, param_dtype=param_dtype)
