@@ -1,7 +1,11 @@
 """Expert tables sharded on the hidden dimension (`expert_parallel_layout="hidden"`, 8 CPU devices): the
 sharded layer equals the one-device layer, forward and every gradient, on several mesh shapes; the Pallas
 kernels run on each shard's column slice; "auto" follows its rule; the tables and their optimizer moments
-shard by columns; the traffic of the compiled step does not grow with N and grows with T."""
+shard by columns; the traffic of the compiled step does not grow with N and grows with T; `python -m train`
+trains with either layout and resumes a run onto the other."""
+
+import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +16,17 @@ from helpers import assert_close, count_triton_calls, cpu_mesh
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_expert_parallel import decisive_variables, forward_and_gradients, layer_config, reference_step
+from test_train_parallel import ALL_STEPS, MESH, arguments, assert_same_training, records
 
 from omnimoe_jax import FlashMoEConfig, OmniMoE, OmniMoEConfig, parallel
 from pallas_kernels import omni_expert_reference
+from train import cli
+from train import mesh as train_mesh
+from train.loop import load_config, run
+from train.steps import build_steps
 
 MESHES = ["expert=8", "data=2,expert=4", "data=4,expert=2"]
+__all__ = ["arguments"]  # test_train_parallel's fixture: the tiny model, corpus and seed of every run here
 HIDDEN = P(None, "expert")
 
 
@@ -293,3 +303,59 @@ def test_hidden_traffic_is_what_the_shapes_say_flat_in_n_and_growing_with_t(spec
             assert sum(got.values()) == want["forward_backward"], got
         assert measured[tokens, 4096] == measured[tokens, 65536], "the hidden layout's traffic grew with N"
     assert sum(measured[128, 4096].values()) == 2 * sum(measured[64, 4096].values()), "traffic should grow with T"
+
+
+# --- training: `python -m train --ffn.expert_parallel_layout=...`, and resumes across layouts ---------------
+
+
+@pytest.fixture(scope="module")
+def rows_run(arguments, tmp_path_factory):
+    """The straight run on the mesh with the default row layout (test_train_parallel's tiny model, K = N)."""
+    run_dir = tmp_path_factory.mktemp("rows") / "run"
+    assert cli.main(["--run-dir", str(run_dir), "--mesh", MESH, *arguments]) == 0
+    return run_dir
+
+
+def with_layout(config, layout):
+    ffn = config.model.ffn.replace(expert_parallel_layout=layout)
+    return dataclasses.replace(config, model=config.model.replace(ffn=ffn))
+
+
+@pytest.mark.parametrize(("saved_as", "resumed_as"), [("rows", "hidden"), ("hidden", "rows")])
+def test_a_run_resumes_onto_the_other_table_layout(saved_as, resumed_as, rows_run, tmp_path):
+    config = with_layout(load_config(rows_run), saved_as)
+    mesh = cpu_mesh(MESH)
+    steps = build_steps(config, mesh)
+    # The train step's state has the layout's table shardings.
+    spec = HIDDEN if saved_as == "hidden" else P("expert", None)
+    state = jax.eval_shape(steps.init_state, jax.random.key(0))
+    shardings = parallel.shardings(state, mesh, train_mesh.partition_rules(config, mesh))
+    tables = [
+        s for path, s in jax.tree_util.tree_leaves_with_path(shardings) if "up_embed" in jax.tree_util.keystr(path)
+    ]
+    assert len(tables) == 3 * config.model.num_layers  # the parameter and its two AdamW moments, per layer
+    assert all(s.spec == spec for s in tables), [s.spec for s in tables]
+    saved = tmp_path / "run"
+    assert run(config, saved, stop_at_step=1, mesh=mesh, log=print)["reason"] == "stop_at_step"
+    argv = ["--run-dir", str(saved), "--resume", "--mesh", MESH, f"--ffn.expert_parallel_layout={resumed_as}"]
+    assert cli.main(argv) == 0  # the real --resume path, onto the other layout
+    start = records(saved, "start")[-1]
+    assert start["resumed"] is True and start["step"] == 1
+    assert start["config"]["model"]["ffn"]["expert_parallel_layout"] == resumed_as
+    assert load_config(saved).model.ffn.expert_parallel_layout == resumed_as
+    # Steps 2.. continue the straight run (rows throughout) exactly: same losses, same final parameters.
+    assert_same_training(saved, rows_run, ALL_STEPS, f"saved as {saved_as}, resumed as {resumed_as}")
+
+
+def test_train_refuses_what_the_hidden_layout_cannot_take(arguments, tmp_path, capsys):
+    for extra, message in [
+        (["--ffn.expert_parallel_layout=hidden", "--hidden_size=34", "--num_heads=1"], r"d=34 into columns over the 4"),
+        (["--ffn.expert_parallel_layout=hidden", "--ffn.expert_capacity_factor=0.5"], r"caps the row layout's"),
+        (["--ffn.expert_parallel_layout=cols"], r"expert_parallel_layout='cols' must be one of"),
+    ]:
+        run_dir = tmp_path / "run"
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--run-dir", str(run_dir), "--mesh", MESH, *arguments, *extra])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err), message
+        assert not run_dir.exists()

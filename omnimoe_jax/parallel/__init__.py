@@ -61,7 +61,7 @@ from omnimoe_jax.parallel._expert_dispatch import (
     dispatch_payload_bytes,
     expert_parallel_omni_expert,
 )
-from omnimoe_jax.parallel._hidden_dispatch import hidden_parallel_omni_expert, hidden_payload_bytes
+from omnimoe_jax.parallel._hidden_dispatch import check_hidden_width, hidden_parallel_omni_expert, hidden_payload_bytes
 from omnimoe_jax.parallel._multihost import initialize_distributed
 from omnimoe_jax.parallel._partition import (
     DEFAULT_RULES,
@@ -89,6 +89,7 @@ __all__ = [
     "abstract_state",
     "batch_axes",
     "batch_sharding",
+    "check_hidden_width",
     "choose_table_layout",
     "collective_bytes",
     "config_table_layout",
