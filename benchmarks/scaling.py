@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 import statistics
@@ -54,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import copy_to_out, environment, print_table, write_results
+from benchmarks.common import RESULTS, copy_to_out, environment, print_table, write_results
 from omnimoe_jax import OmniMoE, OmniMoEConfig, parallel
 from train import mesh as train_mesh
 from train.config import TrainConfig, apply_overrides, parse_overrides
@@ -343,6 +344,12 @@ def main() -> None:
         "--layout", default="rows,hidden", help="table layouts of the meshes with an expert axis (rows, hidden)"
     )
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the parts of this platform's existing results file that this run does not measure (so the "
+        "throughput and the bytes can run as two calls, each within a time limit)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke test: the tiny preset on no mesh and expert=2 only, 2 sequences per device, one timed step, "
@@ -414,7 +421,16 @@ def main() -> None:
         print("skipped for the time budget:", ", ".join(results["skipped"]))
     results["seconds"] = time.perf_counter() - started
     # One file per platform: the CPU run (fake devices: bytes only mean anything) and the GPU run side by side.
-    path = write_results(f"scaling_{jax.default_backend()}", results.pop("throughput", []), **results)
+    name = f"scaling_{jax.default_backend()}"
+    if args.merge and (RESULTS / f"{name}.json").exists():
+        previous = json.loads((RESULTS / f"{name}.json").read_text())
+        previous["throughput"] = previous.pop("rows", [])
+        kept = [part for part in ("check", "throughput", "bytes") if part not in parts and part in previous["parts"]]
+        for part in kept:
+            results[part] = previous[part]
+        results["parts"] = [*kept, *parts]
+        results["merged_from"] = {"date": previous.get("date"), "command": previous.get("command"), "parts": kept}
+    path = write_results(name, results.pop("throughput", []), **results)
     copy_to_out(path)
     print(f"wrote {path} after {results['seconds']:.0f} s")
 
