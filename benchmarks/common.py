@@ -56,9 +56,14 @@ def environment() -> dict:
         "platform": device.platform,
         "cpu_count": os.cpu_count(),  # names a CPU run's machine, where device_kind says only "cpu"
         "versions": versions,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
     }
+
+
+def utc_now() -> str:
+    """The date and time a result is stamped with (UTC, ISO 8601, to the second)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -76,14 +81,25 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def copy_to_out(*paths: pathlib.Path) -> None:
-    """Copy result files into $OUT when it is set: what the GPU machine's command leaves there comes back."""
+def copy_to_out(*paths: pathlib.Path, under: str = "") -> None:
+    """Copy result files into $OUT (into its folder `under`, if given) when it is set: what the GPU machine's
+    command leaves there comes back."""
     out = os.environ.get("OUT")
     if not out:
         return
-    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    folder = pathlib.Path(out) / under
+    folder.mkdir(parents=True, exist_ok=True)
     for path in paths:
-        shutil.copy(path, pathlib.Path(out) / path.name)
+        shutil.copy(path, folder / path.name)
+
+
+def write_json_atomic(path: pathlib.Path, data: Any) -> None:
+    """Write `data` as JSON to `path` through a temporary file in the same folder and a rename: a reader (or
+    a sweep resumed after its process was killed) finds the whole file or none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def write_results(name: str, rows: list[dict], **extra: Any) -> pathlib.Path:

@@ -85,14 +85,30 @@ RESERVED = (
 # planning
 
 
-def run_overrides(kind: str, *, hidden_size: int, steps: int, seed: int, quick: bool, extra: list[str]) -> list[str]:
-    """The `python -m train --preset small` arguments of one kind's run (all but --run-dir and the time limit)."""
+def run_overrides(
+    kind: str,
+    *,
+    hidden_size: int,
+    steps: int,
+    seed: int,
+    quick: bool,
+    extra: list[str],
+    shared: dict[str, Any] | None = None,
+    ffn: dict[str, str] | None = None,
+) -> list[str]:
+    """The `python -m train --preset small` arguments of one kind's run (all but --run-dir and the time limit).
+
+    shared: the model shape, batch and learning rate of every run (default SHARED, or QUICK_SHARED when quick);
+    ffn: the FFN's overrides (default `matched_ffn_overrides(kind, hidden_size)`).
+    """
     if steps < EVALUATIONS and not quick:
         raise ValueError(f"steps={steps} must be >= {EVALUATIONS} (one evaluation every steps / {EVALUATIONS})")
     eval_every = max(1, steps // EVALUATIONS) if not quick else max(1, steps // 2)
+    if shared is None:
+        shared = QUICK_SHARED if quick else SHARED
     settings = {
-        **(QUICK_SHARED if quick else SHARED),
-        **matched_ffn_overrides(kind, hidden_size),
+        **shared,
+        **(matched_ffn_overrides(kind, hidden_size) if ffn is None else ffn),
         "steps": steps,
         "warmup_steps": max(1, steps // 10) if steps > 1 else 0,
         "eval_every": eval_every,
@@ -109,15 +125,8 @@ def plan(kinds: list[str], *, hidden_size: int, steps: int, seed: int, quick: bo
     Every config is built here first (`train.config.apply_overrides`, nothing allocated), so a refused one is
     reported without starting a process.
     """
-    unknown = sorted(set(kinds) - set(FFN_KINDS))
-    if unknown:
-        raise ValueError(f"unknown FFN kinds {unknown}; expected some of {FFN_KINDS}")
-    reserved = sorted(k for k in parse_overrides(extra) if k in RESERVED or "." in k)  # "<kind>.<field>" too
-    if reserved:
-        raise ValueError(
-            f"overrides {reserved} would unmatch the runs; use --hidden-size, --steps, --seed, --budget-minutes "
-            "(and `python -m train` for one kind's own settings)"
-        )
+    check_kinds(kinds)
+    check_extra(extra, RESERVED, "--hidden-size, --steps, --seed, --budget-minutes")
     entries = []
     for kind in kinds:
         entry: dict[str, Any] = {"kind": kind}
@@ -131,6 +140,23 @@ def plan(kinds: list[str], *, hidden_size: int, steps: int, seed: int, quick: bo
             entry["error"] = f"config refused: {err}"
         entries.append(entry)
     return entries
+
+
+def check_kinds(kinds: list[str]) -> None:
+    unknown = sorted(set(kinds) - set(FFN_KINDS))
+    if unknown:
+        raise ValueError(f"unknown FFN kinds {unknown}; expected some of {FFN_KINDS}")
+
+
+def check_extra(extra: list[str], reserved: tuple[str, ...], flags: str) -> None:
+    """ValueError if the extra overrides set a key the plan sets (`reserved`) or an FFN field ("ffn.<field>"):
+    those would unmatch the runs. `flags`: the script's own options that set them instead."""
+    refused = sorted(k for k in parse_overrides(extra) if k in reserved or "." in k)
+    if refused:
+        raise ValueError(
+            f"overrides {refused} would unmatch the runs; use {flags} "
+            "(and `python -m train` for one kind's own settings)"
+        )
 
 
 def time_share(remaining_s: float, runs_left: int) -> float:
@@ -150,26 +176,30 @@ def time_limit_minutes(share_s: float) -> float:
 # running
 
 
-def run_one(entry: dict, run_dir: pathlib.Path, share_s: float, env: dict[str, str]) -> dict:
-    """Run one planned kind; {"returncode", "wall_s", "log_tail", "killed"} (its metrics stay in run_dir)."""
-    command = [
-        sys.executable,
-        "-m",
-        "train",
-        "--preset",
-        BASE_PRESET,
-        "--run-dir",
-        str(run_dir),
-        *entry["overrides"],
-        f"--time_limit_minutes={time_limit_minutes(share_s):.3f}",
-    ]
+def run_one(
+    entry: dict,
+    run_dir: pathlib.Path,
+    env: dict[str, str],
+    *,
+    limit_minutes: float | None,
+    timeout_s: float | None,
+    resume: bool = False,
+) -> dict:
+    """Run one planned kind; {"command", "returncode", "wall_s", "log_tail", "killed"} (its metrics stay in
+    run_dir, its log beside it). limit_minutes: the run's own `--time_limit_minutes` (None: none, the run goes
+    to its last step); timeout_s: kill the process after this long (None: never); resume: continue the run
+    already in run_dir (`python -m train --resume`: its stored config, from its latest checkpoint)."""
+    command = [sys.executable, "-m", "train", "--run-dir", str(run_dir)]
+    command += ["--resume"] if resume else ["--preset", BASE_PRESET, *entry["overrides"]]
+    if limit_minutes is not None:
+        command.append(f"--time_limit_minutes={limit_minutes:.3f}")
     log_path = run_dir.parent / f"{run_dir.name}.log"
     start = time.time()
     killed = False
     with log_path.open("w") as log:
         try:
             returncode = subprocess.run(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, timeout=share_s + GRACE_S, check=False
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, timeout=timeout_s, check=False
             ).returncode
         except subprocess.TimeoutExpired:
             returncode, killed = None, True
@@ -342,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 share = time_share(budget_s - (time.time() - start), len(entries) - i)
                 run_dir = pathlib.Path(tmp) / kind
                 print(f"{kind}: {share:.0f} s share; {' '.join(entry['overrides'])}", flush=True)
-                outcome = run_one(entry, run_dir, share, child_env)
+                outcome = run_one(
+                    entry, run_dir, child_env, limit_minutes=time_limit_minutes(share), timeout_s=share + GRACE_S
+                )
                 if (run_dir / "metrics.jsonl").exists():
                     records = read_metrics(run_dir)
             outcomes[kind] = {**outcome, "records": records}

@@ -404,6 +404,98 @@ def quality_section(results: dict[str, dict]) -> list[str]:
     return lines[:-1]
 
 
+def _bpb(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _sweep_variant(row: dict) -> tuple[str, str]:
+    multiplier, split = row.get("table_multiplier"), row.get("split")
+    return (
+        "-" if multiplier is None else f"{multiplier:g}",
+        "-" if split is None else f"{split['intermediate_size']}:{split['K']}",
+    )
+
+
+def _sweep_shape(shape: dict) -> str:
+    text = (
+        f"d = {shape['hidden_size']}, {shape['num_layers']} layers, {shape['num_heads']} heads, context "
+        f"{shape['context_length']}, batch {shape['batch_size']}: {shape['steps']:,} steps = "
+        f"{shape['steps'] * shape['batch_size'] * shape['context_length']:,} tokens per run"
+    )
+    return text + (f", with `{' '.join(shape['extra'])}`" if shape["extra"] else "")
+
+
+def _sweep_target(target: dict) -> str:
+    if target["met"] is None:
+        return f"- Target ({target['claim']}): not judged yet: {'; '.join(target['missing'])}."
+    rivals = ", ".join(
+        f"below {key.removeprefix('beats_')}: {'yes' if won else 'no'}"
+        for key, won in target.items()
+        if key.startswith("beats_") and key != "beats_dense_by_two_spreads"
+    )
+    return (
+        f"- Target ({target['claim']}): {'met' if target['met'] else 'NOT met'}: dense - omnimoe = "
+        f"{target['margin_over_dense']:+.4f} bits/byte against 2 x spread = {2 * target['spread']:.4f}; {rivals}."
+    )
+
+
+def quality_sweep_section(result: dict) -> list[str]:
+    versions = result["versions"] or {}
+    commands = "; ".join(f"`{_command({'command': c})}`" for c in result["sweep_commands"])
+    machine = f"a {result['cpu_count']}-core CPU" if result["platform"] == "cpu" else f"an {result['device']}"
+    lines = [
+        "### Quality sweep at matched active parameters (issue 13)",
+        "",
+        f"Measured on {machine} (up to {result['date'][:10]}, jax {versions.get('jax')}, triton "
+        f"{versions.get('triton')}) in {len(result['runs'])} runs of {commands}, merged by `{_command(result)}`. "
+        "Each kind at its own best configuration: the lowest mean over seeds among its configurations with the most "
+        "finished seeds; std over seeds (n - 1); routing health of the last evaluation, mean over layers and seeds.",
+        "",
+    ]
+    for key, shape in result["shapes"].items():
+        best = [
+            [
+                row["kind"],
+                "-" if "mean" not in row else f"{row['learning_rate']:g}",
+                *(_sweep_variant(row) if "mean" in row else ("-", "-")),
+                str(len(row.get("seeds", []))),
+                "-"
+                if "mean" not in row
+                else _bpb(row["mean"]) + ("" if row["std"] is None else f" ± {row['std']:.3f}"),
+                "-" if "mean" not in row else f"{row['min']:.3f} - {row['max']:.3f}",
+                str(row["configurations"]),
+                "yes" if row.get("lr_bracketed") else "no",
+                *(_bpb(row.get(name)) for name in ("experts_used", "load_entropy", "max_load")),
+            ]
+            for row in result["rows"]
+            if row["shape"] == key
+        ]
+        header = ["ffn", "lr", "table lr x", "split I:K", "seeds", "val bits/byte", "min - max", "configs"]
+        header += ["lr bracketed", "experts used", "load entropy", "max load"]
+        configs = [
+            [
+                row["kind"],
+                f"{row['learning_rate']:g}",
+                *_sweep_variant(row),
+                ", ".join(str(s) for s in row["seeds"]),
+                "diverged" if "mean" not in row else _bpb(row["mean"]),
+                _bpb(row.get("std")),
+            ]
+            for row in result["configurations"]
+            if row["shape"] == key
+        ]
+        lines += [_sweep_shape(shape) + ":", "", *_table(header, best), ""]
+        lines += [_sweep_target(t) for t in result["targets"] if t["shape"] == key]
+        lines += ["", "Every configuration:", ""]
+        lines += [*_table(["ffn", "lr", "table lr x", "split I:K", "seeds", "mean", "std"], configs), ""]
+        unfinished = [r for r in result["runs"] if r["shape"] == key and r["status"] not in ("done", "diverged")]
+        if unfinished:
+            lines += ["Not finished: " + "; ".join(f"{r['name']} ({r['status']})" for r in unfinished) + ".", ""]
+    if (RESULTS / "quality_sweep.png").exists():
+        lines += ["![quality sweep](benchmarks/results/quality_sweep.png)", ""]
+    return lines[:-1]
+
+
 def _load_jsonl(name: str) -> list[dict] | None:
     path = RESULTS / name
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else None
@@ -424,6 +516,8 @@ def render() -> str:
         "train_step_small": "the small dense and OmniMoE presets",
         "train_step_moe": "the matched MoE presets",
         "train_step_dispatch": "the coarse and fine-grained baselines, dispatch by gathers",
+        "train_step_fine": "the fine-grained baselines PEER and PKM",
+        "train_step_steady": "steady state, tokens/s at step ~200 against the first window",
         **{f"train_step_omnimoe_split_k{k}": f"small-omnimoe at K = {k}" for k in (1280, 512, 128)},
     }
     for name, title in train_step_runs.items():
@@ -435,6 +529,8 @@ def render() -> str:
         name: r for name in ("quality", "quality_rest", "quality_pkm", "quality_cpu") if (r := _load(name)) is not None
     }:
         sections.append(quality_section(quality))
+    if (sweep := _load("quality_sweep")) is not None:
+        sections.append(quality_sweep_section(sweep))
     lines = [BEGIN, ""]
     for section in sections:
         lines += [*section, ""]

@@ -47,6 +47,16 @@ class TrainConfig:
         (floor(warmup_steps * new_steps / steps)), so `--steps=20` alone is a short run with the same shape.
       min_lr_ratio: the cosine decay ends at learning_rate * min_lr_ratio.
       weight_decay: AdamW decoupled weight decay, on matrices and tables only (not on norm scales).
+      table_learning_rate_multiplier: the expert tables (`train.steps.TABLE_PARAMETERS`: OmniMoE's and
+        FlashMoE's up/down embeddings, PEER's, PKM's values) train at this multiple of the learning-rate
+        schedule (> 0). Memory-layer systems train their tables faster than the rest of the model. With all
+        three table fields at their defaults the optimizer is one AdamW over all parameters; with any of
+        them set it is partitioned into a table group and the rest (`train.steps.make_optimizer`), and the
+        model must have expert tables.
+      table_lr_decay_to_one: the table multiplier decays linearly from table_learning_rate_multiplier at
+        step 0 to 1 at the run's last update (step `steps - 1`), on top of the base schedule.
+      table_weight_decay: the expert tables' AdamW weight decay (>= 0; None = weight_decay), scaled by their
+        learning rate as every AdamW decay is.
       beta1, beta2, adam_eps: AdamW moments.
       grad_clip: global gradient norm clip (0 = off).
       aux_loss_coefficient: the objective is cross-entropy + aux_loss_coefficient * (sum of the "losses" the
@@ -74,6 +84,9 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
+    table_learning_rate_multiplier: float = 1.0
+    table_lr_decay_to_one: bool = False
+    table_weight_decay: float | None = None
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -105,6 +118,13 @@ class TrainConfig:
         _check_number("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
         _check_number("min_lr_ratio", self.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
         _check_number("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
+        _check_number("table_learning_rate_multiplier", self.table_learning_rate_multiplier, lambda v: v > 0, "> 0")
+        if not isinstance(self.table_lr_decay_to_one, bool):
+            raise ValueError(f"table_lr_decay_to_one={self.table_lr_decay_to_one!r} must be a bool")
+        if self.table_weight_decay is not None:
+            _check_number(
+                "table_weight_decay", self.table_weight_decay, lambda v: v >= 0, ">= 0 (or None: weight_decay)"
+            )
         _check_number("beta1", self.beta1, lambda v: 0 <= v < 1, "in [0, 1)")
         _check_number("beta2", self.beta2, lambda v: 0 <= v < 1, "in [0, 1)")
         _check_number("adam_eps", self.adam_eps, lambda v: v > 0, "> 0")
@@ -117,6 +137,15 @@ class TrainConfig:
             raise ValueError(f"tokenizer={self.tokenizer!r} must be a non-empty path string or None")
         if self.token_dtype not in ("uint16", "uint32"):
             raise ValueError(f"token_dtype={self.token_dtype!r} must be 'uint16' or 'uint32'")
+
+    @property
+    def has_table_group(self) -> bool:
+        """Whether the optimizer trains the expert tables as a group of their own (a table field is set)."""
+        return (
+            self.table_learning_rate_multiplier != 1.0
+            or self.table_lr_decay_to_one
+            or self.table_weight_decay is not None
+        )
 
     @property
     def micro_batch_size(self) -> int:

@@ -256,6 +256,9 @@ def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log,
     config_path = run_dir / "config.json"
     never_saved = not checkpoints.all_steps() and not checkpoints.moved_aside()
     if resume and not never_saved:
+        # Before restoring: another config's state (an optimizer of another structure) would not restore,
+        # and its checkpoints would be moved aside as if damaged.
+        _config_changes(config, run_dir)
         target = abstract_state(config, mesh)
         latest, state, data_state, skipped = checkpoints.restore_latest(target, move_aside=mesh_lib.is_primary())
         for bad in skipped:
@@ -287,10 +290,10 @@ def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log,
     return steps.init_state(jax.random.key(config.seed)), resumed
 
 
-def _check_config(config: TrainConfig, run_dir: pathlib.Path, log: Callable[[str], None], *, after: int | None):
-    """Rewrite config.json for a run continued with `config` (from checkpoint `after`, or from step 0), which
-    may change `steps`, RECORDING_FIELDS and the FFN's table layout only (train.cli checks this for --resume;
-    a restarted run is checked here)."""
+def _config_changes(config: TrainConfig, run_dir: pathlib.Path) -> dict[str, tuple[Any, Any]]:
+    """{field: (stored, new)} of the fields `config` changes in the run's config.json (the FFN's table layout
+    as "ffn.expert_parallel_layout"); RunDirectoryError if any is not `steps`, one of RECORDING_FIELDS or
+    the table layout."""
     stored, stored_layout = _without_table_layout(load_config(run_dir).to_dict())
     fields, layout = _without_table_layout(config.to_dict())
     changed = {key: (stored[key], value) for key, value in fields.items() if stored[key] != value}
@@ -302,6 +305,14 @@ def _check_config(config: TrainConfig, run_dir: pathlib.Path, log: Callable[[str
         )
     if stored_layout != layout:
         changed["ffn.expert_parallel_layout"] = (stored_layout, layout)
+    return changed
+
+
+def _check_config(config: TrainConfig, run_dir: pathlib.Path, log: Callable[[str], None], *, after: int | None):
+    """Rewrite config.json for a run continued with `config` (from checkpoint `after`, or from step 0), which
+    may change `steps`, RECORDING_FIELDS and the FFN's table layout only (train.cli checks this for --resume;
+    a restarted run is checked here)."""
+    changed = _config_changes(config, run_dir)
     if not changed:
         return
     log("changed on resume: " + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))

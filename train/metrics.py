@@ -12,11 +12,13 @@ metrics.jsonl records, one JSON object per line, `kind` first, each written by o
   ({"data": D, "expert": E}, or null on one device), processes.
 - train: step, loss (mean nats per target token over the step's batch), [aux_loss (the auxiliary loss term
   of the objective, before aux_loss_coefficient; GShard and DeepSeekMoE only)], grad_norm (before
-  clipping), learning_rate (used by this step), dropped_pairs (routed (token, expert) pairs dropped for
-  lack of expert-parallel dispatch capacity in all steps since the previous train record; 0 unless
-  expert_capacity_factor is set and the run has a mesh), tokens_per_s (training time only, since the
-  previous record), mfu (model FLOPs utilisation of that throughput against every device's datasheet bf16
-  peak; null where the device kind is unknown, as on a CPU), tokens_seen, elapsed_s.
+  clipping), learning_rate (used by this step), [table_learning_rate (the expert tables' learning rate of
+  this step; when a table field of the config is set: `train.steps.make_optimizer`)], dropped_pairs
+  (routed (token, expert) pairs dropped for lack of expert-parallel dispatch capacity in all steps since
+  the previous train record; 0 unless expert_capacity_factor is set and the run has a mesh), tokens_per_s
+  (training time only, since the previous record), mfu (model FLOPs utilisation of that throughput against
+  every device's datasheet bf16 peak; null where the device kind is unknown, as on a CPU), tokens_seen,
+  elapsed_s.
 - eval: step, val_loss (mean nats per validation target token), bits_per_byte (nats / ln 2 over the byte
   targets, BOS/EOS excluded; with a tokenizer, val_loss * validation tokens / validation bytes / ln 2;
   null for pre-tokenised corpora), tokens, dropped_pairs (expert-parallel
@@ -309,9 +311,10 @@ def log_train(
     )
     eta = (config.steps - step) * seconds / window_steps
     aux = f" | aux {metrics['aux_loss']:.4f}" if "aux_loss" in metrics else ""
+    table = f" (tables {metrics['table_learning_rate']:.2e})" if "table_learning_rate" in metrics else ""
     dropped = f" | dropped pairs {metrics['dropped_pairs']:,}" if metrics["dropped_pairs"] else ""
     log(
-        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f}{aux} | lr {metrics['learning_rate']:.2e}"
+        f"step {step:>6}/{config.steps} | loss {metrics['loss']:.4f}{aux} | lr {metrics['learning_rate']:.2e}{table}"
         f" | grad norm {metrics['grad_norm']:.3f}{dropped} | {tokens_per_s:,.0f} tok/s"
         + ("" if utilisation is None else f" | mfu {utilisation:.1%}")
         + f" | eta {_duration(eta)}"

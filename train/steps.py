@@ -52,6 +52,14 @@ class TrainState:
     nonfinite_step: jax.Array
 
 
+# The expert tables, by the name of their parameter (the last key of its path): OmniMoE's and FlashMoE's
+# up/down embeddings (omnimoe_jax/_experts.py), PEER's (omnimoe_jax/baselines/_peer.py) and PKM's value rows
+# (omnimoe_jax/baselines/_pkm.py). The dense, GShard and DeepSeekMoE FFNs have none. With a TrainConfig
+# table field set they form the optimizer's "table" group (`make_optimizer`).
+TABLE_PARAMETERS = frozenset({"up_embed", "down_embed", "values"})
+TABLE_GROUP, OTHER_GROUP = "table", "other"
+
+
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """Linear warmup from 0 to learning_rate, then cosine decay to learning_rate * min_lr_ratio at `steps`."""
     return optax.warmup_cosine_decay_schedule(
@@ -63,19 +71,82 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     )
 
 
+def table_learning_rate_multiplier(config: TrainConfig) -> optax.Schedule:
+    """table_learning_rate_multiplier throughout, or with table_lr_decay_to_one a linear decay from it at
+    step 0 to 1 at the last update, step `steps - 1` (a one-step run keeps the multiplier)."""
+    if not config.table_lr_decay_to_one:
+        return optax.constant_schedule(config.table_learning_rate_multiplier)
+    return optax.linear_schedule(config.table_learning_rate_multiplier, 1.0, transition_steps=config.steps - 1)
+
+
+def table_learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """The expert tables' learning rate: the base schedule times `table_learning_rate_multiplier`."""
+    base, multiplier = learning_rate_schedule(config), table_learning_rate_multiplier(config)
+    return lambda step: base(step) * multiplier(step)
+
+
+def table_labels(params: Any) -> Any:
+    """`params` with each leaf replaced by its optimizer group: TABLE_GROUP for the expert tables (a leaf
+    named in TABLE_PARAMETERS), OTHER_GROUP for every other. ValueError if no leaf is a table: the table
+    settings would change nothing."""
+
+    def label(path, leaf) -> str:
+        del leaf
+        last = path[-1]
+        return TABLE_GROUP if getattr(last, "key", None) in TABLE_PARAMETERS else OTHER_GROUP
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    if TABLE_GROUP not in jax.tree.leaves(labels):
+        raise ValueError(
+            "table_learning_rate_multiplier, table_lr_decay_to_one and table_weight_decay set the expert "
+            f"tables' optimisation, but the model has no expert table (no parameter named one of "
+            f"{sorted(TABLE_PARAMETERS)}: its FFN kind has none); leave them at their defaults"
+        )
+    return labels
+
+
+def check_table_parameters(config: TrainConfig) -> None:
+    """ValueError (`table_labels`'s) when `config` sets a table field but its model has no expert table;
+    without allocating (jax.eval_shape), so the command line refuses it before loading data."""
+    if not config.has_table_group:
+        return
+    tokens = jax.ShapeDtypeStruct((1, config.model.context_length), jnp.int32)  # [1, L]
+    shapes = jax.eval_shape(lambda t: TransformerLM(config.model).init(jax.random.key(0), t), tokens)
+    try:
+        table_labels(shapes["params"])
+    except ValueError as err:  # say which kind: the parameters alone do not
+        raise ValueError(f"ffn={config.model.ffn_kind!r}: {err}") from None
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW; weight decay on parameters of rank >= 2 (not norm scales)."""
-    adamw = optax.adamw(
-        learning_rate_schedule(config),
-        b1=config.beta1,
-        b2=config.beta2,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
-    )
+    """Global-norm clipping (over all parameters), then AdamW; weight decay on parameters of rank >= 2 (not
+    norm scales).
+
+    With a table field of `config` set (`TrainConfig.has_table_group`) the AdamW is an `optax.partition`
+    into two AdamWs with the same betas and epsilon: the expert tables (`table_labels`) at
+    `table_learning_rate_schedule` with table_weight_decay (None: weight_decay), the other parameters as
+    before. Otherwise it is the single AdamW, so the optimizer state keeps the structure checkpoints of
+    such runs hold.
+    """
+
+    def adamw(learning_rate: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
+        return optax.adamw(
+            learning_rate,
+            b1=config.beta1,
+            b2=config.beta2,
+            eps=config.adam_eps,
+            weight_decay=weight_decay,
+            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+        )
+
+    base = adamw(learning_rate_schedule(config), config.weight_decay)
+    if config.has_table_group:
+        table_decay = config.weight_decay if config.table_weight_decay is None else config.table_weight_decay
+        groups = {TABLE_GROUP: adamw(table_learning_rate_schedule(config), table_decay), OTHER_GROUP: base}
+        base = optax.partition(groups, table_labels)
     if config.grad_clip == 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+        return base
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), base)
 
 
 def make_init_state(model: nn.Module, optimizer: optax.GradientTransformation, config: TrainConfig) -> Callable:
@@ -109,10 +180,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
     is that of cross-entropy + aux_loss_coefficient * the sown auxiliary losses.
     metrics: loss (cross-entropy, mean over micro-batches), aux_loss (the sown auxiliary losses, mean over
     micro-batches; for the FFN kinds that sow one), grad_norm (before clipping), learning_rate (of this
-    update), dropped_pairs (int32, expert-parallel dispatch drops summed over micro-batches and layers; see
-    `train.metrics.dispatch_dropped_pairs`). No "metrics" collection: routing health is measured in eval.
+    update), table_learning_rate (the expert tables' of this update, with a table group:
+    `make_optimizer`), dropped_pairs (int32, expert-parallel dispatch drops summed over micro-batches and
+    layers; see `train.metrics.dispatch_dropped_pairs`). No "metrics" collection: routing health is measured in eval.
     """
-    schedule = learning_rate_schedule(config)
+    schedule, table_schedule = learning_rate_schedule(config), table_learning_rate_schedule(config)
 
     def loss_fn(params, batch_stats, tokens):
         # tokens: [b, L + 1]; predict tokens[:, 1:] from tokens[:, :-1]
@@ -157,7 +229,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
         metrics = {"loss": loss_sum / micro_batches}
         if config.model.ffn.sows_aux_loss:
             metrics["aux_loss"] = aux_sum / micro_batches
-        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), dropped_pairs=dropped)
+        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step))
+        if config.has_table_group:
+            metrics["table_learning_rate"] = table_schedule(state.step)
+        metrics["dropped_pairs"] = dropped
         return new_state, metrics
 
     return train_step
