@@ -295,35 +295,62 @@ def training_section(tiny_metrics: list[dict] | None, small: dict | None) -> lis
     return lines[:-1]
 
 
+def _table_layout(row: dict, mesh: str | None) -> str:
+    """A scaling row's table layout; runs from before `--layout` measured the row layout only."""
+    if "tables" in row:
+        return row["tables"]
+    return "rows" if mesh and "expert=" in mesh and "expert=1" not in mesh.split(",") else "-"
+
+
 def scaling_section(result: dict) -> list[str]:
     rows = [
-        [r["layout"], str(r["devices"]), f"{r['ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['efficiency']:.2f}"]
+        [
+            r["layout"],
+            _table_layout(r, r["layout"]),
+            str(r["devices"]),
+            f"{r['ms']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['efficiency']:.2f}",
+        ]
         for r in result["rows"]
     ]
     bytes_rows = [
         [
             b["mesh"],
+            _table_layout(b, b["mesh"]),
             f"{b['num_experts']:,}",
             f"{b['table_mb_per_device']:,.0f}",
             f"{b['all_to_all_mb']:.1f}",
+            f"{b.get('all_gather_mb', 0.0):.1f}",
             f"{b['all_reduce_mb']:,.1f}",
         ]
         for b in result["bytes"]
     ]
     check = result["check"]
+    # One check per table layout (runs from before `--layout` checked the row layout alone).
+    checks = check if "devices" not in check else {"rows": check}
+    errors = ", ".join(f"{layout} {c['worst_relative_error']:.1e}" for layout, c in checks.items())
+    (devices,) = {c["devices"] for c in checks.values()}
     (per_gpu,) = {r["tokens_per_step"] // r["devices"] for r in result["rows"]}  # equal per-GPU batch
+    settings = result["settings"]
     return [
         "### Scale-out (data + expert parallel training step)",
         "",
-        _measured_on(result) + f" Sharded layer vs one device on {check['devices']} GPUs: worst relative error "
-        f"{check['worst_relative_error']:.1e}. A training step of the `{result['settings']['preset']}` preset's "
-        f"model at {per_gpu:,} tokens per GPU; efficiency = tokens/s per GPU over one GPU's.",
+        _measured_on(result) + f" Sharded layer vs one device on {devices} GPUs, worst relative error per table "
+        f"layout: {errors}. A training step of the `{settings['preset']}` preset's model at {per_gpu:,} tokens "
+        "per GPU; efficiency = tokens/s per GPU over one GPU's. Tables: the expert tables' layout over the "
+        "expert axis (`expert_parallel_layout`): rows (each GPU owns N/E whole experts, tokens travel to them) "
+        "or hidden (each GPU holds d/E columns of every expert, the [T, K] partial pre-activations are summed).",
         "",
-        *_table(["layout", "GPUs", "ms/step", "tokens/s", "efficiency"], rows),
+        *_table(["layout", "tables", "GPUs", "ms/step", "tokens/s", "efficiency"], rows),
         "",
-        "Bytes per device per step of one layer (compiled HLO; d = 1024, K = 32, 4096 tokens per device):",
+        f"Bytes per device per step of one layer (compiled HLO; d = {settings['hidden']:,}, K = {settings['top_k']}, "
+        f"{settings['tokens_per_device']:,} tokens per device); the all-reduce column also holds the data-parallel "
+        "sum of the table gradients, which grows with N in either layout:",
         "",
-        *_table(["mesh", "N", "table MB/device", "all_to_all MB", "all-reduce MB"], bytes_rows),
+        *_table(
+            ["mesh", "tables", "N", "table MB/device", "all_to_all MB", "all-gather MB", "all-reduce MB"], bytes_rows
+        ),
     ]
 
 

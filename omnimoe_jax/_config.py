@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from omnimoe_jax._config_fields import ConfigMethods, float_dtype, is_number
 from omnimoe_jax._config_fields import check_known_fields as check_known_fields  # re-exported: train/config.py
+from omnimoe_jax.parallel._table_layout import TABLE_LAYOUTS
 from pallas_kernels.activations import ACTIVATIONS
 from pallas_kernels.omni_expert import config as expert_tiling
 from pallas_kernels.omni_router import config as router_tiling
@@ -59,8 +60,9 @@ class RoutedConfig(FFNConfig):
     active-parameter count and the small preset the two kinds share.
 
     A subclass has hidden_size, intermediate_size, num_experts, hidden_act, router_norm_eps,
-    router_norm_momentum, norm_topk_prob, dtype, param_dtype, implementation, expert_axis and
-    expert_capacity_factor, and K under the name `top_k_field` (the seeds spell it differently).
+    router_norm_momentum, norm_topk_prob, dtype, param_dtype, implementation, expert_axis,
+    expert_capacity_factor and expert_parallel_layout, and K under the name `top_k_field` (the seeds spell it
+    differently).
     """
 
     routed: ClassVar[bool] = True
@@ -87,6 +89,7 @@ class RoutedConfig(FFNConfig):
         self._check_fraction("router_norm_momentum")
         self._check_bool("norm_topk_prob")
         self._check_choice("implementation", IMPLEMENTATIONS)
+        self._check_choice("expert_parallel_layout", TABLE_LAYOUTS)
         axis = self.expert_axis
         if axis is not None and not (isinstance(axis, str) and axis):
             raise ValueError(f"expert_axis={axis!r} must be a mesh axis name (a non-empty str) or None")
@@ -174,6 +177,11 @@ class OmniMoEConfig(RoutedConfig):
         is ever dropped. A float f > 0 caps the tokens one device sends to one shard at
         ceil(f * T_local * (1 - (1 - 1/E)^K)) (f times the expected count under uniform routing, at most
         T_local); pairs beyond the cap are dropped and counted in the "intermediates" collection.
+      expert_parallel_layout: how the expert tables split over the expert axis (`omnimoe_jax.parallel`):
+        "rows" (default: each shard owns N/E whole experts, tokens travel to their experts' shards), "hidden"
+        (each shard holds d/E columns of every expert; the [T, K] partial pre-activations are summed across
+        shards) or "auto" (the one moving fewer bytes per step, by the rule in
+        `omnimoe_jax.parallel._table_layout`). Read only with expert parallelism on.
     """
 
     hidden_size: int
@@ -190,6 +198,7 @@ class OmniMoEConfig(RoutedConfig):
     implementation: str = "auto"
     expert_axis: str | None = None
     expert_capacity_factor: float | None = None
+    expert_parallel_layout: str = "rows"
 
     top_k_field: ClassVar[str] = "num_experts_per_token"
 
@@ -219,7 +228,8 @@ class FlashMoEConfig(RoutedConfig):
       norm_topk_prob: renormalise the K routing weights to sum to one.
       router_norm_eps, router_norm_momentum: the input BatchNorm's constants (torch's `BatchNorm1d`
         defaults, which the seed uses).
-      dtype, param_dtype, implementation, expert_axis, expert_capacity_factor: as in `OmniMoEConfig`.
+      dtype, param_dtype, implementation, expert_axis, expert_capacity_factor, expert_parallel_layout: as in
+        `OmniMoEConfig`.
     """
 
     hidden_size: int
@@ -235,6 +245,7 @@ class FlashMoEConfig(RoutedConfig):
     implementation: str = "auto"
     expert_axis: str | None = None
     expert_capacity_factor: float | None = None
+    expert_parallel_layout: str = "rows"
 
     top_k_field: ClassVar[str] = "num_experts_per_tok"
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from omnimoe_jax._config import OmniMoEConfig
-from omnimoe_jax.parallel._device_mesh import expert_parallel_mesh
+from omnimoe_jax.parallel._device_mesh import batch_axes, expert_parallel_mesh
 from omnimoe_jax.parallel._expert_dispatch import expert_parallel_omni_expert
+from omnimoe_jax.parallel._hidden_dispatch import hidden_parallel_omni_expert
+from omnimoe_jax.parallel._table_layout import config_table_layout
 from pallas_kernels import omni_expert
 
 
@@ -24,8 +28,10 @@ class AtomicExperts(nn.Module):
     defaults to N(0, 1); loading a seed checkpoint replaces both anyway.)
 
     Expert parallelism: with `config.expert_axis` set and a mesh holding that axis in context
-    (`jax.set_mesh`), the tables stay row-sharded and tokens travel to the shards owning their experts
-    (`omnimoe_jax.parallel`); otherwise the op runs on whatever devices hold its inputs. Both paths sow
+    (`jax.set_mesh`), the tables stay sharded as `config.expert_parallel_layout` says (`omnimoe_jax.parallel`):
+    "rows", tokens travel to the shards owning their experts; "hidden", every shard computes its columns of
+    every expert and the partial pre-activations are summed; "auto", whichever moves fewer bytes for this
+    call's tokens per device. Otherwise the op runs on whatever devices hold its inputs. Both paths sow
     "dispatch_dropped_pairs" (int32, routed (token, expert) pairs dropped for lack of dispatch capacity,
     summed over devices; always 0 with the default capacity) into the "intermediates" collection: pass
     `mutable=["intermediates", ...]` to `apply` to read it (`init` leaves it out). Not in "metrics" with
@@ -52,7 +58,15 @@ class AtomicExperts(nn.Module):
         args = (tokens.astype(cfg.dtype), scored.astype(cfg.dtype), summed.astype(cfg.dtype), weights, indices)
         ops = dict(activation=cfg.hidden_act, implementation=cfg.implementation)
         mesh = expert_parallel_mesh(cfg.expert_axis)
-        if mesh is not None:
+        if mesh is None:
+            layout = None
+        else:
+            shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+            local_tokens = max(1, tokens.shape[0] // shards)  # a count that does not divide is refused below
+            layout = config_table_layout(cfg, local_tokens=local_tokens, num_shards=mesh.shape[cfg.expert_axis])
+        if layout == "hidden":
+            y, dropped = hidden_parallel_omni_expert(*args, mesh=mesh, expert_axis=cfg.expert_axis, **ops)
+        elif layout == "rows":
             y, dropped = expert_parallel_omni_expert(
                 *args, mesh=mesh, expert_axis=cfg.expert_axis, capacity_factor=cfg.expert_capacity_factor, **ops
             )

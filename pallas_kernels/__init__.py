@@ -8,6 +8,7 @@ from pallas_kernels.activations import ACTIVATIONS, Activation, get_activation
 from pallas_kernels.embedding_bag import embedding_bag, embedding_bag_reference
 from pallas_kernels.omni_expert import omni_expert, omni_expert_reference
 from pallas_kernels.omni_router import omni_router, omni_router_reference
+from pallas_kernels.row_dots import row_dots, row_dots_reference
 
 __all__ = [
     "ACTIVATIONS",
@@ -19,4 +20,6 @@ __all__ = [
     "omni_expert_reference",
     "omni_router",
     "omni_router_reference",
+    "row_dots",
+    "row_dots_reference",
 ]

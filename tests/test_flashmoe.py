@@ -256,10 +256,12 @@ def test_pallas_router_is_unsorted_inside_and_the_returned_routing_sorted(seed):
     assert_close(routing.weights, want.weights, jnp.float32, what="routing weights")
 
 
-def test_expert_parallel_layer_matches_the_single_device_layer(seed):
-    # Tables row-sharded over "expert", tokens over "data" x "expert" (the 8 CPU devices of conftest.py): the
-    # same outputs, gradients and BatchNorm statistics (of the global batch) as with no mesh in context.
-    config = small_config(expert_axis="expert")
+@pytest.mark.parametrize("layout", ["rows", "hidden"])
+def test_expert_parallel_layer_matches_the_single_device_layer(layout, seed):
+    # Tables sharded over "expert" (by rows, or by columns), tokens over "data" x "expert" (the 8 CPU devices
+    # of conftest.py): the same outputs, gradients and BatchNorm statistics (of the global batch) as with no
+    # mesh in context.
+    config = small_config(expert_axis="expert", expert_parallel_layout=layout)
     state, x = decisive_inputs(seed, config, 64, train=True)
     variables = from_torch_state_dict(state, config)
     cotangent = np.random.default_rng(seed + 1).standard_normal(x.shape).astype(np.float32)
@@ -279,7 +281,7 @@ def test_expert_parallel_layer_matches_the_single_device_layer(seed):
     want = jax.jit(step)(variables, jnp.asarray(x), cotangent)
     mesh = cpu_mesh("data=2,expert=4")
     with jax.set_mesh(mesh):
-        sharded = jax.device_put(variables, parallel.shardings(variables, mesh))
+        sharded = jax.device_put(variables, parallel.shardings(variables, mesh, parallel.table_rules(layout)))
         inputs = jax.device_put((jnp.asarray(x), cotangent), parallel.batch_sharding(mesh))
         compiled = jax.jit(step).lower(sharded, *inputs).compile()
         got = compiled(sharded, *inputs)

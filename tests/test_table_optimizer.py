@@ -19,7 +19,7 @@ from test_train_loop import SHRUNK, shrunk_config
 from omnimoe_jax import TransformerLM
 from omnimoe_jax.ffn_registry import FFN_REGISTRY
 from omnimoe_jax.parallel import EXPERT_AXIS
-from omnimoe_jax.parallel._partition import partition_specs, path_name
+from omnimoe_jax.parallel._partition import partition_specs, path_name, table_rules
 from train import cli
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig, apply_overrides, parse_overrides
@@ -235,14 +235,18 @@ def test_a_config_json_without_the_table_fields_loads_with_their_defaults():
     assert TrainConfig.from_dict(stored) == config
 
 
-def test_table_moments_are_sharded_like_the_tables():
-    """On a mesh the partitioned AdamW's moments of the tables are row-sharded over the expert axis, as
-    the tables are (the partition rules match the path's last name)."""
+@pytest.mark.parametrize(
+    ("layout", "table_spec"), [("rows", PartitionSpec(EXPERT_AXIS, None)), ("hidden", PartitionSpec(None, EXPERT_AXIS))]
+)
+def test_table_moments_are_sharded_like_the_tables(layout, table_spec):
+    """On a mesh the partitioned AdamW's moments of the tables are sharded over the expert axis as the tables
+    are, by rows or by columns (the partition rules match the path's last name)."""
     config = shrunk_config("--table_learning_rate_multiplier=3")
     specs = jax.tree_util.tree_leaves_with_path(
-        partition_specs(abstract_state(config).opt_state), is_leaf=lambda x: isinstance(x, PartitionSpec)
+        partition_specs(abstract_state(config).opt_state, table_rules(layout)),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-    sharded = [path_name(path) for path, spec in specs if spec == PartitionSpec(EXPERT_AXIS, None)]
+    sharded = [path_name(path) for path, spec in specs if spec == table_spec]
     # mu and nu of up_embed and down_embed in each of the 2 layers
     assert len(sharded) == 2 * 2 * 2 and all("/table/" in path for path in sharded), sharded
 

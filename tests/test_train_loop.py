@@ -249,7 +249,7 @@ def test_run_directory_misuse_is_refused(tmp_path, small_corpus, capsys):
     assert Checkpoints(tmp_path / "empty").all_steps() == [0]
     with pytest.raises(SystemExit):
         cli.main(["--run-dir", str(tmp_path / "used"), "--resume", "--learning_rate=1", "--steps=20"])
-    assert "it can change only steps, eval_every, " in (err := capsys.readouterr().err)
+    assert "it can change only steps, ffn.expert_parallel_layout, eval_every, " in (err := capsys.readouterr().err)
     assert "not ['learning_rate'] (to change those, start a new run)" in err
 
 

@@ -298,6 +298,7 @@ def test_config_round_trips_through_dict():
         "norm_topk_prob": False,
         "expert_axis": None,
         "expert_capacity_factor": None,
+        "expert_parallel_layout": "rows",
     }
     with pytest.raises(ValueError, match="unknown LMConfig fields"):
         LMConfig.from_dict({**config.to_dict(), "depth": 3})

@@ -23,15 +23,16 @@ from train.config import TrainConfig, apply_overrides, parse_overrides
 from train.data import CorpusError
 from train.flops import model_flops_per_token
 from train.loop import load_config, run
-from train.mesh import check_mesh
+from train.mesh import check_mesh, table_layout
 from train.presets import PRESETS, get_preset
 from train.run_directory import RunDirectoryError
-from train.steps import RECORDING_FIELDS, abstract_state, check_table_parameters
+from train.steps import RECORDING_FIELDS, RESUMABLE_LAYOUT_FIELDS, abstract_state, check_table_parameters
 from train.tokenizer import TextTokenizer, TokenizerError
 
-# What --resume may change: how long the run goes on and what the loop records. Everything else (model,
-# optimizer, batch, data, seed) would make the rest of the run another run's.
-RESUMABLE_FIELDS = ("steps", *RECORDING_FIELDS)
+# What --resume may change: how long the run goes on, what the loop records, and how the expert tables
+# lay out over the mesh (the numbers are the same either way; the checkpoint restores into the new layout).
+# Everything else (model, optimizer, batch, data, seed) would make the rest of the run another run's.
+RESUMABLE_FIELDS = ("steps", *RESUMABLE_LAYOUT_FIELDS, *RECORDING_FIELDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +154,16 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
             parser.error(
                 f"--ffn.expert_capacity_factor={capacity_factor} caps the expert-parallel "
                 "dispatch: it needs --mesh with an expert axis of 2 or more devices"
+            )
+        if (
+            not args.resume
+            and capacity_factor is not None
+            and mesh is not None
+            and table_layout(config, mesh) == "hidden"
+        ):
+            parser.error(
+                f"--ffn.expert_capacity_factor={capacity_factor} caps the row layout's dispatch; the tables of this "
+                "run shard by columns (expert_parallel_layout), which computes every pair: drop the factor"
             )
     except ValueError as err:
         parser.error(str(err))

@@ -290,23 +290,27 @@ def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log,
 
 
 def _config_changes(config: TrainConfig, run_dir: pathlib.Path) -> dict[str, tuple[Any, Any]]:
-    """{field: (stored, new)} of the fields `config` changes in the run's config.json; RunDirectoryError if
-    any is not `steps` or one of RECORDING_FIELDS."""
-    stored = load_config(run_dir).to_dict()
-    changed = {key: (stored[key], value) for key, value in config.to_dict().items() if stored[key] != value}
+    """{field: (stored, new)} of the fields `config` changes in the run's config.json (the FFN's table layout
+    as "ffn.expert_parallel_layout"); RunDirectoryError if any is not `steps`, one of RECORDING_FIELDS or
+    the table layout."""
+    stored, stored_layout = _without_table_layout(load_config(run_dir).to_dict())
+    fields, layout = _without_table_layout(config.to_dict())
+    changed = {key: (stored[key], value) for key, value in fields.items() if stored[key] != value}
     fixed = sorted(set(changed) - {"steps", *RECORDING_FIELDS})
     if fixed:
         raise RunDirectoryError(
             f"run directory {str(run_dir)!r} holds a run with another config ({', '.join(fixed)} differ); "
             "resume it with its own config, or choose another directory"
         )
+    if stored_layout != layout:
+        changed["ffn.expert_parallel_layout"] = (stored_layout, layout)
     return changed
 
 
 def _check_config(config: TrainConfig, run_dir: pathlib.Path, log: Callable[[str], None], *, after: int | None):
     """Rewrite config.json for a run continued with `config` (from checkpoint `after`, or from step 0), which
-    may change `steps` and RECORDING_FIELDS only (train.cli checks this for --resume; a restarted run is
-    checked here)."""
+    may change `steps`, RECORDING_FIELDS and the FFN's table layout only (train.cli checks this for --resume;
+    a restarted run is checked here)."""
     changed = _config_changes(config, run_dir)
     if not changed:
         return
@@ -316,3 +320,11 @@ def _check_config(config: TrainConfig, run_dir: pathlib.Path, log: Callable[[str
     mesh_lib.sync("config read")
     if mesh_lib.is_primary():
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def _without_table_layout(fields: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(a TrainConfig's dict without its FFN's `expert_parallel_layout`, that layout or None for a kind
+    without one): the layout is what a resume may change inside the model (`RESUMABLE_LAYOUT_FIELDS`)."""
+    ffn = dict(fields["model"]["ffn"])
+    layout = ffn.pop("expert_parallel_layout", None)
+    return {**fields, "model": {**fields["model"], "ffn": ffn}}, layout

@@ -4,9 +4,11 @@
 
 - the FFN configs get `expert_axis="expert"`, so OmniMoE and FlashMoE layers dispatch each token's (token,
   expert) pairs to the devices owning those expert rows (`omnimoe_jax.parallel`);
-- the whole TrainState (step, params, batch_stats, AdamW moments) is laid out by `parallel.shardings`
-  (expert tables and their moments row-sharded over "expert", the rest replicated); the init, train and
-  eval steps are jitted with those in/out shardings, the train step donating its state;
+- the whole TrainState (step, params, batch_stats, AdamW moments) is laid out by `parallel.shardings` with
+  `partition_rules(config, mesh)`: the expert tables and their moments sharded over "expert" as the FFN's
+  `expert_parallel_layout` says (by rows or by columns; "auto" resolved once for the run's micro-batch by
+  `table_layout`), the rest replicated; the init, train and eval steps are jitted with those in/out
+  shardings, the train step donating its state;
 - every process draws the same global batch from the shared sampler state (so a run resumes exactly, and
   on any mesh), keeps the rows its own devices hold (`parallel.process_rows`) and assembles the global
   array from them (`parallel.shard_batch`); the micro-batch dimension is the one split over the devices.
@@ -37,16 +39,37 @@ from omnimoe_jax._model import ROUTED_KINDS
 from train.config import TrainConfig
 
 
-def with_expert_axis(config: TrainConfig) -> TrainConfig:
-    """`config` whose OmniMoE layers dispatch over the mesh's "expert" axis (what a run on a mesh trains).
+def table_layout(config: TrainConfig, mesh: Mesh) -> str | None:
+    """ "rows" or "hidden": how the run's expert tables split over the mesh's expert axis (the FFN's
+    `expert_parallel_layout`, "auto" resolved for a micro-batch's tokens per device); None for an FFN
+    kind without expert tables that shard (the baselines)."""
+    if not config.model.ffn.routed:
+        return None
+    local_tokens = config.micro_batch_size * config.model.context_length // batch_shards(mesh)
+    return parallel.config_table_layout(
+        config.model.ffn, local_tokens=max(1, local_tokens), num_shards=mesh.shape[parallel.EXPERT_AXIS]
+    )
+
+
+def with_expert_axis(config: TrainConfig, mesh: Mesh) -> TrainConfig:
+    """`config` whose OmniMoE layers dispatch over the mesh's "expert" axis (what a run on a mesh trains),
+    with the table layout `table_layout(config, mesh)` ("auto" resolved, so the layers of the training and
+    the evaluation steps, whatever their batch, lay the tables out as `partition_rules` does).
 
     Without a mesh in context the layers compute exactly as with `expert_axis=None`, so the same config
     also evaluates, samples and restores on one device.
     """
-    if not config.model.ffn.routed:  # the baselines' tables have no expert-parallel dispatch (check_mesh)
+    layout = table_layout(config, mesh)
+    if layout is None:  # the baselines' tables have no expert-parallel dispatch (check_mesh)
         return config
-    ffn = config.model.ffn.replace(expert_axis=parallel.EXPERT_AXIS)
+    ffn = config.model.ffn.replace(expert_axis=parallel.EXPERT_AXIS, expert_parallel_layout=layout)
     return dataclasses.replace(config, model=config.model.replace(ffn=ffn))
+
+
+def partition_rules(config: TrainConfig, mesh: Mesh) -> tuple:
+    """The partition rules of the run's TrainState on `mesh`: the expert tables (and their AdamW moments) by
+    rows or by columns over "expert", as `table_layout` says; everything else replicated."""
+    return parallel.table_rules(table_layout(config, mesh) or "rows")
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -71,23 +94,28 @@ def check_mesh(config: TrainConfig, mesh: Mesh) -> None:
             f"parallelism is implemented for their atomic experts only); ffn={config.model.ffn_kind!r} trains "
             f"data-parallel: use --mesh data={batch_shards(mesh)}"
         )
-    if config.model.ffn.routed and config.model.sparse_layers and config.model.ffn.num_experts % experts:
+    layout = table_layout(config, mesh)
+    if layout == "rows" and config.model.sparse_layers and config.model.ffn.num_experts % experts:
         raise ValueError(
             f"num_experts={config.model.ffn.num_experts} expert rows do not divide over the {experts} devices of the "
             f"mesh's expert axis {dict(mesh.shape)}"
         )
+    if layout == "hidden" and config.model.sparse_layers:
+        # The layer's own check, before anything compiles: d over the expert axis, in slices the kernels take.
+        parallel.check_hidden_width(config.model.hidden_size, experts, config.model.ffn.implementation)
 
 
 def jit_steps(
-    mesh: Mesh, init_state: Callable, train_step: Callable, eval_step: Callable
+    mesh: Mesh, rules: tuple, init_state: Callable, train_step: Callable, eval_step: Callable
 ) -> tuple[Callable, Callable, Callable]:
-    """(init_state, train_step, eval_step) jitted with the TrainState's shardings on `mesh`.
+    """(init_state, train_step, eval_step) jitted with the TrainState's shardings on `mesh` by `rules`
+    (`partition_rules`).
 
     train_step(state, batch [accum, micro, L + 1]) splits the micro dimension over the devices and donates
     `state`; eval_step(state, batch [B, L + 1]) splits B. Metrics and sums come back replicated, so every
     process reads them.
     """
-    state = parallel.shardings(jax.eval_shape(init_state, jax.random.key(0)), mesh)
+    state = parallel.shardings(jax.eval_shape(init_state, jax.random.key(0)), mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     train_batch = parallel.batch_sharding(mesh, axis=1)
     return (
@@ -97,11 +125,12 @@ def jit_steps(
     )
 
 
-def restore_target(abstract: Any, mesh: Mesh | None) -> Any:
-    """`abstract` (ShapeDtypeStructs) with the shardings a restored state must have: those of `mesh`, or
-    the first device without one, whatever mesh (or processes) the checkpoint was saved from."""
+def restore_target(abstract: Any, mesh: Mesh | None, rules: tuple = parallel.DEFAULT_RULES) -> Any:
+    """`abstract` (ShapeDtypeStructs) with the shardings a restored state must have: those of `mesh` by
+    `rules` (`partition_rules`), or the first device without one, whatever mesh, table layout (or
+    processes) the checkpoint was saved from: orbax reads each leaf into the target's layout."""
     if mesh is not None:
-        return parallel.abstract_state(abstract, mesh)
+        return parallel.abstract_state(abstract, mesh, rules)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), abstract)
 

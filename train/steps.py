@@ -20,6 +20,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from omnimoe_jax import parallel
 from omnimoe_jax._model import TransformerLM
 from train import data as data_lib
 from train import divergence
@@ -296,6 +297,9 @@ RECORDING_FIELDS = (
     "time_limit_minutes",
 )
 _LOOP_FIELDS = _DATA_FIELDS + RECORDING_FIELDS
+# Overrides of the model that change only how its parameters are laid out on a mesh, not what it computes:
+# a resumed run may change them too (train.cli's --resume; the checkpoint restores into the new layout).
+RESUMABLE_LAYOUT_FIELDS = ("ffn.expert_parallel_layout",)
 
 
 def build_steps(config: TrainConfig, mesh: Mesh | None = None) -> Steps:
@@ -316,13 +320,14 @@ def _build_steps(config: TrainConfig, mesh: Mesh | None) -> Steps:
     # [1, L] need not split over the devices as the expert-parallel layers' tokens must.
     init_state = make_init_state(TransformerLM(config.model), optimizer, config)
     if mesh is not None:
-        config = mesh_lib.with_expert_axis(config)
+        rules = mesh_lib.partition_rules(config, mesh)
+        config = mesh_lib.with_expert_axis(config, mesh)
     model = TransformerLM(config.model)
     train_step, eval_step = make_train_step(model, optimizer, config), make_eval_step(model, config)
     if mesh is None:
         jitted = jax.jit(init_state), jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
     else:
-        jitted = mesh_lib.jit_steps(mesh, init_state, train_step, eval_step)
+        jitted = mesh_lib.jit_steps(mesh, rules, init_state, train_step, eval_step)
     init_jit, train_jit, eval_jit = jitted
     return Steps(model=model, optimizer=optimizer, init_state=init_jit, train_step=train_jit, eval_step=eval_jit)
 
@@ -339,4 +344,5 @@ def abstract_state(config: TrainConfig, mesh: Mesh | None = None) -> TrainState:
     """The TrainState's shapes, dtypes and shardings (on `mesh`, or the first device) without allocating:
     what a checkpoint restores into, whatever mesh it was saved from."""
     shapes = jax.eval_shape(build_steps(config, mesh).init_state, jax.random.key(config.seed))
-    return mesh_lib.restore_target(shapes, mesh)
+    rules = parallel.DEFAULT_RULES if mesh is None else mesh_lib.partition_rules(config, mesh)
+    return mesh_lib.restore_target(shapes, mesh, rules)

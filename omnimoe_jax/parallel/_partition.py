@@ -18,13 +18,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omnimoe_jax.parallel._device_mesh import EXPERT_AXIS
 
 # (regular expression searched in the leaf path, PartitionSpec of the leaf's TRAILING dimensions).
-# Expert tables [N, d] are row-sharded over "expert": each expert shard owns N/E whole rows, which is what
-# the expert-parallel dispatch expects. Everything else (router gates [d, n], shared MLP [d, I], embeddings,
-# BatchNorm statistics, step counters) is small next to the tables and replicated.
-# Specs name trailing dimensions so stacked layers ([L, N, d] from nn.scan) get PartitionSpec(None, ...).
-DEFAULT_RULES: tuple[tuple[str, PartitionSpec], ...] = (
-    (r"(^|/)(up_embed|down_embed)$", PartitionSpec(EXPERT_AXIS, None)),
-)
+# Expert tables [N, d] are sharded over "expert" as the table layout says (`expert_parallel_layout`): "rows",
+# each expert shard owns N/E whole rows (what the row dispatch expects), or "hidden", each holds d/E columns
+# of every row. Their optimizer moments mirror the parameter tree, so they match the same rule and shard
+# alike: table memory per device, AdamW state included, falls as 1/E either way. Everything else (router
+# gates [d, n], shared MLP [d, I], embeddings, BatchNorm statistics, step counters) is small next to the
+# tables and replicated. Specs name trailing dimensions so stacked layers ([L, N, d] from nn.scan) get
+# PartitionSpec(None, ...).
+_TABLES = r"(^|/)(up_embed|down_embed)$"
+TABLE_SPECS = {"rows": PartitionSpec(EXPERT_AXIS, None), "hidden": PartitionSpec(None, EXPERT_AXIS)}
+DEFAULT_RULES: tuple[tuple[str, PartitionSpec], ...] = ((_TABLES, TABLE_SPECS["rows"]),)
+
+
+def table_rules(layout: str) -> tuple[tuple[str, PartitionSpec], ...]:
+    """The partition rules of expert tables laid out as `layout` ("rows": `DEFAULT_RULES`, or "hidden";
+    resolve "auto" first with `choose_table_layout`)."""
+    if layout not in TABLE_SPECS:
+        raise ValueError(f"layout={layout!r} must be one of {tuple(TABLE_SPECS)} (resolve 'auto' first)")
+    return ((_TABLES, TABLE_SPECS[layout]),)
 
 
 def path_name(path: Sequence[Any]) -> str:
