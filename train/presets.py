@@ -34,10 +34,12 @@ whole model (`omnimoe_jax.parameter_counts`: the FFNs' 8 x 3.1M plus 8 x 4 d^2 o
 (The plain `small` preset's OmniMoE, shared 1024, N = 128^2, K = 32, has 1,736,704 active FFN parameters
 and 22,423,552 for the model.) Matching active parameters makes the fine-grained kinds do much more
 gathering per token than `small`: OmniMoE touches 1280 expert rows of each table per token instead of 32,
-PEER 2048, PKM 4608 value rows, so their steps take correspondingly longer. PKM gathers its rows as PKM's
-reference code does, into a [T, 4, 1152, 512] array per layer (T tokens per micro-batch): 155 GB at the
-preset's 32768 tokens, so small-pkm accumulates 32 micro-batches of 1024 tokens (4.8 GB per layer), the
-same batch of 64 sequences per step. None of the small-<kind> presets has been timed yet.
+PEER 2048, PKM 4608 value rows, so their steps take correspondingly longer (the README's training-step
+tables, from `benchmarks/train_step.py`). On a GPU PKM sums its rows through `pallas_kernels.embedding_bag`
+without storing them; its "xla" path (a CPU, or implementation="xla") gathers them as PKM's reference code
+does, into a [T, 4, 1152, 512] array per layer (T tokens per micro-batch): 155 GB at the preset's 32768
+tokens. So small-pkm accumulates 32 micro-batches of 1024 tokens (4.8 GB per layer), the same batch of 64
+sequences per step; whether the kernel path needs that on one GPU has not been measured.
 """
 
 from __future__ import annotations
