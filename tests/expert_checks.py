@@ -151,3 +151,26 @@ def check_segment_sum(out, dots, *, coef, rows, table, indices, order, dtype) ->
     assert_close(out[touched], want[touched], dtype)
     want_dots = np.einsum("pd,pd->p", table64[expert_at], rows64[token_at])
     assert_close(dots, want_dots, jnp.float32, what="dots")  # from the operands as given: f32 sums either way
+
+
+def check_table_op(op, reference, table, operand, indices, cotangent, *, dtype, value_dtype, names, interpret):
+    """A kernel op `op(table, operand, indices, implementation=..., interpret=...)` of one table [N, d] and
+    one per-token operand (embedding_bag's weights, row_dots' x) against `reference` computed in f32 from the
+    same (possibly bf16-rounded) inputs: its value and both gradients from one VJP with `cotangent`, each
+    within `dtype`'s tolerance, the value of `value_dtype` and each gradient of its input's dtype, and
+    exactly 0 in the table gradient's rows no index chose. `names`: (value, d_table, d_operand) for messages."""
+
+    def value_and_grads(fn, table, operand, cotangent):
+        value, vjp = jax.vjp(lambda t, o: fn(t, o, indices), table, operand)
+        return value, vjp(cotangent)
+
+    kernel = functools.partial(op, implementation="pallas", interpret=interpret)
+    value, (d_table, d_operand) = jax.jit(lambda *a: value_and_grads(kernel, *a))(table, operand, cotangent)
+    ref_value, (ref_table, ref_operand) = jax.jit(lambda *a: value_and_grads(reference, *a))(
+        table.astype(jnp.float32), operand.astype(jnp.float32), cotangent.astype(jnp.float32)
+    )
+    assert value.dtype == value_dtype and d_table.dtype == table.dtype and d_operand.dtype == operand.dtype
+    for got, want, name in zip((value, d_table, d_operand), (ref_value, ref_table, ref_operand), names, strict=True):
+        assert_close(got, want, dtype, what=name)
+    untouched = np.setdiff1d(np.arange(table.shape[0]), np.asarray(indices))
+    assert np.all(np.asarray(d_table.astype(jnp.float32))[untouched] == 0), "rows no index chose must get exactly 0"

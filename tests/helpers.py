@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.test_util import check_grads
 
 from omnimoe_jax.testing import TOLERANCE, assert_close, rel_error, tolerance
@@ -17,6 +18,7 @@ from omnimoe_jax.testing import TOLERANCE, assert_close, rel_error, tolerance
 __all__ = [
     "TOLERANCE",
     "assert_close",
+    "assert_trees_close",
     "check_gradients_by_finite_differences",
     "count_triton_calls",
     "cpu_mesh",
@@ -31,6 +33,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # A Pallas kernel in lowered StableHLO: jax 0.10 names the custom call one way, 0.11 the other.
 _TRITON_CALL = re.compile(r"custom_call @(__gpu\$xla\.gpu\.triton|triton_kernel_call_ffi)")
+
+
+def assert_trees_close(got, want, dtype, *, what: str = "") -> None:
+    """assert_close leaf by leaf over two pytrees of one structure, each leaf named `what` + its path; integer
+    leaves (counts, steps) must be equal."""
+    for (path, leaf), reference in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        name = f"{what}{jax.tree_util.keystr(path)}"
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert_close(leaf, reference, dtype, what=name)
+        else:
+            np.testing.assert_array_equal(leaf, reference, err_msg=name)
 
 
 def count_triton_calls(lowered_text: str) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from baselines_oracle import as_float64, coarse_moe_forward, dense_forward, product_key_forward
 from flax.traverse_util import flatten_dict, unflatten_dict
-from helpers import assert_close, normal, omni_router_brute_force
+from helpers import assert_close, assert_trees_close, normal, omni_router_brute_force
 
 from omnimoe_jax import FlashMoEConfig, OmniMoEConfig
 from omnimoe_jax.baselines import (
@@ -210,8 +210,7 @@ def test_pkm_on_the_kernels_matches_pkm_on_xla(seed):
     want_y, want_grads = value_and_grads(module_for(config))
     y, grads = value_and_grads(module_for(config.replace(implementation="pallas")))
     assert_close(y, want_y, jnp.float32)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True):
-        assert_close(g, w, jnp.float32, what=jax.tree_util.keystr(path))
+    assert_trees_close(grads, want_grads, jnp.float32)
 
 
 def test_one_expert_taking_every_token_leaves_the_others_empty(seed):

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, count_triton_calls
+from expert_checks import check_table_op
+from helpers import count_triton_calls
 
 from pallas_kernels import _dispatch, embedding_bag, embedding_bag_reference
 from pallas_kernels.omni_expert.config import ExpertKernelConfig
@@ -38,27 +39,18 @@ def _inputs(seed, tokens, top_k, num_rows, d, dtype, hot=None):
 
 def _check(seed, tokens, top_k, num_rows, d, dtype, hot, *, interpret):
     table, weights, indices, cotangent = _inputs(seed, tokens, top_k, num_rows, d, dtype, hot)
-
-    def value_and_grads(fn, table, weights, cotangent):
-        y, vjp = jax.vjp(lambda t, w: fn(t, w, indices), table, weights)
-        return y, vjp(cotangent)
-
-    kernels = jax.jit(
-        lambda *a: value_and_grads(
-            lambda t, w, i: embedding_bag(t, w, i, implementation="pallas", interpret=interpret), *a
-        )
+    check_table_op(
+        embedding_bag,
+        embedding_bag_reference,
+        table,
+        weights,
+        indices,
+        cotangent,
+        dtype=dtype,
+        value_dtype=table.dtype,
+        names=("y", "d_table", "d_weights"),
+        interpret=interpret,
     )
-    y, (d_table, d_weights) = kernels(table, weights, cotangent)
-    # The reference in f32 from the same (possibly bf16-rounded) inputs.
-    ref_y, (ref_table, ref_weights) = jax.jit(lambda *a: value_and_grads(embedding_bag_reference, *a))(
-        table.astype(F32), weights, cotangent.astype(F32)
-    )
-    assert y.dtype == table.dtype and d_table.dtype == table.dtype and d_weights.dtype == weights.dtype
-    assert_close(y, ref_y, dtype, what="y")
-    assert_close(d_table, ref_table, dtype, what="d_table")
-    assert_close(d_weights, ref_weights, dtype, what="d_weights")
-    untouched = np.setdiff1d(np.arange(num_rows), np.asarray(indices))
-    assert np.all(np.asarray(d_table.astype(F32))[untouched] == 0), "rows no index chose must get exactly 0"
 
 
 @pytest.mark.parametrize(("tokens", "top_k", "num_rows", "d", "dtype", "hot"), SHAPES)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from expert_checks import check_against_reference, check_segment_sum, expert_inputs, segment_sum
-from helpers import assert_close, normal
+from helpers import assert_close, assert_trees_close, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from pallas_kernels import omni_expert
@@ -131,5 +131,4 @@ def test_layer_gradients_with_pallas_match_xla(dtype, key, monkeypatch):
     want_y, want_grads = value_and_grads(xla)
     y, grads = value_and_grads(dataclasses.replace(xla, implementation="pallas"))
     assert_close(y, want_y, dtype)
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True):
-        assert_close(got, want, dtype, what=jax.tree_util.keystr(path))
+    assert_trees_close(grads, want_grads, dtype)

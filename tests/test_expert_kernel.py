@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from expert_checks import check_against_reference, check_segment_sum, expert_inputs, segment_sum
-from helpers import assert_close, count_triton_calls, normal
+from helpers import assert_close, assert_trees_close, count_triton_calls, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from pallas_kernels import _dispatch, omni_expert, omni_expert_reference
@@ -510,8 +510,7 @@ def test_layer_with_pallas_matches_xla(key, monkeypatch):
     want_y, want_grads = _layer_params_and_grads(xla, x, variables)
     y, grads = _layer_params_and_grads(xla.replace(implementation="pallas"), x, variables)
     assert_close(y, want_y, F32)
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True):
-        assert_close(got, want, F32, what=jax.tree_util.keystr(path))
+    assert_trees_close(grads, want_grads, F32)
     experts = grads["experts"]
     assert float(jnp.abs(experts["up_embed"]).max()) > 0 and float(jnp.abs(experts["down_embed"]).max()) > 0
 

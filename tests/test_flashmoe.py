@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, check_gradients_by_finite_differences, cpu_mesh, normal
+from helpers import assert_close, assert_trees_close, check_gradients_by_finite_differences, cpu_mesh, normal
 from oracle import flashmoe_forward, flashmoe_routing_margin, random_flashmoe_state_dict
 
 from omnimoe_jax import FlashMoE, FlashMoEConfig, OmniMoEConfig, parallel
@@ -231,9 +231,7 @@ def test_pallas_kernels_in_interpret_mode_match_xla(seed):
     got_y, got_grads = run(config)
     want_y, want_grads = run(config.replace(implementation="xla"))
     assert_close(got_y, want_y, jnp.float32)
-    leaves = zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads), strict=True)
-    for (path, got), want in leaves:
-        assert_close(got, want, jnp.float32, what=f"gradient {jax.tree_util.keystr(path)}")
+    assert_trees_close(got_grads, want_grads, jnp.float32, what="gradient ")
 
 
 def test_pallas_router_is_unsorted_inside_and_the_returned_routing_sorted(seed):
@@ -286,11 +284,7 @@ def test_expert_parallel_layer_matches_the_single_device_layer(layout, seed):
         compiled = jax.jit(step).lower(sharded, *inputs).compile()
         got = compiled(sharded, *inputs)
     assert parallel.collective_bytes(compiled.as_text())["all-to-all"] > 0  # the dispatch ran
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
-        if jnp.issubdtype(g.dtype, jnp.floating):
-            assert_close(g, w, jnp.float32, what=jax.tree_util.keystr(path))
-        else:
-            np.testing.assert_array_equal(g, w)
+    assert_trees_close(got, want, jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, normal
+from helpers import assert_close, assert_trees_close, normal
 
 from omnimoe_jax import FlashMoE, FlashMoEConfig
 
@@ -63,6 +63,4 @@ def test_pallas_matches_xla(tokens, d, inter, num_experts, top_k, dtype, train, 
         else:  # eval reads the running statistics and leaves them as initialised (a zero mean)
             np.testing.assert_array_equal(got, variables["batch_stats"]["router_norm"][name], err_msg=name)
             np.testing.assert_array_equal(want, variables["batch_stats"]["router_norm"][name], err_msg=name)
-    leaves = zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True)
-    for (path, got), want in leaves:
-        assert_close(got, want, dtype, what=f"gradient {jax.tree_util.keystr(path)}")
+    assert_trees_close(grads, want_grads, dtype, what="gradient ")

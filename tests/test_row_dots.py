@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from expert_checks import check_table_op
 from helpers import assert_close, count_triton_calls
 
 from pallas_kernels import _dispatch, row_dots, row_dots_reference
@@ -37,25 +38,18 @@ def _inputs(seed, tokens, top_k, num_rows, d, dtype, hot=None):
 
 def _check(seed, tokens, top_k, num_rows, d, dtype, hot, *, interpret):
     table, x, indices, cotangent = _inputs(seed, tokens, top_k, num_rows, d, dtype, hot)
-
-    def value_and_grads(fn, table, x, cotangent):
-        s, vjp = jax.vjp(lambda t, a: fn(t, a, indices), table, x)
-        return s, vjp(cotangent)
-
-    kernels = jax.jit(
-        lambda *a: value_and_grads(lambda t, v, i: row_dots(t, v, i, implementation="pallas", interpret=interpret), *a)
+    check_table_op(
+        row_dots,
+        row_dots_reference,
+        table,
+        x,
+        indices,
+        cotangent,
+        dtype=dtype,
+        value_dtype=F32,
+        names=("s", "d_table", "d_x"),
+        interpret=interpret,
     )
-    s, (d_table, d_x) = kernels(table, x, cotangent)
-    # The reference in f32 from the same (possibly bf16-rounded) inputs.
-    ref_s, (ref_table, ref_x) = jax.jit(lambda *a: value_and_grads(row_dots_reference, *a))(
-        table.astype(F32), x.astype(F32), cotangent
-    )
-    assert s.dtype == F32 and d_table.dtype == table.dtype and d_x.dtype == x.dtype
-    assert_close(s, ref_s, dtype, what="s")
-    assert_close(d_table, ref_table, dtype, what="d_table")
-    assert_close(d_x, ref_x, dtype, what="d_x")
-    untouched = np.setdiff1d(np.arange(num_rows), np.asarray(indices))
-    assert np.all(np.asarray(d_table.astype(F32))[untouched] == 0), "rows no index chose must get exactly 0"
 
 
 @pytest.mark.parametrize(("tokens", "top_k", "num_rows", "d", "dtype", "hot"), SHAPES)

@@ -27,7 +27,7 @@ from train import cli
 from train.checkpoint import Checkpoints
 from train.config import apply_overrides, override_keys, parse_overrides
 from train.loop import load_config, run
-from train.metrics import read_metrics, routing_report, sown_statistics
+from train.metrics import read_metrics, routing_health, routing_report, sown_statistics
 from train.presets import PRESETS, get_preset, matched_ffn_overrides
 from train.steps import abstract_state
 
@@ -333,3 +333,15 @@ def test_sown_statistics_and_routing_report():
     assert layer_3["experts_used"] == 1.0 and layer_3["max_load"] == 20 / 8 and layer_3["balance_loss"] == 1.5
     assert report["routing"]["dropped_pairs"] == 7 and report["routing"]["experts_used"] == 0.75
     assert "router_entropy" not in report["routing"]
+
+
+def test_routing_health_of_one_layer_is_what_the_eval_record_reports():
+    # One OmniMoE layer over 8 tokens, K = 2 of N = 4 experts, its summed routing entropy 8 * 0.5 * log 4.
+    counts, entropy_sum = np.array([8, 8, 0, 0]), 8 * 0.5 * math.log(4)
+    health = routing_health(counts, entropy_sum, 8)
+    totals = {"expert_counts": counts[None], "router_entropy": np.array([entropy_sum]), "tokens": np.float64(8)}
+    (layer,) = routing_report(totals, (0,), num_batches=1)["routing_per_layer"]
+    assert health == {k: v for k, v in layer.items() if k != "layer"}
+    assert health["experts_used"] == 0.5 and health["max_load"] == 2.0
+    assert health["router_entropy"] == pytest.approx(0.5)
+    assert "router_entropy" not in routing_health(counts, None, 8)

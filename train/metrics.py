@@ -221,6 +221,20 @@ ROUTING_STATISTICS: dict[str, RoutingStatistic] = {  # record and console order
 }
 
 
+def routing_health(counts, entropy_sum: float | None, num_tokens: int) -> dict[str, float]:
+    """One layer's routing fields as the eval record has them (`ROUTING_STATISTICS`), from its accumulated
+    expert counts [N] over `num_tokens` tokens and, for OmniMoE and FlashMoE, its summed routing entropy
+    (None: leave router_entropy out): experts_used, max_load, load_entropy[, router_entropy]. For notebooks
+    and studies of one layer outside an evaluation."""
+    layer = LayerTotals(np.asarray(counts), num_tokens, num_batches=1)
+    totals = {"expert_counts": layer.counts, **({} if entropy_sum is None else {"router_entropy": entropy_sum})}
+    health: dict[str, float] = {}
+    for name, total in totals.items():
+        statistic = ROUTING_STATISTICS[name]
+        health.update(zip(statistic.fields, statistic.report(total, layer), strict=True))
+    return health
+
+
 def dispatch_dropped_pairs(collections: Any) -> jax.Array:
     """[] int32: the "dispatch_dropped_pairs" every OmniMoE or FlashMoE layer's experts sowed into the
     "intermediates" collection (`omnimoe_jax.AtomicExperts`), summed.

@@ -96,6 +96,21 @@ def batch_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 
+def token_split(mesh: Mesh | AbstractMesh, expert_axis: str, tokens: int) -> tuple[tuple[str, ...], int]:
+    """(the `batch_axes` of `mesh`, how many devices they span) for an expert-parallel layer over T =
+    `tokens`; ValueError unless `expert_axis` is an axis of `mesh` and T divides over those devices."""
+    if expert_axis not in mesh.axis_names:
+        raise ValueError(f"expert_axis={expert_axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+    token_axes = batch_axes(mesh)
+    token_shards = math.prod(mesh.shape[a] for a in token_axes)
+    if tokens % token_shards:
+        raise ValueError(
+            f"the expert-parallel layer splits its {tokens} tokens over the {token_shards} devices of mesh "
+            f"{dict(mesh.shape)}; the token count (batch x sequence) must be a multiple of {token_shards}"
+        )
+    return token_axes, token_shards
+
+
 def expert_parallel_mesh(expert_axis: str | None) -> AbstractMesh | None:
     """The mesh set by `jax.set_mesh` if expert parallelism is on (it has `expert_axis`), else None.
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from omnimoe_jax.parallel._device_mesh import batch_axes
+from omnimoe_jax.parallel._device_mesh import token_split
 from pallas_kernels import omni_expert
 
 
@@ -162,17 +162,9 @@ def expert_parallel_omni_expert(
     `activation`, `implementation`, `interpret`: as in `omni_expert`, which each device runs on what it received.
     Raises ValueError if T does not divide over the mesh or N over the expert axis.
     """
-    if expert_axis not in mesh.axis_names:
-        raise ValueError(f"expert_axis={expert_axis!r} is not an axis of the mesh {dict(mesh.shape)}")
-    token_axes = batch_axes(mesh)
-    token_shards = math.prod(mesh.shape[a] for a in token_axes)
     tokens, top_k = indices.shape
+    token_axes, token_shards = token_split(mesh, expert_axis, tokens)
     num_shards = mesh.shape[expert_axis]
-    if tokens % token_shards:
-        raise ValueError(
-            f"the expert-parallel layer splits its {tokens} tokens over the {token_shards} devices of mesh "
-            f"{dict(mesh.shape)}; the token count (batch x sequence) must be a multiple of {token_shards}"
-        )
     if up.shape[0] % num_shards:
         raise ValueError(
             f"num_experts={up.shape[0]} rows do not divide over the {num_shards} shards of mesh axis {expert_axis!r}"

@@ -28,13 +28,12 @@ the chosen experts live. Each shard does 1/E of the group's pair work, whatever 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from omnimoe_jax.parallel._device_mesh import batch_axes
+from omnimoe_jax.parallel._device_mesh import token_split
 from pallas_kernels import _dispatch, embedding_bag, row_dots
 from pallas_kernels.activations import get_activation
 
@@ -142,16 +141,7 @@ def hidden_parallel_omni_expert(
     `embedding_bag` with them on its column slice. Raises ValueError if T does not divide over the mesh, d
     over the expert axis, or (for the Pallas kernels) d / E is not a multiple of 16.
     """
-    if expert_axis not in mesh.axis_names:
-        raise ValueError(f"expert_axis={expert_axis!r} is not an axis of the mesh {dict(mesh.shape)}")
-    token_axes = batch_axes(mesh)
-    token_shards = math.prod(mesh.shape[a] for a in token_axes)
-    tokens = indices.shape[0]
-    if tokens % token_shards:
-        raise ValueError(
-            f"the expert-parallel layer splits its {tokens} tokens over the {token_shards} devices of mesh "
-            f"{dict(mesh.shape)}; the token count (batch x sequence) must be a multiple of {token_shards}"
-        )
+    token_axes, _ = token_split(mesh, expert_axis, indices.shape[0])
     check_hidden_width(x.shape[1], mesh.shape[expert_axis], implementation)
     body = functools.partial(
         _local_columns,
