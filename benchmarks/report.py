@@ -331,7 +331,14 @@ def scaling_section(result: dict) -> list[str]:
     checks = check if "devices" not in check else {"rows": check}
     errors = ", ".join(f"{layout} {c['worst_relative_error']:.1e}" for layout, c in checks.items())
     (devices,) = {c["devices"] for c in checks.values()}
-    (per_gpu,) = {r["tokens_per_step"] // r["devices"] for r in result["rows"]}  # equal per-GPU batch
+    per_gpu_batches = {r["tokens_per_step"] // r["devices"] for r in result["rows"]}  # equal per-GPU batch
+    if len(per_gpu_batches) != 1:
+        raise ValueError(
+            f"results/scaling_gpu.json: expected throughput rows at one per-GPU batch, got batches "
+            f"{sorted(per_gpu_batches)} (a `--parts bytes` run writes none: run it with --merge into the "
+            "file its throughput run wrote)"
+        )
+    (per_gpu,) = per_gpu_batches
     settings = result["settings"]
     return [
         "### Scale-out (data + expert parallel training step)",
