@@ -138,7 +138,8 @@ class RouterConfig:
         (8x fewer compares at n = 256). It ignores `block_tokens` and `backward_block_k` (its chunk of K
         fills the same register budget with its [n_pad / 16, chunk] temporary). Where n_pad < 256 (no
         factorisation with both sides >= 16) "factored" runs "onehot". A hypothesis, not yet measured:
-        predicted ~8x less backward time at (T, n, K) = (32768, 256, 1280) (benchmarks/NOTES.md).
+        ~8.5x less elementwise work at (T, n, K) = (32768, 256, 1280), the small products taking about
+        as long again, so ~4x less backward time predicted (benchmarks/NOTES.md).
     """
 
     block_tokens: int
