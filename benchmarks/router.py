@@ -5,7 +5,9 @@ reference), the kernels' forward and forward+backward again with sort_by_score=F
 order: no XLA sort of the [T, K] result), the forward of "pallas" with the other step-1 method
 (axis_sort="select"), the bytes of log-probs a call must read (2 T n x 2 bytes), the achieved read rate,
 and the time XLA needs to read those logits once (a max over both arrays) as the floor the forward is
-compared with. Then a sweep of tilings and both step-1 methods for a few shapes, to check
+compared with. `--backward onehot,factored` adds, per kernel, forward+backward (sorted and unsorted) with
+each other `RouterConfig.backward`, its backward's time over the default's (fwd+bwd - fwd of each), and
+whether its gradients match the default's. Then a sweep of tilings and both step-1 methods for a few shapes, to check
 `default_config`. Prints tables and writes benchmarks/results/router.json (`--output`; and a copy under
 $OUT if set).
 
@@ -13,6 +15,7 @@ $OUT if set).
     PYTHONPATH=. python benchmarks/router.py --quick    # two shapes, to try the script
     PYTHONPATH=. python benchmarks/router.py --paper    # the paper's setting (and K = 1024) and its sweep
     PYTHONPATH=. python benchmarks/router.py --large-k  # K = 1280, 2048 at n = 256, 320 -> router_large_k.json
+    PYTHONPATH=. python benchmarks/router.py --large-k --backward onehot,factored  # and the factored backward
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import copy_to_out, print_table, time_fn, write_results
+from omnimoe_jax.testing import rel_error, tolerance
 from pallas_kernels import omni_router
 from pallas_kernels.omni_router import RouterConfig, default_config
-from pallas_kernels.omni_router.config import AXIS_SORTS
+from pallas_kernels.omni_router.config import AXIS_SORTS, BACKWARDS
 
 IMPLEMENTATIONS = ("pallas", "triton", "xla")
 TOKENS = (4096, 16384)
@@ -63,8 +67,10 @@ def forward(top_k, implementation, config=None, sort_by_score=True):
 
 
 @functools.cache
-def forward_backward(top_k, implementation, sort_by_score=True):
-    route = functools.partial(omni_router, top_k=top_k, implementation=implementation, sort_by_score=sort_by_score)
+def forward_backward(top_k, implementation, sort_by_score=True, config=None):
+    route = functools.partial(
+        omni_router, top_k=top_k, implementation=implementation, config=config, sort_by_score=sort_by_score
+    )
 
     def run(lpx, lpy, cotangent):
         (_, indices), vjp = jax.vjp(route, lpx, lpy)
@@ -100,6 +106,22 @@ def same_routes(arg_sets, top_k, kernels) -> bool:
     return exact and all(bool(jnp.all(jnp.sort(got, axis=1) == jnp.sort(want, axis=1))) for got in unsorted)
 
 
+def same_gradients(arg_sets, top_k, implementation, config) -> bool:
+    """`config`'s gradients within the tolerance of their dtype (bf16 here) of the default config's, on the
+    first input set (a benchmark of wrong code is moot)."""
+    _, want = forward_backward(top_k, implementation)(*arg_sets[0])
+    _, got = forward_backward(top_k, implementation, config=config)(*arg_sets[0])
+    return all(rel_error(g, w) <= tolerance(g.dtype) for g, w in zip(got, want, strict=True))
+
+
+def parse_backwards(text: str) -> list[str]:
+    backwards = [b for b in text.split(",") if b]
+    bad = [b for b in backwards if b not in BACKWARDS]
+    if bad or "onehot" not in backwards:
+        raise argparse.ArgumentTypeError(f"--backward {text!r}: a comma list of {BACKWARDS} including 'onehot'")
+    return backwards
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two small shapes, no sweep (tries the script)")
@@ -109,6 +131,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--output", default=None, help="results/<OUTPUT>.json (default router, router_large_k)")
     parser.add_argument("--implementations", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
+    parser.add_argument(
+        "--backward",
+        type=parse_backwards,
+        default=["onehot"],
+        help="RouterConfig.backward values to time, comma-separated, 'onehot' (the default) among them",
+    )
     parser.add_argument("--budget-s", type=float, default=None, help="start no new shape after this many seconds")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -131,6 +159,7 @@ def main(argv=None) -> None:
         shapes, sweep = PAPER_SHAPES + [s for s in grid if s not in PAPER_SHAPES], SWEEP_SHAPES
     implementations = args.implementations
     kernels = [impl for impl in implementations if impl != "xla"]
+    extra_backwards = [backward for backward in args.backward if backward != "onehot"]
 
     rows = []
     for tokens, n, top_k in shapes:
@@ -154,6 +183,19 @@ def main(argv=None) -> None:
                 row[f"{impl}_unsorted_fwd_ms"] = fwd["ms"]
                 row[f"{impl}_unsorted_fwdbwd_ms"] = both["ms"]
                 row[f"{impl}_detail"].update({"unsorted fwd": fwd, "unsorted fwd+bwd": both})
+                for backward in extra_backwards:
+                    config = dataclasses.replace(default_config(tokens, n, top_k), backward=backward)
+                    both = timed(forward_backward(top_k, impl, config=config), arg_sets)
+                    unsorted = timed(forward_backward(top_k, impl, sort_by_score=False, config=config), arg_sets)
+                    row[f"{impl}_fwdbwd_{backward}_ms"] = both["ms"]
+                    row[f"{impl}_unsorted_fwdbwd_{backward}_ms"] = unsorted["ms"]
+                    onehot_bwd_ms = row[f"{impl}_fwdbwd_ms"] - row[f"{impl}_fwd_ms"]  # noise can make it <= 0
+                    row[f"{impl}_bwd_{backward}_over_onehot"] = (
+                        (both["ms"] - row[f"{impl}_fwd_ms"]) / onehot_bwd_ms if onehot_bwd_ms > 0 else float("nan")
+                    )
+                    row[f"{impl}_{backward}_grads_match"] = same_gradients(arg_sets, top_k, impl, config)
+                    row[f"{impl}_detail"][f"fwd+bwd {backward}"] = both
+                    row[f"{impl}_detail"][f"unsorted fwd+bwd {backward}"] = unsorted
         if "pallas" in implementations:
             select = dataclasses.replace(default_config(tokens, n, top_k), axis_sort="select")
             row["pallas_select_fwd_ms"] = timed(forward(top_k, "pallas", select), arg_sets)["ms"]
@@ -168,6 +210,10 @@ def main(argv=None) -> None:
     columns += [f"{impl}_fwd_ms" for impl in implementations] + ["pallas_select_fwd_ms"]
     columns += [f"{impl}_fwdbwd_ms" for impl in implementations]
     columns += [f"{impl}_unsorted_{what}_ms" for what in ("fwd", "fwdbwd") for impl in kernels]
+    for backward in extra_backwards:
+        columns += [f"{impl}_{what}_{backward}_ms" for what in ("fwdbwd", "unsorted_fwdbwd") for impl in kernels]
+        columns += [f"{impl}_bwd_{backward}_over_onehot" for impl in kernels]
+        columns += [f"{impl}_{backward}_grads_match" for impl in kernels]
     columns += [f"{impl}_{what}" for what in ("speedup", "fwd_over_read", "fwd_GBps") for impl in kernels]
     print_table(rows, columns)
 

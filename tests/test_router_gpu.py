@@ -15,7 +15,7 @@ import pytest
 from helpers import assert_close, normal, omni_router_brute_force
 
 from pallas_kernels import omni_router
-from pallas_kernels.omni_router import RouterConfig, default_config
+from pallas_kernels.omni_router import RouterConfig, default_config, kernel
 
 pytestmark = pytest.mark.gpu
 
@@ -63,9 +63,11 @@ def log_probs(key, tokens, n, dtype):
 CPU = jax.devices("cpu")[0]
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "implementation", "config"))
-def route_vjp(lpx, lpy, cotangent, top_k, implementation, config=None):
-    route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
+@functools.partial(jax.jit, static_argnames=("top_k", "implementation", "config", "sort_by_score"))
+def route_vjp(lpx, lpy, cotangent, top_k, implementation, config=None, sort_by_score=True):
+    route = functools.partial(
+        omni_router, top_k=top_k, implementation=implementation, config=config, sort_by_score=sort_by_score
+    )
     (scores, indices), vjp = jax.vjp(route, lpx, lpy)
     return (scores, indices), vjp((cotangent, np.zeros(indices.shape, jax.dtypes.float0)))
 
@@ -170,3 +172,34 @@ def test_auto_picks_the_measured_faster_kernel(top_k, expect_triton, key):
     want_scores, want_indices = omni_router_brute_force(jax.device_put(lpx, CPU), jax.device_put(lpy, CPU), top_k)
     np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
     np.testing.assert_array_equal(np.asarray(scores), np.asarray(want_scores))
+
+
+@pytest.mark.parametrize(
+    ("tokens", "n", "top_k", "dtype"),
+    [(32768, 256, 1280, "bfloat16"), (4096, 320, 512, "bfloat16"), (4096, 320, 512, "float32")],
+)
+def test_factored_backward_matches_onehot_on_gpu(tokens, n, top_k, dtype, key):
+    # RouterConfig.backward="factored" against the default "onehot" (checked against the reference above):
+    # through the router sorted and unsorted, and the backward kernel alone on random, repeated ids in f32.
+    k1, k2, k3 = jax.random.split(key, 3)
+    lpx, lpy = log_probs(k1, tokens, n, dtype)
+    cotangent = normal(k2, (tokens, top_k))
+    onehot = default_config(tokens, n, top_k)
+    factored = dataclasses.replace(onehot, backward="factored")
+    assert kernel.uses_factored_backward(n, factored)
+    for sort_by_score in (True, False):
+        want, (want_dx, want_dy) = route_vjp(lpx, lpy, cotangent, top_k, "pallas", onehot, sort_by_score)
+        got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, "pallas", factored, sort_by_score)
+        assert_routes_equal(got, want, f"sort_by_score={sort_by_score}")
+        assert dx.dtype == dy.dtype == jnp.dtype(dtype)
+        assert_close(dx, want_dx, dtype, what=f"sort_by_score={sort_by_score}: d log_probs_x")
+        assert_close(dy, want_dy, dtype, what=f"sort_by_score={sort_by_score}: d log_probs_y")
+    experts = jax.random.randint(k3, (tokens, top_k), 0, 3 * n, jnp.int32)  # rows 0-2 only: many repeats
+    backward = {
+        name: jax.jit(functools.partial(kernel.router_backward, n=n, dtype=jnp.float32, config=config, interpret=False))
+        for name, config in (("onehot", onehot), ("factored", factored))
+    }
+    want_dx, want_dy = backward["onehot"](cotangent, experts)
+    dx, dy = backward["factored"](cotangent, experts)
+    assert_close(dx, want_dx, "float32", what="d log_probs_x, repeated ids")
+    assert_close(dy, want_dy, "float32", what="d log_probs_y, repeated ids")

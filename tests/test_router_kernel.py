@@ -20,10 +20,13 @@ from helpers import assert_close, normal, omni_router_brute_force
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from omnimoe_jax._router import CartesianRouter, by_score
 from pallas_kernels import _dispatch, omni_router
+from pallas_kernels._checks import is_power_of_two
 from pallas_kernels.omni_expert import api as expert_api
 from pallas_kernels.omni_router import RouterConfig, api, default_config, kernel
 from pallas_kernels.omni_router.config import (
     AXIS_SORTS,
+    BACKWARDS,
+    MIN_FACTORED_AXIS,
     bound_table,
     candidate_table,
     head_ranks,
@@ -636,3 +639,114 @@ def test_layer_with_pallas_kernels(key):
     assert_close(got_y, want_y, jnp.float32)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         assert_close(g, w, jnp.float32, what="layer gradient")
+
+
+# RouterConfig.backward="factored": a per-token [n_pad / 16, 16] block product; "onehot" where n_pad < 256.
+FACTORED_CASES = [
+    # (T, n, K, dtype): n_pad = 16 (runs "onehot"), 256 and 512 (n = 320); K = 8, 512 and 1280; ragged T.
+    (5, 16, 8, "float32"),
+    (3, 16, 256, "bfloat16"),
+    (5, 256, 8, "float32"),
+    (3, 256, 512, "bfloat16"),
+    (3, 256, 1280, "float32"),
+    (7, 320, 8, "bfloat16"),
+    (5, 320, 512, "float32"),
+    (3, 320, 1280, "bfloat16"),
+]
+
+
+def factored_config(tokens, n, top_k):
+    config = dataclasses.replace(default_config(tokens, n, top_k), backward="factored")
+    assert kernel.uses_factored_backward(n, config) == (next_power_of_2(n) >= MIN_FACTORED_AXIS)
+    return config
+
+
+@pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), FACTORED_CASES)
+def test_factored_backward_matches_reference(tokens, n, top_k, dtype, key):
+    k1, k2 = jax.random.split(key)
+    lpx, lpy = log_probs(k1, tokens, n, dtype)
+    cotangent = normal(k2, (tokens, top_k))
+    got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, "pallas", factored_config(tokens, n, top_k))
+    want, (want_dx, want_dy) = route_vjp(lpx, lpy, cotangent, top_k, "xla")
+    assert_routes_equal(got, want)
+    assert dx.dtype == lpx.dtype and dy.dtype == lpy.dtype
+    assert_close(dx, want_dx, dtype, what="d log_probs_x")
+    assert_close(dy, want_dy, dtype, what="d log_probs_y")
+
+
+@pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), FACTORED_CASES)
+def test_factored_backward_through_the_unsorted_output(tokens, n, top_k, dtype, key):
+    lpx, lpy = log_probs(key, tokens, n, dtype)
+    _, unsorted, (dx, dy) = pallas_route_both_orders(lpx, lpy, top_k, factored_config(tokens, n, top_k))
+    assert_same_sets(unsorted, omni_router_reference(lpx, lpy, top_k))
+    expert_weight = jnp.cos(jnp.arange(n * n, dtype=jnp.float32))
+
+    def reference_loss(a, b):
+        scores, idx = omni_router_reference(a, b, top_k)
+        return jnp.sum(scores * expert_weight[idx])
+
+    want_dx, want_dy = jax.grad(reference_loss, argnums=(0, 1))(lpx, lpy)
+    assert_close(dx, want_dx, dtype, what="d log_probs_x")
+    assert_close(dy, want_dy, dtype, what="d log_probs_y")
+
+
+@pytest.mark.parametrize(("n", "top_k"), [(16, 8), (16, 256), (256, 8), (256, 512), (256, 1280), (320, 1280)])
+def test_factored_backward_sums_repeated_experts(n, top_k, seed):
+    # The forward never repeats an expert, but the backward takes any [T, K] ids: here many repeats (ids
+    # from a few rows and columns), both backwards against a float64 scatter-add.
+    rng = np.random.default_rng(seed)
+    tokens = 5
+    rows, cols = rng.integers(0, n, (2, tokens, top_k)) % rng.integers(1, 4, (2, tokens, 1))
+    experts = (rows * n + cols).astype(np.int32)
+    dscores = rng.standard_normal((tokens, top_k)).astype(np.float32)
+    want_dx, want_dy = np.zeros((tokens, n)), np.zeros((tokens, n))
+    for t in range(tokens):
+        np.add.at(want_dx[t], rows[t], dscores[t])
+        np.add.at(want_dy[t], cols[t], dscores[t])
+    for backward in BACKWARDS:
+        config = dataclasses.replace(default_config(tokens, n, top_k), backward=backward)
+        dx, dy = jax.jit(
+            functools.partial(kernel.router_backward, n=n, dtype=jnp.float32, config=config, interpret=True),
+            compiler_options=FAST_COMPILE,
+        )(dscores, experts)
+        assert_close(dx, want_dx, "float32", what=f"{backward}: d log_probs_x")
+        assert_close(dy, want_dy, "float32", what=f"{backward}: d log_probs_y")
+
+
+def test_bad_backward_is_refused():
+    with pytest.raises(ValueError, match=r"RouterConfig.backward='fast'.*must be one of \('onehot', 'factored'\)"):
+        RouterConfig(block_tokens=1, num_warps=4, backward="fast")
+
+
+def test_factored_chunk_is_a_dot_of_at_least_16_in_the_register_budget():
+    for n, top_k, num_warps in itertools.product((256, 320, 1024, 4096), (1, 8, 512, 1280, 4096), (1, 4, 16)):
+        block_k = kernel.factored_block_k(n, top_k, num_warps)
+        assert is_power_of_two(block_k) and 16 <= block_k <= max(16, next_power_of_2(top_k))
+        assert block_k == 16 or block_k * next_power_of_2(n) // 16 <= 512 * num_warps
+
+
+@pytest.mark.parametrize(("tokens", "n", "top_k"), [(32768, 256, 1280), (4096, 320, 512)])
+def test_factored_backward_lowers_for_cuda(tokens, n, top_k):
+    lpx = jnp.zeros((tokens, n), jnp.bfloat16)
+    config = factored_config(tokens, n, top_k)
+    assert kernel.uses_factored_backward(n, config)
+    for sort_by_score in (True, False):
+        route = functools.partial(
+            omni_router,
+            top_k=top_k,
+            implementation="pallas",
+            interpret=False,
+            config=config,
+            sort_by_score=sort_by_score,
+        )
+
+        def loss(a, b, route=route):
+            scores, _ = route(a, b)
+            return jnp.sum(scores * jnp.arange(top_k, dtype=jnp.float32))
+
+        text = lower_for_cuda(jax.grad(loss, argnums=(0, 1)), lpx, lpx).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 2, "forward and backward kernels"
+    backward = functools.partial(kernel.router_backward, n=n, dtype=jnp.bfloat16, config=config, interpret=False)
+    dscores = jnp.zeros((tokens, top_k), jnp.float32)
+    text = lower_for_cuda(backward, dscores, jnp.zeros((tokens, top_k), jnp.int32)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1

@@ -24,6 +24,11 @@ MAX_TOP_K = 4096
 HEAD_SIZES = (32, 64, 128)
 assert HEAD_SIZES[-1] ** 2 >= MAX_TOP_K
 AXIS_SORTS = ("threshold", "select")  # see RouterConfig.axis_sort
+BACKWARDS = ("onehot", "factored")  # see RouterConfig.backward
+# "factored" splits an axis position p < n_pad as p = hi * FACTOR_LO + lo: a [n_pad / FACTOR_LO, FACTOR_LO]
+# block per token, both sides >= 16 (the smallest Triton dot), so it needs n_pad >= FACTOR_LO ** 2.
+FACTOR_LO = 16
+MIN_FACTORED_AXIS = FACTOR_LO * FACTOR_LO
 
 
 def next_power_of_2(x: int) -> int:
@@ -124,6 +129,17 @@ class RouterConfig:
       axis_sort: how step 1 finds each axis's sorted top k': "threshold" (bisection for the k'-th largest,
         then a rank count among the k': ~bits + k'^2/n passes over the row's work) or "select" (k' argmax
         passes over the row). `router_merge` does not use it.
+      backward: how the backward sums each token's K score cotangents into its two [n] axis rows.
+        "onehot" (the default): compare-selects of every chunk of the K against all n_pad positions,
+        `block_tokens` tokens per program, K x n_pad per token and axis. "factored": one token per program;
+        each position p = hi * 16 + lo, and the token's row, as an [n_pad / 16, 16] block, is a tensor-core
+        product onehot_hi^T @ onehot_lo of each chunk of the K (with the cotangents split into two bf16
+        parts for f32 accuracy): K x (n_pad / 16 + 16) compares plus two small products per token and axis
+        (8x fewer compares at n = 256). It ignores `block_tokens` and `backward_block_k` (its chunk of K
+        fills the same register budget with its [n_pad / 16, chunk] temporary). Where n_pad < 256 (no
+        factorisation with both sides >= 16) "factored" runs "onehot". A hypothesis, not yet measured:
+        ~8.5x less elementwise work at (T, n, K) = (32768, 256, 1280), the small products taking about
+        as long again, so ~4x less backward time predicted (benchmarks/NOTES.md).
     """
 
     block_tokens: int
@@ -131,6 +147,7 @@ class RouterConfig:
     num_stages: int = 1
     backward_block_k: int = 1
     axis_sort: str = "threshold"
+    backward: str = "onehot"
 
     def __post_init__(self):
         checks = (
@@ -147,6 +164,8 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.num_stages={self.num_stages!r} must be a positive int")
         if self.axis_sort not in AXIS_SORTS:
             raise ValueError(f"RouterConfig.axis_sort={self.axis_sort!r} must be one of {AXIS_SORTS}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"RouterConfig.backward={self.backward!r} must be one of {BACKWARDS}")
 
 
 # Register budget of the heuristic: elements of one working array per warp (16 per thread).

@@ -74,6 +74,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.omni_router.config import (
     ELEMENTS_PER_WARP,
+    FACTOR_LO,
+    MIN_FACTORED_AXIS,
     RouterConfig,
     bound_table,
     candidate_table,
@@ -631,21 +633,94 @@ def _backward_kernel(dscores_ref, experts_ref, dx_ref, dy_ref, *, bt: int, block
     pltriton.store(dy_ref.at[window], acc_y.astype(dy_ref.dtype), mask=inside)
 
 
+def _split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """f32 x -> (head, rest) in bf16 with head + rest = x to 16 significant bits (~2**-17 relative)."""
+    head = x.astype(jnp.bfloat16)
+    return head, (x - head.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _factored_backward_kernel(dscores_ref, experts_ref, dx_ref, dy_ref, *, block_k: int):
+    # One token per program (Triton dots are 2-D). A position p < n_pad is p = hi * L + lo; the token's row
+    # as an [H, L] block is A[hi, lo] = sum_k ds_k [hi_k == hi] [lo_k == lo], i.e. (onehot_hi * ds)^T @
+    # onehot_lo over the K. The 0/1 of onehot_lo are exact in bf16; ds is split in two bf16 parts, two
+    # products accumulated in f32.
+    top_k = experts_ref.shape[1]
+    n = dx_ref.shape[1]
+    n_pad = next_power_of_2(n)
+    lo_size = FACTOR_LO
+    hi_size = n_pad // lo_size
+    t = pl.program_id(0)
+    hi_axis = lax.broadcasted_iota(jnp.int32, (hi_size, block_k), 0)
+    lo_axis = lax.broadcasted_iota(jnp.int32, (block_k, lo_size), 1)
+    zero = jnp.zeros((), jnp.bfloat16)
+
+    def block_sums(position, grad_head, grad_rest):
+        """[H, L] f32: the chunk's cotangents summed by position (`position` [bk] int32 in [0, n))."""
+        hi_hit = (position // lo_size)[None, :] == hi_axis  # [H, bk]
+        lo_hit = ((position % lo_size)[:, None] == lo_axis).astype(jnp.bfloat16)  # [bk, L]
+        head = jnp.where(hi_hit, grad_head[None, :], zero)
+        rest = jnp.where(hi_hit, grad_rest[None, :], zero)
+        return jnp.dot(head, lo_hit, preferred_element_type=jnp.float32) + jnp.dot(
+            rest, lo_hit, preferred_element_type=jnp.float32
+        )
+
+    def add_chunk(c, acc):
+        acc_x, acc_y = acc
+        cols = c * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        inside = cols < top_k
+        window = (t, pl.ds(c * block_k, block_k))
+        grad = pltriton.load(dscores_ref.at[window], mask=inside, other=0.0).astype(jnp.float32)
+        expert = pltriton.load(experts_ref.at[window], mask=inside, other=0)  # masked lanes: grad 0, adds 0
+        grad_head, grad_rest = _split_bf16(grad)
+        acc_x = acc_x + block_sums(expert // n, grad_head, grad_rest)
+        acc_y = acc_y + block_sums(expert % n, grad_head, grad_rest)
+        return acc_x, acc_y
+
+    zeros = jnp.zeros((hi_size, lo_size), jnp.float32)
+    acc_x, acc_y = lax.fori_loop(0, pl.cdiv(top_k, block_k), add_chunk, (zeros, zeros))
+    inside = lax.broadcasted_iota(jnp.int32, (1, n_pad), 1) < n
+    window = (pl.ds(t, 1), pl.ds(0, n_pad))
+    # Row-major [H, L] -> [n_pad]: element (hi, lo) lands at position hi * L + lo.
+    pltriton.store(dx_ref.at[window], acc_x.reshape(1, n_pad).astype(dx_ref.dtype), mask=inside)
+    pltriton.store(dy_ref.at[window], acc_y.reshape(1, n_pad).astype(dy_ref.dtype), mask=inside)
+
+
+def factored_block_k(n: int, top_k: int, num_warps: int) -> int:
+    """The chunk of K of the "factored" backward: its [n_pad / 16, chunk] temporaries fill the register
+    budget of `num_warps`, at least 16 (the smallest Triton dot) and at most K rounded up to a power of two."""
+    hi_size = next_power_of_2(n) // FACTOR_LO
+    return max(16, min(next_power_of_2(top_k), ELEMENTS_PER_WARP * num_warps // hi_size))
+
+
+def uses_factored_backward(n: int, config: RouterConfig) -> bool:
+    """Whether the backward runs "factored": asked for, and n_pad >= 256 (else it runs "onehot")."""
+    return config.backward == "factored" and next_power_of_2(n) >= MIN_FACTORED_AXIS
+
+
 def router_backward(
     dscores: jax.Array, experts: jax.Array, *, n: int, dtype, config: RouterConfig, interpret: bool
 ) -> tuple[jax.Array, jax.Array]:
     """Cotangents of log_probs_x and log_probs_y ([T, n] in `dtype`) from those of the scores.
 
     dscores: [T, K] float, experts: [T, K] int32 from the forward. Sums in f32, then casts to `dtype`.
+    `config.backward` picks the kernel (see `RouterConfig`).
     """
     tokens = experts.shape[0]
     outputs = (jax.ShapeDtypeStruct((tokens, n), dtype),) * 2
     if tokens == 0:
         return _empty(*outputs)
+    if uses_factored_backward(n, config):
+        kernel = functools.partial(
+            _factored_backward_kernel, block_k=factored_block_k(n, experts.shape[1], config.num_warps)
+        )
+        grid = (tokens,)
+    else:
+        kernel = functools.partial(_backward_kernel, bt=config.block_tokens, block_k=config.backward_block_k)
+        grid = (pl.cdiv(tokens, config.block_tokens),)
     return pl.pallas_call(
-        functools.partial(_backward_kernel, bt=config.block_tokens, block_k=config.backward_block_k),
+        kernel,
         out_shape=outputs,
-        grid=(pl.cdiv(tokens, config.block_tokens),),
+        grid=grid,
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_router_backward",
