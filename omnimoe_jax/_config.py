@@ -96,6 +96,11 @@ class RoutedConfig(FFNConfig):
         factor = self.expert_capacity_factor
         if factor is not None and (not is_number(factor) or not 0 < factor < math.inf):
             raise ValueError(f"expert_capacity_factor={factor!r} must be None or a positive finite number")
+        if factor is not None and self.expert_parallel_layout == "hidden":
+            raise ValueError(
+                f"expert_capacity_factor={factor!r} caps the row layout's dispatch; expert_parallel_layout="
+                "'hidden' computes every pair and would ignore it: use 'rows' (or 'auto') with a factor, or drop it"
+            )
         # Normalise dtypes so equal configs compare (and hash) equal whether given as str or type.
         object.__setattr__(self, "dtype", float_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", float_dtype("param_dtype", self.param_dtype))

@@ -32,7 +32,8 @@ class OmniMoE(nn.Module):
     what the router chose for each token, with [..., K] and [..., n] fields, the K by score. The experts
     take the router's unsorted output (`omni_router(sort_by_score=False)`: the expert op groups the pairs by
     expert itself); only the returned RoutingResult is sorted (`by_score`), so y does not depend on
-    `return_routing`. Against a router that sorts, y differs only by the order of each token's K-term sum.
+    `return_routing`. Against a router that sorts, y differs only by the order of each token's K-term sum (and,
+    with norm_topk_prob, of the sum that normalises the weights).
     """
 
     config: OmniMoEConfig

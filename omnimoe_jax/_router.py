@@ -14,6 +14,7 @@ from omnimoe_jax._batch_norm import TorchBatchNorm, batch_moments_of
 from omnimoe_jax._config import OmniMoEConfig
 from omnimoe_jax.parallel._device_mesh import expert_parallel_mesh, shard_tokens
 from pallas_kernels import omni_router
+from pallas_kernels.omni_router import kernel as router_kernel
 
 
 @struct.dataclass
@@ -44,11 +45,15 @@ def by_score(routing: RoutingResult) -> RoutingResult:
     (`return_routing`), so their output y is the same with and without it; where the caller drops the
     RoutingResult (the language model's blocks, under jit), the sort is dead code.
     """
-    # The reference's sort (-score, index): negation is exact, and the indices of a row are distinct.
-    neg_scores, indices, weights = jax.lax.sort(
-        (-routing.scores, routing.indices, routing.weights), dimension=-1, num_keys=2
+    # The kernels' own sort key for f32 scores (`kernel.sort_by_score`: the IEEE total order, so -0.0, +0.0
+    # and NaN order as `lax.top_k` puts them); the reference's -score for other dtypes (negation is exact).
+    # Ties go to the lower index: the indices of a row are distinct.
+    scores = routing.scores
+    key = ~router_kernel.order_key(scores) if scores.dtype == jnp.float32 else -scores
+    _, indices, scores, weights = jax.lax.sort(
+        (key, routing.indices, scores, routing.weights), dimension=-1, num_keys=2
     )
-    return routing.replace(scores=-neg_scores, indices=indices, weights=weights)
+    return routing.replace(scores=scores, indices=indices, weights=weights)
 
 
 def routing_statistics(routing: RoutingResult, num_experts: int) -> tuple[jax.Array, jax.Array]:

@@ -128,6 +128,10 @@ def test_default_config_sums_segments_by_reductions_where_blocks_meet_few_segmen
     assert config.segment_sums == expected
 
 
+def test_default_config_takes_no_pairs():
+    assert default_config(0, 8, 64, 32, BF16).segment_sums == "products"
+
+
 def test_config_must_tile_the_width():
     with pytest.raises(ValueError, match=re.escape("config.d_block=64 must divide d=48")):
         ExpertKernelConfig(d_block=64).check_width(48)

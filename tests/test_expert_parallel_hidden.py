@@ -205,6 +205,18 @@ def test_auto_never_picks_a_layout_that_cannot_split_the_tables():
         parallel.choose_table_layout("cols", num_experts=4096, hidden=256, **sizes)
 
 
+def test_a_capacity_factor_keeps_the_row_layout():
+    # The factor caps the row dispatch; the hidden layout computes every pair and would silently ignore it.
+    sizes = dict(top_k=8, local_tokens=64, num_shards=4, token_dtype=jnp.bfloat16)
+    assert parallel.choose_table_layout("auto", num_experts=4096, hidden=256, **sizes) == "hidden"
+    assert parallel.choose_table_layout("auto", num_experts=4096, hidden=256, capacity_factor=1.0, **sizes) == "rows"
+    with pytest.raises(ValueError, match="rows do not divide over the 4 expert shards"):
+        parallel.choose_table_layout("auto", num_experts=25, hidden=256, capacity_factor=1.0, **sizes)
+    with pytest.raises(ValueError, match=r"expert_capacity_factor=1.0 caps the row layout's dispatch"):
+        OmniMoEConfig(64, 128, 64, 8, expert_parallel_layout="hidden", expert_capacity_factor=1.0)
+    OmniMoEConfig(64, 128, 64, 8, expert_parallel_layout="auto", expert_capacity_factor=1.0)  # auto takes rows
+
+
 def test_auto_layer_runs_the_layout_the_rule_picks():
     mesh = cpu_mesh("data=2,expert=4")
     # d = 64 in f32 over E = 4: d b (E - 1) = 768 against K (E + 1) = 10 and 800.

@@ -11,7 +11,9 @@ from helpers import assert_close, check_gradients_by_finite_differences, normal
 from oracle import decisive_inputs, omnimoe_forward
 
 from omnimoe_jax import CartesianRouter, OmniMoE, OmniMoEConfig, RouterBatchNorm, TorchBatchNorm
+from omnimoe_jax._router import RoutingResult, by_score
 from omnimoe_jax.convert import from_torch_state_dict
+from pallas_kernels.omni_router import kernel as router_kernel
 
 
 def small_config(**changes):
@@ -218,3 +220,18 @@ def test_router_gates_are_one_matmul_with_two_dense_gates_parameters(train, key)
     np.testing.assert_allclose(jax.nn.log_softmax(routing.logits_y), want_y, rtol=1e-6, atol=1e-6)
     hlo = jax.jit(lambda v, t: router.apply(v, t, train=train, mutable=["batch_stats"])).lower(variables, tokens)
     assert hlo.as_text().count("stablehlo.dot_general") == 1, "both gates must be one matmul"
+
+
+def test_by_score_orders_as_the_router_kernels_sort():
+    # The IEEE total order of the kernels' own sort (`kernel.sort_by_score`): NaN above +inf, +0.0 above -0.0,
+    # ties by the lower index; weights travel with their entries.
+    scores = jnp.array([[-1.0, jnp.nan, 0.0, -0.0, 2.0, -1.0, jnp.inf]], jnp.float32)
+    indices = jnp.array([[5, 0, 3, 1, 6, 2, 4]], jnp.int32)
+    weights = jnp.arange(7, dtype=jnp.float32)[None]
+    zeros = jnp.zeros((1, 4), jnp.float32)
+    got = by_score(RoutingResult(scores, indices, weights, zeros, zeros))
+    want_scores, want_indices = router_kernel.sort_by_score(scores, indices)
+    np.testing.assert_array_equal(got.indices, want_indices)
+    np.testing.assert_array_equal(np.asarray(got.scores).view(np.int32), np.asarray(want_scores).view(np.int32))
+    np.testing.assert_array_equal(got.indices, [[0, 4, 6, 3, 1, 2, 5]])
+    np.testing.assert_array_equal(got.weights, [[1.0, 6.0, 4.0, 2.0, 3.0, 5.0, 0.0]])

@@ -23,7 +23,7 @@ from train.config import TrainConfig, apply_overrides, parse_overrides
 from train.data import CorpusError
 from train.flops import model_flops_per_token
 from train.loop import load_config, run
-from train.mesh import check_mesh, table_layout
+from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
 from train.run_directory import RunDirectoryError
 from train.steps import RECORDING_FIELDS, RESUMABLE_LAYOUT_FIELDS, abstract_state, check_table_parameters
@@ -154,16 +154,6 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
             parser.error(
                 f"--ffn.expert_capacity_factor={capacity_factor} caps the expert-parallel "
                 "dispatch: it needs --mesh with an expert axis of 2 or more devices"
-            )
-        if (
-            not args.resume
-            and capacity_factor is not None
-            and mesh is not None
-            and table_layout(config, mesh) == "hidden"
-        ):
-            parser.error(
-                f"--ffn.expert_capacity_factor={capacity_factor} caps the row layout's dispatch; the tables of this "
-                "run shard by columns (expert_parallel_layout), which computes every pair: drop the factor"
             )
     except ValueError as err:
         parser.error(str(err))

@@ -18,8 +18,9 @@ b bytes per token element, C slots per destination shard):
 
 Neither depends on N. With the default capacity (C = T_l) T_l cancels too, and hidden moves fewer bytes
 exactly when d b (E - 1) > K (E + 1): small K next to the row width (the `small` preset: d = 512, K = 32,
-bf16) favours hidden, K of the order of d (K = 5d/2 in the matched presets) rows. A capacity factor shrinks
-C, and so the rows side, by the expected share of tokens that need a shard.
+bf16) favours hidden, K of the order of d (K = 5d/2 in the matched presets) rows. A capacity factor (which
+shrinks C) is a setting of the row dispatch that the hidden layout, computing every pair, would ignore: with
+one "auto" takes rows, and "hidden" refuses it (`RoutedConfig`).
 The row layout also runs E times the pair work of a device's tokens (each owner computes over every slot
 it receives), which bytes do not count; the rule leaves it out and so leans towards rows. A layout that
 cannot split the tables is never chosen: rows needs N divisible by E, hidden d divisible by E into slices
@@ -79,6 +80,13 @@ def choose_table_layout(
     if num_shards == 1:
         return "rows"
     rows_fit = num_experts % num_shards == 0
+    if capacity_factor is not None:  # a setting of the row dispatch, which the hidden layout would ignore
+        if not rows_fit:
+            raise ValueError(
+                f"expert_capacity_factor={capacity_factor} caps the row layout's dispatch, but num_experts="
+                f"{num_experts} rows do not divide over the {num_shards} expert shards"
+            )
+        return "rows"
     hidden_fit = hidden % num_shards == 0 and (hidden // num_shards) % KERNEL_WIDTH_MULTIPLE == 0
     if rows_fit != hidden_fit:
         return "rows" if rows_fit else "hidden"

@@ -230,7 +230,8 @@ def default_config(
         return splits
 
     pairs = tokens * top_k
-    per_expert = pairs / (num_experts * -math.expm1(-pairs / num_experts))  # pairs per touched expert
+    # pairs per touched expert (0 for no pairs: then nothing runs and either sum mode serves)
+    per_expert = pairs / (num_experts * -math.expm1(-pairs / num_experts)) if pairs else 0.0
     if variant is None:
         token_splits = fewest_splits(num_experts)
         table_fits = num_experts * (d // token_splits) * itemsize <= L2_BUDGET_BYTES

@@ -134,7 +134,9 @@ class RouterConfig:
         `block_tokens` tokens per program, K x n_pad per token and axis. "factored": one token per program;
         each position p = hi * 16 + lo, and the token's row, as an [n_pad / 16, 16] block, is a tensor-core
         product onehot_hi^T @ onehot_lo of each chunk of the K (with the cotangents split into two bf16
-        parts for f32 accuracy): K x (n_pad / 16 + 16) compares plus two small products per token and axis
+        parts: about 2^-16 relative error per cotangent where "onehot" sums in f32; a non-finite cotangent
+        makes NaN of its whole block row of 16 positions, where "onehot" touches one position):
+        K x (n_pad / 16 + 16) compares plus two small products per token and axis
         (8x fewer compares at n = 256). It ignores `block_tokens` and `backward_block_k` (its chunk of K
         fills the same register budget with its [n_pad / 16, chunk] temporary). Where n_pad < 256 (no
         factorisation with both sides >= 16) "factored" runs "onehot". A hypothesis, not yet measured:
