@@ -257,6 +257,19 @@ def pallas_route_both_orders(lpx, lpy, top_k, config):
     return route(lpx, lpy), unsorted, grads
 
 
+def assert_reference_gradients(dx, dy, lpx, lpy, top_k, dtype):
+    """dx, dy: `pallas_route_both_orders`' gradients, against the reference router's for the same loss."""
+    expert_weight = jnp.cos(jnp.arange(lpx.shape[1] ** 2, dtype=jnp.float32))  # [N], as that loss weighs
+
+    def reference_loss(a, b):
+        scores, indices = omni_router_reference(a, b, top_k)
+        return jnp.sum(scores * expert_weight[indices])
+
+    want_dx, want_dy = jax.grad(reference_loss, argnums=(0, 1))(lpx, lpy)
+    assert_close(dx, want_dx, dtype, what="d log_probs_x")
+    assert_close(dy, want_dy, dtype, what="d log_probs_y")
+
+
 def assert_same_sets(got, want):
     """Per row, the same K (index, score) pairs: both sorted by index, then compared bit for bit."""
     (scores, indices), (want_scores, want_indices) = (tuple(map(np.asarray, pair)) for pair in (got, want))
@@ -299,15 +312,7 @@ def test_unsorted_output_is_the_sorted_set_in_slot_order(tokens, n, top_k, dtype
         pairs = axis_ranks(lpx)[tok, indices // n] * n + axis_ranks(lpy)[tok, indices % n]
         assert np.all(np.diff(pairs, axis=1) > 0), "not in slot order"
     # Gradients through the unsorted output: those of the reference (sorted) for the same loss.
-    expert_weight = jnp.cos(jnp.arange(n * n, dtype=jnp.float32))
-
-    def reference_loss(a, b):
-        scores, idx = omni_router_reference(a, b, top_k)
-        return jnp.sum(scores * expert_weight[idx])
-
-    want_dx, want_dy = jax.grad(reference_loss, argnums=(0, 1))(lpx, lpy)
-    assert_close(dx, want_dx, dtype, what="d log_probs_x")
-    assert_close(dy, want_dy, dtype, what="d log_probs_y")
+    assert_reference_gradients(dx, dy, lpx, lpy, top_k, dtype)
 
 
 def test_unsorted_xla_output_stays_in_score_order(key):
@@ -679,15 +684,7 @@ def test_factored_backward_through_the_unsorted_output(tokens, n, top_k, dtype, 
     lpx, lpy = log_probs(key, tokens, n, dtype)
     _, unsorted, (dx, dy) = pallas_route_both_orders(lpx, lpy, top_k, factored_config(tokens, n, top_k))
     assert_same_sets(unsorted, omni_router_reference(lpx, lpy, top_k))
-    expert_weight = jnp.cos(jnp.arange(n * n, dtype=jnp.float32))
-
-    def reference_loss(a, b):
-        scores, idx = omni_router_reference(a, b, top_k)
-        return jnp.sum(scores * expert_weight[idx])
-
-    want_dx, want_dy = jax.grad(reference_loss, argnums=(0, 1))(lpx, lpy)
-    assert_close(dx, want_dx, dtype, what="d log_probs_x")
-    assert_close(dy, want_dy, dtype, what="d log_probs_y")
+    assert_reference_gradients(dx, dy, lpx, lpy, top_k, dtype)
 
 
 @pytest.mark.parametrize(("n", "top_k"), [(16, 8), (16, 256), (256, 8), (256, 512), (256, 1280), (320, 1280)])
