@@ -150,13 +150,19 @@ def probe(stage, coef, rows, sorted_expert, order, like, *, top_k, config, inter
     )(sorted_expert, order, coef, rows)
 
 
-def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
+def probe_inputs(tokens, top_k, num_experts, d):
+    """Random x [T, d], table [N, d], sorted-order coefficients [P] and the ExpertSchedule of uniform
+    routing, the same for every probe at one setting."""
     kx, ku, ki, kc = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, (tokens, d), DTYPE)
     up = (d**-0.5 * jax.random.normal(ku, (num_experts, d), jnp.float32)).astype(DTYPE)
     indices = jax.random.randint(ki, (tokens, top_k), 0, num_experts, jnp.int32)
     coef = jax.random.normal(kc, (tokens * top_k,), jnp.float32)
-    schedule = jax.jit(build_schedule, static_argnums=1)(indices, num_experts)
+    return x, up, coef, jax.jit(build_schedule, static_argnums=1)(indices, num_experts)
+
+
+def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
+    x, up, coef, schedule = probe_inputs(tokens, top_k, num_experts, d)
     config = default_config(tokens, top_k, num_experts, d, DTYPE, variant="sorted")
     common_kwargs = {"top_k": top_k, "config": config, "interpret": interpret}
 
@@ -240,13 +246,7 @@ def _sums_piece(piece: str, config, *, top_k: int, out_shape, interpret: bool):
 
 def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     """The segment pass's pieces in both segment_sums modes at one setting (see the module doc)."""
-    kx, ku, ki, kc = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(kx, (tokens, d), DTYPE)
-    up = (d**-0.5 * jax.random.normal(ku, (num_experts, d), jnp.float32)).astype(DTYPE)
-    indices = jax.random.randint(ki, (tokens, top_k), 0, num_experts, jnp.int32)
-    coef = jax.random.normal(kc, (tokens * top_k,), jnp.float32)
-    schedule = jax.jit(build_schedule, static_argnums=1)(indices, num_experts)
-    del indices
+    x, up, coef, schedule = probe_inputs(tokens, top_k, num_experts, d)
     base = default_config(tokens, top_k, num_experts, d, DTYPE)  # the segment pass's tiles, as training runs
     setting = {"setting": f"T={tokens} K={top_k} N={num_experts} d={d}"}
     setting.update(_segment_counts(schedule.sorted_expert, base.segment_block))
