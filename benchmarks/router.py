@@ -5,17 +5,18 @@ reference), the kernels' forward and forward+backward again with sort_by_score=F
 order: no XLA sort of the [T, K] result), the forward of "pallas" with the other step-1 method
 (axis_sort="select"), the bytes of log-probs a call must read (2 T n x 2 bytes), the achieved read rate,
 and the time XLA needs to read those logits once (a max over both arrays) as the floor the forward is
-compared with. `--backward onehot,factored` adds, per kernel, forward+backward (sorted and unsorted) with
-each other `RouterConfig.backward`, its backward's time over the default's (fwd+bwd - fwd of each), and
-whether its gradients match the default's. Then a sweep of tilings and both step-1 methods for a few shapes, to check
-`default_config`. Prints tables and writes benchmarks/results/router.json (`--output`; and a copy under
-$OUT if set).
+compared with. The main columns run `default_config`'s tiling and backward (column "backward").
+`--backward onehot,factored` adds, per kernel, forward+backward (sorted and unsorted) with each listed
+`RouterConfig.backward` other than the default's at that shape, its backward's time over the default's
+(fwd+bwd - fwd of each), and whether its gradients match the default's. Then a sweep of tilings and both
+step-1 methods for a few shapes, to check `default_config`. Prints tables and writes
+benchmarks/results/router.json (`--output`; and a copy under $OUT if set).
 
     PYTHONPATH=. python benchmarks/router.py            # the full grid (~2-3 minutes on an H100)
     PYTHONPATH=. python benchmarks/router.py --quick    # two shapes, to try the script
     PYTHONPATH=. python benchmarks/router.py --paper    # the paper's setting (and K = 1024) and its sweep
     PYTHONPATH=. python benchmarks/router.py --large-k  # K = 1280, 2048 at n = 256, 320 -> router_large_k.json
-    PYTHONPATH=. python benchmarks/router.py --large-k --backward onehot,factored  # and the factored backward
+    PYTHONPATH=. python benchmarks/router.py --large-k --backward onehot,factored  # and both backwards
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def same_gradients(arg_sets, top_k, implementation, config) -> bool:
 def parse_backwards(text: str) -> list[str]:
     backwards = [b for b in text.split(",") if b]
     bad = [b for b in backwards if b not in BACKWARDS]
-    if bad or "onehot" not in backwards:
-        raise argparse.ArgumentTypeError(f"--backward {text!r}: a comma list of {BACKWARDS} including 'onehot'")
+    if bad or not backwards:
+        raise argparse.ArgumentTypeError(f"--backward {text!r}: a comma list of {BACKWARDS}")
     return backwards
 
 
@@ -134,8 +135,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--backward",
         type=parse_backwards,
-        default=["onehot"],
-        help="RouterConfig.backward values to time, comma-separated, 'onehot' (the default) among them",
+        default=[],
+        help="RouterConfig.backward values to time beside default_config's, comma-separated",
     )
     parser.add_argument("--budget-s", type=float, default=None, help="start no new shape after this many seconds")
     args = parser.parse_args(argv)
@@ -159,7 +160,6 @@ def main(argv=None) -> None:
         shapes, sweep = PAPER_SHAPES + [s for s in grid if s not in PAPER_SHAPES], SWEEP_SHAPES
     implementations = args.implementations
     kernels = [impl for impl in implementations if impl != "xla"]
-    extra_backwards = [backward for backward in args.backward if backward != "onehot"]
 
     rows = []
     for tokens, n, top_k in shapes:
@@ -168,7 +168,9 @@ def main(argv=None) -> None:
         arg_sets = inputs(tokens, n, top_k)
         logit_bytes = 2 * tokens * n * 2
         read_ms = timed(jax.jit(read_once), arg_sets)["ms"]
-        row = {"T": tokens, "n": n, "K": top_k, "MB_read": logit_bytes / 1e6, "read_ms": read_ms}
+        default_backward = default_config(tokens, n, top_k).backward
+        row = {"T": tokens, "n": n, "K": top_k, "backward": default_backward, "MB_read": logit_bytes / 1e6}
+        row["read_ms"] = read_ms
         row["exact"] = same_routes(arg_sets, top_k, kernels)
         for impl in implementations:
             fwd = timed(forward(top_k, impl), arg_sets)
@@ -183,15 +185,15 @@ def main(argv=None) -> None:
                 row[f"{impl}_unsorted_fwd_ms"] = fwd["ms"]
                 row[f"{impl}_unsorted_fwdbwd_ms"] = both["ms"]
                 row[f"{impl}_detail"].update({"unsorted fwd": fwd, "unsorted fwd+bwd": both})
-                for backward in extra_backwards:
+                for backward in [b for b in args.backward if b != default_backward]:
                     config = dataclasses.replace(default_config(tokens, n, top_k), backward=backward)
                     both = timed(forward_backward(top_k, impl, config=config), arg_sets)
                     unsorted = timed(forward_backward(top_k, impl, sort_by_score=False, config=config), arg_sets)
                     row[f"{impl}_fwdbwd_{backward}_ms"] = both["ms"]
                     row[f"{impl}_unsorted_fwdbwd_{backward}_ms"] = unsorted["ms"]
-                    onehot_bwd_ms = row[f"{impl}_fwdbwd_ms"] - row[f"{impl}_fwd_ms"]  # noise can make it <= 0
-                    row[f"{impl}_bwd_{backward}_over_onehot"] = (
-                        (both["ms"] - row[f"{impl}_fwd_ms"]) / onehot_bwd_ms if onehot_bwd_ms > 0 else float("nan")
+                    default_bwd_ms = row[f"{impl}_fwdbwd_ms"] - row[f"{impl}_fwd_ms"]  # noise can make it <= 0
+                    row[f"{impl}_bwd_{backward}_over_default"] = (
+                        (both["ms"] - row[f"{impl}_fwd_ms"]) / default_bwd_ms if default_bwd_ms > 0 else float("nan")
                     )
                     row[f"{impl}_{backward}_grads_match"] = same_gradients(arg_sets, top_k, impl, config)
                     row[f"{impl}_detail"][f"fwd+bwd {backward}"] = both
@@ -206,13 +208,13 @@ def main(argv=None) -> None:
         rows.append(row)
         print(f"T={tokens} n={n} K={top_k}: done", flush=True)
 
-    columns = ["T", "n", "K", "exact", "MB_read", "read_ms"]
+    columns = ["T", "n", "K", "backward", "exact", "MB_read", "read_ms"]
     columns += [f"{impl}_fwd_ms" for impl in implementations] + ["pallas_select_fwd_ms"]
     columns += [f"{impl}_fwdbwd_ms" for impl in implementations]
     columns += [f"{impl}_unsorted_{what}_ms" for what in ("fwd", "fwdbwd") for impl in kernels]
-    for backward in extra_backwards:
+    for backward in args.backward:
         columns += [f"{impl}_{what}_{backward}_ms" for what in ("fwdbwd", "unsorted_fwdbwd") for impl in kernels]
-        columns += [f"{impl}_bwd_{backward}_over_onehot" for impl in kernels]
+        columns += [f"{impl}_bwd_{backward}_over_default" for impl in kernels]
         columns += [f"{impl}_{backward}_grads_match" for impl in kernels]
     columns += [f"{impl}_{what}" for what in ("speedup", "fwd_over_read", "fwd_GBps") for impl in kernels]
     print_table(rows, columns)

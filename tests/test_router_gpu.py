@@ -179,12 +179,12 @@ def test_auto_picks_the_measured_faster_kernel(top_k, expect_triton, key):
     [(32768, 256, 1280, "bfloat16"), (4096, 320, 512, "bfloat16"), (4096, 320, 512, "float32")],
 )
 def test_factored_backward_matches_onehot_on_gpu(tokens, n, top_k, dtype, key):
-    # RouterConfig.backward="factored" against the default "onehot" (checked against the reference above):
-    # through the router sorted and unsorted, and the backward kernel alone on random, repeated ids in f32.
+    # RouterConfig.backward="factored" (the default at these n) against "onehot": through the router sorted
+    # and unsorted, and the backward kernel alone on random, repeated ids in f32.
     k1, k2, k3 = jax.random.split(key, 3)
     lpx, lpy = log_probs(k1, tokens, n, dtype)
     cotangent = normal(k2, (tokens, top_k))
-    onehot = default_config(tokens, n, top_k)
+    onehot = dataclasses.replace(default_config(tokens, n, top_k), backward="onehot")
     factored = dataclasses.replace(onehot, backward="factored")
     assert kernel.uses_factored_backward(n, factored)
     for sort_by_score in (True, False):

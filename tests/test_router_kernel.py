@@ -660,18 +660,29 @@ FACTORED_CASES = [
 ]
 
 
-def factored_config(tokens, n, top_k):
-    config = dataclasses.replace(default_config(tokens, n, top_k), backward="factored")
-    assert kernel.uses_factored_backward(n, config) == (next_power_of_2(n) >= MIN_FACTORED_AXIS)
+def factored_config(tokens, n, top_k, backward="factored"):
+    config = dataclasses.replace(default_config(tokens, n, top_k), backward=backward)
+    applies = next_power_of_2(n) >= MIN_FACTORED_AXIS
+    assert kernel.uses_factored_backward(n, config) == (applies and backward == "factored")
     return config
 
 
+@pytest.mark.parametrize(("tokens", "n", "top_k"), [(64, 16, 8), (4096, 200, 512), (4096, 256, 8), (32768, 320, 1280)])
+def test_default_config_takes_the_factored_backward_where_it_applies(tokens, n, top_k):
+    # "factored" was the faster backward at every shape measured (benchmarks/NOTES.md); below n_pad = 256 it
+    # would run "onehot" anyway, and the config says so.
+    want = "factored" if next_power_of_2(n) >= MIN_FACTORED_AXIS else "onehot"
+    assert default_config(tokens, n, top_k).backward == want
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize(("tokens", "n", "top_k", "dtype"), FACTORED_CASES)
-def test_factored_backward_matches_reference(tokens, n, top_k, dtype, key):
+def test_each_backward_matches_reference(tokens, n, top_k, dtype, backward, key):
+    # Both backwards at every case, so "onehot" stays checked at n_pad >= 256 where the default is "factored".
     k1, k2 = jax.random.split(key)
     lpx, lpy = log_probs(k1, tokens, n, dtype)
     cotangent = normal(k2, (tokens, top_k))
-    got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, "pallas", factored_config(tokens, n, top_k))
+    got, (dx, dy) = route_vjp(lpx, lpy, cotangent, top_k, "pallas", factored_config(tokens, n, top_k, backward))
     want, (want_dx, want_dy) = route_vjp(lpx, lpy, cotangent, top_k, "xla")
     assert_routes_equal(got, want)
     assert dx.dtype == lpx.dtype and dy.dtype == lpy.dtype
@@ -722,11 +733,11 @@ def test_factored_chunk_is_a_dot_of_at_least_16_in_the_register_budget():
         assert block_k == 16 or block_k * next_power_of_2(n) // 16 <= 512 * num_warps
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize(("tokens", "n", "top_k"), [(32768, 256, 1280), (4096, 320, 512)])
-def test_factored_backward_lowers_for_cuda(tokens, n, top_k):
+def test_each_backward_lowers_for_cuda(tokens, n, top_k, backward):
     lpx = jnp.zeros((tokens, n), jnp.bfloat16)
-    config = factored_config(tokens, n, top_k)
-    assert kernel.uses_factored_backward(n, config)
+    config = factored_config(tokens, n, top_k, backward)
     for sort_by_score in (True, False):
         route = functools.partial(
             omni_router,

@@ -139,9 +139,8 @@ class RouterConfig:
         K x (n_pad / 16 + 16) compares plus two small products per token and axis
         (8x fewer compares at n = 256). It ignores `block_tokens` and `backward_block_k` (its chunk of K
         fills the same register budget with its [n_pad / 16, chunk] temporary). Where n_pad < 256 (no
-        factorisation with both sides >= 16) "factored" runs "onehot". A hypothesis, not yet measured:
-        ~8.5x less elementwise work at (T, n, K) = (32768, 256, 1280), the small products taking about
-        as long again, so ~4x less backward time predicted (benchmarks/NOTES.md).
+        factorisation with both sides >= 16) "factored" runs "onehot". `default_config` picks "factored"
+        wherever it applies: it was the faster backward at every shape measured (benchmarks/NOTES.md).
     """
 
     block_tokens: int
@@ -183,7 +182,8 @@ def default_config(tokens: int, n: int, top_k: int) -> RouterConfig:
     merge (keys and expert ids). Warps grow with it (4 up to 2048 elements, at most 16) so that no array
     needs more than ~16 registers per thread; tokens are then packed per program up to that budget, but
     never so many that fewer than `MIN_PROGRAMS` programs remain. The backward chunk of K fills the same
-    budget with its [block_tokens, chunk, n padded] one-hot temporary.
+    budget with its [block_tokens, chunk, n padded] one-hot temporary. The backward is "factored" where
+    n padded >= `MIN_FACTORED_AXIS` (where it applies), "onehot" below.
 
     Past 8,192 slots (K > 1024 for most n) one token per program at 16 warps is all there is: each slot
     array then takes slots / 512 registers per thread (32 at 16,384 slots, the keys and expert ids together
@@ -197,4 +197,11 @@ def default_config(tokens: int, n: int, top_k: int) -> RouterConfig:
     while block_tokens > 1 and -(-tokens // block_tokens) < MIN_PROGRAMS:
         block_tokens //= 2
     backward_block_k = max(1, min(next_power_of_2(top_k), budget // (block_tokens * n_pad)))
-    return RouterConfig(block_tokens=block_tokens, num_warps=num_warps, num_stages=1, backward_block_k=backward_block_k)
+    backward = "factored" if n_pad >= MIN_FACTORED_AXIS else "onehot"
+    return RouterConfig(
+        block_tokens=block_tokens,
+        num_warps=num_warps,
+        num_stages=1,
+        backward_block_k=backward_block_k,
+        backward=backward,
+    )
