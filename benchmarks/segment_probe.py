@@ -34,10 +34,34 @@ pallas_call alone ("blocks"), the whole pass as d_up runs it ("segment_sum") and
 the fused dots ("segment_sum + dots"), each in both modes, beside the "gather" rung (this grid's loads and
 one weighted sum per block: what either mode could at best approach). Written to results/segment_sums.json.
 
+`--reductions-ladder` takes the "reductions" blocks kernel apart the same way, at training's three splits
+(T = 32768, d = 512; K = 1280, 128 and 32) and the heuristic's config there (`default_config`, segment_sums
+"reductions"). Its probe rungs take the real kernel's loads and numbering (kernel._segment_block_prologue)
+and store one f32 row per program into an uninitialised [2 * blocks, d] output (the side buffer's size):
+
+  gather                     as above: the grid's loads and one weighted sum per block
+  + numbering                + the loads of the block's sorted experts and of those one pair before, the
+                             cumsum numbering the segments and their count, ahead of the order load and
+                             the row gather as the kernel had them; the block's last segment summed
+  + head/tail flags          + the experts one pair after and the two block-wide "segment cut" flags, which
+                             pick the stored row (2 * block, + 1 where cut)
+  + loop                     the dynamic-trip-count loop over the block's segments, one masked f32 sum
+                             each, added into the one stored row
+  blocks, numbering first    + the per-segment stores: the real first pallas_call in that load order
+                             (kernel.segment_blocks(numbering_first=True))
+
+and the order the kernel has now, the gathers issued before anything waits on the experts, each against
+the rung above it in the other order: "+ numbering, gather first", "+ loop, gather first" and "blocks"
+(the real first pallas_call). Each row's added_ms is its time minus its `compared_with` rung's, over_gather
+its time over the gather rung's. With --smoke each rung also lowers for CUDA and the probe rungs' rows are
+checked against numpy. Written to results/segment_reductions_ladder.json.
+
     PYTHONPATH=. python benchmarks/segment_probe.py               # the paper's setting and N = 65536, GPU
     PYTHONPATH=. python benchmarks/segment_probe.py --sums        # products vs reductions, GPU
+    PYTHONPATH=. python benchmarks/segment_probe.py --reductions-ladder --budget-s 150   # GPU, ~1-2 minutes
     PYTHONPATH=. python benchmarks/segment_probe.py --smoke       # tiny, interpret mode: the machinery (CPU)
     PYTHONPATH=. python benchmarks/segment_probe.py --sums --smoke
+    PYTHONPATH=. python benchmarks/segment_probe.py --reductions-ladder --smoke
 """
 
 from __future__ import annotations
@@ -52,6 +76,8 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -78,6 +104,19 @@ SUMS_SMOKE_SETTINGS = [(64, 8, 16, 64), (64, 8, 256, 64)]  # long segments, shor
 SEGMENT_SUMS = ("products", "reductions")
 SUMS_PIECES = ("blocks", "segment_sum", "segment_sum + dots")
 VARIATIONS = ("dots, one product", "row stores, contiguous")
+# (T, K, N, d) for --reductions-ladder: training's micro-batch at the three splits, the costliest first
+LADDER_SETTINGS = [(32768, 1280, 65536, 512), (32768, 128, 65536, 512), (32768, 32, 16384, 512)]
+# --reductions-ladder's rungs, each with the rung its added_ms is measured against (module doc)
+REDUCTIONS_LADDER = (
+    ("gather", None),
+    ("+ numbering", "gather"),
+    ("+ head/tail flags", "+ numbering"),
+    ("+ loop", "+ head/tail flags"),
+    ("blocks, numbering first", "+ loop"),
+    ("+ numbering, gather first", "+ numbering"),
+    ("+ loop, gather first", "+ loop"),
+    ("blocks", "blocks, numbering first"),
+)
 
 
 def _probe_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, *refs, stage, num_pairs, top_k, block, slots,
@@ -213,6 +252,153 @@ def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     return rows
 
 
+def _reductions_rung_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, out_ref, *, stage, numbering_first,
+                            num_pairs, top_k, block, d_block):  # fmt: skip
+    """A --reductions-ladder rung: the blocks kernel's own loads and numbering (kernel.py's prologue), then
+    one f32 row per program, stored to row 2 * block (+ 1 where a segment is cut, from "+ head/tail flags" on)."""
+    index = pl.program_id(0)
+    cols = kernel._columns(pl.program_id(1), d_block)
+    cut_flags = stage != "+ numbering"
+    got = kernel._segment_block_prologue(
+        sorted_expert_ref,
+        order_ref,
+        coef_ref,
+        rows_ref,
+        None,
+        cols=cols,
+        num_pairs=num_pairs,
+        top_k=top_k,
+        block=block,
+        numbering_first=numbering_first,
+        cut_flags=cut_flags,
+    )
+    rows = got.rows.astype(jnp.float32)  # as the reductions mode converts them, once
+    if stage == "+ loop":  # every segment's masked sum, in the real pass's dynamic loop, added into one row
+
+        def add_segment(segment, total):
+            return total + kernel._masked_row_sum(got.rank == segment, got.coef, rows)
+
+        total = lax.fori_loop(0, got.num_local, add_segment, jnp.zeros((d_block,), jnp.float32))
+    else:  # the block's last segment alone: one masked sum that needs the rank and the count
+        total = kernel._masked_row_sum(got.rank == got.num_local - 1, got.coef, rows)
+    row = 2 * index
+    if cut_flags:
+        row = row + (got.head_cut | got.tail_cut).astype(jnp.int32)
+    pltriton.store(out_ref.at[row, cols], total)
+
+
+def reductions_rung(stage, coef, rows, sorted_expert, order, *, numbering_first, top_k, config, interpret):
+    """One --reductions-ladder rung's pallas_call on the blocks kernel's grid; an uninitialised [2 * blocks, d]
+    f32 output, the size of the real pass's side buffer."""
+    num_pairs, d = sorted_expert.shape[0], rows.shape[1]
+    num_blocks = pl.cdiv(num_pairs, config.segment_block)
+    body = functools.partial(
+        _reductions_rung_kernel,
+        stage=stage,
+        numbering_first=numbering_first,
+        num_pairs=num_pairs,
+        top_k=top_k,
+        block=config.segment_block,
+        d_block=config.d_block,
+    )
+    return pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((2 * num_blocks, d), jnp.float32),
+        grid=(num_blocks, d // config.d_block),
+        compiler_params=kernel._compiler_params(config),
+        interpret=interpret,
+        name=f"segment_probe_{stage.strip('+ ').replace(' ', '_').replace('/', '_')}",
+    )(sorted_expert, order, coef, rows)
+
+
+def _ladder_rung_fn(name: str, config, *, top_k: int, out_shape, interpret: bool):
+    """A --reductions-ladder rung, jitted, as a function of (coef, rows, schedule, table)."""
+    kwargs = {"top_k": top_k, "config": config, "interpret": interpret}
+    stage, _, order = name.partition(", ")  # "" (the order the kernel had before), "gather first" or "numbering first"
+    if stage == "gather":
+        return jax.jit(lambda c, r, s, t: probe("gather", c, r, s.sorted_expert, s.order, t, **kwargs))
+    if stage == "blocks":
+        numbering_first = order == "numbering first"
+        return jax.jit(
+            lambda c, r, s, t: kernel.segment_blocks(
+                c, r, s.sorted_expert, s.order, out_shape, dot_table=None, numbering_first=numbering_first, **kwargs
+            )
+        )
+    numbering_first = order != "gather first"
+    return jax.jit(
+        lambda c, r, s, t: reductions_rung(
+            stage, c, r, s.sorted_expert, s.order, numbering_first=numbering_first, **kwargs
+        )
+    )
+
+
+def _check_ladder_rows(rung: str, out, coef, x, schedule, *, top_k: int, block: int) -> None:
+    """--smoke's check that a probe rung summed what it says, against numpy in float64: "gather" each block's
+    whole weighted sum, "+ numbering" and "+ head/tail flags" its last segment's, "+ loop" all its segments'
+    (the whole sum again), in the row the rung stores it to (module doc). AssertionError otherwise."""
+    experts = np.asarray(schedule.sorted_expert)
+    num_pairs = experts.shape[0]
+    weighted = np.asarray(coef, np.float64)[:, None] * np.asarray(x, np.float64)[np.asarray(schedule.order) // top_k]
+    out = np.asarray(out, np.float64)
+    for index, start in enumerate(range(0, num_pairs, block)):
+        stop = min(start + block, num_pairs)
+        member = np.ones(stop - start, bool)
+        if rung in ("+ numbering", "+ head/tail flags"):
+            member = experts[start:stop] == experts[stop - 1]  # sorted: the last segment is the last expert's
+        want = weighted[start:stop][member].sum(axis=0)
+        head_cut = start > 0 and experts[start - 1] == experts[start]
+        tail_cut = stop < num_pairs and experts[stop] == experts[stop - 1]
+        row = index if rung == "gather" else 2 * index + (rung != "+ numbering" and (head_cut or tail_cut))
+        np.testing.assert_allclose(out[row], want, rtol=1e-5, atol=1e-5, err_msg=f"rung {rung!r}, block {index}")
+
+
+def reductions_ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
+    """The rungs from "gather" to the reductions-mode blocks kernel at one setting (see the module doc)."""
+    x, up, coef, schedule = probe_inputs(tokens, top_k, num_experts, d)
+    heuristic = default_config(tokens, top_k, num_experts, d, DTYPE)
+    config = dataclasses.replace(heuristic, segment_sums="reductions")  # the heuristic's own at training's shapes
+    setting = {
+        "setting": f"T={tokens} K={top_k} N={num_experts} d={d}",
+        "heuristic_segment_sums": heuristic.segment_sums,
+    }
+    setting.update(_segment_counts(schedule.sorted_expert, config.segment_block))
+    row_bytes = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one gathered row per pair
+    out_shape = jax.ShapeDtypeStruct(up.shape, up.dtype)
+    block = config.segment_block
+    rows, ms = [], {}
+    for name, against in REDUCTIONS_LADDER:
+        row = {**setting, "rung": name, "compared_with": against, "config": str(config)}
+        if time.monotonic() > deadline:
+            rows.append({**row, "status": "skipped (time budget)"})
+            continue
+        try:
+            fn = _ladder_rung_fn(name, config, top_k=top_k, out_shape=out_shape, interpret=interpret)
+            row.update(
+                common.time_fn(
+                    fn, [(coef, x, schedule, up)], reps=1 if interpret else 20, batches=1 if interpret else 5
+                )
+            )
+            row["gather_TBps"] = row_bytes / (row["ms"] * 1e-3) / 1e12
+            if "gather" in ms:
+                row["over_gather"] = row["ms"] / ms["gather"]
+            if against in ms:
+                row["added_ms"] = row["ms"] - ms[against]
+            ms[name] = row["ms"]
+            if interpret:  # --smoke: each rung lowers for CUDA, and the probe rungs sum what they say
+                native = _ladder_rung_fn(name, config, top_k=top_k, out_shape=out_shape, interpret=False)
+                native.trace(coef, x, schedule, up).lower(lowering_platforms=("cuda",))
+                if not name.startswith("blocks"):  # the kernel's own tests check the real pass
+                    out = fn(coef, x, schedule, up)
+                    _check_ladder_rows(name.partition(", ")[0], out, coef, x, schedule, top_k=top_k, block=block)
+            row["status"] = "ok"
+        except Exception as err:  # one failing rung must not cost the others
+            row["status"] = f"error: {type(err).__name__}"
+            row["error"] = traceback.format_exc(limit=3)[-2000:]
+        print({k: v for k, v in row.items() if k not in ("config", "error")}, flush=True)
+        rows.append(row)
+    return rows
+
+
 def _segment_counts(sorted_expert, block: int) -> dict:
     """Pairs per touched expert, and the mean number of segments meeting a block of `block` sorted pairs
     (a block's first pair opens one, and so does every other pair whose expert differs from the one before)."""
@@ -282,10 +468,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
     parser.add_argument("--sums", action="store_true", help="segment_sums 'products' vs 'reductions' instead")
+    parser.add_argument(
+        "--reductions-ladder", action="store_true", help="from 'gather' to the reductions-mode blocks, instead"
+    )
     parser.add_argument("--budget-s", type=float, default=150.0)
     args = parser.parse_args()
     start = time.monotonic()
     deadline = start + args.budget_s
+    if args.reductions_ladder:
+        settings = SUMS_SMOKE_SETTINGS if args.smoke else LADDER_SETTINGS
+        rows = [r for s in settings for r in reductions_ladder(*s, interpret=args.smoke, deadline=deadline)]
+        print()
+        columns = ["setting", "segments_per_block", "rung", "ms", "compared_with", "added_ms", "over_gather"]
+        common.print_table(rows, [*columns, "gather_TBps", "status"])
+        failed = [r for r in rows if r["status"].startswith("error")]
+        if not args.smoke:
+            path = common.write_results("segment_reductions_ladder", rows, wall_s=round(time.monotonic() - start, 1))
+            common.copy_to_out(path)
+            print(f"\nwrote {path}")
+        if failed:
+            sys.exit(f"{len(failed)} rung(s) failed: {[r['rung'] for r in failed]}")
+        return
     if args.sums:
         settings = SUMS_SMOKE_SETTINGS if args.smoke else SUMS_SETTINGS
         rows = [r for s in settings for r in compare_sums(*s, interpret=args.smoke, deadline=deadline)]

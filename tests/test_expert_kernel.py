@@ -232,6 +232,43 @@ def test_segment_sum_layouts(layout, dtype, segment_sums, seed):
     check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
 
 
+@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
+def test_segment_blocks_give_the_same_bits_in_either_load_order(segment_sums, seed):
+    # The blocks kernel issues its gathers before the segment numbering; `numbering_first` is the order it
+    # had before, kept for benchmarks/segment_probe.py: the same sums, rows and dots, to the bit.
+    tokens, top_k, chosen, num_experts, block = SEGMENT_LAYOUTS["mixed_ragged"]
+    rng = np.random.default_rng(seed)
+    d = 32
+    indices = rng.integers(0, chosen, (tokens, top_k), dtype=np.int32)
+    coef = jnp.asarray(rng.standard_normal(tokens * top_k, np.float32))
+    rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), BF16)
+    table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), BF16)
+    schedule = build_schedule(jnp.asarray(indices), num_experts)
+    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_sums=segment_sums)
+    out_shape = jax.ShapeDtypeStruct(table.shape, table.dtype)
+
+    def whole_pass(numbering_first):
+        out, side, dots = kernel.segment_blocks(
+            coef,
+            rows,
+            schedule.sorted_expert,
+            schedule.order,
+            out_shape,
+            top_k=top_k,
+            dot_table=table,
+            config=config,
+            interpret=True,
+            numbering_first=numbering_first,
+        )
+        out = kernel.segment_fixup(out, side, schedule.sorted_expert, config=config, interpret=True)
+        return kernel.zero_untouched_rows(out, schedule.sorted_expert, config=config, interpret=True), dots
+
+    (out, dots), (out_before, dots_before) = whole_pass(False), whole_pass(True)
+    assert np.all(np.isfinite(np.asarray(out, np.float32))), "a row no kernel wrote"
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(out_before, np.float32))
+    np.testing.assert_array_equal(np.asarray(dots), np.asarray(dots_before))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The whole op, forward and all four gradients, interpret mode vs the reference
 

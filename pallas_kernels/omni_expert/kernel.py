@@ -28,6 +28,7 @@ flight share one column slice of the gathered table (see config.py).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -260,6 +261,108 @@ def _any(flags: jax.Array) -> jax.Array:
     return jnp.max(flags.astype(jnp.int32)) > 0
 
 
+def _experts_at(sorted_expert_ref, positions, num_pairs: int) -> jax.Array:
+    """sorted_expert[positions] [B], -1 where no pair is (outside [0, num_pairs); real experts are >= 0)."""
+    inside = (positions >= 0) & (positions < num_pairs)
+    return pltriton.load(sorted_expert_ref.at[jnp.clip(positions, 0, num_pairs - 1)], mask=inside, other=-1)
+
+
+def _number_segments(expert, before, lanes, valid) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(starts [B]: a segment starts at this pair, rank [B]: the block-local number of each pair's segment,
+    num_local: the segments meeting the block, >= 1) from the block's experts and those one pair before."""
+    starts = valid & (expert != before)
+    opens = valid & (starts | (lanes == 0))  # first pair of a segment within this block
+    rank = jnp.cumsum(opens.astype(jnp.int32)) - 1
+    return starts, rank, jnp.sum(opens.astype(jnp.int32))
+
+
+def _cut_flags(expert, after, starts, lanes, positions, valid, *, block: int, num_pairs: int):
+    """(head_cut, tail_cut): the block's first segment began in an earlier block; its last goes on into the next."""
+    ends = valid & (expert != after)  # a segment ends at this pair
+    head_cut = _any((lanes == 0) & valid & ~starts)
+    last_lane = (lanes == block - 1) | (positions == num_pairs - 1)
+    return head_cut, _any(last_lane & valid & ~ends)
+
+
+class _Block(NamedTuple):
+    """What a segment-pass program loads and numbers before it sums ([B] per pair, [B, Dc] per row chunk)."""
+
+    valid: jax.Array  # the lane holds a pair (the last block is ragged)
+    expert: jax.Array  # the pair's expert, -1 where no pair is
+    coef: jax.Array  # f32, 0 where no pair is
+    rows: jax.Array  # [B, Dc] the pairs' token rows in their dtype (a dot operand as is)
+    table_rows: jax.Array | None  # [B, Dc] f32 the pairs' experts' rows of the dot table, with the dots only
+    rank: jax.Array  # the block-local number of the pair's segment
+    num_local: jax.Array  # the segments meeting the block (>= 1)
+    head_cut: jax.Array | None  # the block's first segment began in an earlier block (None: not asked for)
+    tail_cut: jax.Array | None  # the block's last segment goes on into the next block
+
+
+def _segment_block_prologue(
+    sorted_expert_ref,
+    order_ref,
+    coef_ref,
+    rows_ref,
+    dot_table_ref,
+    *,
+    cols,
+    num_pairs: int,
+    top_k: int,
+    block: int,
+    numbering_first: bool,
+    cut_flags: bool = True,
+) -> _Block:
+    """The loads and the segment numbering of program pl.program_id(0)'s block of sorted pairs, column
+    chunk `cols`; `dot_table_ref` None for no dots. Shared with benchmarks/segment_probe.py, whose rungs
+    also take it without the cut flags (`cut_flags=False`: head_cut and tail_cut None, `after` not loaded).
+
+    The gathers are issued before anything waits on the experts: a warp issues in order, and the
+    numbering's block-wide scan and reductions wait for the experts' loads, so with the numbering first
+    (`numbering_first`, the order before, the same results) every program's row gather waited one more load
+    round trip and four block-wide steps (benchmarks/NOTES.md, "Segment sums by reductions")."""
+    lanes = jnp.arange(block, dtype=jnp.int32)  # [B]
+    positions = pl.program_id(0) * block + lanes  # [B] sorted positions; past P in the ragged last block
+    valid = positions < num_pairs
+
+    def experts():  # the block's pairs' experts and those of their neighbours (after: with the cut flags)
+        shifts = (0, -1, 1) if cut_flags else (0, -1)
+        return [_experts_at(sorted_expert_ref, positions + shift, num_pairs) for shift in shifts]
+
+    def pair_ids():  # the pairs in sorted order and their coefficients (already in sorted order)
+        pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)
+        return pairs, pltriton.load(coef_ref.at[positions], mask=valid, other=0.0)
+
+    def numbering(expert, before, after=None):
+        starts, rank, num_local = _number_segments(expert, before, lanes, valid)
+        if not cut_flags:
+            return rank, num_local, None, None
+        cuts = _cut_flags(expert, after, starts, lanes, positions, valid, block=block, num_pairs=num_pairs)
+        return rank, num_local, *cuts
+
+    def gather(pairs, expert):
+        rows = _load_rows(rows_ref, pairs // top_k, cols, valid)
+        if dot_table_ref is None:
+            return rows, None
+        return rows, _gather_rows(dot_table_ref, jnp.maximum(expert, 0), cols, valid)
+
+    if numbering_first:
+        neighbours = experts()
+        numbered = numbering(*neighbours)
+        pairs, coef = pair_ids()
+        gathered = gather(pairs, neighbours[0])
+    else:
+        pairs, coef = pair_ids()
+        neighbours = experts()
+        gathered = gather(pairs, neighbours[0])
+        numbered = numbering(*neighbours)
+    return _Block(valid, neighbours[0], coef, *gathered, *numbered)
+
+
+def _masked_row_sum(member, coef, rows) -> jax.Array:
+    """[Dc] f32: the sum over the block's pairs of coef * rows where `member` [B] (rows [B, Dc] f32)."""
+    return jnp.sum(jnp.where(member, coef, 0.0)[:, None] * rows, axis=0)
+
+
 def _segment_blocks_kernel(
     sorted_expert_ref,
     order_ref,
@@ -274,6 +377,7 @@ def _segment_blocks_kernel(
     d_block: int,
     with_dots: bool,
     segment_sums: str,
+    numbering_first: bool,
 ):
     # refs: [dot_table_ref,] out_ref, side_ref[, dots_ref]: the dot table and dots only with_dots. out_ref
     # starts uninitialised: this kernel writes the uncut segments' rows, the fix-up the cut ones and
@@ -283,30 +387,23 @@ def _segment_blocks_kernel(
     else:
         (out_ref, side_ref), dot_table_ref, dots_ref = refs, None, None
     index, chunk = pl.program_id(0), pl.program_id(1)
-    lanes = jnp.arange(block, dtype=jnp.int32)  # [B]
-    positions = index * block + lanes  # [B] sorted positions; past P in the ragged last block
-    valid = positions < num_pairs
-    # Experts of the block's pairs and of their neighbours (-1: no pair there; real experts are >= 0).
-    expert = pltriton.load(sorted_expert_ref.at[positions], mask=valid, other=-1)  # [B]
-    before = pltriton.load(sorted_expert_ref.at[jnp.maximum(positions - 1, 0)], mask=valid & (positions > 0), other=-1)
-    after = pltriton.load(sorted_expert_ref.at[positions + 1], mask=positions + 1 < num_pairs, other=-1)
-    starts = valid & (expert != before)  # [B] a segment starts at this pair
-    ends = valid & (expert != after)  # [B] a segment ends at this pair
-    opens = valid & (starts | (lanes == 0))  # [B] first pair of a segment within this block
-    rank = jnp.cumsum(opens.astype(jnp.int32)) - 1  # [B] the block-local number of each pair's segment
-    num_local = jnp.sum(opens.astype(jnp.int32))  # segments meeting this block (>= 1)
-    head_cut = _any((lanes == 0) & valid & ~starts)  # the block's first segment began in an earlier block
-    last_lane = (lanes == block - 1) | (positions == num_pairs - 1)
-    tail_cut = _any(last_lane & valid & ~ends)  # the block's last segment goes on into the next block
-
-    pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [B]
-    tokens = pairs // top_k  # [B]
-    coef = pltriton.load(coef_ref.at[positions], mask=valid, other=0.0)  # [B], already in sorted order
     cols = _columns(chunk, d_block)  # [Dc]
-    rows = _load_rows(rows_ref, tokens, cols, valid)  # [B, Dc] in the rows' dtype: a dot operand as is
+    valid, expert, coef, rows, table_rows, rank, num_local, head_cut, tail_cut = _segment_block_prologue(
+        sorted_expert_ref,
+        order_ref,
+        coef_ref,
+        rows_ref,
+        dot_table_ref,
+        cols=cols,
+        num_pairs=num_pairs,
+        top_k=top_k,
+        block=block,
+        numbering_first=numbering_first,
+    )
+    positions = index * block + jnp.arange(block, dtype=jnp.int32)  # [B]
+
     if with_dots:
         # The same gathered rows give this column chunk's share of each pair's dot with its expert's row.
-        table_rows = _gather_rows(dot_table_ref, jnp.maximum(expert, 0), cols, valid)  # [B, Dc]
         dots = jnp.sum(table_rows * rows.astype(jnp.float32), axis=1)  # [B]
         pltriton.store(dots_ref.at[chunk, positions], dots, mask=valid)  # sorted order: contiguous
 
@@ -315,7 +412,7 @@ def _segment_blocks_kernel(
 
         def sum_segment(segment, carry):  # the block's `segment`-th segment: one f32 row, stored once
             member = rank == segment  # [B]; lanes past P share the last segment's rank but add 0 (coef 0)
-            total = jnp.sum(jnp.where(member, coef, 0.0)[:, None] * rows, axis=0)  # [Dc] f32
+            total = _masked_row_sum(member, coef, rows)  # [Dc] f32
             head = (segment == 0) & head_cut  # (a segment cut at both ends counts as the head)
             tail = (segment == num_local - 1) & tail_cut & ~head
 
@@ -457,12 +554,14 @@ def segment_blocks(
     dot_table: jax.Array | None,
     config: ExpertKernelConfig,
     interpret: bool,
+    numbering_first: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """segment_sum's first pallas_call: (out with the uncut segments' rows written and the others not,
     side [2 * blocks, d] f32, dots or None).
 
     dots, with `dot_table`, are per column chunk: [d / d_block, P] f32. Public so that
-    benchmarks/segment_probe.py can time this call apart from the fix-up.
+    benchmarks/segment_probe.py can time this call apart from the fix-up; `numbering_first` (the same
+    results) is the order of the program's loads before the row gather came first, kept for that probe.
     """
     d = rows.shape[1]
     num_pairs = sorted_expert.shape[0]
@@ -481,6 +580,7 @@ def segment_blocks(
         d_block=config.d_block,
         with_dots=with_dots,
         segment_sums=config.segment_sums,
+        numbering_first=numbering_first,
     )
     inputs = [sorted_expert, order, coef, rows]
     # The side buffer: rows 2b and 2b + 1 hold block b's head and tail partials, written only where a
