@@ -91,7 +91,8 @@ class ProductKeyRetrieval(nn.Module):
     4. Exact top-k of the n*n sums per (token, head) through `omni_router`; softmax over the k.
 
     Call `(tokens [T, d], *, train)` -> (gates [T, heads, k] f32 (f64 for f64 compute), indices
-    [T, heads, k] int32 in [0, n*n)).
+    [T, heads, k] int32 in [0, n*n)). The k slots of a (token, head) come in `omni_router`'s unsorted order
+    on the kernel paths (by score on "xla"): the same set and gates, whatever the order.
     """
 
     num_heads: int
@@ -126,8 +127,10 @@ class ProductKeyRetrieval(nn.Module):
         spec = "thpc,pnc->thpn" if self.shared_keys else "thpc,hpnc->thpn"
         scores = jnp.einsum(spec, query, sub_keys, preferred_element_type=acc)  # [T, heads, 2, n]
         scores = scores.reshape(num_tokens * heads, 2, n)  # [T * heads, 2, n]
+        # Unsorted: the softmax and the sums over the k slots downstream do not depend on the slots' order,
+        # so the kernels skip the sort of the [T * heads, k] result (the reference returns it sorted anyway).
         top_scores, indices = omni_router(
-            scores[:, 0], scores[:, 1], self.top_k, implementation=self.implementation
+            scores[:, 0], scores[:, 1], self.top_k, implementation=self.implementation, sort_by_score=False
         )  # [T * heads, k] each
         gates = jax.nn.softmax(top_scores, axis=-1)  # [T * heads, k]
         return gates.reshape(num_tokens, heads, self.top_k), indices.reshape(num_tokens, heads, self.top_k)
