@@ -108,7 +108,7 @@ class MemoryFit:
     tried: tuple[tuple[int, int | None], ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """The start record's "memory" field (gigabytes, 1e9 bytes, to two decimals)."""
+        """The start record's "memory" field (gigabytes, 1e9 bytes, to three significant digits)."""
         return {
             "requested_grad_accum": self.requested,
             "grad_accum": self.grad_accum,
@@ -118,18 +118,23 @@ class MemoryFit:
         }
 
     def summary(self) -> str:
-        """The console's words for it: "grad_accum 4 (auto), step estimated at 12.30 GB of 80.00 GB"."""
+        """The console's words for it: "grad_accum 4 (auto), step estimated at 12.3 GB of 80 GB"."""
         how = " (auto)" if self.requested == AUTO_GRAD_ACCUM else ""
         estimate = (
             "no memory estimate"
             if self.estimate_bytes is None
-            else f"step estimated at {_gb(self.estimate_bytes):.2f} GB"
+            else f"step estimated at {_gb_text(self.estimate_bytes)}"
         )
-        return f"grad_accum {self.grad_accum}{how}, {estimate} of {_gb(self.limit_bytes):.2f} GB"
+        return f"grad_accum {self.grad_accum}{how}, {estimate} of {_gb_text(self.limit_bytes)}"
 
 
 def _gb(size: int | None) -> float | None:
-    return None if size is None else round(size / GB, 2)
+    """Bytes as gigabytes to three significant digits (a small test step's estimate is not 0.00 GB)."""
+    return None if size is None else float(f"{size / GB:.3g}")
+
+
+def _gb_text(size: int) -> str:
+    return f"{size / GB:.3g} GB"
 
 
 def fit_train_step(
@@ -149,7 +154,7 @@ def fit_train_step(
         if estimate is not None and estimate > limit:
             raise StepDoesNotFitError(
                 f"the train step of grad_accum={config.grad_accum} (micro-batches of {config.micro_batch_size} "
-                f"sequences) needs an estimated {estimate / GB:.2f} GB, more than the device's {limit / GB:.2f} GB; "
+                f"sequences) needs an estimated {_gb_text(estimate)}, more than the device's {_gb_text(limit)}; "
                 "try --grad_accum=auto or a larger grad_accum",
                 estimate_bytes=estimate,
                 limit_bytes=limit,
@@ -179,8 +184,8 @@ def fit_train_step(
     raise StepDoesNotFitError(
         f'grad_accum="auto": no micro-batching of batch_size={config.batch_size} fits: the largest tried, '
         f"grad_accum={largest} (micro-batches of {config.batch_size // largest} sequences), needs an estimated "
-        f"{estimate / GB:.2f} GB, more than {FIT_FRACTION:.0%} of the device's {limit / GB:.2f} GB "
-        f"(estimates by grad_accum: {', '.join(f'{g}: {e / GB:.2f} GB' for g, e in tried)}); "
+        f"{_gb_text(estimate)}, more than {FIT_FRACTION:.0%} of the device's {_gb_text(limit)} "
+        f"(estimates by grad_accum: {', '.join(f'{g}: {_gb_text(e)}' for g, e in tried)}); "
         "try a smaller batch_size or model, or more devices",
         estimate_bytes=estimate,
         limit_bytes=limit,
