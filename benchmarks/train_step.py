@@ -6,9 +6,10 @@
 One process per preset (a preset that runs out of memory cannot poison the next). Each process:
 
 1. compiles the real `train.steps` train step of the preset (its model, optimizer, batch shape
-   [grad_accum, micro_batch, L + 1]), timing the compilation, and reads XLA's memory estimate of it
-   (`Compiled.memory_analysis()`); a step whose estimate exceeds the device's memory is reported as
-   "does not fit" with the estimate instead of being run;
+   [grad_accum, micro_batch, L + 1]) as the training loop does (`train.memory.fit_train_step`: grad_accum
+   "auto" resolved, XLA's memory estimate read), timing the compilation (every grad_accum "auto" tried); a
+   step whose estimate cannot fit the device's memory is reported as "does not fit" with the estimate
+   instead of being run;
 2. device-bound timing: `--steps` steps on batches already on the device, dispatched back to back, timed
    in windows of 10 steps (a block at each window's end); the median window gives the step time;
 3. loop timing: the same number of steps the way `train.loop.run` feeds them (the sampler draws each batch
@@ -188,34 +189,37 @@ def measure(preset: str, args, overrides: list[str], save) -> dict:
     from train.config import apply_overrides, parse_overrides
     from train.flops import model_flops_per_token
     from train.loop import _prepare_data
+    from train.memory import GB, StepDoesNotFitError, fit_train_step
     from train.prefetch import BatchPrefetcher
     from train.presets import get_preset
-    from train.steps import build_steps, compiled_train_step
 
     config = apply_overrides(get_preset(preset), parse_overrides(overrides))
-    steps = build_steps(config)
-    shape = (config.grad_accum, config.micro_batch_size, config.model.context_length + 1)
-    tokens_per_step = config.grad_accum * config.micro_batch_size * config.model.context_length
     flops = model_flops_per_token(config.model)
     row = {
         "preset": preset,
         "ffn": config.model.ffn_kind,
         "active_params": flops["active_parameters"],
         "model_flops_per_token": flops["model_flops_per_token"],
-        "tokens_per_step": tokens_per_step,
-        "batch_shape": list(shape),
+        "tokens_per_step": config.tokens_per_step,
     }
     device = jax.devices()[0]
     start = time.perf_counter()
-    train_step = compiled_train_step(steps, shape)
-    row["compile_s"] = round(time.perf_counter() - start, 1)
-    estimate = _memory_estimate(train_step)
-    row["estimate_gb"] = round(estimate / 1e9, 2) if estimate else None
-    save(row)
-    limit = (device.memory_stats() or {}).get("bytes_limit")
-    if estimate and limit and estimate > limit:
-        row["status"] = f"does not fit: estimate {estimate / 1e9:.1f} GB > {limit / 1e9:.1f} GB"
+    try:  # the loop's own compilation: "auto" resolved, a step that cannot fit refused with its estimate
+        config, steps, train_step, fit = fit_train_step(config)
+    except StepDoesNotFitError as err:
+        row["compile_s"] = round(time.perf_counter() - start, 1)
+        row["estimate_gb"] = None if err.estimate_bytes is None else round(err.estimate_bytes / GB, 2)
+        estimate = "no estimate" if err.estimate_bytes is None else f"estimate {err.estimate_bytes / GB:.1f} GB"
+        row["status"] = f"does not fit: {estimate} > {err.limit_bytes / GB:.1f} GB"
+        row["error"] = str(err)
         return row
+    row["compile_s"] = round(time.perf_counter() - start, 1)
+    shape = (config.grad_accum, config.micro_batch_size, config.model.context_length + 1)
+    tokens_per_step = config.tokens_per_step
+    row["batch_shape"] = list(shape)
+    row["memory"] = fit.to_dict()
+    row["estimate_gb"] = row["memory"]["estimate_gb"]
+    save(row)
 
     state = steps.init_state(jax.random.key(config.seed))
     _, sampler, _ = _prepare_data(config, log=lambda line: None)  # the loop's own corpus and sampler
@@ -274,19 +278,6 @@ def measure(preset: str, args, overrides: list[str], save) -> dict:
     row["loss_finite"] = bool(jnp.isfinite(row["loss"]))
     row["status"] = "ran"
     return row
-
-
-def _memory_estimate(compiled) -> int | None:
-    """Bytes XLA plans for the step: arguments + outputs + temporaries, less the donated aliases."""
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:  # not every backend reports one
-        return None
-    if analysis is None:
-        return None
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
-    total = sum(getattr(analysis, f, 0) or 0 for f in fields)
-    return total - (getattr(analysis, "alias_size_in_bytes", 0) or 0)
 
 
 def _trace(step, step_s: float) -> dict:

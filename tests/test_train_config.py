@@ -153,6 +153,11 @@ def test_a_bare_bool_flag_is_true_and_never_swallows_the_next_flag():
         (["--steps"], "needs a value"),
         (["steps=3"], "expected --key=value"),
         (["--batch_size=30", "--grad_accum=4"], "batch_size=30 must be a multiple of grad_accum=4"),
+        (["--grad_accum=0"], "grad_accum=0 must be a positive int or 'auto'"),
+        (["--grad_accum=-2"], "grad_accum=-2 must be a positive int or 'auto'"),
+        (["--grad_accum=2.5"], "grad_accum='2.5' must be a positive int or 'auto'"),
+        (["--grad_accum=Auto"], "grad_accum='Auto' must be a positive int or 'auto'"),
+        (["--grad_accum"], "--grad_accum needs a value"),
         (["--warmup_steps=400", "--steps=400"], "warmup_steps"),
         (["--learning_rate=0"], "learning_rate"),
         (["--ffn.num_experts=1000"], "num_experts=1000 must be a perfect square"),
@@ -185,6 +190,20 @@ def test_config_round_trips_through_dict():
         TrainConfig.from_dict({**config.to_dict(), "epochs": 2})
 
 
+def test_grad_accum_is_a_positive_int_or_auto():
+    tiny = get_preset("tiny")
+    auto = apply_overrides(tiny, parse_overrides(["--grad_accum=auto", "--batch_size=30"]))
+    assert auto.grad_accum == "auto"  # no multiple of batch_size to check until train.memory resolves it
+    assert TrainConfig.from_dict(json.loads(json.dumps(auto.to_dict()))) == auto  # config files hold "auto"
+    assert apply_overrides(tiny, parse_overrides(["--grad_accum=4"])).grad_accum == 4  # an int, not "4"
+    with pytest.raises(ValueError, match="no micro-batch size until"):
+        auto.micro_batch_size  # noqa: B018
+    for bad in (True, 2.0, "4", None, 0):
+        with pytest.raises(ValueError, match=re.escape(f"grad_accum={bad!r} must be a positive int or 'auto'")):
+            dataclasses.replace(tiny, grad_accum=bad)
+    assert get_preset("small-pkm").grad_accum == "auto"  # PKM's "xla" path gathers [T, 4, 1152, 512] per layer
+
+
 def test_train_config_needs_an_lm_config():
     with pytest.raises(TypeError, match="model must be an LMConfig"):
         TrainConfig(model=dataclasses.asdict(LMConfig()))
@@ -208,6 +227,8 @@ def test_print_config_shows_the_resolved_config_and_exits(tmp_path, capsys):
     }
     assert TrainConfig.from_dict(printed) == config
     assert not run_dir.exists()  # nothing loaded, compiled or written
+    assert cli.main(["--print-config", "--preset", "small-pkm", "--run-dir", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["grad_accum"] == "auto"  # as given: resolved when the run compiles
 
 
 def test_steps_alone_scales_the_presets_warmup():

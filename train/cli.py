@@ -23,6 +23,7 @@ from train.config import TrainConfig, apply_overrides, parse_overrides
 from train.data import CorpusError
 from train.flops import model_flops_per_token
 from train.loop import load_config, run
+from train.memory import StepDoesNotFitError
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
 from train.run_directory import RunDirectoryError
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the job; returns the exit status (0 done, 2 bad input or an unusable run directory, 3 diverged (a
+    """Runs the job; returns the exit status (0 done, 2 bad input, an unusable run directory or a train step
+    that does not fit the device's memory, 3 diverged (a
     non-finite loss; nothing of it saved), 128 + signal number when interrupted)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -159,7 +161,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
         parser.error(str(err))
     try:
         summary = run(config, run_dir, resume=args.resume, mesh=mesh)
-    except (CorpusError, RunDirectoryError, TokenizerError) as err:
+    except (CorpusError, RunDirectoryError, StepDoesNotFitError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

@@ -5,8 +5,8 @@ for the sparse layers' FFN kind (a new kind starts from its `small_preset(hidden
 `omnimoe_jax.baselines.presets.small_presets`), and `--ffn.<field>` for a field of that kind's config
 (`--ffn=peer --ffn.num_heads=4`, `--ffn.num_experts=4096`; the kind is the model's after this command line's
 `--ffn`). Dashes and underscores are interchangeable. Values are parsed by the field's type: int, float, bool
-(true/false/1/0/yes/no), str, and "none" for optional fields. An unknown key is refused with the nearest valid
-ones and the list of all.
+(true/false/1/0/yes/no), str, an int or a word for int-or-str fields (`--grad_accum=4`, `--grad_accum=auto`),
+and "none" for optional fields. An unknown key is refused with the nearest valid ones and the list of all.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from omnimoe_jax._config_fields import is_int, is_number
 from omnimoe_jax._model import LMConfig
 from omnimoe_jax.ffn_registry import FFN_REGISTRY
 
+# grad_accum's word for "the fewest micro-batches that fit" (`train.memory.fit_train_step`).
+AUTO_GRAD_ACCUM = "auto"
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -39,7 +42,10 @@ class TrainConfig:
       token_dtype: element type of headerless .bin token files ("uint16" or "uint32").
       seed: seeds the parameter initialisation and the batch sampler.
       batch_size: sequences per optimizer step.
-      grad_accum: micro-batches per step (batch_size / grad_accum sequences each, gradients averaged).
+      grad_accum: micro-batches per step (batch_size / grad_accum sequences each, gradients averaged), or "auto":
+        the fewest micro-batches whose compiled step XLA estimates to fit the device's memory
+        (`train.memory.fit_train_step`, before the first step). The run's config.json and start record hold the
+        value chosen, so a resumed run keeps it; an int whose step cannot fit is refused before training.
       steps: optimizer steps of the whole run (the learning-rate schedule spans them).
       learning_rate: peak learning rate, reached after `warmup_steps` of linear warmup from 0, then cosine
         decay to `learning_rate * min_lr_ratio` at `steps`.
@@ -79,7 +85,7 @@ class TrainConfig:
     token_dtype: str = "uint16"
     seed: int = 0
     batch_size: int = 32
-    grad_accum: int = 1
+    grad_accum: int | str = 1
     steps: int = 1000
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -103,14 +109,17 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.model, LMConfig):
             raise TypeError(f"model must be an LMConfig, got {type(self.model).__name__}")
-        positive = ("batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every")
+        positive = ("batch_size", "steps", "eval_every", "eval_batches", "log_every")
         for field in (*positive, "checkpoint_every", "keep_checkpoints"):
             _check_int(field, getattr(self, field), minimum=1)
         # jax.random.key keeps 32 bits without x64: seed 2**32 would silently be seed 0.
         _check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+        if self.grad_accum != AUTO_GRAD_ACCUM:
+            if not is_int(self.grad_accum) or self.grad_accum < 1:
+                raise ValueError(f"grad_accum={self.grad_accum!r} must be a positive int or {AUTO_GRAD_ACCUM!r}")
+            if self.batch_size % self.grad_accum:
+                raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
         if self.warmup_steps >= self.steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be < steps={self.steps} (override both for a short run)"
@@ -150,6 +159,11 @@ class TrainConfig:
 
     @property
     def micro_batch_size(self) -> int:
+        """Sequences per micro-batch; ValueError while grad_accum is "auto" (`train.memory` resolves it)."""
+        if self.grad_accum == AUTO_GRAD_ACCUM:
+            raise ValueError(
+                'grad_accum="auto" has no micro-batch size until train.memory.fit_train_step resolves it to an int'
+            )
         return self.batch_size // self.grad_accum
 
     @property
@@ -310,6 +324,11 @@ def _parse_value(key: str, text: str | None, annotation: Any) -> Any:
     if type(None) in options and text.lower() in ("none", "null"):
         return None
     kinds = [t for t in options if t is not type(None)]
+    if set(kinds) == {int, str}:  # a count or a word (grad_accum: 4 or "auto"); the config checks the word
+        try:
+            return int(text)
+        except ValueError:
+            return text
     kind = kinds[0] if len(kinds) == 1 else str
     if kind is Any:  # dtypes: given by name, validated by the config
         return text

@@ -1,6 +1,7 @@
 """`run`: the imperative driver of a training run, over the pure steps of `train.steps`.
 
-It loads the corpus (`train.data`), builds and compiles the steps, restores or starts the TrainState
+It loads the corpus (`train.data`), builds and compiles the steps (`train.memory`: grad_accum "auto" resolved,
+a step whose memory estimate cannot fit refused before anything is written), restores or starts the TrainState
 (`train.checkpoint`), then feeds it batches (`train.prefetch`), stopping on `steps`, `stop_at_step`, a
 signal, the time limit or a non-finite loss (`train.divergence`), and writes metrics.jsonl through the
 `log_<kind>` functions of `train.metrics`, which document every record and print its console line.
@@ -9,6 +10,7 @@ signal, the time limit or a non-finite loss (`train.divergence`), and writes met
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -25,16 +27,17 @@ from jax.sharding import Mesh
 
 from train import data as data_lib
 from train import divergence
+from train import memory as memory_lib
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train import progress as progress_lib
 from train import tokenizer as tokenizer_lib
 from train.checkpoint import Checkpoints
-from train.config import TrainConfig
+from train.config import AUTO_GRAD_ACCUM, TrainConfig
 from train.metrics import MetricsLog, evaluate
 from train.prefetch import BatchPrefetcher
 from train.run_directory import RunDirectoryError, RunLock
-from train.steps import RECORDING_FIELDS, TrainState, abstract_state, build_steps, compiled_train_step
+from train.steps import RECORDING_FIELDS, TrainState, abstract_state
 
 
 def load_config(run_dir: str | pathlib.Path) -> TrainConfig:
@@ -89,6 +92,10 @@ def run(
     of the run is exactly what an uninterrupted run would have done. `stop_at_step` ends the run early
     (with a checkpoint) once that many steps are done, as a signal or the time limit would.
 
+    grad_accum "auto" is resolved by `train.memory.fit_train_step` and config.json stores the int it chose (a
+    resumed run given "auto" takes the stored one); `train.memory.StepDoesNotFitError` when the step's memory
+    estimate cannot fit the device, raised before the run directory holds a config.
+
     `mesh`: train data + expert parallel on it (`train.mesh`; None = one device). A run may resume on
     another mesh, or none: the checkpoint is restored with the new layout. In a multi-process job every
     process calls `run` with the same arguments; process 0 alone writes config.json, metrics.jsonl and `log`
@@ -99,6 +106,9 @@ def run(
     console = log is None and mesh_lib.is_primary()  # our own console: a progress bar if it is a terminal
     log = (log or functools.partial(print, flush=True)) if mesh_lib.is_primary() else (lambda line: None)
     run_dir = pathlib.Path(run_dir)
+    if resume and config.grad_accum == AUTO_GRAD_ACCUM and (run_dir / "config.json").is_file():
+        # The stored config holds the grad_accum "auto" chose for this run: resuming exactly trains with it.
+        config = dataclasses.replace(config, grad_accum=load_config(run_dir).grad_accum)
     if mesh is not None:
         mesh_lib.check_mesh(config, mesh)
     corpus, sampler, eval_batches = _prepare_data(config, log)  # fails before anything is compiled
@@ -106,7 +116,6 @@ def run(
     if config.tokenizer is not None and mesh_lib.is_primary():
         tokenizer_lib.store(config.tokenizer, run_dir)  # train.sample encodes and decodes with the copy
     metrics_log = MetricsLog(run_dir, enabled=mesh_lib.is_primary())
-    steps = build_steps(config, mesh)
     with (
         RunLock(run_dir, enabled=mesh_lib.is_primary()),  # before anything in run_dir is written
         # Asynchronous: a save blocks the loop only while the state is copied off the device.
@@ -118,17 +127,26 @@ def run(
     ):
         if torn := metrics_log.repair():
             log(f"metrics.jsonl: removed a torn last line ({torn} bytes) left by an interrupted write")
+        # Compile ahead, so the first tokens/s figure measures training, not compilation, and before config.json is
+        # written, so a step that cannot fit (refused with its estimate) leaves no run behind; "auto" resolves here.
+        compile_start = time.perf_counter()
+        config, steps, train_step, memory_fit = memory_lib.fit_train_step(config, mesh)
+        compile_s = time.perf_counter() - compile_start
         state, resumed = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log, mesh=mesh)
         step = int(state.step)
         if stop_at_step is not None and not step <= stop_at_step <= config.steps:
             raise ValueError(f"stop_at_step={stop_at_step} must be in [{step}, steps={config.steps}]")
         shape = (config.grad_accum, config.micro_batch_size, config.model.context_length + 1)
-        # Compile ahead so the first tokens/s figure measures training, not compilation.
-        compile_start = time.perf_counter()
-        train_step = compiled_train_step(steps, shape)
-        compile_s = time.perf_counter() - compile_start
         metrics_lib.log_start(
-            metrics_log, log, config, corpus, step=step, resumed=resumed, compile_s=compile_s, mesh=mesh
+            metrics_log,
+            log,
+            config,
+            corpus,
+            step=step,
+            resumed=resumed,
+            compile_s=compile_s,
+            mesh=mesh,
+            memory=memory_fit,
         )
         log = progress.start(step, log, metrics_log)  # after compiling; lines print above the bar from here on
         if mesh is not None:

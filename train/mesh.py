@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omnimoe_jax import parallel
 from omnimoe_jax._model import ROUTED_KINDS
-from train.config import TrainConfig
+from train.config import AUTO_GRAD_ACCUM, TrainConfig
 
 
 def table_layout(config: TrainConfig, mesh: Mesh) -> str | None:
@@ -78,7 +78,10 @@ def batch_shards(mesh: Mesh) -> int:
 
 
 def check_mesh(config: TrainConfig, mesh: Mesh) -> None:
-    """ValueError, naming the fields, when `config` cannot be laid out on `mesh`."""
+    """ValueError, naming the fields, when `config` cannot be laid out on `mesh`. With grad_accum "auto" the
+    largest micro-batch (grad_accum=1) is checked: `train.memory.fit_train_step` checks each one it tries."""
+    if config.grad_accum == AUTO_GRAD_ACCUM:
+        config = dataclasses.replace(config, grad_accum=1)
     shards = batch_shards(mesh)
     if config.micro_batch_size % shards:
         raise ValueError(

@@ -7,7 +7,11 @@ metrics.jsonl records, one JSON object per line, `kind` first, each written by o
 - start: step (0, or the step resumed from), resumed, resumed_from (the checkpoint restored, or null),
   skipped_checkpoints (newer checkpoints that failed verification: [{step, reason, moved_to}]), config,
   parameters {total, active}, corpus {source, byte_level, train_tokens, validation_tokens,
-  train_documents, validation_documents}, device, jax, compile_s, model_flops_per_token (`train.flops`),
+  train_documents, validation_documents}, device, jax, compile_s (every compilation of the train step,
+  one per grad_accum "auto" tried), memory {requested_grad_accum (an int or "auto"), grad_accum (the one
+  trained with, config's too), estimate_gb (XLA's estimate of its step, null where the backend has none),
+  limit_gb (the device's), tried: [[grad_accum, estimate_gb], ...]} (`train.memory.MemoryFit`),
+  model_flops_per_token (`train.flops`),
   peak_flops_per_device (the datasheet bf16 peak of the device kind, null where unknown), mesh
   ({"data": D, "expert": E}, or null on one device), processes.
 - train: step, the fields of `TRAIN_FIELDS` that apply to the run (loss, [aux_loss], learning_rate,
@@ -391,9 +395,12 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
     return records
 
 
-def log_start(metrics_log: MetricsLog, log: Log, config: TrainConfig, corpus, *, step, resumed, compile_s, mesh):
+def log_start(
+    metrics_log: MetricsLog, log: Log, config: TrainConfig, corpus, *, step, resumed, compile_s, mesh, memory
+):
     """The start record and the model's console line. `corpus`: a `train.data.Corpus`; `resumed`: the
-    record's resumed, resumed_from and skipped_checkpoints; `mesh`: the run's Mesh or None."""
+    record's resumed, resumed_from and skipped_checkpoints; `mesh`: the run's Mesh or None; `memory`: the
+    `train.memory.MemoryFit` of its train step."""
     counts = parameter_counts(config.model)
     metrics_log.write(
         {
@@ -406,6 +413,7 @@ def log_start(metrics_log: MetricsLog, log: Log, config: TrainConfig, corpus, *,
             "device": jax.devices()[0].device_kind,
             "jax": jax.__version__,
             "compile_s": round(compile_s, 2),
+            "memory": memory.to_dict(),
             "model_flops_per_token": model_flops_per_token(config.model)["model_flops_per_token"],
             "peak_flops_per_device": peak_flops(jax.devices()[0].device_kind),
             "mesh": None if mesh is None else dict(mesh.shape),
@@ -415,7 +423,7 @@ def log_start(metrics_log: MetricsLog, log: Log, config: TrainConfig, corpus, *,
     layout = "one device" if mesh is None else f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)"
     log(
         f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; {layout}; "
-        f"train step compiled in {compile_s:.1f} s; steps {step} -> {config.steps}"
+        f"train step compiled in {compile_s:.1f} s ({memory.summary()}); steps {step} -> {config.steps}"
     )
 
 

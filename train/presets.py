@@ -37,9 +37,12 @@ gathering per token than `small`: OmniMoE touches 1280 expert rows of each table
 PEER 2048, PKM 4608 value rows, so their steps take correspondingly longer (the README's training-step
 tables, from `benchmarks/train_step.py`). On a GPU PKM sums its rows through `pallas_kernels.embedding_bag`
 without storing them; its "xla" path (a CPU, or implementation="xla") gathers them as PKM's reference code
-does, into a [T, 4, 1152, 512] array per layer (T tokens per micro-batch): 155 GB at the preset's 32768
-tokens. So small-pkm accumulates 32 micro-batches of 1024 tokens (4.8 GB per layer), the same batch of 64
-sequences per step; whether the kernel path needs that on one GPU has not been measured.
+does, into a [T, 4, 1152, 512] array per layer (T tokens per micro-batch): 155 GB in bf16 at the preset's
+32768 tokens. So small-pkm sets grad_accum="auto": before the first step the training script compiles the step
+for 1, 2, 4, ... micro-batches of the same 64 sequences and trains with the fewest whose XLA memory estimate
+fits the device (`train.memory`; the start record holds the choice and its estimate). That arithmetic is the
+reason for the setting; the grad_accum it picks on a GPU, where the kernel path stores no gathered rows, has
+not been measured.
 """
 
 from __future__ import annotations
@@ -156,7 +159,7 @@ def matched_ffn_overrides(kind: str, hidden_size: int) -> dict[str, str]:
 PRESETS.update(
     {f"small-{kind}": apply_overrides(PRESETS["small"], matched_ffn_overrides(kind, 512)) for kind in FFN_KINDS}
 )
-PRESETS["small-pkm"] = apply_overrides(PRESETS["small-pkm"], {"grad_accum": "32"})  # see the docstring
+PRESETS["small-pkm"] = apply_overrides(PRESETS["small-pkm"], {"grad_accum": "auto"})  # see the docstring
 
 
 def get_preset(name: str) -> TrainConfig:
