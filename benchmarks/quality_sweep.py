@@ -16,7 +16,7 @@ The grid, per kind (the first value of every list is its centre):
   12 d^2 active parameters per token and layer for every kind;
 - seeds (`--seeds`) x base learning rates (`--learning-rates`) x the kind's variants: for the kinds with
   expert or value tables (TABLE_KINDS) every `--table-multipliers` value at the centre split, passed as
-  `--table_learning_rate_multiplier=` (`train.steps.TABLE_PARAMETERS` train at that multiple), and for
+  `--table_learning_rate_multiplier=` (the kind's `table_parameters` train at that multiple), and for
   OmniMoE every other `--omnimoe-splits` value (intermediate_size:K, each within 1% of dense's active
   parameters) at the centre multiplier. The two axes are not crossed: each is varied around the centre.
 
@@ -69,7 +69,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # benchmarks/ is a folder of scripts, not a package
 import quality
 
-from omnimoe_jax import OmniMoEConfig
+from omnimoe_jax import OmniMoEConfig, ffn_registry
 from omnimoe_jax.baselines import DenseFFNConfig
 from train import divergence
 from train.config import apply_overrides, parse_overrides
@@ -77,7 +77,7 @@ from train.metrics import read_metrics
 from train.presets import get_preset, matched_ffn_overrides
 
 SWEEP_KINDS = ("omnimoe", "dense", "deepseekmoe", "peer")
-TABLE_KINDS = ("omnimoe", "flashmoe", "peer", "pkm")  # expert or value tables: the table multiplier applies
+TABLE_KINDS = ffn_registry.table_kinds()  # expert or value tables: the table multiplier applies
 SPLIT_KINDS = ("omnimoe",)
 RIVALS = ("dense", "deepseekmoe", "peer")  # what OmniMoE must beat (issue 13's target)
 TABLE_LR_FIELD = "table_learning_rate_multiplier"

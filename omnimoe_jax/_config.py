@@ -33,10 +33,14 @@ class FFNConfig(ConfigMethods):
       sows_aux_loss: the module sows an auxiliary (load-balancing) loss into "losses" when training.
       routed: atomic experts routed by the Cartesian router: the module takes `return_routing=True` and
         returns a `RoutingResult`, and its expert tables shard over a mesh's expert axis (`expert_axis`).
+      table_parameters: the names of the module's expert or value tables, the [N, d] parameters whose rows
+        only the tokens that chose them read (empty: the kind has none). The training job can give them an
+        optimizer group of their own (`train.steps.make_optimizer`), which finds them by these names.
     """
 
     sows_aux_loss: ClassVar[bool] = False
     routed: ClassVar[bool] = False
+    table_parameters: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def module_class(cls) -> type[nn.Module]:
@@ -66,6 +70,7 @@ class RoutedConfig(FFNConfig):
     """
 
     routed: ClassVar[bool] = True
+    table_parameters: ClassVar[frozenset[str]] = frozenset({"up_embed", "down_embed"})  # `AtomicExperts`'
     top_k_field: ClassVar[str]
 
     def __post_init__(self):

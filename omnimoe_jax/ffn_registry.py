@@ -3,8 +3,8 @@
 Everything that lists kinds reads `FFN_REGISTRY`: the language model (`LMConfig.ffn`), the training job's
 `--ffn=KIND` and `--ffn.<field>` overrides and presets, `omnimoe_jax.baselines.presets.small_presets`, the
 benchmarks. What a kind is lives on its config class (an `omnimoe_jax._config.FFNConfig`): `module_class()`,
-`active_parameters()`, `small_preset(d)`, `sows_aux_loss` and `routed`. A new kind is its own module (a config
-class and its module) plus one line here.
+`active_parameters()`, `small_preset(d)`, `sows_aux_loss`, `routed` and `table_parameters`. A new kind is its own
+module (a config class and its module) plus one line here.
 
 In a `TransformerLM` the model owns some of every kind's fields (`MODEL_OWNED`: one width, activation, dtype and
 kernel choice for every FFN of the model); a kind's other fields are its "own" fields, the ones
@@ -56,6 +56,23 @@ def kind_of(config: Any) -> str:
         f"ffn={config!r} is not the config of a registered FFN kind; expected one of "
         f"{', '.join(cls.__name__ for cls in FFN_REGISTRY.values())}"
     )
+
+
+def has_tables(kind: str) -> bool:
+    """Whether FFN `kind` has expert or value tables (its config's `table_parameters`)."""
+    return bool(config_class(kind).table_parameters)
+
+
+def table_kinds() -> tuple[str, ...]:
+    """The kinds with expert or value tables, in registry order."""
+    return tuple(kind for kind in FFN_REGISTRY if has_tables(kind))
+
+
+def table_parameter_names() -> frozenset[str]:
+    """The parameter names of every kind's tables: a model's tables are its parameters of these names (the
+    last key of their path), since the layers that are not sparse are dense SwiGLUs and no kind's other
+    parameters take a table's name (tests/test_ffn_registry.py checks both against every kind's parameters)."""
+    return frozenset().union(*(cls.table_parameters for cls in FFN_REGISTRY.values()))
 
 
 def own_field_types(kind: str) -> dict[str, Any]:

@@ -105,6 +105,30 @@ def test_what_lists_kinds_reads_the_registry():
     # The routed kinds and those with an auxiliary loss are the classes' own flags.
     assert [k for k, c in FFN_REGISTRY.items() if c.routed] == ["omnimoe", "flashmoe"]
     assert [k for k, c in FFN_REGISTRY.items() if c.sows_aux_loss] == ["gshard", "deepseekmoe"]
+    assert ffn_registry.table_kinds() == ("omnimoe", "flashmoe", "peer", "pkm")
+    assert ffn_registry.table_parameter_names() == {"up_embed", "down_embed", "values"}
+
+
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_each_kinds_declared_tables_are_its_table_parameters(kind):
+    """A kind's `table_parameters` are exactly the parameters of the model named as any kind's tables (what
+    `train.steps.table_labels` groups), each an [N, d] table in every sparse layer and nowhere else."""
+    cls = FFN_REGISTRY[kind]
+    assert ffn_registry.has_tables(kind) == bool(cls.table_parameters)
+    model = dataclasses.replace(tiny_model(kind), num_layers=2, moe_every=2)  # layer_0 dense, layer_1 sparse
+    tokens = jax.ShapeDtypeStruct((1, model.context_length), jnp.int32)
+    shapes = jax.eval_shape(TransformerLM(model).init, jax.random.key(0), tokens)["params"]  # nothing allocated
+    names = ffn_registry.table_parameter_names()
+    found = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        keys = tuple(p.key for p in path)
+        if keys[-1] in names:
+            found.setdefault(keys[-1], []).append((keys[:-1], leaf.shape))
+    assert set(found) == cls.table_parameters
+    for name, places in found.items():
+        rows = getattr(model.ffn, getattr(cls, "table_field", "num_experts"))  # PKM's N is num_values
+        assert [where[0] for where, _ in places] == ["layer_1"], (name, places)
+        assert all(shape == (rows, D) for _, shape in places), (name, places)
 
 
 # A new kind: its config class and module, nothing else. The test registers it for its duration.

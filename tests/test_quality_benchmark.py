@@ -17,6 +17,7 @@ import quality  # benchmarks/ is a folder of scripts, not a package
 import quality_sweep
 import report
 
+from omnimoe_jax import ffn_registry
 from omnimoe_jax.baselines import presets as ffn_presets
 from train.config import apply_overrides, parse_overrides
 from train.presets import get_preset
@@ -224,6 +225,9 @@ def test_sweep_table_settings_go_to_the_kinds_with_tables_alone():
     for run in _grid(multipliers=[3.0]):
         config = apply_overrides(get_preset("small"), parse_overrides(quality_sweep.run_entry(run, shape)["overrides"]))
         assert config.table_lr_decay_to_one == (run.kind in ("omnimoe", "peer")) and config.model.attention == "xla"
+    # The kinds with tables are the registry's, and only they get multipliers.
+    assert ffn_registry.table_kinds() == quality_sweep.TABLE_KINDS
+    assert {run.kind for run in _grid(multipliers=[3.0]) if run.table_multiplier is not None} == {"omnimoe", "peer"}
 
 
 def test_sweep_shape_names_its_runs_and_refuses_too_few_tokens(capsys):

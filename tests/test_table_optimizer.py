@@ -17,7 +17,7 @@ from test_run_integrity import assert_bitwise_equal, checkpoint_leaves
 from test_train_loop import SHRUNK, shrunk_config
 
 from omnimoe_jax import TransformerLM
-from omnimoe_jax.ffn_registry import FFN_REGISTRY
+from omnimoe_jax.ffn_registry import FFN_REGISTRY, has_tables
 from omnimoe_jax.parallel import EXPERT_AXIS
 from omnimoe_jax.parallel._partition import partition_specs, path_name, table_rules
 from train import cli
@@ -37,18 +37,6 @@ from train.steps import (
     table_learning_rate_multiplier,
     table_learning_rate_schedule,
 )
-
-# The expert tables each kind's layers hold, by parameter name (read from the modules: omnimoe_jax/_experts.py
-# for OmniMoE and FlashMoE, baselines/_peer.py, baselines/_pkm.py); the other kinds have none.
-EXPECTED_TABLES = {
-    "omnimoe": {"up_embed", "down_embed"},
-    "flashmoe": {"up_embed", "down_embed"},
-    "peer": {"up_embed", "down_embed"},
-    "pkm": {"values"},
-    "dense": set(),
-    "gshard": set(),
-    "deepseekmoe": set(),
-}
 
 
 def kind_config(kind: str, *extra: str) -> TrainConfig:
@@ -96,37 +84,54 @@ def test_table_fields_are_parsed_from_the_command_line():
 
 @pytest.mark.parametrize("kind", list(FFN_REGISTRY))
 def test_labels_name_each_kinds_expert_tables(kind):
-    assert set(EXPECTED_TABLES) == set(FFN_REGISTRY)  # a new kind must say whether it has tables
-    config = kind_config(kind)
+    """The table group is the kind's declared `table_parameters` in every sparse layer, nothing else
+    (tests/test_ffn_registry.py checks those declarations against the modules' parameters)."""
+    tables_of_kind = FFN_REGISTRY[kind].table_parameters
+    config = kind_config(kind, "--num_layers=2", "--moe_every=2")  # layer_0 dense, layer_1 sparse
     shapes = param_shapes(config)
-    if not EXPECTED_TABLES[kind]:
-        with pytest.raises(ValueError, match="the model has no expert table"):
+    if not tables_of_kind:
+        with pytest.raises(ValueError, match="the table optimizer group is empty"):
             table_labels(shapes)
         return
     labels = labels_by_path(shapes)
     tables = {path for path, label in labels.items() if label == TABLE_GROUP}
-    expected = {
-        path
-        for path in by_path(shapes)
-        if path.startswith(tuple(f"layer_{i}/ffn/" for i in config.model.sparse_layers))
-        and path.rsplit("/", 1)[-1] in EXPECTED_TABLES[kind]
+    assert tables == {
+        f"layer_1/ffn/{path}" for path in by_path(shapes["layer_1"]["ffn"]) if path.rsplit("/", 1)[-1] in tables_of_kind
     }
-    assert tables == expected
-    assert len(tables) == len(config.model.sparse_layers) * len(EXPECTED_TABLES[kind]) > 0
+    assert len(tables) == len(tables_of_kind) > 0
     assert set(labels.values()) == {TABLE_GROUP, OTHER_GROUP}
     assert labels["embed/embedding"] == OTHER_GROUP  # the token embedding is a table, but not an expert one
     assert labels["layer_0/attention/value/kernel"] == OTHER_GROUP
 
 
-@pytest.mark.parametrize("kind", ["dense", "gshard"])
-def test_table_settings_are_refused_for_a_model_without_tables(kind, capsys):
-    config = kind_config(kind, "--table_learning_rate_multiplier=3")
-    message = "table_learning_rate_multiplier, table_lr_decay_to_one and table_weight_decay set the expert"
+KINDS_WITHOUT_TABLES = [kind for kind in FFN_REGISTRY if not has_tables(kind)]
+TABLE_SETTINGS = {"table_learning_rate_multiplier": 3.0, "table_lr_decay_to_one": True, "table_weight_decay": 0.0}
+
+
+@pytest.mark.parametrize("field", list(TABLE_SETTINGS))
+@pytest.mark.parametrize("kind", KINDS_WITHOUT_TABLES)
+def test_table_settings_are_refused_for_a_model_without_tables(kind, field):
+    """The config refuses them, naming the field and the kind, before any model exists."""
+    value = TABLE_SETTINGS[field]
+    message = rf"^{field}={value!r}: ffn='{kind}' has no expert tables to optimise \(the kinds with tables: omnimoe,"
     with pytest.raises(ValueError, match=message):
-        make_optimizer(config).init(param_shapes(config))
+        dataclasses.replace(kind_config(kind), **{field: value})
+    text = "true" if value is True else str(value)
+    with pytest.raises(ValueError, match=message):  # the command line's overrides build the same config
+        kind_config(kind, f"--{field}={text}")
+
+
+def test_the_sparse_layers_kind_decides_whether_table_settings_apply(capsys):
+    """With moe_every > 1 the other layers are dense SwiGLUs: the sparse layers' kind is what has tables."""
+    assert kind_config("pkm", "--num_layers=2", "--moe_every=2", "--table_weight_decay=0").has_table_group
+    dense_every_other = kind_config("gshard", "--num_layers=2", "--moe_every=2")
+    with pytest.raises(
+        ValueError, match=r"^table_learning_rate_multiplier=3\.0, table_weight_decay=0\.0: ffn='gshard'"
+    ):
+        dataclasses.replace(dense_every_other, table_learning_rate_multiplier=3.0, table_weight_decay=0.0)
     with pytest.raises(SystemExit):  # the command line refuses it before loading data or compiling
-        cli.main([f"--ffn={kind}", "--table_weight_decay=0", "--print-config"])
-    assert message in capsys.readouterr().err
+        cli.main(["--ffn=dense", "--table_weight_decay=0", "--print-config"])
+    assert "table_weight_decay=0.0: ffn='dense' has no expert tables" in capsys.readouterr().err
     assert cli.main(["--ffn=pkm", "--table_weight_decay=0", "--print-config"]) == 0
     assert '"table_weight_decay": 0.0' in capsys.readouterr().out
 

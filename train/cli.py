@@ -27,7 +27,7 @@ from train.memory import StepDoesNotFitError
 from train.mesh import check_mesh
 from train.presets import PRESETS, get_preset
 from train.run_directory import RunDirectoryError
-from train.steps import RECORDING_FIELDS, RESUMABLE_LAYOUT_FIELDS, abstract_state, check_table_parameters
+from train.steps import RECORDING_FIELDS, RESUMABLE_LAYOUT_FIELDS, abstract_state
 from train.tokenizer import TextTokenizer, TokenizerError
 
 # What --resume may change: how long the run goes on, what the loop records, and how the expert tables
@@ -141,7 +141,6 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
                 vocab_size = TextTokenizer(config.tokenizer).vocab_size
                 config = dataclasses.replace(config, model=config.model.replace(vocab_size=vocab_size))
             run_dir = pathlib.Path(args.run_dir or default_run_dir(preset))
-        check_table_parameters(config)
         if args.print_config:
             counts = {"parameters": parameter_counts(config.model), "flops": model_flops_per_token(config.model)}
             print(json.dumps({**config.to_dict(), **counts}, indent=2))

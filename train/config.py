@@ -54,12 +54,12 @@ class TrainConfig:
         (floor(warmup_steps * new_steps / steps)), so `--steps=20` alone is a short run with the same shape.
       min_lr_ratio: the cosine decay ends at learning_rate * min_lr_ratio.
       weight_decay: AdamW decoupled weight decay, on matrices and tables only (not on norm scales).
-      table_learning_rate_multiplier: the expert tables (`train.steps.TABLE_PARAMETERS`: OmniMoE's and
+      table_learning_rate_multiplier: the expert tables (the FFN kind's `table_parameters`: OmniMoE's and
         FlashMoE's up/down embeddings, PEER's, PKM's values) train at this multiple of the learning-rate
         schedule (> 0). Memory-layer systems train their tables faster than the rest of the model. With all
         three table fields at their defaults the optimizer is one AdamW over all parameters; with any of
         them set it is partitioned into a table group and the rest (`train.steps.make_optimizer`), and the
-        model must have expert tables.
+        model's FFN kind must have tables (`omnimoe_jax.ffn_registry.table_kinds()`).
       table_lr_decay_to_one: the table multiplier decays linearly from table_learning_rate_multiplier at
         step 0 to 1 at the run's last update (step `steps - 1`), on top of the base schedule.
       table_weight_decay: the expert tables' AdamW weight decay (>= 0; None = weight_decay), scaled by their
@@ -135,6 +135,7 @@ class TrainConfig:
             _check_number(
                 "table_weight_decay", self.table_weight_decay, lambda v: v >= 0, ">= 0 (or None: weight_decay)"
             )
+        self._check_table_fields_have_tables()
         _check_number("beta1", self.beta1, lambda v: 0 <= v < 1, "in [0, 1)")
         _check_number("beta2", self.beta2, lambda v: 0 <= v < 1, "in [0, 1)")
         _check_number("adam_eps", self.adam_eps, lambda v: v > 0, "> 0")
@@ -148,14 +149,28 @@ class TrainConfig:
         if self.token_dtype not in ("uint16", "uint32"):
             raise ValueError(f"token_dtype={self.token_dtype!r} must be 'uint16' or 'uint32'")
 
+    def _check_table_fields_have_tables(self) -> None:
+        """ValueError naming the table fields set when the model has no expert tables for them to set. The
+        model's tables are its FFN kind's: that kind is its sparse layers' (`LMConfig.moe_every`; at least one
+        layer is sparse), and the other layers are dense SwiGLUs, which have none."""
+        kind = self.model.ffn_kind
+        if not self.has_table_group or ffn_registry.has_tables(kind):
+            return
+        given = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._table_fields_set())
+        raise ValueError(
+            f"{given}: ffn={kind!r} has no expert tables to optimise (the kinds with tables: "
+            f"{', '.join(ffn_registry.table_kinds())}); leave {', '.join(TABLE_FIELDS)} at their defaults"
+        )
+
+    def _table_fields_set(self) -> list[str]:
+        """The TABLE_FIELDS off their defaults, in that order."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [name for name in TABLE_FIELDS if getattr(self, name) != defaults[name]]
+
     @property
     def has_table_group(self) -> bool:
         """Whether the optimizer trains the expert tables as a group of their own (a table field is set)."""
-        return (
-            self.table_learning_rate_multiplier != 1.0
-            or self.table_lr_decay_to_one
-            or self.table_weight_decay is not None
-        )
+        return bool(self._table_fields_set())
 
     @property
     def micro_batch_size(self) -> int:
@@ -179,6 +194,10 @@ class TrainConfig:
     def from_dict(cls, fields: dict[str, Any]) -> TrainConfig:
         check_known_fields(cls, fields)
         return cls(**{**fields, "model": LMConfig.from_dict(fields["model"])})
+
+
+# The fields that set the expert tables' own optimisation (any of them off its default: `has_table_group`).
+TABLE_FIELDS = ("table_learning_rate_multiplier", "table_lr_decay_to_one", "table_weight_decay")
 
 
 def _check_int(field: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:

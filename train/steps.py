@@ -20,7 +20,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from omnimoe_jax import parallel
+from omnimoe_jax import ffn_registry, parallel
 from omnimoe_jax._model import TransformerLM
 from train import data as data_lib
 from train import divergence
@@ -52,11 +52,7 @@ class TrainState:
     nonfinite_step: jax.Array
 
 
-# The expert tables, by the name of their parameter (the last key of its path): OmniMoE's and FlashMoE's
-# up/down embeddings (omnimoe_jax/_experts.py), PEER's (omnimoe_jax/baselines/_peer.py) and PKM's value rows
-# (omnimoe_jax/baselines/_pkm.py). The dense, GShard and DeepSeekMoE FFNs have none. With a TrainConfig
-# table field set they form the optimizer's "table" group (`make_optimizer`).
-TABLE_PARAMETERS = frozenset({"up_embed", "down_embed", "values"})
+# With a TrainConfig table field set the expert tables form the optimizer's "table" group (`make_optimizer`).
 TABLE_GROUP, OTHER_GROUP = "table", "other"
 
 
@@ -86,36 +82,26 @@ def table_learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def table_labels(params: Any) -> Any:
-    """`params` with each leaf replaced by its optimizer group: TABLE_GROUP for the expert tables (a leaf
-    named in TABLE_PARAMETERS), OTHER_GROUP for every other. ValueError if no leaf is a table: the table
-    settings would change nothing."""
+    """`params` with each leaf replaced by its optimizer group: TABLE_GROUP for the expert tables (a leaf named
+    in `ffn_registry.table_parameter_names()`, the kinds' `table_parameters`), OTHER_GROUP for every other.
+
+    ValueError if no leaf is a table. TrainConfig refuses a table field for an FFN kind without tables, so
+    this is only reached if a kind's `table_parameters` names parameters its module does not have: the table
+    settings would then silently change nothing."""
+    names = ffn_registry.table_parameter_names()
 
     def label(path, leaf) -> str:
         del leaf
         last = path[-1]
-        return TABLE_GROUP if getattr(last, "key", None) in TABLE_PARAMETERS else OTHER_GROUP
+        return TABLE_GROUP if getattr(last, "key", None) in names else OTHER_GROUP
 
     labels = jax.tree_util.tree_map_with_path(label, params)
     if TABLE_GROUP not in jax.tree.leaves(labels):
         raise ValueError(
-            "table_learning_rate_multiplier, table_lr_decay_to_one and table_weight_decay set the expert "
-            f"tables' optimisation, but the model has no expert table (no parameter named one of "
-            f"{sorted(TABLE_PARAMETERS)}: its FFN kind has none); leave them at their defaults"
+            f"the table optimizer group is empty: no parameter is named one of {sorted(names)}, the FFN kinds' "
+            "table_parameters (a kind declares tables its module does not have)"
         )
     return labels
-
-
-def check_table_parameters(config: TrainConfig) -> None:
-    """ValueError (`table_labels`'s) when `config` sets a table field but its model has no expert table;
-    without allocating (jax.eval_shape), so the command line refuses it before loading data."""
-    if not config.has_table_group:
-        return
-    tokens = jax.ShapeDtypeStruct((1, config.model.context_length), jnp.int32)  # [1, L]
-    shapes = jax.eval_shape(lambda t: TransformerLM(config.model).init(jax.random.key(0), t), tokens)
-    try:
-        table_labels(shapes["params"])
-    except ValueError as err:  # say which kind: the parameters alone do not
-        raise ValueError(f"ffn={config.model.ffn_kind!r}: {err}") from None
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:

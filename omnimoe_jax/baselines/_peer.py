@@ -58,6 +58,7 @@ class PEERConfig(ProductKeyConfig):
     table_field: ClassVar[str] = "num_experts"
     top_k_field: ClassVar[str] = "experts_per_head"
     shared_keys: ClassVar[bool] = True
+    table_parameters: ClassVar[frozenset[str]] = frozenset({"up_embed", "down_embed"})  # u_e, v_e
 
     def __post_init__(self):
         self._check_choice("hidden_act", ACTIVATION_NAMES)

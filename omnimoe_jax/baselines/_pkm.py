@@ -48,6 +48,7 @@ class PKMConfig(ProductKeyConfig):
     table_field: ClassVar[str] = "num_values"
     top_k_field: ClassVar[str] = "values_per_head"
     shared_keys: ClassVar[bool] = False
+    table_parameters: ClassVar[frozenset[str]] = frozenset({"values"})  # the sub-keys are not read by row
 
     @classmethod
     def module_class(cls) -> type[nn.Module]:
