@@ -274,8 +274,8 @@ def test_merge_compaction_and_its_fallback_match_brute_force(seed):
     # slot order, is a winner (the x row constant; on y one top column, then 4 tied: the top column's 100
     # experts win, at positions (a, 0) for every a), which a compaction that dropped what does not fit
     # would lose. One token per tile and two (a fitting token
-    # beside one that does not fit sends both over all slots): both paths must give the brute force's
-    # routing, and the same slot order.
+    # beside one that does not fit sends both over all slots) and with the compaction off: all must give the
+    # brute force's routing, and the same slot order.
     n, top_k = 100, 128
     width = compacted_slots(n, top_k)
     assert width < candidate_table(n, top_k).shape[1]
@@ -303,18 +303,23 @@ def test_merge_compaction_and_its_fallback_match_brute_force(seed):
     lpx, lpy = (jnp.asarray(np.stack(axis)) for axis in zip(*rows, strict=True))
     assert merge_outcomes(lpx, lpy, top_k, 1)[1][8] == 263
     want = omni_router_brute_force(lpx, lpy, top_k)
-    unsorted = {}
     for block_tokens in (1, 2):
         fits, _ = merge_outcomes(lpx, lpy, top_k, block_tokens)
         assert fits.any() and not fits.all(), (block_tokens, fits)
-        config = dataclasses.replace(default_config(len(rows), n, top_k), block_tokens=block_tokens)
-        got, unsorted[block_tokens], _ = pallas_route_both_orders(lpx, lpy, top_k, config)
-        assert_routes_equal(got, want)
-        assert_same_sets(unsorted[block_tokens], want)
-    # Tokens 0 and 2 fit alone, but not in their tiles of two: the same tokens by either path.
+    # Tokens 0 and 2 fit alone, but not in their tiles of two.
     assert merge_outcomes(lpx, lpy, top_k, 1)[0][[0, 2]].all() and not merge_outcomes(lpx, lpy, top_k, 2)[0][:2].any()
-    for got, want_unsorted in zip(unsorted[1], unsorted[2], strict=True):
-        np.testing.assert_array_equal(got, want_unsorted)
+    unsorted = []
+    for block_tokens, compact_merge in ((1, True), (2, True), (1, False)):
+        config = dataclasses.replace(
+            default_config(len(rows), n, top_k), block_tokens=block_tokens, compact_merge=compact_merge
+        )
+        got, got_unsorted, _ = pallas_route_both_orders(lpx, lpy, top_k, config)
+        assert_routes_equal(got, want)
+        assert_same_sets(got_unsorted, want)
+        unsorted.append(got_unsorted)
+    for other in unsorted[1:]:
+        for got, want_unsorted in zip(other, unsorted[0], strict=True):
+            np.testing.assert_array_equal(got, want_unsorted)
 
 
 def test_minus_infinity_only_ties_where_every_score_is_minus_infinity(seed):
@@ -555,6 +560,7 @@ def test_auto_falls_back_to_the_reference_where_kernels_do_not_apply(monkeypatch
         ("backward_block_k", True, "power-of-two"),
         ("num_stages", 0, "positive int"),
         ("axis_sort", "sort", "must be one of"),
+        ("compact_merge", 1, "must be a bool"),
     ],
 )
 def test_bad_configs_are_refused(field, value, match):

@@ -168,6 +168,9 @@ class RouterConfig:
         factorisation with both sides >= 16) "factored" runs "onehot". A hypothesis, not yet measured:
         ~8.5x less elementwise work at (T, n, K) = (32768, 256, 1280), the small products taking about
         as long again, so ~4x less backward time predicted (benchmarks/NOTES.md).
+      compact_merge: whether step 3 moves each tile's candidates above its lower bound to a narrower array
+        (`compacted_slots`) for its remaining passes once they fit; False keeps every pass over all slots
+        (the same result: there to measure what the compaction saves).
     """
 
     block_tokens: int
@@ -176,6 +179,7 @@ class RouterConfig:
     backward_block_k: int = 1
     axis_sort: str = "threshold"
     backward: str = "onehot"
+    compact_merge: bool = True
 
     def __post_init__(self):
         checks = (
@@ -194,6 +198,8 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.axis_sort={self.axis_sort!r} must be one of {AXIS_SORTS}")
         if self.backward not in BACKWARDS:
             raise ValueError(f"RouterConfig.backward={self.backward!r} must be one of {BACKWARDS}")
+        if not isinstance(self.compact_merge, bool):
+            raise ValueError(f"RouterConfig.compact_merge={self.compact_merge!r} must be a bool")
 
 
 # Register budget of the heuristic: elements of one working array per warp (16 per thread).

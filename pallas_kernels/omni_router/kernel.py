@@ -35,7 +35,13 @@ which it reads straight back:
    the head pairs of `bound_table` (each beaten by >= K pairs: a lower bound, checked by one count) and
    the top candidate, so it takes ~log2 of their key distance steps rather than 32; all candidates above
    tau are taken, and of those equal to tau a second bisection on the expert index takes the lowest ones
-   (it runs only while some token in the tile has more ties at tau than places left).
+   (it runs only while some token in the tile has more ties at tau than places left). Only candidates
+   >= the bisection's lower end can count: once every token of the tile has at most B = `compacted_slots`
+   of them (most do from the start, the others after a few passes over all slots), a prefix count moves
+   them, in slot order, through a [T, B] scratch into a [block_tokens, B] array, over which the remaining
+   passes, the tie cut and step 4 run (B is a quarter of the slots at the paper's setting). A tile where
+   some token still has more when tau is found (ties at tau beyond B) finishes over all slots. Either way
+   the same candidates are taken, in the same order (`RouterConfig.compact_merge` turns it off).
 4. Output. Each taken candidate gets a slot from a prefix count and is scattered to [T, K]. Slots follow
    candidate order, not score order: the pairs (a, b) ascending, a then b, where a is the row expert's
    position in step 1's order of the x axis and b the column expert's in y's ("slot order"; it depends on
@@ -45,7 +51,8 @@ which it reads straight back:
 
 Cost per token of step 1 "threshold": per axis ~16-32 count passes over the padded row (k' < n), ~log2 of the
 row's key range passes over [2 x boundaries, k'] for both axes (k' > h), and an h^2 rank count; "select" k'
-argmax passes over the row. Then ~20-32 (+ ties) count passes over the candidate slots. No step costs k'^2 (the
+argmax passes over the row. Then ~20-32 (+ ties) count passes, a few over all candidate slots and the rest
+over the B compacted ones. No step costs k'^2 (the
 previous full rank count: 320^2 per axis at the paper's setting, most of its time). The `merge` kernel runs
 steps 2-4 on position lists computed elsewhere (the jax-triton variant sorts with `tl.topk`, see
 `triton_kernel.py`).
@@ -572,10 +579,11 @@ def _merge_kernel(*refs, bt, interpret):
     _select_top_k(*refs, t0=pl.program_id(0) * bt, block_tokens=bt, barrier=barrier)
 
 
-def _merge_scratch(tokens: int, n: int, top_k: int) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """The [T, B] keys and experts scratch of step 3's compacted candidates (`compacted_slots`), or none."""
+def _merge_scratch(tokens: int, n: int, top_k: int, config: RouterConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The [T, B] keys and experts scratch of step 3's compacted candidates (`compacted_slots`), or none
+    (where B is the slot count or `config.compact_merge` is off)."""
     width = compacted_slots(n, top_k)
-    if width == candidate_table(n, top_k).shape[1]:
+    if width == candidate_table(n, top_k).shape[1] or not config.compact_merge:
         return ()
     return (jax.ShapeDtypeStruct((tokens, width), jnp.int32),) * 2
 
@@ -626,7 +634,7 @@ def router_forward(
         scratch = (per_axis,) * (4 if compact else 0) + (jax.ShapeDtypeStruct((tokens, head), jnp.int32),) * (
             4 if bucketed else 0
         )
-    merge_scratch = _merge_scratch(tokens, n, top_k)
+    merge_scratch = _merge_scratch(tokens, n, top_k, config)
     outputs = (
         jax.ShapeDtypeStruct((tokens, top_k), jnp.float32),  # scores, slot order
         jax.ShapeDtypeStruct((tokens, top_k), jnp.int32),  # experts, slot order
@@ -681,7 +689,7 @@ def router_merge(
         return _empty(*outputs)
     scores, experts, *_ = pl.pallas_call(
         functools.partial(_merge_kernel, bt=config.block_tokens, interpret=interpret),
-        out_shape=(*outputs, *_merge_scratch(tokens, n, top_k)),
+        out_shape=(*outputs, *_merge_scratch(tokens, n, top_k, config)),
         grid=(pl.cdiv(tokens, config.block_tokens),),
         compiler_params=_compiler_params(config),
         interpret=interpret,
