@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, normal, omni_router_brute_force
+from helpers import assert_close, normal, omni_router_brute_force, router_compaction_cases
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from omnimoe_jax._router import CartesianRouter, by_score
@@ -221,41 +221,6 @@ def test_ties_across_bucket_boundaries_match_brute_force(seed):
     np.testing.assert_array_equal(got[1][:3], np.tile(np.arange(top_k), (3, 1)))
 
 
-def merge_outcomes(lpx, lpy, top_k, block_tokens):
-    """A host model of step 3's choice (kernel.py, `_select_top_k`) for axes ordered exactly (k' <= the head):
-    per tile whether it finishes over the compacted array, and per token its count of candidates >= lo then.
-    """
-    tokens, n = lpx.shape
-    k_axis = min(top_k, n)
-    assert k_axis <= head_ranks(n, top_k), "the model orders each axis fully"
-    x, y = np.asarray(lpx, np.float32), np.asarray(lpy, np.float32)
-    px, py = (np.asarray(sorted_positions(lp, k_axis)) for lp in (lpx, lpy))
-    token = np.arange(tokens)[:, None]
-
-    def keys(table):
-        a, b = np.maximum(table, 0)
-        sums = jnp.asarray(x[token, px[:, a]] + y[token, py[:, b]])  # f32, as the kernel adds them
-        return np.where(table[0] >= 0, np.asarray(kernel.order_key(sums)), kernel.INT32_MIN).astype(np.int64)
-
-    candidates, floor = keys(candidate_table(n, top_k)), keys(bound_table(n, top_k)).max(axis=1)
-    width = compacted_slots(n, top_k)
-    at_floor = np.sum(candidates >= floor[:, None], axis=1)
-    lo = np.where(at_floor >= top_k, floor, kernel.INT32_MIN)
-    at_lo = np.where(at_floor >= top_k, at_floor, candidates.shape[1])
-    hi = candidates.max(axis=1) + 1
-    fits = []
-    for t0 in range(0, tokens, block_tokens):
-        tile = slice(t0, t0 + block_tokens)
-        while np.any((hi[tile] > lo[tile] + 1) & (at_lo[tile] > width)):
-            mid = (lo[tile] + hi[tile]) // 2
-            at_mid = np.sum(candidates[tile] >= mid[:, None], axis=1)
-            enough = at_mid >= top_k
-            lo[tile], hi[tile] = np.where(enough, mid, lo[tile]), np.where(enough, hi[tile], mid)
-            at_lo[tile] = np.where(enough, at_mid, at_lo[tile])
-        fits.append(at_lo[tile].max() <= width)
-    return np.asarray(fits), at_lo
-
-
 def test_compacted_slots_are_a_power_of_two_between_k_and_half_the_slots():
     for n, top_k in [(100, 128), (320, 512), (320, 1024), (256, 1280), (256, 2048), (4096, 4096)]:
         slots, width = candidate_table(n, top_k).shape[1], compacted_slots(n, top_k)
@@ -267,59 +232,26 @@ def test_compacted_slots_are_a_power_of_two_between_k_and_half_the_slots():
 
 def test_merge_compaction_and_its_fallback_match_brute_force(seed):
     # Step 3 compacts a tile's candidates >= its lower bound into B = 256 of the 1,024 slots once every token
-    # has at most B of them, else (ties at the K-th score beyond B) finishes over all slots. Six values per
-    # axis put the K-th score inside runs of ties; of a pool of such tokens take those closest to B on
-    # either side (the host model's count). Besides: tokens where every candidate ties (a constant row, an
-    # all -inf row), continuous ones, and one with 263 candidates >= the K-th score whose last, past B in
-    # slot order, is a winner (the x row constant; on y one top column, then 4 tied: the top column's 100
-    # experts win, at positions (a, 0) for every a), which a compaction that dropped what does not fit
-    # would lose. One token per tile and two (a fitting token
-    # beside one that does not fit sends both over all slots) and with the compaction off: all must give the
-    # brute force's routing, and the same slot order.
+    # has at most B of them, else (ties at the K-th score beyond B) finishes over all slots. The cases of
+    # `router_compaction_cases` lie on both sides of B (which it asserts with its host model of the merge),
+    # one token per tile and two (a fitting token beside one that does not fit sends both over all slots),
+    # and with the compaction off: all must give the brute force's routing, and the same slot order.
     n, top_k = 100, 128
-    width = compacted_slots(n, top_k)
-    assert width < candidate_table(n, top_k).shape[1]
-    rng = np.random.default_rng(seed)
-    pool_x = rng.integers(-5, 1, (1024, n)).astype(np.float32)
-    pool_y = rng.integers(-5, 1, (1024, n)).astype(np.float32)
-    _, at_lo = merge_outcomes(pool_x, pool_y, top_k, block_tokens=1)
-    fitting, over = np.flatnonzero(at_lo <= width), np.flatnonzero(at_lo > width)
-    assert len(fitting) >= 2 and len(over) >= 2, "the pool must fall on both sides of B"
-    fit_a, fit_b = fitting[np.argsort(-at_lo[fitting])[:2]]
-    over_a, over_b = over[np.argsort(at_lo[over])[:2]]
-    tail_y = np.full(n, -1.0, np.float32)
-    tail_y[rng.choice(n, 5, replace=False)] = [1.0, 0.0, 0.0, 0.0, 0.0]
-    rows = [  # at two tokens a tile: (fits, over B), (fits, all tied), (continuous x 2), (over B, -inf), (tail, ...)
-        (pool_x[fit_a], pool_y[fit_a]),
-        (pool_x[over_a], pool_y[over_a]),
-        (pool_x[fit_b], pool_y[fit_b]),
-        (np.zeros(n, np.float32), np.zeros(n, np.float32)),
-        *((rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)) for _ in range(2)),
-        (pool_x[over_b], pool_y[over_b]),
-        (np.full(n, -np.inf, np.float32), np.full(n, -np.inf, np.float32)),
-        (np.zeros(n, np.float32), tail_y),
-        (rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)),
-    ]
-    lpx, lpy = (jnp.asarray(np.stack(axis)) for axis in zip(*rows, strict=True))
-    assert merge_outcomes(lpx, lpy, top_k, 1)[1][8] == 263
+    assert compacted_slots(n, top_k) == 256 < candidate_table(n, top_k).shape[1]
+    lpx, lpy = map(jnp.asarray, router_compaction_cases(n, top_k, np.random.default_rng(seed)))
     want = omni_router_brute_force(lpx, lpy, top_k)
-    for block_tokens in (1, 2):
-        fits, _ = merge_outcomes(lpx, lpy, top_k, block_tokens)
-        assert fits.any() and not fits.all(), (block_tokens, fits)
-    # Tokens 0 and 2 fit alone, but not in their tiles of two.
-    assert merge_outcomes(lpx, lpy, top_k, 1)[0][[0, 2]].all() and not merge_outcomes(lpx, lpy, top_k, 2)[0][:2].any()
     unsorted = []
     for block_tokens, compact_merge in ((1, True), (2, True), (1, False)):
         config = dataclasses.replace(
-            default_config(len(rows), n, top_k), block_tokens=block_tokens, compact_merge=compact_merge
+            default_config(len(lpx), n, top_k), block_tokens=block_tokens, compact_merge=compact_merge
         )
         got, got_unsorted, _ = pallas_route_both_orders(lpx, lpy, top_k, config)
         assert_routes_equal(got, want)
         assert_same_sets(got_unsorted, want)
         unsorted.append(got_unsorted)
     for other in unsorted[1:]:
-        for got, want_unsorted in zip(other, unsorted[0], strict=True):
-            np.testing.assert_array_equal(got, want_unsorted)
+        for got, first in zip(other, unsorted[0], strict=True):
+            np.testing.assert_array_equal(got, first)
 
 
 def test_minus_infinity_only_ties_where_every_score_is_minus_infinity(seed):
