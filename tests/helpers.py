@@ -151,7 +151,8 @@ def router_compaction_cases(n: int, top_k: int, rng: np.random.Generator) -> tup
     closest to B on either side (`router_merge_outcomes`). Besides: tokens where every candidate ties (a
     constant row, an all -inf row), continuous ones, and one with more than B candidates >= the K-th score
     whose last in slot order are winners (x constant; on y one top column, then m tied, m the fewest that
-    pass B: the top column's experts win, at positions (a, 0) for every a), which a compaction that dropped
+    pass B with the K-th score at 0: the top column's experts win, at positions (a, 0) for every a), which
+    a compaction that dropped
     what does not fit would lose. At two tokens a tile: (fits, over B), (fits, all tied), (continuous x 2),
     (over B, all -inf), (the tail one, continuous); alone, tokens 0, 2, 4, 5 and 9 fit (asserted).
     """
@@ -167,7 +168,7 @@ def router_compaction_cases(n: int, top_k: int, rng: np.random.Generator) -> tup
     over_a, over_b = over[np.argsort(at_lo[over])[:2]]
     columns = rng.permutation(n)
     constant = np.zeros(n, np.float32)
-    for tied in range(1, n):
+    for tied in range(-(-top_k // n), n):  # n (tied + 1) >= K: the K-th score is 0, and the top column's wins
         tail_y = np.full(n, -1.0, np.float32)
         tail_y[columns[: tied + 1]] = [1.0] + [0.0] * tied
         if router_merge_outcomes(constant[None], tail_y[None], top_k, block_tokens=1)[1][0] > width:
