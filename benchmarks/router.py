@@ -8,9 +8,13 @@ and the time XLA needs to read those logits once (a max over both arrays) as the
 compared with. The main columns run `default_config`'s tiling and backward (column "backward").
 `--backward onehot,factored` adds, per kernel, forward+backward (sorted and unsorted) with each listed
 `RouterConfig.backward` other than the default's at that shape, its backward's time over the default's
-(fwd+bwd - fwd of each), and whether its gradients match the default's. Then a sweep of tilings and both
-step-1 methods for a few shapes, to check `default_config`. Prints tables and writes
-benchmarks/results/router.json (`--output`; and a copy under $OUT if set).
+(fwd+bwd - fwd of each), and whether its gradients match the default's. The steps apart (columns `merge_*`,
+`*_step1_ms`): the merge kernel alone (steps 2-4, unsorted, on positions sorted beforehand by `lax.top_k`)
+with step 3's compaction and without it (`RouterConfig.compact_merge=False`, also timed in the whole
+unsorted "pallas" forward), jax-triton's step-1 kernel alone where it runs, and "pallas"'s step 1 as its
+unsorted forward less the merge. Then a sweep of tilings and both step-1 methods for a few shapes, to check
+`default_config`. Prints tables and writes benchmarks/results/router.json (`--output`; and a copy under
+$OUT if set).
 
     PYTHONPATH=. python benchmarks/router.py            # the full grid (~2-3 minutes on an H100)
     PYTHONPATH=. python benchmarks/router.py --quick    # two shapes, to try the script
@@ -33,8 +37,8 @@ import numpy as np
 
 from benchmarks.common import copy_to_out, print_table, time_fn, write_results
 from omnimoe_jax.testing import rel_error, tolerance
-from pallas_kernels import omni_router
-from pallas_kernels.omni_router import RouterConfig, default_config
+from pallas_kernels import _dispatch, omni_router
+from pallas_kernels.omni_router import RouterConfig, default_config, kernel
 from pallas_kernels.omni_router.config import AXIS_SORTS, BACKWARDS
 
 IMPLEMENTATIONS = ("pallas", "triton", "xla")
@@ -78,6 +82,37 @@ def forward_backward(top_k, implementation, sort_by_score=True, config=None):
         return indices, vjp((cotangent, np.zeros(indices.shape, jax.dtypes.float0)))
 
     return jax.jit(run)
+
+
+@functools.cache
+def merge_only(top_k, config):
+    """Steps 2-4 alone: the merge kernel, unsorted, from given [T, k'] position lists."""
+    merge = functools.partial(
+        kernel.router_merge,
+        top_k=top_k,
+        config=config,
+        interpret=_dispatch.resolve_interpret(None),
+        sort_by_score=False,
+    )
+    return jax.jit(merge)
+
+
+@functools.cache
+def triton_step1(top_k, config):
+    """jax-triton's step 1 alone (`tl.topk` per axis), as implementation="triton" runs it."""
+    from pallas_kernels.omni_router import triton_kernel  # needs triton: only where "triton" runs
+
+    return jax.jit(lambda lpx, lpy, cotangent: triton_kernel.sort_axes(lpx, lpy, top_k, config=config))
+
+
+def sorted_positions(arg_sets, top_k) -> list[tuple[jax.Array, ...]]:
+    """(lpx, lpy, positions_x, positions_y) per input set: what step 1 hands to the merge (a full sort)."""
+    sets = []
+    for lpx, lpy, _ in arg_sets:
+        k_axis = min(top_k, lpx.shape[1])
+        positions = [jax.lax.top_k(kernel.order_key(lp.astype(jnp.float32)), k_axis)[1] for lp in (lpx, lpy)]
+        sets.append((lpx, lpy, *(p.astype(jnp.int32) for p in positions)))
+    return jax.block_until_ready(sets)
 
 
 def read_once(lpx, lpy, cotangent):
@@ -201,6 +236,26 @@ def main(argv=None) -> None:
         if "pallas" in implementations:
             select = dataclasses.replace(default_config(tokens, n, top_k), axis_sort="select")
             row["pallas_select_fwd_ms"] = timed(forward(top_k, "pallas", select), arg_sets)["ms"]
+        if kernels:  # the steps apart
+            config = default_config(tokens, n, top_k)
+            uncompacted = dataclasses.replace(config, compact_merge=False)
+            merge_sets = sorted_positions(arg_sets, top_k)
+            row["merge_ms"] = timed(merge_only(top_k, config), merge_sets)["ms"]
+            row["merge_uncompacted_ms"] = timed(merge_only(top_k, uncompacted), merge_sets)["ms"]
+            row["merge_same"] = all(
+                bool(jnp.all(a == b))
+                for a, b in zip(
+                    merge_only(top_k, config)(*merge_sets[0]),
+                    merge_only(top_k, uncompacted)(*merge_sets[0]),
+                    strict=True,
+                )
+            )
+            if "pallas" in implementations:
+                row["pallas_step1_ms"] = row["pallas_unsorted_fwd_ms"] - row["merge_ms"]
+                fwd = timed(forward(top_k, "pallas", uncompacted, sort_by_score=False), arg_sets)
+                row["pallas_unsorted_fwd_uncompacted_ms"] = fwd["ms"]
+            if "triton" in implementations:
+                row["triton_step1_ms"] = timed(triton_step1(top_k, config), arg_sets)["ms"]
         for impl in kernels:
             if "xla" in implementations:
                 row[f"{impl}_speedup"] = row["xla_fwd_ms"] / row[f"{impl}_fwd_ms"]
@@ -212,6 +267,10 @@ def main(argv=None) -> None:
     columns += [f"{impl}_fwd_ms" for impl in implementations] + ["pallas_select_fwd_ms"]
     columns += [f"{impl}_fwdbwd_ms" for impl in implementations]
     columns += [f"{impl}_unsorted_{what}_ms" for what in ("fwd", "fwdbwd") for impl in kernels]
+    if kernels:
+        columns += ["merge_ms", "merge_uncompacted_ms", "merge_same"]
+        columns += [f"{impl}_step1_ms" for impl in kernels]
+        columns += ["pallas_unsorted_fwd_uncompacted_ms"] if "pallas" in kernels else []
     for backward in args.backward:
         columns += [f"{impl}_{what}_{backward}_ms" for what in ("fwdbwd", "unsorted_fwdbwd") for impl in kernels]
         columns += [f"{impl}_bwd_{backward}_over_default" for impl in kernels]

@@ -1,5 +1,5 @@
-"""Shared test helpers: random inputs, meshes, Triton call counts, the router's brute force; the numerics come
-from omnimoe_jax.testing."""
+"""Shared test helpers: random inputs, meshes, Triton call counts, the router's brute force and a host model of
+its merge; the numerics come from omnimoe_jax.testing."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ __all__ = [
     "normal",
     "omni_router_brute_force",
     "rel_error",
+    "router_compaction_cases",
+    "router_merge_outcomes",
     "run_readme_block",
     "tolerance",
 ]
@@ -95,3 +97,103 @@ def omni_router_brute_force(log_probs_x: jax.Array, log_probs_y: jax.Array, top_
     full = log_probs_x.astype(acc)[:, :, None] + log_probs_y.astype(acc)[:, None, :]  # [T, n, n]
     scores, idx = jax.lax.top_k(full.reshape(full.shape[0], n * n), top_k)  # [T, K]
     return scores, idx.astype(jnp.int32)
+
+
+def _sorted_axis_positions(log_probs, k_axis: int) -> np.ndarray:
+    """[T, k'] columns of each row's top k', largest first, ties by lower column (`lax.top_k`'s order)."""
+    from pallas_kernels.omni_router.kernel import order_key
+
+    return np.asarray(jax.lax.top_k(order_key(jnp.asarray(log_probs, jnp.float32)), k_axis)[1])
+
+
+def router_merge_outcomes(log_probs_x, log_probs_y, top_k: int, block_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """A host model of the router merge's step 3 (kernel.py, `_select_top_k`) on fully sorted axes (what
+    `router_merge` gets from a sort, and the forward where k' <= the head): per tile whether it finishes over
+    the compacted array, and per token its count of candidates >= the bisection's lower end then.
+    """
+    from pallas_kernels.omni_router.config import bound_table, candidate_table, compacted_slots
+    from pallas_kernels.omni_router.kernel import INT32_MIN, order_key
+
+    tokens, n = log_probs_x.shape
+    k_axis = min(top_k, n)
+    x, y = np.asarray(log_probs_x, np.float32), np.asarray(log_probs_y, np.float32)
+    px, py = _sorted_axis_positions(x, k_axis), _sorted_axis_positions(y, k_axis)
+    token = np.arange(tokens)[:, None]
+
+    def keys(table):
+        a, b = np.maximum(table, 0)
+        sums = jnp.asarray(x[token, px[:, a]] + y[token, py[:, b]])  # f32, as the kernel adds them
+        return np.where(table[0] >= 0, np.asarray(order_key(sums)), INT32_MIN).astype(np.int64)
+
+    candidates, floor = keys(candidate_table(n, top_k)), keys(bound_table(n, top_k)).max(axis=1)
+    width = compacted_slots(n, top_k)
+    at_floor = np.sum(candidates >= floor[:, None], axis=1)
+    lo = np.where(at_floor >= top_k, floor, INT32_MIN)
+    at_lo = np.where(at_floor >= top_k, at_floor, candidates.shape[1])
+    hi = candidates.max(axis=1) + 1
+    fits = []
+    for t0 in range(0, tokens, block_tokens):
+        tile = slice(t0, t0 + block_tokens)
+        while np.any((hi[tile] > lo[tile] + 1) & (at_lo[tile] > width)):
+            mid = (lo[tile] + hi[tile]) // 2
+            at_mid = np.sum(candidates[tile] >= mid[:, None], axis=1)
+            enough = at_mid >= top_k
+            lo[tile], hi[tile] = np.where(enough, mid, lo[tile]), np.where(enough, hi[tile], mid)
+            at_lo[tile] = np.where(enough, at_mid, at_lo[tile])
+        fits.append(at_lo[tile].max() <= width)
+    return np.asarray(fits), at_lo
+
+
+def router_compaction_cases(n: int, top_k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """[10, n] f32 log-probs (x, y) around the router merge's compaction bound B (`compacted_slots`).
+
+    Six values per axis put the K-th score inside runs of ties; of a pool of such tokens come those
+    closest to B on either side (`router_merge_outcomes`). Besides: tokens where every candidate ties (a
+    constant row, an all -inf row), continuous ones, and one with more than B candidates >= the K-th score
+    whose last in slot order are winners (x constant; on y one top column, then m tied, m the fewest that
+    pass B with the K-th score at 0: the top column's experts win, at positions (a, 0) for every a), which
+    a compaction that dropped
+    what does not fit would lose. At two tokens a tile: (fits, over B), (fits, all tied), (continuous x 2),
+    (over B, all -inf), (the tail one, continuous); alone, tokens 0, 2, 4, 5 and 9 fit (asserted).
+    """
+    from pallas_kernels.omni_router.config import compacted_slots
+
+    width = compacted_slots(n, top_k)
+    pool_x = rng.integers(-5, 1, (1024, n)).astype(np.float32)
+    pool_y = rng.integers(-5, 1, (1024, n)).astype(np.float32)
+    _, at_lo = router_merge_outcomes(pool_x, pool_y, top_k, block_tokens=1)
+    fitting, over = np.flatnonzero(at_lo <= width), np.flatnonzero(at_lo > width)
+    assert len(fitting) >= 2 and len(over) >= 2, "the pool must fall on both sides of B"
+    fit_a, fit_b = fitting[np.argsort(-at_lo[fitting])[:2]]
+    over_a, over_b = over[np.argsort(at_lo[over])[:2]]
+    columns = rng.permutation(n)
+    constant = np.zeros(n, np.float32)
+    for tied in range(-(-top_k // n), n):  # n (tied + 1) >= K: the K-th score is 0, and the top column's wins
+        tail_y = np.full(n, -1.0, np.float32)
+        tail_y[columns[: tied + 1]] = [1.0] + [0.0] * tied
+        if router_merge_outcomes(constant[None], tail_y[None], top_k, block_tokens=1)[1][0] > width:
+            break
+    else:
+        raise AssertionError("no tail case passes B")
+
+    def continuous():
+        return rng.normal(size=n).astype(np.float32)
+
+    minus_inf = np.full(n, -np.inf, np.float32)
+    rows = [
+        (pool_x[fit_a], pool_y[fit_a]),
+        (pool_x[over_a], pool_y[over_a]),
+        (pool_x[fit_b], pool_y[fit_b]),
+        (constant, constant),
+        (continuous(), continuous()),
+        (continuous(), continuous()),
+        (pool_x[over_b], pool_y[over_b]),
+        (minus_inf, minus_inf),
+        (constant, tail_y),
+        (continuous(), continuous()),
+    ]
+    lpx, lpy = (np.stack(axis) for axis in zip(*rows, strict=True))
+    for block_tokens, fitting_tiles in ((1, [0, 2, 4, 5, 9]), (2, [2])):
+        fits, _ = router_merge_outcomes(lpx, lpy, top_k, block_tokens)
+        assert np.array_equal(np.flatnonzero(fits), fitting_tiles), (block_tokens, fits)
+    return lpx, lpy

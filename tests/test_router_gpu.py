@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, normal, omni_router_brute_force
+from helpers import assert_close, normal, omni_router_brute_force, router_compaction_cases
 
 from pallas_kernels import omni_router
 from pallas_kernels.omni_router import RouterConfig, default_config, kernel
@@ -115,6 +115,30 @@ def test_ties_match_brute_force_on_gpu(n, top_k, seed):
     for implementation, config, name in configs(512, n, top_k):
         route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
         assert_routes_equal(jax.jit(route)(lpx, lpy), want, name)
+
+
+@pytest.mark.parametrize(("n", "top_k"), [(100, 128), (160, 512), (256, 1280)])
+def test_merge_compaction_and_its_fallback_on_gpu(n, top_k, seed):
+    # Step 3's compacted finish and its fallback over all slots (tests/helpers.py `router_compaction_cases`:
+    # ties at the K-th score on either side of B, a tile of a fitting token beside one that does not),
+    # through the whole router (every variant, one and two tokens a tile, the compaction on and off) and
+    # through the merge alone on sorted axes, whose outputs in slot order must not depend on the path.
+    lpx, lpy = map(jnp.asarray, router_compaction_cases(n, top_k, np.random.default_rng(seed)))
+    want = omni_router_brute_force(*jax.device_put((lpx, lpy), CPU), top_k)
+    positions = [jax.lax.top_k(kernel.order_key(lp), min(top_k, n))[1].astype(jnp.int32) for lp in (lpx, lpy)]
+    merged = []
+    for block_tokens, compact_merge in ((1, True), (2, True), (1, False)):
+        tiling = dataclasses.replace(
+            default_config(len(lpx), n, top_k), block_tokens=block_tokens, compact_merge=compact_merge
+        )
+        for implementation, config, name in configs(len(lpx), n, top_k, tiling):
+            route = functools.partial(omni_router, top_k=top_k, implementation=implementation, config=config)
+            assert_routes_equal(jax.jit(route)(lpx, lpy), want, f"{name}, {block_tokens}, {compact_merge}")
+        merge = functools.partial(kernel.router_merge, top_k=top_k, config=tiling, interpret=False, sort_by_score=False)
+        merged.append([np.asarray(a) for a in jax.jit(merge)(lpx, lpy, *positions)])
+    for other in merged[1:]:
+        for got, first in zip(other, merged[0], strict=True):
+            np.testing.assert_array_equal(got, first)
 
 
 @pytest.mark.parametrize(("tokens", "n", "top_k"), [(1021, 320, 512), (4096, 256, 1280)])

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, normal, omni_router_brute_force
+from helpers import assert_close, normal, omni_router_brute_force, router_compaction_cases
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from omnimoe_jax._router import CartesianRouter, by_score
@@ -29,6 +29,7 @@ from pallas_kernels.omni_router.config import (
     MIN_FACTORED_AXIS,
     bound_table,
     candidate_table,
+    compacted_slots,
     head_ranks,
     next_power_of_2,
     rank_floors,
@@ -218,6 +219,39 @@ def test_ties_across_bucket_boundaries_match_brute_force(seed):
     got = pallas_route(jnp.asarray(lpx), jnp.asarray(lpy), top_k)
     assert_routes_equal(got, omni_router_brute_force(jnp.asarray(lpx), jnp.asarray(lpy), top_k))
     np.testing.assert_array_equal(got[1][:3], np.tile(np.arange(top_k), (3, 1)))
+
+
+def test_compacted_slots_are_a_power_of_two_between_k_and_half_the_slots():
+    for n, top_k in [(100, 128), (320, 512), (320, 1024), (256, 1280), (256, 2048), (4096, 4096)]:
+        slots, width = candidate_table(n, top_k).shape[1], compacted_slots(n, top_k)
+        assert is_power_of_two(width) and 1.5 * top_k <= width <= slots // 2, (n, top_k)
+    assert compacted_slots(320, 512) == 1024 and compacted_slots(256, 1280) == 2048
+    for n, top_k in [(256, 64), (64, 16), (3, 9)]:  # too few slots: no compaction
+        assert compacted_slots(n, top_k) == candidate_table(n, top_k).shape[1]
+
+
+def test_merge_compaction_and_its_fallback_match_brute_force(seed):
+    # Step 3 compacts a tile's candidates >= its lower bound into B = 256 of the 1,024 slots once every token
+    # has at most B of them, else (ties at the K-th score beyond B) finishes over all slots. The cases of
+    # `router_compaction_cases` lie on both sides of B (which it asserts with its host model of the merge),
+    # one token per tile and two (a fitting token beside one that does not fit sends both over all slots),
+    # and with the compaction off: all must give the brute force's routing, and the same slot order.
+    n, top_k = 100, 128
+    assert compacted_slots(n, top_k) == 256 < candidate_table(n, top_k).shape[1]
+    lpx, lpy = map(jnp.asarray, router_compaction_cases(n, top_k, np.random.default_rng(seed)))
+    want = omni_router_brute_force(lpx, lpy, top_k)
+    unsorted = []
+    for block_tokens, compact_merge in ((1, True), (2, True), (1, False)):
+        config = dataclasses.replace(
+            default_config(len(lpx), n, top_k), block_tokens=block_tokens, compact_merge=compact_merge
+        )
+        got, got_unsorted, _ = pallas_route_both_orders(lpx, lpy, top_k, config)
+        assert_routes_equal(got, want)
+        assert_same_sets(got_unsorted, want)
+        unsorted.append(got_unsorted)
+    for other in unsorted[1:]:
+        for got, first in zip(other, unsorted[0], strict=True):
+            np.testing.assert_array_equal(got, first)
 
 
 def test_minus_infinity_only_ties_where_every_score_is_minus_infinity(seed):
@@ -458,6 +492,7 @@ def test_auto_falls_back_to_the_reference_where_kernels_do_not_apply(monkeypatch
         ("backward_block_k", True, "power-of-two"),
         ("num_stages", 0, "positive int"),
         ("axis_sort", "sort", "must be one of"),
+        ("compact_merge", 1, "must be a bool"),
     ],
 )
 def test_bad_configs_are_refused(field, value, match):

@@ -116,6 +116,32 @@ def bound_table(n: int, top_k: int) -> np.ndarray:
     return table
 
 
+# Step 3 compacts its candidates only where a token has at least this many slots: below, a count pass is a
+# few registers per thread, short next to the compaction's prefix count, stores, barrier and loads.
+MIN_COMPACTED_SLOTS = 1024
+
+
+@functools.cache
+def compacted_slots(n: int, top_k: int) -> int:
+    """B: the width of step 3's compacted candidate array, or the slot count itself where it does not compact.
+
+    Step 3 bisects for the K-th largest candidate key between a lower bound lo and the top; every pass
+    counts the candidates >= mid, and only those >= lo can ever count. Once each token of a tile has at
+    most B of them, they move (in slot order, by a prefix count) to a [block_tokens, B] array, and the
+    remaining passes, the ties and the output run over that. No static bound on that count is below the
+    slot count: with Zipf-like axes (log-probs -log(rank)) nearly the whole exact region (a+1)(b+1) < K
+    lies above `bound_table`'s floor, and with equal scores every candidate ties at it. So the kernel
+    checks at run time: a token above B keeps bisecting over all its slots (each success lowers its
+    count towards K) until it fits, and a tile where one still does not fit when its K-th score is found
+    (ties at it beyond B) finishes over all slots. B is the smallest power of two >= 1.5 K: a few
+    halvings bring the count from the floor's to within that of K. None where that is not at most half the
+    slots, or the slots are fewer than `MIN_COMPACTED_SLOTS`.
+    """
+    slots = candidate_table(n, top_k).shape[1]
+    size = next_power_of_2(-(-3 * top_k // 2))
+    return size if slots >= MIN_COMPACTED_SLOTS and 2 * size <= slots else slots
+
+
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
     """How the router kernels tile the work. `default_config` picks one from (T, n, K).
@@ -141,6 +167,9 @@ class RouterConfig:
         fills the same register budget with its [n_pad / 16, chunk] temporary). Where n_pad < 256 (no
         factorisation with both sides >= 16) "factored" runs "onehot". `default_config` picks "factored"
         wherever it applies: it was the faster backward at every shape measured (benchmarks/NOTES.md).
+      compact_merge: whether step 3 moves each tile's candidates above its lower bound to a narrower array
+        (`compacted_slots`) for its remaining passes once they fit; False keeps every pass over all slots
+        (the same result: there to measure what the compaction saves).
     """
 
     block_tokens: int
@@ -149,6 +178,7 @@ class RouterConfig:
     backward_block_k: int = 1
     axis_sort: str = "threshold"
     backward: str = "onehot"
+    compact_merge: bool = True
 
     def __post_init__(self):
         checks = (
@@ -167,6 +197,8 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.axis_sort={self.axis_sort!r} must be one of {AXIS_SORTS}")
         if self.backward not in BACKWARDS:
             raise ValueError(f"RouterConfig.backward={self.backward!r} must be one of {BACKWARDS}")
+        if not isinstance(self.compact_merge, bool):
+            raise ValueError(f"RouterConfig.compact_merge={self.compact_merge!r} must be a bool")
 
 
 # Register budget of the heuristic: elements of one working array per warp (16 per thread).

@@ -35,7 +35,13 @@ which it reads straight back:
    the head pairs of `bound_table` (each beaten by >= K pairs: a lower bound, checked by one count) and
    the top candidate, so it takes ~log2 of their key distance steps rather than 32; all candidates above
    tau are taken, and of those equal to tau a second bisection on the expert index takes the lowest ones
-   (it runs only while some token in the tile has more ties at tau than places left).
+   (it runs only while some token in the tile has more ties at tau than places left). Only candidates
+   >= the bisection's lower end can count: once every token of the tile has at most B = `compacted_slots`
+   of them (most do from the start, the others after a few passes over all slots), a prefix count moves
+   them, in slot order, through a [T, B] scratch into a [block_tokens, B] array, over which the remaining
+   passes, the tie cut and step 4 run (B is a quarter of the slots at the paper's setting). A tile where
+   some token still has more when tau is found (ties at tau beyond B) finishes over all slots. Either way
+   the same candidates are taken, in the same order (`RouterConfig.compact_merge` turns it off).
 4. Output. Each taken candidate gets a slot from a prefix count and is scattered to [T, K]. Slots follow
    candidate order, not score order: the pairs (a, b) ascending, a then b, where a is the row expert's
    position in step 1's order of the x axis and b the column expert's in y's ("slot order"; it depends on
@@ -45,7 +51,8 @@ which it reads straight back:
 
 Cost per token of step 1 "threshold": per axis ~16-32 count passes over the padded row (k' < n), ~log2 of the
 row's key range passes over [2 x boundaries, k'] for both axes (k' > h), and an h^2 rank count; "select" k'
-argmax passes over the row. Then ~20-32 (+ ties) count passes over the candidate slots. No step costs k'^2 (the
+argmax passes over the row. Then ~20-32 (+ ties) count passes, a few over all candidate slots and the rest
+over the B compacted ones. No step costs k'^2 (the
 previous full rank count: 320^2 per axis at the paper's setting, most of its time). The `merge` kernel runs
 steps 2-4 on position lists computed elsewhere (the jax-triton variant sorts with `tl.topk`, see
 `triton_kernel.py`).
@@ -79,6 +86,7 @@ from pallas_kernels.omni_router.config import (
     RouterConfig,
     bound_table,
     candidate_table,
+    compacted_slots,
     head_ranks,
     next_power_of_2,
 )
@@ -174,7 +182,7 @@ def _compact_top_of_axis(log_probs_ref, keys_ref, cols_ref, t0, *, block_tokens:
     taken_count = taken.astype(jnp.int32)
     slot = lax.cumsum(taken_count, axis=1) - taken_count  # [bt, n_pad] exclusive prefix count
     write = taken & (rows < tokens)
-    slot = jnp.where(write, slot, k_axis)  # lanes not written point past the row (see `_select_top_k`)
+    slot = jnp.where(write, slot, k_axis)  # lanes not written point past the row (see `_take_top_k`)
     pltriton.store(keys_ref.at[rows, slot], keys, mask=write)
     pltriton.store(cols_ref.at[rows, slot], cols, mask=write)
 
@@ -249,7 +257,7 @@ def _bucket_axes(entries, head_refs, positions_refs, *, key_bits: int):
         lower = jnp.sum(jnp.where(mine & (level == bucket3 - 1), before, 0), axis=1)
         tail_position = jnp.left_shift(jnp.int32(head), jnp.maximum(bucket - 1, 0)) + upper - lower
         in_head = inside & (bucket == 0)
-        # Lanes not written point past the row (see `_select_top_k`); no slices in Pallas-Triton: a sum.
+        # Lanes not written point past the row (see `_take_top_k`); no slices in Pallas-Triton: a sum.
         head_slot = jnp.where(in_head, jnp.sum(jnp.where(mine & (level == 0), before, 0), axis=1), head)
         pltriton.store(head_keys_ref.at[rows, head_slot], keys, mask=in_head)
         pltriton.store(head_cols_ref.at[rows, head_slot], cols, mask=in_head)
@@ -321,6 +329,99 @@ def _pair_keys(rank_x, rank_y, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref, t0, *, bl
     return keys, x_pos * n + y_pos
 
 
+def _count(selected):
+    return jnp.sum(selected, axis=1, dtype=jnp.int32)  # [bt, width] bool -> [bt]
+
+
+def _halve_keys(keys, top_k):
+    """One bisection step for tau = the largest key with count(keys >= tau) >= K, over keys [bt, width].
+
+    Bounds (lo, hi, at_lo), each [bt]: count(>= lo) = at_lo >= K > count(>= hi). Where mid meets K, lo
+    moves up and at_lo becomes mid's count.
+    """
+
+    def halve(bounds):
+        lo, hi, at_lo = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+        at_mid = _count(keys >= mid[:, None])
+        enough = at_mid >= top_k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid), jnp.where(enough, at_mid, at_lo)
+
+    return halve
+
+
+def _take_top_k(keys, experts, bounds, scores_ref, experts_ref, t0, *, n):
+    """Finish step 3 and step 4 over candidates keys, experts [bt, width] that hold, in slot order, every
+    candidate of each token with key >= lo of bounds (lo, hi, at_lo) (`_halve_keys`).
+
+    Either all slots or `_select_top_k`'s compacted array: the taken candidates and their order are the
+    same, so is the output.
+    """
+    tokens, top_k = scores_ref.shape
+    block_tokens = keys.shape[0]
+
+    def unresolved_keys(bounds):
+        lo, hi, _ = bounds
+        return jnp.max((hi > lo + 1).astype(jnp.int32)) > 0  # hi - lo itself may overflow int32
+
+    # One halving per bit of the widest interval left in the tile.
+    tau, _, _ = lax.while_loop(unresolved_keys, _halve_keys(keys, top_k), bounds)
+    tau = tau[:, None]  # [bt, 1]
+
+    # Of the candidates tied at tau take the `need` lowest expert ids: the smallest cut with
+    # count(tied, expert <= cut) >= need. Tokens whose ties all fit start resolved at cut = N - 1.
+    tied = keys == tau  # [bt, width]
+    need = top_k - _count(keys > tau)  # [bt], >= 1
+    last = n * n - 1
+    cut_bounds = (
+        jnp.where(_count(tied) > need, jnp.int32(-1), jnp.int32(last - 1)),
+        jnp.full((block_tokens,), last, jnp.int32),
+    )
+
+    def unresolved(bounds):
+        lo, hi = bounds
+        return jnp.max(hi - lo) > 1
+
+    def halve_experts(bounds):
+        lo, hi = bounds
+        mid = (lo + hi) >> 1
+        enough = _count(tied & (experts <= mid[:, None])) >= need
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    _, cut = lax.while_loop(unresolved, halve_experts, cut_bounds)
+    taken = (keys > tau) | (tied & (experts <= cut[:, None]))  # [bt, width], exactly K per token
+    taken_count = taken.astype(jnp.int32)
+    slot = lax.cumsum(taken_count, axis=1) - taken_count  # [bt, width] exclusive prefix count
+    rows = t0 + lax.broadcasted_iota(jnp.int32, keys.shape, 0)
+    write = taken & (rows < tokens)
+    # Lanes not written point past the row: the interpreter scatters every lane (writing back what it read
+    # where the mask is off), so they must never alias a real slot.
+    slot = jnp.where(write, slot, top_k)
+    pltriton.store(scores_ref.at[rows, slot], key_value(keys), mask=write)
+    pltriton.store(experts_ref.at[rows, slot], experts, mask=write)
+
+
+def _compact(keys, experts, bounds, compact_keys_ref, compact_experts_ref, t0, *, barrier):
+    """The candidates with key >= lo ((lo, hi, at_lo) = bounds, at_lo <= B for every token of the tile), in
+    slot order, -> [bt, B] keys (INT32_MIN past each token's at_lo) and experts, through the [T, B] scratch.
+    """
+    tokens, width = compact_keys_ref.shape
+    lo, _, at_lo = bounds
+    rows = t0 + lax.broadcasted_iota(jnp.int32, keys.shape, 0)
+    kept = (keys >= lo[:, None]) & (rows < tokens)  # at_lo per token, counted in `_select_top_k`
+    kept_count = kept.astype(jnp.int32)
+    place = jnp.where(kept, lax.cumsum(kept_count, axis=1) - kept_count, width)  # past the row where not kept
+    pltriton.store(compact_keys_ref.at[rows, place], keys, mask=kept)
+    pltriton.store(compact_experts_ref.at[rows, place], experts, mask=kept)
+    barrier()
+    entry = lax.broadcasted_iota(jnp.int32, (keys.shape[0], width), 1)
+    filled = (t0 + lax.broadcasted_iota(jnp.int32, entry.shape, 0) < tokens) & (entry < at_lo[:, None])
+    window = (pl.ds(t0, keys.shape[0]), pl.ds(0, width))
+    compact_keys = pltriton.load(compact_keys_ref.at[window], mask=filled, other=INT32_MIN)
+    compact_experts = pltriton.load(compact_experts_ref.at[window], mask=filled, other=0)
+    return compact_keys, compact_experts
+
+
 def _select_top_k(
     rank_x_ref,
     rank_y_ref,
@@ -332,16 +433,18 @@ def _select_top_k(
     y_pos_ref,
     scores_ref,
     experts_ref,
+    *compact_refs,
     t0,
-    *,
     block_tokens,
+    barrier,
 ):
     """Steps 2-4 for rows t0... : position lists [T, k'] of the axes -> scores_ref/experts_ref [T, K].
 
     rank_x_ref, rank_y_ref: the rows of `candidate_table` ([slots] each); bound_x_ref, bound_y_ref: those
     of `bound_table`; lpx_ref, lpy_ref: the log-probs [T, n]; the position lists in the order of
     `rank_floors` (or fully sorted, which is a finer order). Each token's K outputs land in slot order (module
-    docstring, step 4).
+    docstring, step 4). compact_refs: the [T, B] keys and experts scratch of the compacted candidates
+    (`compacted_slots`), or none where B is the slot count.
     """
     tokens, top_k = scores_ref.shape
     n = lpx_ref.shape[1]
@@ -355,12 +458,9 @@ def _select_top_k(
         block_tokens=block_tokens,
     )
     keys, experts = gather(rank_x_ref[...][None, :], rank_y_ref[...][None, :])  # [bt, slots] each
-    rows = t0 + lax.broadcasted_iota(jnp.int32, keys.shape, 0)
+    slots = keys.shape[1]
 
-    def count(selected):
-        return jnp.sum(selected, axis=1, dtype=jnp.int32)  # [bt, slots] bool -> [bt]
-
-    # tau = the largest key with count(keys >= tau) >= K. Invariant: count(>= lo) >= K > count(>= hi).
+    # tau = the largest key with count(keys >= tau) >= K, bisected from lo to hi (`_halve_keys`).
     # hi: just above the largest candidate. lo: the best score of the head pairs of `bound_table`, each
     # beaten by >= K pairs; it is a valid start wherever rounding keeps the sums monotone in each axis (any
     # finite input), and checked by one count, falling back to the bottom of the key range where it is not.
@@ -368,53 +468,40 @@ def _select_top_k(
     hi = jnp.where(top == INT32_MAX, top, top + 1)
     bound_keys, _ = gather(bound_x_ref[...][None, :], bound_y_ref[...][None, :])  # [bt, pairs]
     floor = jnp.max(bound_keys, axis=1)  # [bt]
-    lo = jnp.where(count(keys >= floor[:, None]) >= top_k, floor, INT32_MIN)
-
-    def unresolved_keys(bounds):
-        lo, hi = bounds
-        return jnp.max((hi > lo + 1).astype(jnp.int32)) > 0  # hi - lo itself may overflow int32
-
-    def halve_keys(bounds):
-        lo, hi = bounds
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
-        enough = count(keys >= mid[:, None]) >= top_k
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    # One halving per bit of the widest interval in the tile: ~log2 of the key distance between the
-    # floor and the top (at most 32).
-    tau, _ = lax.while_loop(unresolved_keys, halve_keys, (lo, hi))
-    tau = tau[:, None]  # [bt, 1]
-
-    # Of the candidates tied at tau take the `need` lowest expert ids: the smallest cut with
-    # count(tied, expert <= cut) >= need. Tokens whose ties all fit start resolved at cut = N - 1.
-    tied = keys == tau  # [bt, slots]
-    need = top_k - count(keys > tau)  # [bt], >= 1
-    last = n * n - 1
-    cut_bounds = (
-        jnp.where(count(tied) > need, jnp.int32(-1), jnp.int32(last - 1)),
-        jnp.full((block_tokens,), last, jnp.int32),
+    at_floor = _count(keys >= floor[:, None])
+    valid = at_floor >= top_k
+    real_token = t0 + lax.broadcasted_iota(jnp.int32, (block_tokens,), 0) < tokens
+    # Tokens past the input have nothing to compact (their slots all hold INT32_MIN).
+    bounds = (
+        jnp.where(valid, floor, INT32_MIN),
+        hi,
+        jnp.where(real_token, jnp.where(valid, at_floor, slots), 0),
     )
+    take = functools.partial(_take_top_k, scores_ref=scores_ref, experts_ref=experts_ref, t0=t0, n=n)
+    if not compact_refs:
+        take(keys, experts, bounds)
+        return
+    width = compact_refs[0].shape[1]
 
-    def unresolved(bounds):
-        lo, hi = bounds
-        return jnp.max(hi - lo) > 1
+    def unfit(bounds):
+        lo, hi, at_lo = bounds
+        return jnp.max(((hi > lo + 1) & (at_lo > width)).astype(jnp.int32)) > 0
 
-    def halve_experts(bounds):
-        lo, hi = bounds
-        mid = (lo + hi) >> 1
-        enough = count(tied & (experts <= mid[:, None])) >= need
-        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+    # Halve over all slots while some unresolved token has more than B candidates >= lo; then, if every
+    # token's fit, the rest runs over the compacted array, else (ties at tau beyond B) over all slots.
+    bounds = lax.while_loop(unfit, _halve_keys(keys, top_k), bounds)
 
-    _, cut = lax.while_loop(unresolved, halve_experts, cut_bounds)
-    taken = (keys > tau) | (tied & (experts <= cut[:, None]))  # [bt, slots], exactly K per token
-    taken_count = taken.astype(jnp.int32)
-    slot = lax.cumsum(taken_count, axis=1) - taken_count  # [bt, slots] exclusive prefix count
-    write = taken & (rows < tokens)
-    # Lanes not written point past the row: the interpreter scatters every lane (writing back what it read
-    # where the mask is off), so they must never alias a real slot.
-    slot = jnp.where(write, slot, top_k)
-    pltriton.store(scores_ref.at[rows, slot], key_value(keys), mask=write)
-    pltriton.store(experts_ref.at[rows, slot], experts, mask=write)
+    def compacted():
+        take(*_compact(keys, experts, bounds, *compact_refs, t0, barrier=barrier), bounds)
+
+    lax.cond(jnp.max(bounds[2]) <= width, compacted, lambda: take(keys, experts, bounds))
+
+
+def _barrier(interpret: bool) -> None:
+    # Later steps gather what other threads of this program just stored: make the stores visible first.
+    # (The interpreter runs a program's ops in order and has no barrier.)
+    if not interpret:
+        pltriton.debug_barrier()
 
 
 def _threshold_steps(n: int, k_axis: int, head: int) -> tuple[bool, bool]:
@@ -443,22 +530,20 @@ def _forward_kernel(
     key_bits: int,
     block_j: int,
     head: int,
+    compacts: bool,
     interpret: bool,
 ):
     """Steps 1-4 for one tile. Outputs past the first two are scratch: the merge gathers from memory.
 
-    scratch_refs (axis_sort="threshold"): keys and columns of x, then of y, of each axis's column-ordered
-    top k' (where `_threshold_steps` compacts), then of its head (where it buckets); head = min(h, k').
+    scratch_refs: the merge's compacted keys and experts where `compacts` (`_merge_scratch`), then, for
+    axis_sort="threshold", keys and columns of x, then of y, of each axis's column-ordered top k' (where
+    `_threshold_steps` compacts), then of its head (where it buckets); head = min(h, k').
     """
     t0 = pl.program_id(0) * bt
     n = lpx_ref.shape[1]
     k_axis = x_pos_ref.shape[1]
-
-    def barrier():
-        # Later steps gather what other threads of this program just stored: make the stores visible first.
-        # (The interpreter runs a program's ops in order and has no barrier.)
-        if not interpret:
-            pltriton.debug_barrier()
+    barrier = functools.partial(_barrier, interpret)
+    merge_refs, scratch_refs = scratch_refs[: 2 * compacts], scratch_refs[2 * compacts :]
 
     if axis_sort == "select":
         _sort_axis_by_selection(lpx_ref, x_pos_ref, t0, block_tokens=bt)
@@ -486,11 +571,21 @@ def _forward_kernel(
             _rank_compacted(keys_ref, cols_ref, pos_ref, t0, block_tokens=bt, block_j=block_j)
     barrier()
     refs = (rank_x_ref, rank_y_ref, bound_x_ref, bound_y_ref, lpx_ref, lpy_ref, x_pos_ref, y_pos_ref)
-    _select_top_k(*refs, scores_ref, experts_ref, t0, block_tokens=bt)
+    _select_top_k(*refs, scores_ref, experts_ref, *merge_refs, t0=t0, block_tokens=bt, barrier=barrier)
 
 
-def _merge_kernel(*refs, bt):
-    _select_top_k(*refs, pl.program_id(0) * bt, block_tokens=bt)
+def _merge_kernel(*refs, bt, interpret):
+    barrier = functools.partial(_barrier, interpret)
+    _select_top_k(*refs, t0=pl.program_id(0) * bt, block_tokens=bt, barrier=barrier)
+
+
+def _merge_scratch(tokens: int, n: int, top_k: int, config: RouterConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The [T, B] keys and experts scratch of step 3's compacted candidates (`compacted_slots`), or none
+    (where B is the slot count or `config.compact_merge` is off)."""
+    width = compacted_slots(n, top_k)
+    if width == candidate_table(n, top_k).shape[1] or not config.compact_merge:
+        return ()
+    return (jax.ShapeDtypeStruct((tokens, width), jnp.int32),) * 2
 
 
 def _tables(n: int, top_k: int) -> tuple[jax.Array, ...]:
@@ -539,11 +634,13 @@ def router_forward(
         scratch = (per_axis,) * (4 if compact else 0) + (jax.ShapeDtypeStruct((tokens, head), jnp.int32),) * (
             4 if bucketed else 0
         )
+    merge_scratch = _merge_scratch(tokens, n, top_k, config)
     outputs = (
         jax.ShapeDtypeStruct((tokens, top_k), jnp.float32),  # scores, slot order
         jax.ShapeDtypeStruct((tokens, top_k), jnp.int32),  # experts, slot order
         per_axis,  # positions of x in the order of `rank_floors`
         per_axis,  # and of y
+        *merge_scratch,  # step 3's compacted candidates
         *scratch,  # keys and columns of each axis's column-ordered top k' and of its head
     )
     if tokens == 0:
@@ -556,6 +653,7 @@ def router_forward(
         key_bits=16 if log_probs_x.dtype == jnp.bfloat16 else 32,
         block_j=max(1, min(head_pad, ELEMENTS_PER_WARP * config.num_warps // (config.block_tokens * head_pad))),
         head=head,
+        compacts=bool(merge_scratch),
         interpret=interpret,
     )
     scores, experts, *_ = pl.pallas_call(
@@ -589,9 +687,9 @@ def router_merge(
     outputs = (jax.ShapeDtypeStruct((tokens, top_k), jnp.float32), jax.ShapeDtypeStruct((tokens, top_k), jnp.int32))
     if tokens == 0:
         return _empty(*outputs)
-    scores, experts = pl.pallas_call(
-        functools.partial(_merge_kernel, bt=config.block_tokens),
-        out_shape=outputs,
+    scores, experts, *_ = pl.pallas_call(
+        functools.partial(_merge_kernel, bt=config.block_tokens, interpret=interpret),
+        out_shape=(*outputs, *_merge_scratch(tokens, n, top_k, config)),
         grid=(pl.cdiv(tokens, config.block_tokens),),
         compiler_params=_compiler_params(config),
         interpret=interpret,
