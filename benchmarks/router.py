@@ -21,6 +21,7 @@ $OUT if set).
     PYTHONPATH=. python benchmarks/router.py --paper    # the paper's setting (and K = 1024) and its sweep
     PYTHONPATH=. python benchmarks/router.py --large-k  # K = 1280, 2048 at n = 256, 320 -> router_large_k.json
     PYTHONPATH=. python benchmarks/router.py --large-k --backward onehot,factored  # and both backwards
+    PYTHONPATH=. python benchmarks/router.py --backward-warps  # the backward kernel alone at 4, 8, 16 warps
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ GRID = [(n, k) for n in (64, 128, 256, 1024) for k in (16, 32, 64)] + [(320, 512
 PAPER_SHAPES = [(4096, 320, 512), (4096, 320, 1024)]  # T, n, K: the paper's setting, and K = 1024
 # K > 1024: small-omnimoe's router (T = 32768 tokens per step, n = 256, K = 1280) and its neighbours.
 LARGE_K_SHAPES = [(t, n, k) for t in (32768, 4096) for n in (256, 320) for k in (1280, 2048)]
+# --backward-warps: the backward kernel alone at the shapes where "factored" ran slower at n = 256 than n = 320.
+BACKWARD_WARPS_SHAPES = [(32768, 256, 1280), (32768, 320, 1280), (4096, 320, 512)]
+BACKWARD_WARPS = (4, 8, 16)
 SWEEP_SHAPES = [(4096, 320, 512), (16384, 256, 32), (16384, 1024, 64)]
 SWEEP_TILINGS = [(1, 4), (2, 4), (4, 4), (8, 4), (2, 8), (8, 8), (1, 16), (2, 16)]
 INPUT_SETS = 3  # independently drawn inputs per shape, rotated between calls (see benchmarks/common.py)
@@ -173,8 +177,16 @@ def main(argv=None) -> None:
         default=[],
         help="RouterConfig.backward values to time beside default_config's, comma-separated",
     )
+    parser.add_argument(
+        "--backward-warps",
+        action="store_true",
+        help="only the backward kernel alone, each backward at 4, 8, 16 warps (-> router_backward_warps.json)",
+    )
     parser.add_argument("--budget-s", type=float, default=None, help="start no new shape after this many seconds")
     args = parser.parse_args(argv)
+    if args.backward_warps:
+        backward_warps(args)
+        return
     start = time.perf_counter()
     skipped = []
 
@@ -304,6 +316,45 @@ def main(argv=None) -> None:
         print(f"over the {args.budget_s} s budget, skipped: {skipped}")
     name = args.output or ("router_large_k" if args.large_k else "router")
     path = write_results(name, rows, dtype="bfloat16", tiling_sweep=sweep_rows, skipped=skipped)
+    print(f"wrote {path}")
+    copy_to_out(path)
+
+
+def backward_warps(args) -> None:
+    """The backward kernel alone (`kernel.router_backward`: f32 cotangents, the unsorted forward's experts),
+    each backward at each warp count of BACKWARD_WARPS: the factored chunk of K follows the warps
+    (`kernel.factored_block_k`), so this also sweeps the chunk. Rows to results/router_backward_warps.json."""
+    start, rows, skipped = time.perf_counter(), [], []
+    for tokens, n, top_k in BACKWARD_WARPS_SHAPES:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            skipped.append((tokens, n, top_k))
+            continue
+        route = forward(top_k, "pallas", sort_by_score=False)  # the experts a training step's backward gets
+        arg_sets = [(cotangent, route(lpx, lpy, cotangent)[1]) for lpx, lpy, cotangent in inputs(tokens, n, top_k)]
+        chosen = default_config(tokens, n, top_k)
+        for backward, num_warps in itertools.product(BACKWARDS, BACKWARD_WARPS):
+            config = dataclasses.replace(chosen, backward=backward, num_warps=num_warps)
+            fn = jax.jit(
+                functools.partial(
+                    kernel.router_backward,
+                    n=n,
+                    dtype=jnp.bfloat16,
+                    config=config,
+                    interpret=_dispatch.resolve_interpret(None),
+                )
+            )
+            factored = kernel.uses_factored_backward(n, config)
+            rows.append(
+                {"T": tokens, "n": n, "K": top_k, "backward": backward, "num_warps": num_warps,
+                 "block_k": kernel.factored_block_k(n, top_k, num_warps) if factored else config.backward_block_k,
+                 "ms": timed(fn, arg_sets)["ms"],
+                 "default": (backward, num_warps) == (chosen.backward, chosen.num_warps)}
+            )  # fmt: skip
+        print(f"T={tokens} n={n} K={top_k}: done", flush=True)
+    print_table(rows, ["T", "n", "K", "backward", "num_warps", "block_k", "ms", "default"])
+    if skipped:
+        print(f"over the {args.budget_s} s budget, skipped: {skipped}")
+    path = write_results(args.output or "router_backward_warps", rows, dtype="float32 cotangents", skipped=skipped)
     print(f"wrote {path}")
     copy_to_out(path)
 
