@@ -9,6 +9,19 @@ mkdir -p "$logs" benchmarks/results
 python="${PYTHON:-python3}"
 status=0
 
+# A device call brings back at most 8 files from $OUT (the device README's limits): at exit, everything the
+# steps left there (logs, the JSON copies, quality_sweep/) goes into one archive, $OUT/gpu_out.tgz; unpack it
+# here with `tar -xzf FILES_AT/gpu_out.tgz -C DIR`.
+pack_out() {
+    [ -n "${OUT:-}" ] && [ -d "$OUT" ] || return 0
+    local entries
+    entries=$(cd "$OUT" && ls -A | grep -vx gpu_out.tgz)
+    [ -n "$entries" ] || return 0
+    # shellcheck disable=SC2086  # the entries are names this script's steps chose: no spaces
+    (cd "$OUT" && tar -czf /tmp/gpu_out.tgz $entries && rm -rf $entries && mv /tmp/gpu_out.tgz gpu_out.tgz)
+}
+trap pack_out EXIT
+
 step() {
     local name=$1 limit=$2
     shift 2

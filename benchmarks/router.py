@@ -322,7 +322,7 @@ def main(argv=None) -> None:
 
 def backward_warps(args) -> None:
     """The backward kernel alone (`kernel.router_backward`: f32 cotangents, the unsorted forward's experts),
-    each backward at each warp count of BACKWARD_WARPS: the factored chunk of K follows the warps
+    each backward at each `RouterConfig.backward_num_warps` of BACKWARD_WARPS: the factored chunk of K follows them
     (`kernel.factored_block_k`), so this also sweeps the chunk. Rows to results/router_backward_warps.json."""
     start, rows, skipped = time.perf_counter(), [], []
     for tokens, n, top_k in BACKWARD_WARPS_SHAPES:
@@ -333,7 +333,7 @@ def backward_warps(args) -> None:
         arg_sets = [(cotangent, route(lpx, lpy, cotangent)[1]) for lpx, lpy, cotangent in inputs(tokens, n, top_k)]
         chosen = default_config(tokens, n, top_k)
         for backward, num_warps in itertools.product(BACKWARDS, BACKWARD_WARPS):
-            config = dataclasses.replace(chosen, backward=backward, num_warps=num_warps)
+            config = dataclasses.replace(chosen, backward=backward, backward_num_warps=num_warps)
             fn = jax.jit(
                 functools.partial(
                     kernel.router_backward,
@@ -348,7 +348,7 @@ def backward_warps(args) -> None:
                 {"T": tokens, "n": n, "K": top_k, "backward": backward, "num_warps": num_warps,
                  "block_k": kernel.factored_block_k(n, top_k, num_warps) if factored else config.backward_block_k,
                  "ms": timed(fn, arg_sets)["ms"],
-                 "default": (backward, num_warps) == (chosen.backward, chosen.num_warps)}
+                 "default": (backward, num_warps) == (chosen.backward, chosen.backward_num_warps)}
             )  # fmt: skip
         print(f"T={tokens} n={n} K={top_k}: done", flush=True)
     print_table(rows, ["T", "n", "K", "backward", "num_warps", "block_k", "ms", "default"])

@@ -9,6 +9,7 @@ the full product runs under `-m slow`.
 import dataclasses
 import functools
 import itertools
+import re
 import sys
 
 import jax
@@ -759,6 +760,22 @@ def test_factored_backward_sums_repeated_experts(n, top_k, seed):
 def test_bad_backward_is_refused():
     with pytest.raises(ValueError, match=r"RouterConfig.backward='fast'.*must be one of \('onehot', 'factored'\)"):
         RouterConfig(block_tokens=1, num_warps=4, backward="fast")
+    for bad in (3, 32, 0, 4.0):
+        with pytest.raises(ValueError, match=r"RouterConfig.backward_num_warps="):
+            RouterConfig(block_tokens=1, num_warps=4, backward_num_warps=bad)
+
+
+@pytest.mark.parametrize(("tokens", "n", "top_k"), [(32768, 256, 1280), (4096, 320, 512), (64, 16, 8)])
+def test_backward_runs_at_its_own_warps_whatever_the_forward_takes(tokens, n, top_k):
+    # The forward's 16 warps at K = 1280 made both backwards 2-5x slower than 4 on an H200 (NOTES.md).
+    config = default_config(tokens, n, top_k)
+    assert config.backward_num_warps == 4
+    dscores = jnp.zeros((tokens, top_k), jnp.float32)
+    experts = jnp.zeros((tokens, top_k), jnp.int32)
+    backward = functools.partial(kernel.router_backward, n=n, dtype=jnp.bfloat16, config=config, interpret=False)
+    text = lower_for_cuda(backward, dscores, experts).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert re.search(r"num_warps\s*=\s*4\b", text), "the backward kernel's launch asks for 4 warps"
 
 
 def test_factored_chunk_is_a_dot_of_at_least_16_in_the_register_budget():

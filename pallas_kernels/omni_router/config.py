@@ -167,6 +167,10 @@ class RouterConfig:
         fills the same register budget with its [n_pad / 16, chunk] temporary). Where n_pad < 256 (no
         factorisation with both sides >= 16) "factored" runs "onehot". `default_config` picks "factored"
         wherever it applies: it was the faster backward at every shape measured (benchmarks/NOTES.md).
+      backward_num_warps: warps per program of the backward kernel (a power of two, at most 16), whichever
+        backward runs: its one-hot sums and small products do not gain from the forward's wide programs (at
+        K = 1280 the forward's 16 warps made either backward 2-5x slower than 4; benchmarks/NOTES.md). The
+        "factored" chunk of K fills this many warps' register budget.
       compact_merge: whether step 3 moves each tile's candidates above its lower bound to a narrower array
         (`compacted_slots`) for its remaining passes once they fit; False keeps every pass over all slots
         (the same result: there to measure what the compaction saves).
@@ -178,12 +182,14 @@ class RouterConfig:
     backward_block_k: int = 1
     axis_sort: str = "threshold"
     backward: str = "onehot"
+    backward_num_warps: int = 4
     compact_merge: bool = True
 
     def __post_init__(self):
         checks = (
             ("block_tokens", self.block_tokens, 64),
             ("num_warps", self.num_warps, 16),
+            ("backward_num_warps", self.backward_num_warps, 16),
             ("backward_block_k", self.backward_block_k, MAX_TOP_K),
         )
         for field, value, largest in checks:

@@ -801,7 +801,7 @@ def router_backward(
     """Cotangents of log_probs_x and log_probs_y ([T, n] in `dtype`) from those of the scores.
 
     dscores: [T, K] float, experts: [T, K] int32 from the forward. Sums in f32, then casts to `dtype`.
-    `config.backward` picks the kernel (see `RouterConfig`).
+    `config.backward` picks the kernel and `config.backward_num_warps` its warps (see `RouterConfig`).
     """
     tokens = experts.shape[0]
     outputs = (jax.ShapeDtypeStruct((tokens, n), dtype),) * 2
@@ -809,7 +809,7 @@ def router_backward(
         return _empty(*outputs)
     if uses_factored_backward(n, config):
         kernel = functools.partial(
-            _factored_backward_kernel, block_k=factored_block_k(n, experts.shape[1], config.num_warps)
+            _factored_backward_kernel, block_k=factored_block_k(n, experts.shape[1], config.backward_num_warps)
         )
         grid = (tokens,)
     else:
@@ -819,7 +819,7 @@ def router_backward(
         kernel,
         out_shape=outputs,
         grid=grid,
-        compiler_params=_compiler_params(config),
+        compiler_params=pltriton.CompilerParams(num_warps=config.backward_num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="omni_router_backward",
     )(dscores, experts)
