@@ -25,6 +25,7 @@ from helpers import assert_close
 
 from omnimoe_jax import TransformerLM
 from train import cli, sample
+from train import memory as memory_lib
 from train import metrics as metrics_lib
 from train import steps as steps_lib
 from train.checkpoint import Checkpoints
@@ -251,6 +252,26 @@ def test_run_directory_misuse_is_refused(tmp_path, small_corpus, capsys):
         cli.main(["--run-dir", str(tmp_path / "used"), "--resume", "--learning_rate=1", "--steps=20"])
     assert "it can change only steps, ffn.expert_parallel_layout, eval_every, " in (err := capsys.readouterr().err)
     assert "not ['learning_rate'] (to change those, start a new run)" in err
+
+
+def test_an_unusable_run_directory_is_refused_before_compiling(tmp_path, small_corpus, monkeypatch):
+    # Compiling the step (once per grad_accum "auto" tries) can take minutes: the directory is checked first.
+    config = shrunk_config(f"--data={small_corpus}", "--time_limit_minutes=1e-9")
+    run(config, tmp_path / "used", log=print)
+    (tmp_path / "empty").mkdir()
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled before the run directory was checked")
+
+    monkeypatch.setattr(memory_lib, "fit_train_step", no_compiling)
+    with pytest.raises(RunDirectoryError, match="already holds a run"):
+        run(config, tmp_path / "used", log=print)
+    with pytest.raises(RunDirectoryError, match="already holds a run"):
+        run(dataclasses.replace(config, grad_accum="auto"), tmp_path / "used", log=print)
+    with pytest.raises(RunDirectoryError, match=r"holds a run with another config \(learning_rate differ\)"):
+        run(dataclasses.replace(config, learning_rate=3e-3), tmp_path / "used", resume=True, log=print)
+    with pytest.raises(RunDirectoryError, match="not a run directory"):
+        run(config, tmp_path / "empty", resume=True, log=print)
 
 
 def test_bad_data_fails_before_compiling(tmp_path, capsys):

@@ -127,6 +127,7 @@ def run(
     ):
         if torn := metrics_log.repair():
             log(f"metrics.jsonl: removed a torn last line ({torn} bytes) left by an interrupted write")
+        _check_run_directory(config, run_dir, checkpoints, resume=resume)  # before compiling: it may take minutes
         # Compile ahead, so the first tokens/s figure measures training, not compilation, and before config.json is
         # written, so a step that cannot fit (refused with its estimate) leaves no run behind; "auto" resolves here.
         compile_start = time.perf_counter()
@@ -271,11 +272,10 @@ def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log,
     what a resume may change. A directory with checkpoints, none of which verifies, is refused.
     """
     config_path = run_dir / "config.json"
-    never_saved = not checkpoints.all_steps() and not checkpoints.moved_aside()
+    # Before restoring: another config's state (an optimizer of another structure) would not restore, and its
+    # checkpoints would be moved aside as if damaged. (`run` has checked already, before compiling.)
+    never_saved = _check_run_directory(config, run_dir, checkpoints, resume=resume)
     if resume and not never_saved:
-        # Before restoring: another config's state (an optimizer of another structure) would not restore,
-        # and its checkpoints would be moved aside as if damaged.
-        _config_changes(config, run_dir)
         target = abstract_state(config, mesh)
         latest, state, data_state, skipped = checkpoints.restore_latest(target, move_aside=mesh_lib.is_primary())
         for bad in skipped:
@@ -292,10 +292,6 @@ def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log,
         _check_config(config, run_dir, log, after=latest)
         resumed = {"resumed": True, "resumed_from": latest, "skipped_checkpoints": [s.to_dict() for s in skipped]}
         return state, resumed
-    if not never_saved:
-        raise RunDirectoryError(f"run directory {str(run_dir)!r} already holds a run; resume it or choose another")
-    if resume and not config_path.exists():
-        load_config(run_dir)  # raises: not a run directory
     if config_path.exists():
         log(f"{run_dir} holds a run that never saved a checkpoint: starting it again from step 0")
         _check_config(config, run_dir, log, after=None)
@@ -305,6 +301,21 @@ def _initial_state(config, run_dir, steps, checkpoints, sampler, *, resume, log,
             config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     resumed = {"resumed": False, "resumed_from": None, "skipped_checkpoints": []}
     return steps.init_state(jax.random.key(config.seed)), resumed
+
+
+def _check_run_directory(config: TrainConfig, run_dir: pathlib.Path, checkpoints: Checkpoints, *, resume: bool) -> bool:
+    """Whether the directory's run never saved a checkpoint; RunDirectoryError where `config` cannot start or
+    resume in it: a new run in a directory that holds one, a resume of a directory without a run, a resume
+    with another config (`_config_changes`). Reads only: `run` calls it before compiling, `_initial_state`
+    again before restoring."""
+    never_saved = not checkpoints.all_steps() and not checkpoints.moved_aside()
+    if not never_saved:
+        if not resume:
+            raise RunDirectoryError(f"run directory {str(run_dir)!r} already holds a run; resume it or choose another")
+        _config_changes(config, run_dir)
+    elif resume and not (run_dir / "config.json").exists():
+        load_config(run_dir)  # raises: not a run directory
+    return never_saved
 
 
 def _config_changes(config: TrainConfig, run_dir: pathlib.Path) -> dict[str, tuple[Any, Any]]:
