@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, normal, omni_router_brute_force, router_compaction_cases
+from helpers import assert_close, normal, omni_router_brute_force, router_compaction_cases, router_merge_outcomes
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from omnimoe_jax._router import CartesianRouter, by_score
@@ -253,6 +253,16 @@ def test_merge_compaction_and_its_fallback_match_brute_force(seed):
     for other in unsorted[1:]:
         for got, first in zip(other, unsorted[0], strict=True):
             np.testing.assert_array_equal(got, first)
+    # A ragged last tile: tokens 0 and 2 fit at once, token 4 (continuous) after halvings over all slots,
+    # beside a token past the input, whose slots must not keep the tile from compacting.
+    ragged = np.array([0, 2, 4])
+    fits, at_lo = router_merge_outcomes(lpx[ragged], lpy[ragged], top_k, block_tokens=2)
+    assert fits.all() and (at_lo <= 256).all()
+    config = dataclasses.replace(default_config(len(ragged), n, top_k), block_tokens=2)
+    got, got_unsorted, _ = pallas_route_both_orders(lpx[ragged], lpy[ragged], top_k, config)
+    assert_routes_equal(got, tuple(w[ragged] for w in want))
+    for got_part, first in zip(got_unsorted, unsorted[0], strict=True):
+        np.testing.assert_array_equal(got_part, first[ragged])
 
 
 def test_minus_infinity_only_ties_where_every_score_is_minus_infinity(seed):

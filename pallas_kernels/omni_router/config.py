@@ -134,8 +134,8 @@ def compacted_slots(n: int, top_k: int) -> int:
     checks at run time: a token above B keeps bisecting over all its slots (each success lowers its
     count towards K) until it fits, and a tile where one still does not fit when its K-th score is found
     (ties at it beyond B) finishes over all slots. B is the smallest power of two >= 1.5 K: a few
-    halvings bring the count from the floor's to within that of K. None where that is not at most half the
-    slots, or the slots are fewer than `MIN_COMPACTED_SLOTS`.
+    halvings bring the count from the floor's to within that of K. The slot count (no compaction) where that
+    is not at most half the slots, or the slots are fewer than `MIN_COMPACTED_SLOTS`.
     """
     slots = candidate_table(n, top_k).shape[1]
     size = next_power_of_2(-(-3 * top_k // 2))

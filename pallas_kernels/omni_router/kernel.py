@@ -494,7 +494,10 @@ def _select_top_k(
     def compacted():
         take(*_compact(keys, experts, bounds, *compact_refs, t0, barrier=barrier), bounds)
 
-    lax.cond(jnp.max(bounds[2]) <= width, compacted, lambda: take(keys, experts, bounds))
+    # Past the input a token's at_lo does not count: every halving over its INT32_MIN slots sets it to all of
+    # them (mid = lo meets K), which would send the last, ragged tile over all slots for nothing.
+    fits = jnp.max(jnp.where(real_token, bounds[2], 0)) <= width
+    lax.cond(fits, compacted, lambda: take(keys, experts, bounds))
 
 
 def _barrier(interpret: bool) -> None:
