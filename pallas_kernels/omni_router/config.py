@@ -169,8 +169,9 @@ class RouterConfig:
         wherever it applies: it was the faster backward at every shape measured (benchmarks/NOTES.md).
       backward_num_warps: warps per program of the backward kernel (a power of two, at most 16), whichever
         backward runs: its one-hot sums and small products do not gain from the forward's wide programs (at
-        K = 1280 the forward's 16 warps made either backward 2-5x slower than 4; benchmarks/NOTES.md). The
-        "factored" chunk of K fills this many warps' register budget.
+        K = 1280 either backward ran faster at 4 warps than at the forward's 16; benchmarks/NOTES.md). The
+        "factored" chunk of K fills this many warps' register budget; "onehot"'s `backward_block_k` is sized
+        by `default_config` for the forward's `num_warps`, not these.
       compact_merge: whether step 3 moves each tile's candidates above its lower bound to a narrower array
         (`compacted_slots`) for its remaining passes once they fit; False keeps every pass over all slots
         (the same result: there to measure what the compaction saves).
@@ -219,8 +220,9 @@ def default_config(tokens: int, n: int, top_k: int) -> RouterConfig:
     A token's widest working array is the padded row of the sorting passes or the candidate slots of the
     merge (keys and expert ids). Warps grow with it (4 up to 2048 elements, at most 16) so that no array
     needs more than ~16 registers per thread; tokens are then packed per program up to that budget, but
-    never so many that fewer than `MIN_PROGRAMS` programs remain. The backward chunk of K fills the same
-    budget with its [block_tokens, chunk, n padded] one-hot temporary. The backward is "factored" where
+    never so many that fewer than `MIN_PROGRAMS` programs remain. The "onehot" backward's chunk of K fills the
+    same budget (the forward's warps', although the backward runs at `backward_num_warps`) with its
+    [block_tokens, chunk, n padded] one-hot temporary. The backward is "factored" where
     n padded >= `MIN_FACTORED_AXIS` (where it applies), "onehot" below.
 
     Past 8,192 slots (K > 1024 for most n) one token per program at 16 warps is all there is: each slot
