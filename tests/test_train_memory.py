@@ -60,8 +60,11 @@ def estimates() -> dict[int, int]:
 
 def test_candidates_divide_the_batch_into_micro_batches_the_mesh_splits():
     assert grad_accum_candidates(8) == [1, 2, 4, 8]
-    assert grad_accum_candidates(12) == [1, 2, 4]
+    # Powers of two, then the smallest micro-batch where none gives it: "auto" never refuses before trying it.
+    assert grad_accum_candidates(12) == [1, 2, 4, 12]
+    assert grad_accum_candidates(1) == [1]
     assert grad_accum_candidates(16, batch_shards=4) == [1, 2, 4]
+    assert grad_accum_candidates(24, batch_shards=4) == [1, 2, 6]
     assert grad_accum_candidates(8, batch_shards=3) == []
 
 

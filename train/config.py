@@ -25,7 +25,7 @@ from omnimoe_jax._config_fields import is_int, is_number
 from omnimoe_jax._model import LMConfig
 from omnimoe_jax.ffn_registry import FFN_REGISTRY
 
-# grad_accum's word for "the fewest micro-batches that fit" (`train.memory.fit_train_step`).
+# grad_accum's word for "the first count of micro-batches tried that fits" (`train.memory.fit_train_step`).
 AUTO_GRAD_ACCUM = "auto"
 
 
@@ -43,9 +43,10 @@ class TrainConfig:
       seed: seeds the parameter initialisation and the batch sampler.
       batch_size: sequences per optimizer step.
       grad_accum: micro-batches per step (batch_size / grad_accum sequences each, gradients averaged), or "auto":
-        the fewest micro-batches whose compiled step XLA estimates to fit the device's memory
-        (`train.memory.fit_train_step`, before the first step). The run's config.json and start record hold the
-        value chosen, so a resumed run keeps it; an int whose step cannot fit is refused before training.
+        the first count of micro-batches tried (powers of two, then the smallest micro-batch:
+        `train.memory.grad_accum_candidates`) whose compiled step XLA estimates to fit the device's memory
+        (`train.memory.fit_train_step`, before the first step). The run's config.json and start record hold
+        the value chosen, so a resumed run keeps it; an int whose step cannot fit is refused before training.
       steps: optimizer steps of the whole run (the learning-rate schedule spans them).
       learning_rate: peak learning rate, reached after `warmup_steps` of linear warmup from 0, then cosine
         decay to `learning_rate * min_lr_ratio` at `steps`.

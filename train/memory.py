@@ -8,8 +8,9 @@ step and
 - for an int `grad_accum`, refuses (`StepDoesNotFitError`) a step whose estimate exceeds the device's memory
   limit, which would otherwise fail with an out-of-memory error deep inside XLA;
 - for `grad_accum="auto"`, compiles it for grad_accum = 1, 2, 4, ... (those that divide batch_size into
-  micro-batches the mesh can split) and takes the first whose estimate is at most `FIT_FRACTION` of the limit,
-  or refuses with the estimate of the largest one tried.
+  micro-batches the mesh can split), then for the smallest micro-batch the mesh splits if no power of two
+  gives it (grad_accum 12 of batch_size 12), and takes the first whose estimate is at most `FIT_FRACTION` of
+  the limit, or refuses with the estimate of that smallest micro-batch's step.
 
 Either way the executable it returns is the one the loop trains with, so nothing is compiled twice. "auto"
 costs one compilation per grad_accum tried.
@@ -80,12 +81,17 @@ def device_memory_limit(device: jax.Device | None = None) -> int:
 
 def grad_accum_candidates(batch_size: int, batch_shards: int = 1) -> list[int]:
     """grad_accum = 1, 2, 4, ... that divide `batch_size` into micro-batches of a multiple of `batch_shards`
-    sequences (the devices a mesh splits each micro-batch over), in increasing order."""
+    sequences (the devices a mesh splits each micro-batch over), in increasing order, and last the one of the
+    smallest such micro-batch (`batch_shards` sequences) where it is no power of two: "auto" refuses only
+    once the smallest micro-batch does not fit. Empty where batch_size is no multiple of batch_shards."""
     candidates, grad_accum = [], 1
     while grad_accum <= batch_size:
         if batch_size % grad_accum == 0 and (batch_size // grad_accum) % batch_shards == 0:
             candidates.append(grad_accum)
         grad_accum *= 2
+    smallest = batch_size // batch_shards  # grad_accum of micro-batches of batch_shards sequences
+    if batch_size % batch_shards == 0 and smallest not in candidates:
+        candidates.append(smallest)  # larger than every power of two above: the order stays increasing
     return candidates
 
 
