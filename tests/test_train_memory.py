@@ -189,3 +189,20 @@ def test_resume_of_an_auto_run_keeps_its_grad_accum_exactly(tmp_path, small_corp
         (2, 2),
     ]
     assert json.loads((split / "config.json").read_text())["grad_accum"] == 2
+
+
+def test_every_process_fits_the_smallest_limit_of_the_job(monkeypatch):
+    # Each process reads its own device's limit; a job whose processes chose different grad_accums would
+    # train different steps, so they agree on the smallest (in MiB, as int32 travels between processes).
+    gathered = []
+
+    def allgather(value):
+        gathered.append(value)
+        return np.asarray([value, 3 * 1024, 5 * 1024], np.int32)  # this process and two others, MiB
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    monkeypatch.setattr(memory_lib.multihost_utils, "process_allgather", allgather)
+    assert memory_lib.agreed_memory_limit(80 * 2**30) == 3 * 2**30
+    assert gathered[0].dtype == np.int32 and int(gathered[0]) == 80 * 1024
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    assert memory_lib.agreed_memory_limit(12345) == 12345

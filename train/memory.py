@@ -12,7 +12,9 @@ step and
   gives it (grad_accum 12 of batch_size 12), and takes the first whose estimate is at most `FIT_FRACTION` of
   the limit, or refuses with the estimate of that smallest micro-batch's step.
 
-Either way the executable it returns is the one the loop trains with, so nothing is compiled twice. "auto"
+In a multi-process job every process fits the smallest limit of the job (`agreed_memory_limit`), so all of
+them compile the same step. Either way the executable it returns is the one the loop trains with, so nothing
+is compiled twice. "auto"
 costs one compilation per grad_accum tried.
 
 Not covered: the eval step, which runs on whole batches of batch_size sequences (`train.metrics.evaluate`),
@@ -27,6 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from train import mesh as mesh_lib
@@ -41,6 +45,7 @@ from train.steps import Steps, build_steps, compiled_train_step
 FIT_FRACTION = 0.9
 
 GB = 1e9
+MIB = 2**20
 
 
 class StepDoesNotFitError(Exception):
@@ -77,6 +82,17 @@ def device_memory_limit(device: jax.Device | None = None) -> int:
         return int(stats["bytes_limit"])
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return host // len(jax.local_devices(backend=device.platform))
+
+
+def agreed_memory_limit(limit_bytes: int) -> int:
+    """The smallest of every process's `limit_bytes` in a multi-process job (the limit itself in one process),
+    so that every process compiles the same grad_accum: each would otherwise choose by its own device's limit,
+    and processes whose hosts differ (CPU hosts with other amounts of memory) would train different steps."""
+    if jax.process_count() == 1:
+        return limit_bytes
+    # In MiB as int32: jax arrays are 32-bit unless x64 is on, and bytes overflow int32 past 2 GiB.
+    mib = np.int32(limit_bytes // MIB)
+    return int(np.min(multihost_utils.process_allgather(mib))) * MIB
 
 
 def grad_accum_candidates(batch_size: int, batch_shards: int = 1) -> list[int]:
@@ -153,7 +169,7 @@ def fit_train_step(
     grad_accum's estimate exceeds it, or when no grad_accum of "auto" comes within FIT_FRACTION of it (with
     the largest one's estimate). Trace under `jax.set_mesh(mesh)` as for the steps themselves.
     """
-    limit = device_memory_limit() if limit_bytes is None else limit_bytes
+    limit = agreed_memory_limit(device_memory_limit() if limit_bytes is None else limit_bytes)
     if config.grad_accum != AUTO_GRAD_ACCUM:
         steps, compiled, estimate = _compile(config, mesh)
         fit = MemoryFit(config.grad_accum, config.grad_accum, estimate, limit, ((config.grad_accum, estimate),))
