@@ -111,9 +111,10 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, s
     ],
 )
 def test_reductions_bodies_give_the_same_bits(tokens, top_k, num_experts, hot, seed):
-    # As the CPU test of the same name, natively: the unrolled body and the ones kept for the ladder ("loop",
-    # the body before; "unrolled_every_sum") must compile to the same sums, to the bit. Only the finished
-    # rows and dots are compared: on a GPU the blocks kernel's unwritten rows hold whatever memory held.
+    # As the CPU test of the same name, natively: the unrolled body and the ones kept for the ladder
+    # ("loop", "unrolled_every_sum"; kernel.REDUCTIONS_BODIES) must compile to the same sums, to the bit;
+    # "unrolled_reload" is checked against the float64 sum only. Only the finished rows and dots are
+    # compared: on a GPU the blocks kernel's unwritten rows hold whatever memory held.
     rng = np.random.default_rng(seed)
     d = 256
     indices = rng.integers(0, num_experts, (tokens, top_k), dtype=np.int32)
@@ -130,7 +131,11 @@ def test_reductions_bodies_give_the_same_bits(tokens, top_k, num_experts, hot, s
     )
     sums = {"coef": np.asarray(coef), "rows": rows, "table": table, "indices": indices, "order": schedule.order}
     check_segment_sum(out, dots, **sums, dtype=BF16)
-    for body in ("unrolled_every_sum", "loop"):
+    reloaded = segment_sum_stages(
+        coef, rows, table, schedule, top_k=top_k, config=config, interpret=False, reductions_body="unrolled_reload"
+    )
+    check_segment_sum(*reloaded[2:], **sums, dtype=BF16)  # its bits are not claimed (kernel.REDUCTIONS_BODIES)
+    for body in ("unrolled_every_sum", "loop"):  # each against "unrolled"
         _, _, out_body, dots_body = segment_sum_stages(
             coef, rows, table, schedule, top_k=top_k, config=config, interpret=False, reductions_body=body
         )

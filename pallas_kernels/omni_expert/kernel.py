@@ -373,11 +373,17 @@ def _masked_row_sum(member, coef, rows) -> jax.Array:
 # unrolled sum would spare those 4% one loop trip at the price of more code in every program.
 UNROLLED_SEGMENTS = 2
 # segment_blocks' `reductions_body`: "unrolled" (the kernel's), the unrolled segments after the first each
-# summed only where the block meets it; "unrolled_every_sum", every unrolled segment summed whether the block
-# meets it or not (no branch around the sums, only around the stores); "loop", every segment in the loop (the
-# body before the unrolling). The same sums in the same order, so the same bits; the last two exist for
-# benchmarks/segment_probe.py --reductions-ladder to time against "unrolled" and can go once measured.
-REDUCTIONS_BODIES = ("unrolled", "unrolled_every_sum", "loop")
+# summed only where the block meets it; "unrolled_reload", the same with every segment after the first
+# gathering its block's rows again (from L1 or L2: this program just loaded them) instead of keeping the
+# first gather's tile live, so the tile does not hold registers across the sums (compiled for sm_90 the tile
+# kept live doubles the kernel's registers, benchmarks/NOTES.md "A fixed count of segments");
+# "unrolled_every_sum", every unrolled segment summed whether the block meets it or not (no branch around
+# the sums, only around the stores); "loop", every segment in the loop (the body before the unrolling). The
+# same sums of the same values in the same order, so the same bits, tested, except "unrolled_reload": there
+# interpret mode's XLA fuses the second gather into its sum and rounds the last bit differently (tested
+# against the float64 sum; its bits on a GPU unchecked). All but "unrolled" exist for
+# benchmarks/segment_probe.py --reductions-ladder to time against it and can go once measured.
+REDUCTIONS_BODIES = ("unrolled", "unrolled_reload", "unrolled_every_sum", "loop")
 
 
 def _segment_blocks_kernel(
@@ -428,11 +434,17 @@ def _segment_blocks_kernel(
     if segment_sums == "reductions":
         rows = rows.astype(jnp.float32)  # [B, Dc]: converted once for all the block's segments
 
-        def sum_segment(segment, meets=None):
+        reload = reductions_body == "unrolled_reload"
+
+        def sum_segment(segment, meets=None, gather_again=False):
             """The block's `segment`-th segment (int32 scalar): one f32 row, stored once. `meets`: whether the
-            block has that segment at all (None: known to)."""
+            block has that segment at all (None: known to); `gather_again`: sum rows gathered anew."""
             member = rank == segment  # [B]; lanes past P share the last segment's rank but add 0 (coef 0)
-            total = _masked_row_sum(member, coef, rows)  # [Dc] f32
+            tile = rows  # [B, Dc] f32
+            if gather_again:  # the same pairs and columns as the prologue's gather: the same values
+                pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [B]
+                tile = _gather_rows(rows_ref, pairs // top_k, cols, valid)  # [B, Dc] f32
+            total = _masked_row_sum(member, coef, tile)  # [Dc] f32
             head = (segment == 0) & head_cut  # (a segment cut at both ends counts as the head)
             tail = (segment == num_local - 1) & tail_cut & ~head  # (implies `meets`, as the head does)
             whole = ~head & ~tail if meets is None else meets & ~head & ~tail
@@ -450,7 +462,7 @@ def _segment_blocks_kernel(
 
         def loop_from(first):  # segments first .. num_local - 1, one loop trip each
             def trip(segment, carry):
-                sum_segment(segment)
+                sum_segment(segment, gather_again=reload)
                 return carry
 
             lax.fori_loop(first, num_local, trip, 0)
@@ -467,7 +479,7 @@ def _segment_blocks_kernel(
             elif reductions_body == "unrolled_every_sum":
                 sum_segment(number, meets=number < num_local)
             else:
-                pl.when(number < num_local)(functools.partial(sum_segment, number))
+                pl.when(number < num_local)(functools.partial(sum_segment, number, gather_again=reload))
         pl.when(num_local > UNROLLED_SEGMENTS)(functools.partial(loop_from, UNROLLED_SEGMENTS))
         return
 
