@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call (H200, ~3-4 minutes) for the reductions body's fixed count of segments
-# (kernel.UNROLLED_SEGMENTS): the expert op's segment gpu tests, the three reductions bodies' bits among them
+# (kernel.UNROLLED_SEGMENTS): the expert op's segment gpu tests, the reductions bodies' bits among them
 # (test_reductions_bodies_give_the_same_bits), then the reductions ladder with its "blocks, fixed count" rungs
-# (results/segment_reductions_ladder.json; the prediction is in NOTES.md, "A fixed count of segments").
+# (results/segment_reductions_ladder.json; the prediction, revised after compiling, is in NOTES.md, "A fixed
+# count of segments").
 #
 #   bash benchmarks/gpu_segment_unroll.sh
 source "$(dirname "$0")/gpu_common.sh"
