@@ -614,8 +614,8 @@ def segment_blocks(
     dots, with `dot_table`, are per column chunk: [d / d_block, P] f32. Public so that
     benchmarks/segment_probe.py can time this call apart from the fix-up; `numbering_first` (the same
     results) is the order of the program's loads before the row gather came first, and `reductions_body`
-    other than "unrolled" (the same results; see REDUCTIONS_BODIES) how "reductions" walked a block's
-    segments before, both kept for that probe.
+    other than "unrolled" (the same results; see REDUCTIONS_BODIES) the other ways "reductions" can walk a
+    block's segments (the loop it had before among them), both kept for that probe.
     """
     if reductions_body not in REDUCTIONS_BODIES:
         raise ValueError(f"reductions_body={reductions_body!r} must be one of {REDUCTIONS_BODIES}")
