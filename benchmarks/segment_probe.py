@@ -48,13 +48,28 @@ and store one f32 row per program into an uninitialised [2 * blocks, d] output (
   + loop                     the dynamic-trip-count loop over the block's segments, one masked f32 sum
                              each, added into the one stored row
   blocks, numbering first    + the per-segment stores: the real first pallas_call in that load order
-                             (kernel.segment_blocks(numbering_first=True))
+                             with the loop over every segment (kernel.segment_blocks(numbering_first=True,
+                             reductions_body="loop"))
 
 and the order the kernel has now, the gathers issued before anything waits on the experts, each against
 the rung above it in the other order: "+ numbering, gather first", "+ loop, gather first" and "blocks"
-(the real first pallas_call). Each row's added_ms is its time minus its `compared_with` rung's, over_gather
-its time over the gather rung's. With --smoke each rung also lowers for CUDA and the probe rungs' rows are
-checked against numpy. Written to results/segment_reductions_ladder.json.
+(the real first pallas_call with the loop body, as measured before). Then the body the kernel has now,
+against "blocks":
+
+  blocks, fixed count              the block's first two segments summed and stored unrolled, the second
+                                   only where the block meets it, the loop only for a third and later
+                                   (kernel.UNROLLED_SEGMENTS; reductions_body "unrolled", the default)
+  blocks, fixed count, every sum   the same with both unrolled sums computed in every block (no branch
+                                   around the second sum, only around its stores), against the one above
+  blocks, fixed count, gathering again
+                                   "blocks, fixed count" with every segment after the first summed from
+                                   its rows gathered again (reductions_body "unrolled_reload": the tile
+                                   does not stay live in registers across the sums), against it
+
+Each row's added_ms is its time minus its `compared_with` rung's, over_gather its time over the gather
+rung's. With --smoke each rung also lowers for CUDA, the probe rungs' rows are checked against numpy and
+the fixed-count rungs' outputs against the loop body's, bit for bit (gathering again: to bf16's rounding). Written to
+results/segment_reductions_ladder.json.
 
     PYTHONPATH=. python benchmarks/segment_probe.py               # the paper's setting and N = 65536, GPU
     PYTHONPATH=. python benchmarks/segment_probe.py --sums        # products vs reductions, GPU
@@ -116,7 +131,18 @@ REDUCTIONS_LADDER = (
     ("+ numbering, gather first", "+ numbering"),
     ("+ loop, gather first", "+ loop"),
     ("blocks", "blocks, numbering first"),
+    ("blocks, fixed count", "blocks"),
+    ("blocks, fixed count, every sum", "blocks, fixed count"),
+    ("blocks, fixed count, gathering again", "blocks, fixed count"),
 )
+# The reductions body of each "blocks" rung (kernel.REDUCTIONS_BODIES): the first two as measured, the loop
+BLOCKS_BODIES = {
+    "blocks, numbering first": "loop",
+    "blocks": "loop",
+    "blocks, fixed count": "unrolled",
+    "blocks, fixed count, every sum": "unrolled_every_sum",
+    "blocks, fixed count, gathering again": "unrolled_reload",
+}
 
 
 def _probe_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, *refs, stage, num_pairs, top_k, block, slots,
@@ -319,9 +345,18 @@ def _ladder_rung_fn(name: str, config, *, top_k: int, out_shape, interpret: bool
         return jax.jit(lambda c, r, s, t: probe("gather", c, r, s.sorted_expert, s.order, t, **kwargs))
     if stage == "blocks":
         numbering_first = order == "numbering first"
+        body = BLOCKS_BODIES[name]
         return jax.jit(
             lambda c, r, s, t: kernel.segment_blocks(
-                c, r, s.sorted_expert, s.order, out_shape, dot_table=None, numbering_first=numbering_first, **kwargs
+                c,
+                r,
+                s.sorted_expert,
+                s.order,
+                out_shape,
+                dot_table=None,
+                numbering_first=numbering_first,
+                reductions_body=body,
+                **kwargs,
             )
         )
     numbering_first = order != "gather first"
@@ -352,6 +387,16 @@ def _check_ladder_rows(rung: str, out, coef, x, schedule, *, top_k: int, block: 
         np.testing.assert_allclose(out[row], want, rtol=1e-5, atol=1e-5, err_msg=f"rung {rung!r}, block {index}")
 
 
+def _check_same_bits(rung: str, out, want) -> None:
+    """--smoke's check that a "blocks" rung's (out, side) are the loop body's bit for bit, the rows it left
+    unwritten (NaN in interpret mode) included. AssertionError otherwise."""
+    assert want is not None, f"rung {rung!r}: the 'blocks' rung gave no output to compare with"
+    for name, got_one, want_one in zip(("out", "side"), out[:2], want[:2], strict=True):  # (dots: None)
+        got_bits = np.asarray(got_one).view(np.uint16 if got_one.dtype.itemsize == 2 else np.uint32)
+        want_bits = np.asarray(want_one).view(got_bits.dtype)
+        np.testing.assert_array_equal(got_bits, want_bits, err_msg=f"rung {rung!r}: {name}")
+
+
 def reductions_ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     """The rungs from "gather" to the reductions-mode blocks kernel at one setting (see the module doc)."""
     x, up, coef, schedule = probe_inputs(tokens, top_k, num_experts, d)
@@ -365,7 +410,7 @@ def reductions_ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> 
     row_bytes = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one gathered row per pair
     out_shape = jax.ShapeDtypeStruct(up.shape, up.dtype)
     block = config.segment_block
-    rows, ms = [], {}
+    rows, ms, loop_body_out = [], {}, None
     for name, against in REDUCTIONS_LADDER:
         row = {**setting, "rung": name, "compared_with": against, "config": str(config)}
         if time.monotonic() > deadline:
@@ -387,9 +432,16 @@ def reductions_ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> 
             if interpret:  # --smoke: each rung lowers for CUDA, and the probe rungs sum what they say
                 native = _ladder_rung_fn(name, config, top_k=top_k, out_shape=out_shape, interpret=False)
                 native.trace(coef, x, schedule, up).lower(lowering_platforms=("cuda",))
+                out = fn(coef, x, schedule, up)
                 if not name.startswith("blocks"):  # the kernel's own tests check the real pass
-                    out = fn(coef, x, schedule, up)
                     _check_ladder_rows(name.partition(", ")[0], out, coef, x, schedule, top_k=top_k, block=block)
+                elif name == "blocks":
+                    loop_body_out = out
+                elif name == "blocks, fixed count, gathering again":  # the last bit may differ here
+                    got, want = (np.asarray(o[0], np.float32) for o in (out, loop_body_out))
+                    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2, err_msg=name)
+                elif name.startswith("blocks, fixed count"):  # and the body change keeps the bits
+                    _check_same_bits(name, out, loop_body_out)
             row["status"] = "ok"
         except Exception as err:  # one failing rung must not cost the others
             row["status"] = f"error: {type(err).__name__}"

@@ -133,6 +133,38 @@ def segment_sum(coef, rows, table, schedule, *, top_k, config, interpret):
     )
 
 
+@functools.partial(jax.jit, static_argnames=("top_k", "config", "interpret", "reductions_body"))
+def segment_sum_stages(coef, rows, table, schedule, *, top_k, config, interpret, reductions_body):
+    """`segment_sum` kernel by kernel with the blocks kernel's `reductions_body` (kernel.REDUCTIONS_BODIES):
+    (the blocks kernel's out [N, d] and side [2 * blocks, d] as it left them, the finished out [N, d], dots
+    [P]). The first two hold the uninitialised memory the kernel did not write (NaN in interpret mode)."""
+    partial_out, side, dots = kernel.segment_blocks(
+        coef,
+        rows,
+        schedule.sorted_expert,
+        schedule.order,
+        jax.ShapeDtypeStruct(table.shape, table.dtype),
+        top_k=top_k,
+        dot_table=table,
+        config=config,
+        interpret=interpret,
+        reductions_body=reductions_body,
+    )
+    out = kernel.segment_fixup(partial_out, side, schedule.sorted_expert, config=config, interpret=interpret)
+    out = kernel.zero_untouched_rows(out, schedule.sorted_expert, config=config, interpret=interpret)
+    return partial_out, side, out, jnp.sum(dots, axis=0)
+
+
+def segments_per_block(sorted_expert, block: int) -> np.ndarray:
+    """[blocks] how many segments meet each block of `block` sorted pairs (a block's first pair opens one, and
+    so does every other pair whose expert differs from the one before)."""
+    experts = np.asarray(sorted_expert)
+    opens = np.ones(experts.shape, bool)
+    opens[1:] = experts[1:] != experts[:-1]
+    opens[::block] = True
+    return np.add.reduceat(opens.astype(np.int64), np.arange(0, experts.size, block))
+
+
 def check_segment_sum(out, dots, *, coef, rows, table, indices, order, dtype) -> None:
     """segment_sum's outputs against a float64 sum: `out` [N, d] holds sum_p coef_p rows[t_p] in every row
     some pair touched and exact zeros everywhere else (the kernels write every row of an uninitialised

@@ -10,7 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from expert_checks import check_against_reference, check_segment_sum, expert_inputs, segment_sum
+from expert_checks import (
+    check_against_reference,
+    check_segment_sum,
+    expert_inputs,
+    segment_sum,
+    segment_sum_stages,
+    segments_per_block,
+)
 from helpers import assert_close, assert_trees_close, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
@@ -92,6 +99,49 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, s
     jnp.full((num_experts, d), 7.0, dtype).block_until_ready()  # likely reused memory: garbage if a row is missed
     out, dots = segment_sum(jnp.asarray(coef), rows, table, schedule, top_k=top_k, config=config, interpret=False)
     check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "top_k", "num_experts", "hot"),
+    [
+        (2048, 128, 256, None),  # 1024 pairs per expert: ~1.1 segments per 64-pair block (training's K = 1280)
+        (4096, 32, 2048, None),  # 64 pairs per expert: ~2 per block, some 3 (training's K = 32 and 128)
+        (2048, 16, 4096, None),  # 8 pairs per expert: ~8 per block, the loop after the unrolled two
+        (2000, 8, 50000, 12345),  # ~1 pair per expert, and one segment through 31 blocks
+    ],
+)
+def test_reductions_bodies_give_the_same_bits(tokens, top_k, num_experts, hot, seed):
+    # As the CPU test of the same name, natively: the unrolled body and the ones kept for the ladder
+    # ("loop", "unrolled_every_sum"; kernel.REDUCTIONS_BODIES) must compile to the same sums, to the bit;
+    # "unrolled_reload" is checked against the float64 sum only. Only the finished rows and dots are
+    # compared: on a GPU the blocks kernel's unwritten rows hold whatever memory held.
+    rng = np.random.default_rng(seed)
+    d = 256
+    indices = rng.integers(0, num_experts, (tokens, top_k), dtype=np.int32)
+    if hot is not None:
+        indices[:, 0] = hot
+    coef = jnp.asarray(rng.standard_normal(tokens * top_k, np.float32))
+    rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), BF16)
+    table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), BF16)
+    schedule = build_schedule(jnp.asarray(indices), num_experts)
+    config = dataclasses.replace(default_config(tokens, top_k, num_experts, d, BF16), segment_sums="reductions")
+    per_block = segments_per_block(schedule.sorted_expert, config.segment_block)
+    _, _, out, dots = segment_sum_stages(
+        coef, rows, table, schedule, top_k=top_k, config=config, interpret=False, reductions_body="unrolled"
+    )
+    sums = {"coef": np.asarray(coef), "rows": rows, "table": table, "indices": indices, "order": schedule.order}
+    check_segment_sum(out, dots, **sums, dtype=BF16)
+    reloaded = segment_sum_stages(
+        coef, rows, table, schedule, top_k=top_k, config=config, interpret=False, reductions_body="unrolled_reload"
+    )
+    check_segment_sum(*reloaded[2:], **sums, dtype=BF16)  # its bits are not claimed (kernel.REDUCTIONS_BODIES)
+    for body in ("unrolled_every_sum", "loop"):  # each against "unrolled"
+        _, _, out_body, dots_body = segment_sum_stages(
+            coef, rows, table, schedule, top_k=top_k, config=config, interpret=False, reductions_body=body
+        )
+        what = f"{body}, up to {per_block.max()} segments a block"
+        np.testing.assert_array_equal(np.asarray(out_body).view(np.uint16), np.asarray(out).view(np.uint16), what)
+        np.testing.assert_array_equal(np.asarray(dots_body).view(np.uint32), np.asarray(dots).view(np.uint32), what)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -7,6 +7,7 @@ CUDA (no GPU needed) to catch unlowerable primitives; tests/test_expert_gpu.py r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -14,7 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from expert_checks import check_against_reference, check_segment_sum, expert_inputs, segment_sum
+from expert_checks import (
+    check_against_reference,
+    check_segment_sum,
+    expert_inputs,
+    segment_sum,
+    segment_sum_stages,
+    segments_per_block,
+)
 from helpers import assert_close, assert_trees_close, count_triton_calls, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
@@ -267,6 +275,99 @@ def test_segment_blocks_give_the_same_bits_in_either_load_order(segment_sums, se
     assert np.all(np.isfinite(np.asarray(out, np.float32))), "a row no kernel wrote"
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(out_before, np.float32))
     np.testing.assert_array_equal(np.asarray(dots), np.asarray(dots_before))
+
+
+# Pairs per expert, in expert order, for blocks of 16 sorted pairs (0: an expert no pair chooses):
+HANDMADE_SEGMENTS = [
+    *[16, 0],  # block 0: one whole segment; an empty expert
+    *[9, 7],  # block 1: two
+    *[5, 6, 5],  # block 2: three
+    *[1, 1, 2, 0, 1, 1, 3, 1, 1, 1],  # block 3: nine short ones, then the start of
+    57,  # a segment through blocks 3-7 (cut at both ends in blocks 4-6)
+    *[6, 5],  # block 7: the long one's end and two more
+    *[0, 7, 4, 8],  # block 8: three, the last cut into
+    *[3, 0, 0, 0, 0, 0],  # block 9, ragged (6 pairs): the cut one's end and one more; five empty experts
+]
+HANDMADE_SEGMENTS_PER_BLOCK = [1, 2, 3, 10, 1, 1, 1, 3, 3, 2]
+
+
+def _indices_with_segments(counts, top_k, rng) -> np.ndarray:
+    """[T, K] indices whose pairs sorted by expert have `counts[e]` pairs of expert e, tokens shuffled."""
+    experts = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    return rng.permutation(experts).reshape(-1, top_k)
+
+
+BITS_LAYOUTS = {
+    # name: (T, K, experts the pairs choose from, N, segment_block), as SEGMENT_LAYOUTS; uniform choices
+    "one_or_two_per_block": SEGMENT_LAYOUTS["long_segments"],
+    "about_two_per_block": (80, 2, 10, 14, 16),  # 16 pairs per expert, blocks of 16
+    "three_or_more_per_block": (48, 2, 16, 24, 16),  # 6 pairs per expert
+    "many_per_block": SEGMENT_LAYOUTS["short_segments"],
+    "mixed_ragged": SEGMENT_LAYOUTS["mixed_ragged"],
+}
+
+
+def _bits(array) -> np.ndarray:
+    array = np.asarray(array)
+    return array.view(np.uint16 if array.dtype.itemsize == 2 else np.uint32)
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype"),
+    [("handmade", F32), ("handmade", BF16), *((name, BF16) for name in sorted(BITS_LAYOUTS))],
+)
+def test_reductions_bodies_give_the_same_bits(layout, dtype, seed):
+    # The reductions body sums a block's first UNROLLED_SEGMENTS segments unrolled and loops only over the
+    # rest; the other kernel.REDUCTIONS_BODIES ("loop": every segment in the loop, the body before) are kept
+    # for the ladder: the same rows written with the same bits, the cut ones' side rows too (the uninitialised rest,
+    # NaN in interpret mode, matches as well), and the same dots. Blocks meeting 1, 2, 3 and many segments.
+    rng = np.random.default_rng(seed)
+    if layout == "handmade":
+        top_k, block, num_experts = 2, 16, len(HANDMADE_SEGMENTS)
+        indices = _indices_with_segments(HANDMADE_SEGMENTS, top_k, rng)
+    else:
+        tokens, top_k, chosen, num_experts, block = BITS_LAYOUTS[layout]
+        indices = rng.integers(0, chosen, (tokens, top_k), dtype=np.int32)
+    d = 32
+    coef = jnp.asarray(rng.standard_normal(indices.size, np.float32))
+    rows = jnp.asarray(rng.standard_normal((indices.shape[0], d), np.float32), dtype)
+    table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), dtype)
+    schedule = build_schedule(jnp.asarray(indices), num_experts)
+    per_block = segments_per_block(schedule.sorted_expert, block)
+    if layout == "handmade":
+        assert per_block.tolist() == HANDMADE_SEGMENTS_PER_BLOCK
+    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_sums="reductions")
+    run = functools.partial(segment_sum_stages, coef, rows, table, schedule, top_k=top_k, config=config)
+    unrolled = run(interpret=True, reductions_body="unrolled")
+    sums = {"coef": np.asarray(coef), "rows": rows, "table": table, "indices": indices, "order": schedule.order}
+    check_segment_sum(*unrolled[2:], **sums, dtype=dtype)
+    names = ("blocks' out", "side", "out", "dots")
+    # Gathering again changes interpret mode's XLA fusion and so the last bit (kernel.REDUCTIONS_BODIES)
+    reloaded = run(interpret=True, reductions_body="unrolled_reload")
+    check_segment_sum(*reloaded[2:], **sums, dtype=dtype)
+    for body in ("unrolled_every_sum", "loop"):  # each against "unrolled"
+        got = run(interpret=True, reductions_body=body)
+        for name, got_one, want in zip(names, got, unrolled, strict=True):
+            message = f"{body}: {name} (up to {per_block.max()} segments a block)"
+            np.testing.assert_array_equal(_bits(got_one), _bits(want), err_msg=message)
+
+
+def test_segment_blocks_refuses_an_unknown_reductions_body():
+    schedule = build_schedule(jnp.zeros((4, 1), jnp.int32), 2)
+    config = ExpertKernelConfig(d_block=16, segment_block=16, segment_sums="reductions")
+    with pytest.raises(ValueError, match=r"reductions_body='while' must be one of \('unrolled', "):
+        kernel.segment_blocks(
+            jnp.ones((4,)),
+            jnp.ones((4, 16)),
+            schedule.sorted_expert,
+            schedule.order,
+            jax.ShapeDtypeStruct((2, 16), F32),
+            top_k=1,
+            dot_table=None,
+            config=config,
+            interpret=True,
+            reductions_body="while",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
