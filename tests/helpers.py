@@ -14,6 +14,8 @@ import numpy as np
 from jax.test_util import check_grads
 
 from omnimoe_jax.testing import TOLERANCE, assert_close, rel_error, tolerance
+from train.config import apply_overrides, parse_overrides
+from train.presets import get_preset
 
 __all__ = [
     "TOLERANCE",
@@ -197,3 +199,27 @@ def router_compaction_cases(n: int, top_k: int, rng: np.random.Generator) -> tup
         fits, _ = router_merge_outcomes(lpx, lpy, top_k, block_tokens)
         assert np.array_equal(np.flatnonzero(fits), fitting_tiles), (block_tokens, fits)
     return lpx, lpy
+
+
+# The tiny preset shrunk to a run of seconds on a CPU: the train loop's and memory fit's tests.
+SHRUNK = [
+    "--context_length=32",
+    "--num_layers=2",
+    "--num_heads=2",
+    "--hidden_size=32",
+    "--ffn.intermediate_size=64",
+    "--ffn.num_experts=64",
+    "--ffn.num_experts_per_token=4",
+    "--batch_size=8",
+    "--steps=10",
+    "--warmup_steps=2",
+    "--log_every=2",
+    "--eval_every=5",
+    "--eval_batches=2",
+    "--checkpoint_every=5",
+]
+
+
+def shrunk_config(*extra: str):
+    """The tiny preset with SHRUNK and `extra` overrides applied."""
+    return apply_overrides(get_preset("tiny"), parse_overrides([*SHRUNK, *extra]))

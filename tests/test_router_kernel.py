@@ -713,11 +713,19 @@ def factored_config(tokens, n, top_k, backward="factored"):
     return config
 
 
-@pytest.mark.parametrize(("tokens", "n", "top_k"), [(64, 16, 8), (4096, 200, 512), (4096, 256, 8), (32768, 320, 1280)])
-def test_default_config_takes_the_factored_backward_where_it_applies(tokens, n, top_k):
+@pytest.mark.parametrize(
+    ("tokens", "n", "top_k", "want"),
+    [
+        (64, 16, 8, "onehot"),
+        (4096, 128, 128, "onehot"),
+        (4096, 200, 512, "factored"),  # n_pad = 256
+        (4096, 256, 8, "factored"),
+        (32768, 320, 1280, "factored"),
+    ],
+)
+def test_default_config_takes_the_factored_backward_where_it_applies(tokens, n, top_k, want):
     # "factored" was the faster backward at every shape measured (benchmarks/NOTES.md); below n_pad = 256 it
     # would run "onehot" anyway, and the config says so.
-    want = "factored" if next_power_of_2(n) >= MIN_FACTORED_AXIS else "onehot"
     assert default_config(tokens, n, top_k).backward == want
 
 

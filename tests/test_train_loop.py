@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_close
+from helpers import SHRUNK, assert_close, shrunk_config
 
 from omnimoe_jax import TransformerLM
 from train import cli, sample
@@ -29,31 +29,13 @@ from train import memory as memory_lib
 from train import metrics as metrics_lib
 from train import steps as steps_lib
 from train.checkpoint import Checkpoints
-from train.config import apply_overrides, parse_overrides
 from train.data import decode, encode
 from train.flops import model_flops_per_token
 from train.loop import load_config, run
 from train.metrics import read_metrics
-from train.presets import get_preset
 from train.run_directory import RunDirectoryError
 from train.steps import abstract_state, build_steps, make_init_state, make_optimizer, make_train_step
 
-SHRUNK = [
-    "--context_length=32",
-    "--num_layers=2",
-    "--num_heads=2",
-    "--hidden_size=32",
-    "--ffn.intermediate_size=64",
-    "--ffn.num_experts=64",
-    "--ffn.num_experts_per_token=4",
-    "--batch_size=8",
-    "--steps=10",
-    "--warmup_steps=2",
-    "--log_every=2",
-    "--eval_every=5",
-    "--eval_batches=2",
-    "--checkpoint_every=5",
-]
 TRAIN_FIELDS = {
     "step",
     "loss",
@@ -66,10 +48,6 @@ TRAIN_FIELDS = {
 }
 EVAL_FIELDS = {"step", "val_loss", "bits_per_byte", "tokens", "dropped_pairs", "routing", "routing_per_layer"}
 ROUTING_FIELDS = {"experts_used", "max_load", "load_entropy", "router_entropy"}
-
-
-def shrunk_config(*extra: str):
-    return apply_overrides(get_preset("tiny"), parse_overrides([*SHRUNK, *extra]))
 
 
 @pytest.fixture(scope="module")

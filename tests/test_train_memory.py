@@ -12,38 +12,15 @@ import re
 import jax
 import numpy as np
 import pytest
-from helpers import cpu_mesh
+from helpers import SHRUNK, cpu_mesh, shrunk_config
 
 from train import cli
 from train import memory as memory_lib
 from train.checkpoint import Checkpoints
-from train.config import apply_overrides, parse_overrides
 from train.loop import load_config, run
 from train.memory import FIT_FRACTION, GB, StepDoesNotFitError, fit_train_step, grad_accum_candidates
 from train.metrics import read_metrics
-from train.presets import get_preset
 from train.steps import abstract_state, build_steps, compiled_train_step
-
-SHRUNK = [
-    "--context_length=32",
-    "--num_layers=2",
-    "--num_heads=2",
-    "--hidden_size=32",
-    "--ffn.intermediate_size=64",
-    "--ffn.num_experts=64",
-    "--ffn.num_experts_per_token=4",
-    "--batch_size=8",
-    "--steps=10",
-    "--warmup_steps=2",
-    "--log_every=2",
-    "--eval_every=5",
-    "--eval_batches=2",
-    "--checkpoint_every=5",
-]
-
-
-def shrunk_config(*extra: str):
-    return apply_overrides(get_preset("tiny"), parse_overrides([*SHRUNK, *extra]))
 
 
 @pytest.fixture(scope="module")
