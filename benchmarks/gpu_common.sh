@@ -17,6 +17,11 @@ pack_out() {
     local entries
     entries=$(cd "$OUT" && ls -A | grep -vx gpu_out.tgz)
     [ -n "$entries" ] || return 0
+    # An earlier script of the same device call packed its results already: merge them, not overwrite.
+    if [ -f "$OUT/gpu_out.tgz" ]; then
+        (cd "$OUT" && tar -xzf gpu_out.tgz && rm gpu_out.tgz)
+        entries=$(cd "$OUT" && ls -A)
+    fi
     # shellcheck disable=SC2086  # the entries are names this script's steps chose: no spaces
     (cd "$OUT" && tar -czf /tmp/gpu_out.tgz $entries && rm -rf $entries && mv /tmp/gpu_out.tgz gpu_out.tgz)
 }
