@@ -31,8 +31,10 @@ chunk per pair), so the table's TB/s are comparable.
 segment_sums: "products", tensor-core products of 16 slots a window, or "reductions", one f32 masked sum
 and one row store per segment meeting the block) at training's shapes and the paper's: the first
 pallas_call alone ("blocks"), the whole pass as d_up runs it ("segment_sum") and as d_down runs it, with
-the fused dots ("segment_sum + dots"), each in both modes, beside the "gather" rung (this grid's loads and
-one weighted sum per block: what either mode could at best approach). Written to results/segment_sums.json.
+the fused dots ("segment_sum + dots"), each in both modes and in "reductions" with the rows gathered again
+for every segment after a block's first (ExpertKernelConfig.segment_regather), beside the "gather" rung (this
+grid's loads and one weighted sum per block: what any mode could at best approach). Written to
+results/segment_sums.json.
 
 `--reductions-ladder` takes the "reductions" blocks kernel apart the same way, at training's three splits
 (T = 32768, d = 512; K = 1280, 128 and 32) and the heuristic's config there (`default_config`, segment_sums
@@ -40,35 +42,25 @@ one weighted sum per block: what either mode could at best approach). Written to
 and store one f32 row per program into an uninitialised [2 * blocks, d] output (the side buffer's size):
 
   gather                     as above: the grid's loads and one weighted sum per block
-  + numbering                + the loads of the block's sorted experts and of those one pair before, the
-                             cumsum numbering the segments and their count, ahead of the order load and
-                             the row gather as the kernel had them; the block's last segment summed
+  + numbering                + the loads of the block's sorted experts and of those one pair before (after
+                             the order load and the row gather, as the kernel issues them), the cumsum
+                             numbering the segments and their count; the block's last segment summed
   + head/tail flags          + the experts one pair after and the two block-wide "segment cut" flags, which
                              pick the stored row (2 * block, + 1 where cut)
-  + loop                     the dynamic-trip-count loop over the block's segments, one masked f32 sum
+  + loop                     a dynamic-trip-count loop over the block's segments, one masked f32 sum
                              each, added into the one stored row
-  blocks, numbering first    + the per-segment stores: the real first pallas_call in that load order
-                             with the loop over every segment (kernel.segment_blocks(numbering_first=True,
-                             reductions_body="loop"))
+  blocks                     the real first pallas_call: the first two segments unrolled, a loop for the
+                             rest, a store per segment (kernel.UNROLLED_SEGMENTS), every sum from the tile
+  blocks, gathering again    the same with every segment after the first summed from its rows gathered
+                             again (ExpertKernelConfig.segment_regather: the tile does not stay live in
+                             registers across the sums), against "blocks"
 
-and the order the kernel has now, the gathers issued before anything waits on the experts, each against
-the rung above it in the other order: "+ numbering, gather first", "+ loop, gather first" and "blocks"
-(the real first pallas_call with the loop body, as measured before). Then the body the kernel has now,
-against "blocks":
-
-  blocks, fixed count              the block's first two segments summed and stored unrolled, the second
-                                   only where the block meets it, the loop only for a third and later
-                                   (kernel.UNROLLED_SEGMENTS; reductions_body "unrolled", the default)
-  blocks, fixed count, every sum   the same with both unrolled sums computed in every block (no branch
-                                   around the second sum, only around its stores), against the one above
-  blocks, fixed count, gathering again
-                                   "blocks, fixed count" with every segment after the first summed from
-                                   its rows gathered again (reductions_body "unrolled_reload": the tile
-                                   does not stay live in registers across the sums), against it
+The earlier rungs of results/segment_reductions_ladder.json (the numbering before the gather, the loop over
+every segment, both unrolled sums in every block) timed bodies the kernel no longer has.
 
 Each row's added_ms is its time minus its `compared_with` rung's, over_gather its time over the gather
 rung's. With --smoke each rung also lowers for CUDA, the probe rungs' rows are checked against numpy and
-the fixed-count rungs' outputs against the loop body's, bit for bit (gathering again: to bf16's rounding). Written to
+"blocks, gathering again"'s output against "blocks"' (to bf16's rounding). Written to
 results/segment_reductions_ladder.json.
 
     PYTHONPATH=. python benchmarks/segment_probe.py               # the paper's setting and N = 65536, GPU
@@ -116,7 +108,12 @@ SUMS_SETTINGS = [
     (4096, 512, 102400, 1024),
 ]
 SUMS_SMOKE_SETTINGS = [(64, 8, 16, 64), (64, 8, 256, 64)]  # long segments, short ones
-SEGMENT_SUMS = ("products", "reductions")
+# --sums' modes: the ExpertKernelConfig fields each sets
+SUMS_MODES = {
+    "products": {"segment_sums": "products", "segment_regather": False},
+    "reductions": {"segment_sums": "reductions", "segment_regather": False},
+    "reductions, gathering again": {"segment_sums": "reductions", "segment_regather": True},
+}
 SUMS_PIECES = ("blocks", "segment_sum", "segment_sum + dots")
 VARIATIONS = ("dots, one product", "row stores, contiguous")
 # (T, K, N, d) for --reductions-ladder: training's micro-batch at the three splits, the costliest first
@@ -127,22 +124,9 @@ REDUCTIONS_LADDER = (
     ("+ numbering", "gather"),
     ("+ head/tail flags", "+ numbering"),
     ("+ loop", "+ head/tail flags"),
-    ("blocks, numbering first", "+ loop"),
-    ("+ numbering, gather first", "+ numbering"),
-    ("+ loop, gather first", "+ loop"),
-    ("blocks", "blocks, numbering first"),
-    ("blocks, fixed count", "blocks"),
-    ("blocks, fixed count, every sum", "blocks, fixed count"),
-    ("blocks, fixed count, gathering again", "blocks, fixed count"),
+    ("blocks", "+ loop"),
+    ("blocks, gathering again", "blocks"),
 )
-# The reductions body of each "blocks" rung (kernel.REDUCTIONS_BODIES): the first two as measured, the loop
-BLOCKS_BODIES = {
-    "blocks, numbering first": "loop",
-    "blocks": "loop",
-    "blocks, fixed count": "unrolled",
-    "blocks, fixed count, every sum": "unrolled_every_sum",
-    "blocks, fixed count, gathering again": "unrolled_reload",
-}
 
 
 def _probe_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, *refs, stage, num_pairs, top_k, block, slots,
@@ -278,8 +262,8 @@ def ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     return rows
 
 
-def _reductions_rung_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, out_ref, *, stage, numbering_first,
-                            num_pairs, top_k, block, d_block):  # fmt: skip
+def _reductions_rung_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, out_ref, *, stage, num_pairs, top_k,
+                            block, d_block):  # fmt: skip
     """A --reductions-ladder rung: the blocks kernel's own loads and numbering (kernel.py's prologue), then
     one f32 row per program, stored to row 2 * block (+ 1 where a segment is cut, from "+ head/tail flags" on)."""
     index = pl.program_id(0)
@@ -295,7 +279,6 @@ def _reductions_rung_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, ou
         num_pairs=num_pairs,
         top_k=top_k,
         block=block,
-        numbering_first=numbering_first,
         cut_flags=cut_flags,
     )
     rows = got.rows.astype(jnp.float32)  # as the reductions mode converts them, once
@@ -313,7 +296,7 @@ def _reductions_rung_kernel(sorted_expert_ref, order_ref, coef_ref, rows_ref, ou
     pltriton.store(out_ref.at[row, cols], total)
 
 
-def reductions_rung(stage, coef, rows, sorted_expert, order, *, numbering_first, top_k, config, interpret):
+def reductions_rung(stage, coef, rows, sorted_expert, order, *, top_k, config, interpret):
     """One --reductions-ladder rung's pallas_call on the blocks kernel's grid; an uninitialised [2 * blocks, d]
     f32 output, the size of the real pass's side buffer."""
     num_pairs, d = sorted_expert.shape[0], rows.shape[1]
@@ -321,7 +304,6 @@ def reductions_rung(stage, coef, rows, sorted_expert, order, *, numbering_first,
     body = functools.partial(
         _reductions_rung_kernel,
         stage=stage,
-        numbering_first=numbering_first,
         num_pairs=num_pairs,
         top_k=top_k,
         block=config.segment_block,
@@ -339,32 +321,17 @@ def reductions_rung(stage, coef, rows, sorted_expert, order, *, numbering_first,
 
 def _ladder_rung_fn(name: str, config, *, top_k: int, out_shape, interpret: bool):
     """A --reductions-ladder rung, jitted, as a function of (coef, rows, schedule, table)."""
-    kwargs = {"top_k": top_k, "config": config, "interpret": interpret}
-    stage, _, order = name.partition(", ")  # "" (the order the kernel had before), "gather first" or "numbering first"
-    if stage == "gather":
-        return jax.jit(lambda c, r, s, t: probe("gather", c, r, s.sorted_expert, s.order, t, **kwargs))
-    if stage == "blocks":
-        numbering_first = order == "numbering first"
-        body = BLOCKS_BODIES[name]
+    kwargs = {"top_k": top_k, "interpret": interpret}
+    if name == "gather":
+        return jax.jit(lambda c, r, s, t: probe("gather", c, r, s.sorted_expert, s.order, t, config=config, **kwargs))
+    if name.startswith("blocks"):
+        config = dataclasses.replace(config, segment_regather=name == "blocks, gathering again")
         return jax.jit(
             lambda c, r, s, t: kernel.segment_blocks(
-                c,
-                r,
-                s.sorted_expert,
-                s.order,
-                out_shape,
-                dot_table=None,
-                numbering_first=numbering_first,
-                reductions_body=body,
-                **kwargs,
+                c, r, s.sorted_expert, s.order, out_shape, dot_table=None, config=config, **kwargs
             )
         )
-    numbering_first = order != "gather first"
-    return jax.jit(
-        lambda c, r, s, t: reductions_rung(
-            stage, c, r, s.sorted_expert, s.order, numbering_first=numbering_first, **kwargs
-        )
-    )
+    return jax.jit(lambda c, r, s, t: reductions_rung(name, c, r, s.sorted_expert, s.order, config=config, **kwargs))
 
 
 def _check_ladder_rows(rung: str, out, coef, x, schedule, *, top_k: int, block: int) -> None:
@@ -387,16 +354,6 @@ def _check_ladder_rows(rung: str, out, coef, x, schedule, *, top_k: int, block: 
         np.testing.assert_allclose(out[row], want, rtol=1e-5, atol=1e-5, err_msg=f"rung {rung!r}, block {index}")
 
 
-def _check_same_bits(rung: str, out, want) -> None:
-    """--smoke's check that a "blocks" rung's (out, side) are the loop body's bit for bit, the rows it left
-    unwritten (NaN in interpret mode) included. AssertionError otherwise."""
-    assert want is not None, f"rung {rung!r}: the 'blocks' rung gave no output to compare with"
-    for name, got_one, want_one in zip(("out", "side"), out[:2], want[:2], strict=True):  # (dots: None)
-        got_bits = np.asarray(got_one).view(np.uint16 if got_one.dtype.itemsize == 2 else np.uint32)
-        want_bits = np.asarray(want_one).view(got_bits.dtype)
-        np.testing.assert_array_equal(got_bits, want_bits, err_msg=f"rung {rung!r}: {name}")
-
-
 def reductions_ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     """The rungs from "gather" to the reductions-mode blocks kernel at one setting (see the module doc)."""
     x, up, coef, schedule = probe_inputs(tokens, top_k, num_experts, d)
@@ -410,7 +367,7 @@ def reductions_ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> 
     row_bytes = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one gathered row per pair
     out_shape = jax.ShapeDtypeStruct(up.shape, up.dtype)
     block = config.segment_block
-    rows, ms, loop_body_out = [], {}, None
+    rows, ms, blocks_out = [], {}, None
     for name, against in REDUCTIONS_LADDER:
         row = {**setting, "rung": name, "compared_with": against, "config": str(config)}
         if time.monotonic() > deadline:
@@ -434,14 +391,12 @@ def reductions_ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> 
                 native.trace(coef, x, schedule, up).lower(lowering_platforms=("cuda",))
                 out = fn(coef, x, schedule, up)
                 if not name.startswith("blocks"):  # the kernel's own tests check the real pass
-                    _check_ladder_rows(name.partition(", ")[0], out, coef, x, schedule, top_k=top_k, block=block)
+                    _check_ladder_rows(name, out, coef, x, schedule, top_k=top_k, block=block)
                 elif name == "blocks":
-                    loop_body_out = out
-                elif name == "blocks, fixed count, gathering again":  # the last bit may differ here
-                    got, want = (np.asarray(o[0], np.float32) for o in (out, loop_body_out))
+                    blocks_out = out
+                else:  # gathering again: the same sums, to the last bit in interpret mode's fusion
+                    got, want = (np.asarray(o[0], np.float32) for o in (out, blocks_out))
                     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2, err_msg=name)
-                elif name.startswith("blocks, fixed count"):  # and the body change keeps the bits
-                    _check_same_bits(name, out, loop_body_out)
             row["status"] = "ok"
         except Exception as err:  # one failing rung must not cost the others
             row["status"] = f"error: {type(err).__name__}"
@@ -490,10 +445,10 @@ def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[
     setting.update(_segment_counts(schedule.sorted_expert, base.segment_block))
     row_bytes = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one gathered row per pair
     out_shape = jax.ShapeDtypeStruct(up.shape, up.dtype)
-    runs = [("gather", None)] + [(piece, mode) for piece in SUMS_PIECES for mode in SEGMENT_SUMS]
-    rows = []
+    runs = [("gather", None)] + [(piece, mode) for piece in SUMS_PIECES for mode in SUMS_MODES]
+    rows, ms = [], {}
     for piece, mode in runs:
-        config = base if mode is None else dataclasses.replace(base, segment_sums=mode)
+        config = base if mode is None else dataclasses.replace(base, **SUMS_MODES[mode])
         row = {**setting, "piece": piece, "segment_sums": mode, "config": str(config)}
         if time.monotonic() > deadline:
             rows.append({**row, "status": "skipped (time budget)"})
@@ -504,9 +459,11 @@ def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[
             row.update(common.time_fn(fn, args, reps=1 if interpret else 20, batches=1 if interpret else 5))
             rows_per_pair = 2 if piece == "segment_sum + dots" else 1  # + the expert rows of the dots
             row["gather_TBps"] = rows_per_pair * row_bytes / (row["ms"] * 1e-3) / 1e12
-            products = rows[-1] if rows and mode == "reductions" else {}  # the same piece, "products"
-            if "ms" in products:
-                row["products_over_reductions"] = products["ms"] / row["ms"]  # > 1: reductions faster
+            ms[piece, mode] = row["ms"]
+            if mode == "reductions" and (piece, "products") in ms:
+                row["products_over_reductions"] = ms[piece, "products"] / row["ms"]  # > 1: reductions faster
+            if mode == "reductions, gathering again" and (piece, "reductions") in ms:
+                row["over_reductions"] = row["ms"] / ms[piece, "reductions"]  # < 1: gathering again faster
             row["status"] = "ok"
         except Exception as err:  # one failing piece must not cost the others
             row["status"] = f"error: {type(err).__name__}"
@@ -546,6 +503,7 @@ def main():
         rows = [r for s in settings for r in compare_sums(*s, interpret=args.smoke, deadline=deadline)]
         print()
         columns = ["setting", "segments_per_block", "piece", "segment_sums", "ms", "products_over_reductions"]
+        columns.append("over_reductions")
         common.print_table(rows, [*columns, "gather_TBps", "status"])
         if not args.smoke:
             path = common.write_results("segment_sums", rows, wall_s=round(time.monotonic() - start, 1))

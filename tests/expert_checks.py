@@ -133,11 +133,11 @@ def segment_sum(coef, rows, table, schedule, *, top_k, config, interpret):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "config", "interpret", "reductions_body"))
-def segment_sum_stages(coef, rows, table, schedule, *, top_k, config, interpret, reductions_body):
-    """`segment_sum` kernel by kernel with the blocks kernel's `reductions_body` (kernel.REDUCTIONS_BODIES):
-    (the blocks kernel's out [N, d] and side [2 * blocks, d] as it left them, the finished out [N, d], dots
-    [P]). The first two hold the uninitialised memory the kernel did not write (NaN in interpret mode)."""
+@functools.partial(jax.jit, static_argnames=("top_k", "config", "interpret"))
+def segment_sum_stages(coef, rows, table, schedule, *, top_k, config, interpret):
+    """`segment_sum` kernel by kernel: (the blocks kernel's out [N, d] and side [2 * blocks, d] as it left
+    them, the finished out [N, d], dots [P]). The first two hold the uninitialised memory the kernel did not
+    write (NaN in interpret mode)."""
     partial_out, side, dots = kernel.segment_blocks(
         coef,
         rows,
@@ -148,7 +148,6 @@ def segment_sum_stages(coef, rows, table, schedule, *, top_k, config, interpret,
         dot_table=table,
         config=config,
         interpret=interpret,
-        reductions_body=reductions_body,
     )
     out = kernel.segment_fixup(partial_out, side, schedule.sorted_expert, config=config, interpret=interpret)
     out = kernel.zero_untouched_rows(out, schedule.sorted_expert, config=config, interpret=interpret)

@@ -110,11 +110,11 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, s
         (2000, 8, 50000, 12345),  # ~1 pair per expert, and one segment through 31 blocks
     ],
 )
-def test_reductions_bodies_give_the_same_bits(tokens, top_k, num_experts, hot, seed):
-    # As the CPU test of the same name, natively: the unrolled body and the ones kept for the ladder
-    # ("loop", "unrolled_every_sum"; kernel.REDUCTIONS_BODIES) must compile to the same sums, to the bit;
-    # "unrolled_reload" is checked against the float64 sum only. Only the finished rows and dots are
-    # compared: on a GPU the blocks kernel's unwritten rows hold whatever memory held.
+def test_reductions_with_and_without_regathering(tokens, top_k, num_experts, hot, seed):
+    # As the CPU test of the same name, natively: both against the float64 sums, and here also bit for bit
+    # against each other (Triton sums the same values in the same order; interpret mode's XLA does not).
+    # Only the finished rows and dots are compared: on a GPU the blocks kernel's unwritten rows hold
+    # whatever memory held.
     rng = np.random.default_rng(seed)
     d = 256
     indices = rng.integers(0, num_experts, (tokens, top_k), dtype=np.int32)
@@ -124,24 +124,18 @@ def test_reductions_bodies_give_the_same_bits(tokens, top_k, num_experts, hot, s
     rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), BF16)
     table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), BF16)
     schedule = build_schedule(jnp.asarray(indices), num_experts)
-    config = dataclasses.replace(default_config(tokens, top_k, num_experts, d, BF16), segment_sums="reductions")
-    per_block = segments_per_block(schedule.sorted_expert, config.segment_block)
-    _, _, out, dots = segment_sum_stages(
-        coef, rows, table, schedule, top_k=top_k, config=config, interpret=False, reductions_body="unrolled"
-    )
+    base = dataclasses.replace(default_config(tokens, top_k, num_experts, d, BF16), segment_sums="reductions")
+    per_block = segments_per_block(schedule.sorted_expert, base.segment_block)
     sums = {"coef": np.asarray(coef), "rows": rows, "table": table, "indices": indices, "order": schedule.order}
-    check_segment_sum(out, dots, **sums, dtype=BF16)
-    reloaded = segment_sum_stages(
-        coef, rows, table, schedule, top_k=top_k, config=config, interpret=False, reductions_body="unrolled_reload"
-    )
-    check_segment_sum(*reloaded[2:], **sums, dtype=BF16)  # its bits are not claimed (kernel.REDUCTIONS_BODIES)
-    for body in ("unrolled_every_sum", "loop"):  # each against "unrolled"
-        _, _, out_body, dots_body = segment_sum_stages(
-            coef, rows, table, schedule, top_k=top_k, config=config, interpret=False, reductions_body=body
-        )
-        what = f"{body}, up to {per_block.max()} segments a block"
-        np.testing.assert_array_equal(np.asarray(out_body).view(np.uint16), np.asarray(out).view(np.uint16), what)
-        np.testing.assert_array_equal(np.asarray(dots_body).view(np.uint32), np.asarray(dots).view(np.uint32), what)
+    results = []
+    for regather in (False, True):
+        config = dataclasses.replace(base, segment_regather=regather)
+        _, _, out, dots = segment_sum_stages(coef, rows, table, schedule, top_k=top_k, config=config, interpret=False)
+        check_segment_sum(out, dots, **sums, dtype=BF16)
+        results.append((np.asarray(out).view(np.uint16), np.asarray(dots).view(np.uint32)))
+    what = f"regathered vs not, up to {per_block.max()} segments a block"
+    np.testing.assert_array_equal(results[1][0], results[0][0], what)
+    np.testing.assert_array_equal(results[1][1], results[0][1], what)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

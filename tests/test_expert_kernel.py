@@ -7,7 +7,6 @@ CUDA (no GPU needed) to catch unlowerable primitives; tests/test_expert_gpu.py r
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 
@@ -111,6 +110,11 @@ def test_config_rejects_bad_fields(fields, message):
         ExpertKernelConfig(**fields)
 
 
+def test_config_rejects_a_segment_regather_that_is_not_a_bool():
+    with pytest.raises(TypeError, match=re.escape("segment_regather=1 must be a bool")):
+        ExpertKernelConfig(segment_regather=1)
+
+
 def test_default_config_variant_override():
     assert default_config(4096, 32, 65536, 1024, BF16, variant="sorted").variant == "sorted"
     with pytest.raises(ValueError, match=re.escape("variant='both' must be None or one of")):
@@ -118,22 +122,24 @@ def test_default_config_variant_override():
 
 
 @pytest.mark.parametrize(
-    "tokens, top_k, num_experts, d, expected",
+    "tokens, top_k, num_experts, d, expected, regather",
     [
-        (32768, 32, 16384, 512, "reductions"),  # `small`'s training step: 64 pairs per expert, 64-pair blocks
-        (32768, 1280, 65536, 512, "reductions"),  # `small-omnimoe`'s: 640 pairs per expert
-        (4096, 512, 102400, 1024, "products"),  # the paper's setting: ~20 pairs per expert, 128-pair blocks
-        (4096, 32, 65536, 1024, "products"),  # ~2 pairs per expert
+        (32768, 32, 16384, 512, "reductions", False),  # `small`'s step: 64 pairs per expert, 64-pair blocks
+        (32768, 128, 16384, 512, "reductions", True),  # 256 pairs per expert: ~1.25 segments a block
+        (32768, 1280, 65536, 512, "reductions", True),  # `small-omnimoe`'s: 640 pairs per expert
+        (4096, 512, 102400, 1024, "products", False),  # the paper's setting: ~20 pairs per expert, 128-pair blocks
+        (4096, 32, 65536, 1024, "products", False),  # ~2 pairs per expert
     ],
 )
 def test_default_config_sums_segments_by_reductions_where_blocks_meet_few_segments(
-    tokens, top_k, num_experts, d, expected
+    tokens, top_k, num_experts, d, expected, regather
 ):
     config = default_config(tokens, top_k, num_experts, d, BF16)
     pairs = tokens * top_k
     per_expert = pairs / (num_experts * -math.expm1(-pairs / num_experts))
     assert (per_expert >= config.segment_block) == (expected == "reductions")
     assert config.segment_sums == expected
+    assert config.segment_regather is regather
 
 
 def test_default_config_takes_no_pairs():
@@ -240,43 +246,6 @@ def test_segment_sum_layouts(layout, dtype, segment_sums, seed):
     check_segment_sum(out, dots, coef=coef, rows=rows, table=table, indices=indices, order=schedule.order, dtype=dtype)
 
 
-@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
-def test_segment_blocks_give_the_same_bits_in_either_load_order(segment_sums, seed):
-    # The blocks kernel issues its gathers before the segment numbering; `numbering_first` is the order it
-    # had before, kept for benchmarks/segment_probe.py: the same sums, rows and dots, to the bit.
-    tokens, top_k, chosen, num_experts, block = SEGMENT_LAYOUTS["mixed_ragged"]
-    rng = np.random.default_rng(seed)
-    d = 32
-    indices = rng.integers(0, chosen, (tokens, top_k), dtype=np.int32)
-    coef = jnp.asarray(rng.standard_normal(tokens * top_k, np.float32))
-    rows = jnp.asarray(rng.standard_normal((tokens, d), np.float32), BF16)
-    table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), BF16)
-    schedule = build_schedule(jnp.asarray(indices), num_experts)
-    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_sums=segment_sums)
-    out_shape = jax.ShapeDtypeStruct(table.shape, table.dtype)
-
-    def whole_pass(numbering_first):
-        out, side, dots = kernel.segment_blocks(
-            coef,
-            rows,
-            schedule.sorted_expert,
-            schedule.order,
-            out_shape,
-            top_k=top_k,
-            dot_table=table,
-            config=config,
-            interpret=True,
-            numbering_first=numbering_first,
-        )
-        out = kernel.segment_fixup(out, side, schedule.sorted_expert, config=config, interpret=True)
-        return kernel.zero_untouched_rows(out, schedule.sorted_expert, config=config, interpret=True), dots
-
-    (out, dots), (out_before, dots_before) = whole_pass(False), whole_pass(True)
-    assert np.all(np.isfinite(np.asarray(out, np.float32))), "a row no kernel wrote"
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(out_before, np.float32))
-    np.testing.assert_array_equal(np.asarray(dots), np.asarray(dots_before))
-
-
 # Pairs per expert, in expert order, for blocks of 16 sorted pairs (0: an expert no pair chooses):
 HANDMADE_SEGMENTS = [
     *[16, 0],  # block 0: one whole segment; an empty expert
@@ -297,7 +266,7 @@ def _indices_with_segments(counts, top_k, rng) -> np.ndarray:
     return rng.permutation(experts).reshape(-1, top_k)
 
 
-BITS_LAYOUTS = {
+REDUCTIONS_LAYOUTS = {
     # name: (T, K, experts the pairs choose from, N, segment_block), as SEGMENT_LAYOUTS; uniform choices
     "one_or_two_per_block": SEGMENT_LAYOUTS["long_segments"],
     "about_two_per_block": (80, 2, 10, 14, 16),  # 16 pairs per expert, blocks of 16
@@ -307,67 +276,37 @@ BITS_LAYOUTS = {
 }
 
 
-def _bits(array) -> np.ndarray:
-    array = np.asarray(array)
-    return array.view(np.uint16 if array.dtype.itemsize == 2 else np.uint32)
-
-
 @pytest.mark.parametrize(
     ("layout", "dtype"),
-    [("handmade", F32), ("handmade", BF16), *((name, BF16) for name in sorted(BITS_LAYOUTS))],
+    [("handmade", F32), ("handmade", BF16), *((name, BF16) for name in sorted(REDUCTIONS_LAYOUTS))],
 )
-def test_reductions_bodies_give_the_same_bits(layout, dtype, seed):
+def test_reductions_with_and_without_regathering(layout, dtype, seed):
     # The reductions body sums a block's first UNROLLED_SEGMENTS segments unrolled and loops only over the
-    # rest; the other kernel.REDUCTIONS_BODIES ("loop": every segment in the loop, the body before) are kept
-    # for the ladder: the same rows written with the same bits, the cut ones' side rows too (the uninitialised rest,
-    # NaN in interpret mode, matches as well), and the same dots. Blocks meeting 1, 2, 3 and many segments.
+    # rest, each from the first gather's tile or (segment_regather) every one after the first from its rows
+    # gathered again: both against the float64 sums, blocks meeting 1, 2, 3 and many segments. The same
+    # values summed in the same order, yet not compared bit for bit: interpret mode's XLA fuses the second
+    # gather into its sum and rounds the last bit differently.
     rng = np.random.default_rng(seed)
     if layout == "handmade":
         top_k, block, num_experts = 2, 16, len(HANDMADE_SEGMENTS)
         indices = _indices_with_segments(HANDMADE_SEGMENTS, top_k, rng)
     else:
-        tokens, top_k, chosen, num_experts, block = BITS_LAYOUTS[layout]
+        tokens, top_k, chosen, num_experts, block = REDUCTIONS_LAYOUTS[layout]
         indices = rng.integers(0, chosen, (tokens, top_k), dtype=np.int32)
     d = 32
     coef = jnp.asarray(rng.standard_normal(indices.size, np.float32))
     rows = jnp.asarray(rng.standard_normal((indices.shape[0], d), np.float32), dtype)
     table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), dtype)
     schedule = build_schedule(jnp.asarray(indices), num_experts)
-    per_block = segments_per_block(schedule.sorted_expert, block)
     if layout == "handmade":
-        assert per_block.tolist() == HANDMADE_SEGMENTS_PER_BLOCK
-    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_sums="reductions")
-    run = functools.partial(segment_sum_stages, coef, rows, table, schedule, top_k=top_k, config=config)
-    unrolled = run(interpret=True, reductions_body="unrolled")
+        assert segments_per_block(schedule.sorted_expert, block).tolist() == HANDMADE_SEGMENTS_PER_BLOCK
     sums = {"coef": np.asarray(coef), "rows": rows, "table": table, "indices": indices, "order": schedule.order}
-    check_segment_sum(*unrolled[2:], **sums, dtype=dtype)
-    names = ("blocks' out", "side", "out", "dots")
-    # Gathering again changes interpret mode's XLA fusion and so the last bit (kernel.REDUCTIONS_BODIES)
-    reloaded = run(interpret=True, reductions_body="unrolled_reload")
-    check_segment_sum(*reloaded[2:], **sums, dtype=dtype)
-    for body in ("unrolled_every_sum", "loop"):  # each against "unrolled"
-        got = run(interpret=True, reductions_body=body)
-        for name, got_one, want in zip(names, got, unrolled, strict=True):
-            message = f"{body}: {name} (up to {per_block.max()} segments a block)"
-            np.testing.assert_array_equal(_bits(got_one), _bits(want), err_msg=message)
-
-
-def test_segment_blocks_refuses_an_unknown_reductions_body():
-    schedule = build_schedule(jnp.zeros((4, 1), jnp.int32), 2)
-    config = ExpertKernelConfig(d_block=16, segment_block=16, segment_sums="reductions")
-    with pytest.raises(ValueError, match=r"reductions_body='while' must be one of \('unrolled', "):
-        kernel.segment_blocks(
-            jnp.ones((4,)),
-            jnp.ones((4, 16)),
-            schedule.sorted_expert,
-            schedule.order,
-            jax.ShapeDtypeStruct((2, 16), F32),
-            top_k=1,
-            dot_table=None,
-            config=config,
-            interpret=True,
-            reductions_body="while",
+    for regather in (False, True):
+        config = ExpertKernelConfig(
+            d_block=16, segment_block=block, segment_sums="reductions", segment_regather=regather
         )
+        _, _, out, dots = segment_sum_stages(coef, rows, table, schedule, top_k=top_k, config=config, interpret=True)
+        check_segment_sum(out, dots, **sums, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -528,14 +467,16 @@ def test_lowers_for_cuda(tokens, top_k, num_experts, d, dtype, variant):
 
 
 # The other way to sum the segments: its loop over a block's segments (a dynamic trip count), the scalar
-# branches and the one-row stores must lower too. The training shapes, then the benchmark shapes and edges.
+# branches, the one-row stores and the second gather (segment_regather) must lower too. The training
+# shapes, then the benchmark shapes and edges.
 TRAINING_SHAPES = [(32768, 32, 16384, 512, BF16), (32768, 128, 65536, 512, BF16), (32768, 1280, 65536, 512, BF16)]
 
 
+@pytest.mark.parametrize("regather", [False, True])
 @pytest.mark.parametrize(("tokens", "top_k", "num_experts", "d", "dtype"), TRAINING_SHAPES + LOWERING_SHAPES)
-def test_segment_sums_by_reductions_lower_for_cuda(tokens, top_k, num_experts, d, dtype):
+def test_segment_sums_by_reductions_lower_for_cuda(tokens, top_k, num_experts, d, dtype, regather):
     config = default_config(tokens, top_k, num_experts, d, dtype, variant="sorted")
-    config = dataclasses.replace(config, segment_sums="reductions")
+    config = dataclasses.replace(config, segment_sums="reductions", segment_regather=regather)
 
     def loss(x, up, down, weights, indices):
         y = omni_expert(x, up, down, weights, indices, implementation="pallas", interpret=False, config=config)

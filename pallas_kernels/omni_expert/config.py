@@ -36,6 +36,13 @@ expert row across its sorted segment). Four things decide the speed:
   --sums`, results/segment_sums.json, NOTES.md "Segment sums by reductions"): "reductions" is faster where
   a block meets about two segments or fewer (training's 64 and 640 pairs per expert in 64-pair blocks) and
   slower where it meets ~7 (the paper's ~20 pairs per expert in 128-pair blocks); step 5 below.
+- Whether "reductions" keeps its tile live (`segment_regather`). Summing a second segment from the tile the
+  block gathered keeps that f32 tile in registers through the first sum: compiled for sm_90 about twice
+  the registers of a one-sum program, so fewer programs an SM. Gathering the block's rows again for every
+  segment after the first (from L1 or L2: the program just loaded them) frees it, at the cost of that
+  second gather where a block meets a second segment. Measured on an H200 (`benchmarks/segment_probe.py
+  --reductions-ladder`, results/segment_reductions_ladder_bodies.json): 0.82x the pass's first kernel where 10% of
+  blocks meet a second segment (K = 1280, 640 pairs per expert), 1.03-1.07x where 90% do (64 per expert).
 
 Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on the GPU to settle:
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
@@ -58,6 +65,9 @@ Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on th
   5. segment_sums "reductions" when the pairs per touched expert are at least segment_block (a block then
      meets about two segments or fewer), else "products". Measured on both sides of that line, not at it:
      nothing between ~0.16 and 1 segment_block of pairs per expert has been timed.
+  6. segment_regather where "reductions" and the pairs per touched expert are at least 2 x segment_block
+     (at most about half the blocks meet a second segment): between the two measured points (1 and 10
+     blocks of pairs per expert), interpolated, not timed.
 """
 
 from __future__ import annotations
@@ -111,6 +121,9 @@ class ExpertKernelConfig:
       segment_sums: how a segment-pass program sums its segments: "products" (tensor-core products of
         `segment_slots` segments at a time, 16 slot rows stored per window) or "reductions" (one f32 masked
         sum over the block's pairs and one row store per segment meeting the block); see the module doc.
+      segment_regather: with "reductions", sum every segment after a block's first from the block's rows
+        gathered again rather than from the tile of the first gather (which then needs no registers past
+        the first sum); the same sums of the same values. Unused by "products".
       num_warps, num_stages: Triton launch parameters, shared by the passes.
     """
 
@@ -123,6 +136,7 @@ class ExpertKernelConfig:
     segment_block: int = 64
     segment_slots: int = 16
     segment_sums: str = "products"
+    segment_regather: bool = False
     num_warps: int = 4
     num_stages: int = 2
 
@@ -131,6 +145,8 @@ class ExpertKernelConfig:
             raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS}")
         if self.segment_sums not in SEGMENT_SUMS:
             raise ValueError(f"segment_sums={self.segment_sums!r} must be one of {SEGMENT_SUMS}")
+        if not isinstance(self.segment_regather, bool):
+            raise TypeError(f"segment_regather={self.segment_regather!r} must be a bool")
         blocks = ("d_block", "score_splits", "pair_block", "token_block", "k_block", "segment_block", "segment_slots")
         for name in (*blocks, "num_warps"):
             value = getattr(self, name)
@@ -245,4 +261,12 @@ def default_config(
     else:
         splits = fewest_splits(tokens)
     segment_sums = "reductions" if per_expert >= tiles["segment_block"] else "products"  # step 5
-    return ExpertKernelConfig(variant=variant, d_block=d_block, score_splits=splits, segment_sums=segment_sums, **tiles)
+    regather = segment_sums == "reductions" and per_expert >= 2 * tiles["segment_block"]  # step 6
+    return ExpertKernelConfig(
+        variant=variant,
+        d_block=d_block,
+        score_splits=splits,
+        segment_sums=segment_sums,
+        segment_regather=regather,
+        **tiles,
+    )

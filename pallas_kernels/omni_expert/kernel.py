@@ -310,7 +310,6 @@ def _segment_block_prologue(
     num_pairs: int,
     top_k: int,
     block: int,
-    numbering_first: bool,
     cut_flags: bool = True,
 ) -> _Block:
     """The loads and the segment numbering of program pl.program_id(0)'s block of sorted pairs, column
@@ -319,8 +318,8 @@ def _segment_block_prologue(
 
     The gathers are issued before anything waits on the experts: a warp issues in order, and the
     numbering's block-wide scan and reductions wait for the experts' loads, so with the numbering first
-    (`numbering_first`, the order before, the same results) every program's row gather waited one more load
-    round trip and four block-wide steps (benchmarks/NOTES.md, "Segment sums by reductions")."""
+    every program's row gather waited one more load round trip and four block-wide steps (measured: the
+    pass was 1.1-1.3x slower, benchmarks/NOTES.md "Segment sums by reductions")."""
     lanes = jnp.arange(block, dtype=jnp.int32)  # [B]
     positions = pl.program_id(0) * block + lanes  # [B] sorted positions; past P in the ragged last block
     valid = positions < num_pairs
@@ -346,16 +345,10 @@ def _segment_block_prologue(
             return rows, None
         return rows, _gather_rows(dot_table_ref, jnp.maximum(expert, 0), cols, valid)
 
-    if numbering_first:
-        neighbours = experts()
-        numbered = numbering(*neighbours)
-        pairs, coef = pair_ids()
-        gathered = gather(pairs, neighbours[0])
-    else:
-        pairs, coef = pair_ids()
-        neighbours = experts()
-        gathered = gather(pairs, neighbours[0])
-        numbered = numbering(*neighbours)
+    pairs, coef = pair_ids()
+    neighbours = experts()
+    gathered = gather(pairs, neighbours[0])
+    numbered = numbering(*neighbours)
     return _Block(valid, neighbours[0], coef, *gathered, *numbered)
 
 
@@ -367,23 +360,11 @@ def _masked_row_sum(member, coef, rows) -> jax.Array:
 # The reductions body sums and stores a block's first UNROLLED_SEGMENTS segments in straight-line code; only a
 # block meeting more runs a (dynamic-trip-count) loop, for the rest. Two, because a block of the heuristic's
 # 64 sorted pairs at training's shapes meets one or two segments (uniform routing, T = 32768: at K = 1280 one
-# in 90% of blocks and two in the rest; at K = 32 and 128, ~6% one, ~90% two, ~4% three; benchmarks/NOTES.md
-# "A fixed count of segments"), and the loop was the largest cost of the pass there ("What the reductions
-# pass pays beyond the gather"): with two, no block at K = 1280 and ~4% at K = 32 and 128 enter it; a third
-# unrolled sum would spare those 4% one loop trip at the price of more code in every program.
+# in 90% of blocks and two in the rest; at K = 32 and 128, ~6% one, ~90% two, ~4% three). Measured on an H200
+# against the loop over every segment (benchmarks/NOTES.md "A fixed count of segments"): 0.94-0.98x. What
+# the loop cost was not its trips but the tile it kept live for a second sum (twice the registers, fewer
+# programs an SM), which the unrolled second sum keeps as well; `segment_regather` is what frees it.
 UNROLLED_SEGMENTS = 2
-# segment_blocks' `reductions_body`: "unrolled" (the kernel's), the unrolled segments after the first each
-# summed only where the block meets it; "unrolled_reload", the same with every segment after the first
-# gathering its block's rows again (from L1 or L2: this program just loaded them) instead of keeping the
-# first gather's tile live, so the tile does not hold registers across the sums (compiled for sm_90 the tile
-# kept live doubles the kernel's registers, benchmarks/NOTES.md "A fixed count of segments");
-# "unrolled_every_sum", every unrolled segment summed whether the block meets it or not (no branch around
-# the sums, only around the stores); "loop", every segment in the loop (the body before the unrolling). The
-# same sums of the same values in the same order, so the same bits, tested, except "unrolled_reload": there
-# interpret mode's XLA fuses the second gather into its sum and rounds the last bit differently (tested
-# against the float64 sum; its bits on a GPU unchecked). All but "unrolled" exist for
-# benchmarks/segment_probe.py --reductions-ladder to time against it and can go once measured.
-REDUCTIONS_BODIES = ("unrolled", "unrolled_reload", "unrolled_every_sum", "loop")
 
 
 def _segment_blocks_kernel(
@@ -400,8 +381,7 @@ def _segment_blocks_kernel(
     d_block: int,
     with_dots: bool,
     segment_sums: str,
-    numbering_first: bool,
-    reductions_body: str,
+    regather: bool,
 ):
     # refs: [dot_table_ref,] out_ref, side_ref[, dots_ref]: the dot table and dots only with_dots. out_ref
     # starts uninitialised: this kernel writes the uncut segments' rows, the fix-up the cut ones and
@@ -422,7 +402,6 @@ def _segment_blocks_kernel(
         num_pairs=num_pairs,
         top_k=top_k,
         block=block,
-        numbering_first=numbering_first,
     )
     positions = index * block + jnp.arange(block, dtype=jnp.int32)  # [B]
 
@@ -434,22 +413,22 @@ def _segment_blocks_kernel(
     if segment_sums == "reductions":
         rows = rows.astype(jnp.float32)  # [B, Dc]: converted once for all the block's segments
 
-        reload = reductions_body == "unrolled_reload"
-
-        def sum_segment(segment, meets=None, gather_again=False):
-            """The block's `segment`-th segment (int32 scalar): one f32 row, stored once. `meets`: whether the
-            block has that segment at all (None: known to); `gather_again`: sum rows gathered anew."""
+        def sum_segment(segment, gather_again=regather):
+            """The block's `segment`-th segment (int32 scalar, < num_local): one f32 row, stored once;
+            `gather_again`: from its rows gathered anew instead of the prologue's tile."""
             member = rank == segment  # [B]; lanes past P share the last segment's rank but add 0 (coef 0)
             tile = rows  # [B, Dc] f32
-            if gather_again:  # the same pairs and columns as the prologue's gather: the same values
+            if gather_again:
+                # The same pairs and columns as the prologue's gather, so the same values, from L1 or L2 (this
+                # program just loaded them): the first gather's tile then dies after the first sum instead of
+                # holding registers through every later one (config.segment_regather).
                 pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [B]
                 tile = _gather_rows(rows_ref, pairs // top_k, cols, valid)  # [B, Dc] f32
             total = _masked_row_sum(member, coef, tile)  # [Dc] f32
             head = (segment == 0) & head_cut  # (a segment cut at both ends counts as the head)
-            tail = (segment == num_local - 1) & tail_cut & ~head  # (implies `meets`, as the head does)
-            whole = ~head & ~tail if meets is None else meets & ~head & ~tail
+            tail = (segment == num_local - 1) & tail_cut & ~head
 
-            @pl.when(whole)
+            @pl.when(~head & ~tail)
             def _():
                 segment_expert = jnp.max(jnp.where(member & valid, expert, -1))  # the segment's expert, >= 0
                 pltriton.store(out_ref.at[segment_expert, cols], total.astype(out_ref.dtype))
@@ -462,24 +441,17 @@ def _segment_blocks_kernel(
 
         def loop_from(first):  # segments first .. num_local - 1, one loop trip each
             def trip(segment, carry):
-                sum_segment(segment, gather_again=reload)
+                sum_segment(segment)
                 return carry
 
             lax.fori_loop(first, num_local, trip, 0)
 
-        if reductions_body == "loop":
-            loop_from(0)
-            return
-        # The first UNROLLED_SEGMENTS segments at constant numbers: the same operations on the same values as
-        # the loop's trips, so the same bits. Segment 0 is in every block (num_local >= 1).
-        for segment in range(UNROLLED_SEGMENTS):
+        # The first UNROLLED_SEGMENTS segments at constant numbers, each where the block meets it (segment 0
+        # is in every block: num_local >= 1); a loop only for a block meeting more.
+        sum_segment(jnp.int32(0), gather_again=False)
+        for segment in range(1, UNROLLED_SEGMENTS):
             number = jnp.int32(segment)
-            if segment == 0:
-                sum_segment(number)
-            elif reductions_body == "unrolled_every_sum":
-                sum_segment(number, meets=number < num_local)
-            else:
-                pl.when(number < num_local)(functools.partial(sum_segment, number, gather_again=reload))
+            pl.when(number < num_local)(functools.partial(sum_segment, number))
         pl.when(num_local > UNROLLED_SEGMENTS)(functools.partial(loop_from, UNROLLED_SEGMENTS))
         return
 
@@ -605,20 +577,13 @@ def segment_blocks(
     dot_table: jax.Array | None,
     config: ExpertKernelConfig,
     interpret: bool,
-    numbering_first: bool = False,
-    reductions_body: str = "unrolled",
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """segment_sum's first pallas_call: (out with the uncut segments' rows written and the others not,
     side [2 * blocks, d] f32, dots or None).
 
     dots, with `dot_table`, are per column chunk: [d / d_block, P] f32. Public so that
-    benchmarks/segment_probe.py can time this call apart from the fix-up; `numbering_first` (the same
-    results) is the order of the program's loads before the row gather came first, and `reductions_body`
-    other than "unrolled" (the same results; see REDUCTIONS_BODIES) the other ways "reductions" can walk a
-    block's segments (the loop it had before among them), both kept for that probe.
+    benchmarks/segment_probe.py can time this call apart from the fix-up.
     """
-    if reductions_body not in REDUCTIONS_BODIES:
-        raise ValueError(f"reductions_body={reductions_body!r} must be one of {REDUCTIONS_BODIES}")
     d = rows.shape[1]
     num_pairs = sorted_expert.shape[0]
     num_experts = out_shape.shape[0]
@@ -636,8 +601,7 @@ def segment_blocks(
         d_block=config.d_block,
         with_dots=with_dots,
         segment_sums=config.segment_sums,
-        numbering_first=numbering_first,
-        reductions_body=reductions_body,
+        regather=config.segment_regather,
     )
     inputs = [sorted_expert, order, coef, rows]
     # The side buffer: rows 2b and 2b + 1 hold block b's head and tail partials, written only where a
