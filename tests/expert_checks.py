@@ -133,11 +133,11 @@ def segment_sum(coef, rows, table, schedule, *, top_k, config, interpret):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "config", "interpret"))
-def segment_sum_stages(coef, rows, table, schedule, *, top_k, config, interpret):
+@functools.partial(jax.jit, static_argnames=("top_k", "config", "interpret", "with_dots"))
+def segment_sum_stages(coef, rows, table, schedule, *, top_k, config, interpret, with_dots=True):
     """`segment_sum` kernel by kernel: (the blocks kernel's out [N, d] and side [2 * blocks, d] as it left
-    them, the finished out [N, d], dots [P]). The first two hold the uninitialised memory the kernel did not
-    write (NaN in interpret mode)."""
+    them, the finished out [N, d], dots [P] or None without `with_dots`, d_up's pass). The first two hold
+    the uninitialised memory the kernel did not write (NaN in interpret mode)."""
     partial_out, side, dots = kernel.segment_blocks(
         coef,
         rows,
@@ -145,13 +145,13 @@ def segment_sum_stages(coef, rows, table, schedule, *, top_k, config, interpret)
         schedule.order,
         jax.ShapeDtypeStruct(table.shape, table.dtype),
         top_k=top_k,
-        dot_table=table,
+        dot_table=table if with_dots else None,
         config=config,
         interpret=interpret,
     )
     out = kernel.segment_fixup(partial_out, side, schedule.sorted_expert, config=config, interpret=interpret)
     out = kernel.zero_untouched_rows(out, schedule.sorted_expert, config=config, interpret=interpret)
-    return partial_out, side, out, jnp.sum(dots, axis=0)
+    return partial_out, side, out, None if dots is None else jnp.sum(dots, axis=0)
 
 
 def segments_per_block(sorted_expert, block: int) -> np.ndarray:
@@ -167,7 +167,8 @@ def segments_per_block(sorted_expert, block: int) -> np.ndarray:
 def check_segment_sum(out, dots, *, coef, rows, table, indices, order, dtype) -> None:
     """segment_sum's outputs against a float64 sum: `out` [N, d] holds sum_p coef_p rows[t_p] in every row
     some pair touched and exact zeros everywhere else (the kernels write every row of an uninitialised
-    output: NaN in interpret mode, whatever memory held on a GPU); `dots` [P] the fused table . row dots."""
+    output: NaN in interpret mode, whatever memory held on a GPU); `dots` [P] the fused table . row dots
+    (None: a pass without them, not checked)."""
     num_experts, top_k = table.shape[0], indices.shape[1]
     out = np.asarray(out.astype(jnp.float32))
     order = np.asarray(order)
@@ -180,6 +181,8 @@ def check_segment_sum(out, dots, *, coef, rows, table, indices, order, dtype) ->
     want = np.zeros(out.shape)
     np.add.at(want, expert_at, coef.astype(np.float64)[:, None] * rows64[token_at])
     assert_close(out[touched], want[touched], dtype)
+    if dots is None:
+        return
     want_dots = np.einsum("pd,pd->p", table64[expert_at], rows64[token_at])
     assert_close(dots, want_dots, jnp.float32, what="dots")  # from the operands as given: f32 sums either way
 

@@ -5,6 +5,7 @@ the whole layer's gradients with implementation "pallas" against "xla"."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -111,10 +112,10 @@ def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, s
     ],
 )
 def test_reductions_with_and_without_regathering(tokens, top_k, num_experts, hot, seed):
-    # As the CPU test of the same name, natively: both against the float64 sums, and here also bit for bit
-    # against each other (Triton sums the same values in the same order; interpret mode's XLA does not).
-    # Only the finished rows and dots are compared: on a GPU the blocks kernel's unwritten rows hold
-    # whatever memory held.
+    # As the CPU test of the same name, natively, in the pass without the dots (d_up's: the one that
+    # regathers) and with them: against the float64 sums, and here also bit for bit against each other
+    # (Triton sums the same values in the same order; interpret mode's XLA does not). Only the finished rows
+    # and dots are compared: on a GPU the blocks kernel's unwritten rows hold whatever memory held.
     rng = np.random.default_rng(seed)
     d = 256
     indices = rng.integers(0, num_experts, (tokens, top_k), dtype=np.int32)
@@ -127,15 +128,16 @@ def test_reductions_with_and_without_regathering(tokens, top_k, num_experts, hot
     base = dataclasses.replace(default_config(tokens, top_k, num_experts, d, BF16), segment_sums="reductions")
     per_block = segments_per_block(schedule.sorted_expert, base.segment_block)
     sums = {"coef": np.asarray(coef), "rows": rows, "table": table, "indices": indices, "order": schedule.order}
-    results = []
-    for regather in (False, True):
-        config = dataclasses.replace(base, segment_regather=regather)
-        _, _, out, dots = segment_sum_stages(coef, rows, table, schedule, top_k=top_k, config=config, interpret=False)
-        check_segment_sum(out, dots, **sums, dtype=BF16)
-        results.append((np.asarray(out).view(np.uint16), np.asarray(dots).view(np.uint32)))
-    what = f"regathered vs not, up to {per_block.max()} segments a block"
-    np.testing.assert_array_equal(results[1][0], results[0][0], what)
-    np.testing.assert_array_equal(results[1][1], results[0][1], what)
+    for with_dots in (False, True):
+        results = []
+        for regather in (False, True):
+            config = dataclasses.replace(base, segment_regather=regather)
+            run = functools.partial(segment_sum_stages, top_k=top_k, config=config, interpret=False)
+            _, _, out, dots = run(coef, rows, table, schedule, with_dots=with_dots)
+            check_segment_sum(out, dots, **sums, dtype=BF16)
+            results.append(np.asarray(out).view(np.uint16))
+        what = f"regathered vs not, dots {with_dots}, up to {per_block.max()} segments a block"
+        np.testing.assert_array_equal(results[1], results[0], what)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

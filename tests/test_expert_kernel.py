@@ -7,6 +7,8 @@ CUDA (no GPU needed) to catch unlowerable primitives; tests/test_expert_gpu.py r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 import re
 
@@ -283,9 +285,10 @@ REDUCTIONS_LAYOUTS = {
 def test_reductions_with_and_without_regathering(layout, dtype, seed):
     # The reductions body sums a block's first UNROLLED_SEGMENTS segments unrolled and loops only over the
     # rest, each from the first gather's tile or (segment_regather) every one after the first from its rows
-    # gathered again: both against the float64 sums, blocks meeting 1, 2, 3 and many segments. The same
-    # values summed in the same order, yet not compared bit for bit: interpret mode's XLA fuses the second
-    # gather into its sum and rounds the last bit differently.
+    # gathered again: both against the float64 sums, blocks meeting 1, 2, 3 and many segments, in the pass
+    # without the dots (d_up's; the pass with them ignores segment_regather) and with them. The same values
+    # summed in the same order, yet not compared bit for bit: interpret mode's XLA fuses the second gather
+    # into its sum and rounds the last bit differently.
     rng = np.random.default_rng(seed)
     if layout == "handmade":
         top_k, block, num_experts = 2, 16, len(HANDMADE_SEGMENTS)
@@ -301,11 +304,12 @@ def test_reductions_with_and_without_regathering(layout, dtype, seed):
     if layout == "handmade":
         assert segments_per_block(schedule.sorted_expert, block).tolist() == HANDMADE_SEGMENTS_PER_BLOCK
     sums = {"coef": np.asarray(coef), "rows": rows, "table": table, "indices": indices, "order": schedule.order}
-    for regather in (False, True):
+    for regather, with_dots in itertools.product((False, True), (False, True)):
         config = ExpertKernelConfig(
             d_block=16, segment_block=block, segment_sums="reductions", segment_regather=regather
         )
-        _, _, out, dots = segment_sum_stages(coef, rows, table, schedule, top_k=top_k, config=config, interpret=True)
+        run = functools.partial(segment_sum_stages, top_k=top_k, config=config, interpret=True, with_dots=with_dots)
+        _, _, out, dots = run(coef, rows, table, schedule)
         check_segment_sum(out, dots, **sums, dtype=dtype)
 
 

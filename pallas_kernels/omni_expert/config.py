@@ -43,6 +43,9 @@ expert row across its sorted segment). Four things decide the speed:
   second gather where a block meets a second segment. Measured on an H200 (`benchmarks/segment_probe.py
   --reductions-ladder`, results/segment_reductions_ladder_bodies.json): 0.82x the pass's first kernel where 10% of
   blocks meet a second segment (K = 1280, 640 pairs per expert), 1.03-1.07x where 90% do (64 per expert).
+  Only the pass without the fused dots (d_up's) does it: with the dots the tile is live for them anyway, and
+  gathering again there measured 1.03x at K = 1280 and 1.18x at 64 pairs per expert
+  (results/segment_sums_regather.json).
 
 Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on the GPU to settle:
   1. d_block: the widest power of two dividing d, at most 256 bytes of a row (128 bf16 / 64 f32 columns).
@@ -123,7 +126,8 @@ class ExpertKernelConfig:
         sum over the block's pairs and one row store per segment meeting the block); see the module doc.
       segment_regather: with "reductions", sum every segment after a block's first from the block's rows
         gathered again rather than from the tile of the first gather (which then needs no registers past
-        the first sum); the same sums of the same values. Unused by "products".
+        the first sum); the same sums of the same values. Unused by "products" and by the segment pass
+        with the fused dots (see the module doc).
       num_warps, num_stages: Triton launch parameters, shared by the passes.
     """
 

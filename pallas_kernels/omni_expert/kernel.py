@@ -601,7 +601,9 @@ def segment_blocks(
         d_block=config.d_block,
         with_dots=with_dots,
         segment_sums=config.segment_sums,
-        regather=config.segment_regather,
+        # With the fused dots the tile is live for them anyway: gathering again only adds the refetch there
+        # (measured, config.segment_regather), so the pass with dots never regathers.
+        regather=config.segment_regather and not with_dots,
     )
     inputs = [sorted_expert, order, coef, rows]
     # The side buffer: rows 2b and 2b + 1 hold block b's head and tail partials, written only where a
