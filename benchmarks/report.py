@@ -528,6 +528,8 @@ def render() -> str:
         "train_step_omnimoe_router_kernel": "small-omnimoe with the kernel router at K = 1280",
         "train_step_segment_reductions": "small with the segment pass's reductions",
         "train_step_flashmoe": "small-flashmoe with the kernel router at K = 1280",
+        "train_step_regather": "small-omnimoe with segment_regather (both passes) beside small-dense",
+        "train_step_pkm": "small-pkm, grad_accum auto",
         **{f"train_step_omnimoe_split_k{k}": f"small-omnimoe at K = {k}" for k in (1280, 512, 128)},
     }
     for name, title in train_step_runs.items():
