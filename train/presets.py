@@ -41,8 +41,8 @@ does, into a [T, 4, 1152, 512] array per layer (T tokens per micro-batch): 155 G
 32768 tokens. So small-pkm sets grad_accum="auto": before the first step the training script compiles the step
 for 1, 2, 4, ... micro-batches of the same 64 sequences and trains with the fewest whose XLA memory estimate
 fits the device (`train.memory`; the start record holds the choice and its estimate). That arithmetic is the
-reason for the setting; the grad_accum it picks on a GPU, where the kernel path stores no gathered rows, has
-not been measured.
+reason for the setting; on an H200, where the kernel path stores no gathered rows, it picks 1 (the training
+step benchmark's record for small-pkm).
 """
 
 from __future__ import annotations
