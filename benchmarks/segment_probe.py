@@ -58,6 +58,14 @@ and store one f32 row per program into an uninitialised [2 * blocks, d] output (
 The earlier rungs of results/segment_reductions_ladder.json (the numbering before the gather, the loop over
 every segment, both unrolled sums in every block) timed bodies the kernel no longer has.
 
+`--tiles` times the whole pass (d_up's, and d_down's with the fused dots) in "reductions" at training's
+three splits over the tiles the heuristic does not try: segment_block 32, 64, 128 x num_warps 4, 8, each
+with segment_regather as step 6 would set it for that block, beside the heuristic's own config. A smaller
+block meets fewer segments (so one sum, and the tile dies with it) at the price of more cut segments for
+the fix-up; a larger one the reverse; more warps spread the same tile over more threads (fewer registers
+a thread). Written to results/segment_tiles.json; each row's over_heuristic is its time over the
+heuristic config's for the same piece.
+
 Each row's added_ms is its time minus its `compared_with` rung's, over_gather its time over the gather
 rung's. With --smoke each rung also lowers for CUDA, the probe rungs' rows are checked against numpy and
 "blocks, gathering again"'s output against "blocks"' (to bf16's rounding). Written to
@@ -69,6 +77,8 @@ results/segment_reductions_ladder.json.
     PYTHONPATH=. python benchmarks/segment_probe.py --smoke       # tiny, interpret mode: the machinery (CPU)
     PYTHONPATH=. python benchmarks/segment_probe.py --sums --smoke
     PYTHONPATH=. python benchmarks/segment_probe.py --reductions-ladder --smoke
+    PYTHONPATH=. python benchmarks/segment_probe.py --tiles --budget-s 150   # GPU, ~2 minutes
+    PYTHONPATH=. python benchmarks/segment_probe.py --tiles --smoke
 """
 
 from __future__ import annotations
@@ -116,6 +126,9 @@ SUMS_MODES = {
 }
 SUMS_PIECES = ("blocks", "segment_sum", "segment_sum + dots")
 VARIATIONS = ("dots, one product", "row stores, contiguous")
+# --tiles: (segment_block, num_warps) tried at each setting, beside the heuristic's config
+TILES = [(block, warps) for block in (32, 64, 128) for warps in (4, 8)]
+TILES_PIECES = ("segment_sum", "segment_sum + dots")
 # (T, K, N, d) for --reductions-ladder: training's micro-batch at the three splits, the costliest first
 LADDER_SETTINGS = [(32768, 1280, 65536, 512), (32768, 128, 65536, 512), (32768, 32, 16384, 512)]
 # --reductions-ladder's rungs, each with the rung its added_ms is measured against (module doc)
@@ -473,6 +486,63 @@ def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[
     return rows
 
 
+def compare_tiles(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
+    """The whole segment pass in "reductions" over TILES at one setting (see the module doc)."""
+    x, up, coef, schedule = probe_inputs(tokens, top_k, num_experts, d)
+    heuristic = dataclasses.replace(default_config(tokens, top_k, num_experts, d, DTYPE), segment_sums="reductions")
+    counts = {block: _segment_counts(schedule.sorted_expert, block)["segments_per_block"] for block, _ in TILES}
+    per_expert = _segment_counts(schedule.sorted_expert, heuristic.segment_block)["pairs_per_touched_expert"]
+    row_bytes = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one gathered row per pair
+    out_shape = jax.ShapeDtypeStruct(up.shape, up.dtype)
+    configs = [("heuristic", heuristic)]
+    for block, warps in TILES:
+        # segment_regather as default_config's step 6 would set it for this block
+        regather = per_expert >= 2 * block
+        tile = dataclasses.replace(heuristic, segment_block=block, num_warps=warps, segment_regather=regather)
+        if tile != heuristic:
+            configs.append((f"block {block}, {warps} warps", tile))
+    rows, heuristic_ms = [], {}
+    for piece in TILES_PIECES:
+        for name, config in configs:
+            row = {
+                "setting": f"T={tokens} K={top_k} N={num_experts} d={d}",
+                "piece": piece,
+                "tiles": name,
+                "segment_block": config.segment_block,
+                "num_warps": config.num_warps,
+                "segment_regather": config.segment_regather,
+                "segments_per_block": counts.get(config.segment_block),
+                "config": str(config),
+            }
+            if time.monotonic() > deadline:
+                rows.append({**row, "status": "skipped (time budget)"})
+                continue
+            try:
+                fn = _sums_piece(piece, config, top_k=top_k, out_shape=out_shape, interpret=interpret)
+                args = [(coef, x, schedule, up)]
+                row.update(common.time_fn(fn, args, reps=1 if interpret else 20, batches=1 if interpret else 5))
+                rows_per_pair = 2 if piece == "segment_sum + dots" else 1
+                row["gather_TBps"] = rows_per_pair * row_bytes / (row["ms"] * 1e-3) / 1e12
+                if name == "heuristic":
+                    heuristic_ms[piece] = row["ms"]
+                elif piece in heuristic_ms:
+                    row["over_heuristic"] = row["ms"] / heuristic_ms[piece]
+                if interpret:  # --smoke: every tiling lowers for CUDA and sums what the heuristic's does
+                    native = _sums_piece(piece, config, top_k=top_k, out_shape=out_shape, interpret=False)
+                    native.trace(coef, x, schedule, up).lower(lowering_platforms=("cuda",))
+                    want = _sums_piece(piece, heuristic, top_k=top_k, out_shape=out_shape, interpret=True)
+                    got, expected = fn(coef, x, schedule, up), want(coef, x, schedule, up)
+                    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+                        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), 2e-2, 2e-2)
+                row["status"] = "ok"
+            except Exception as err:  # one failing tiling must not cost the others
+                row["status"] = f"error: {type(err).__name__}"
+                row["error"] = traceback.format_exc(limit=3)[-2000:]
+            print({k: v for k, v in row.items() if k not in ("config", "error")}, flush=True)
+            rows.append(row)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
@@ -480,6 +550,7 @@ def main():
     parser.add_argument(
         "--reductions-ladder", action="store_true", help="from 'gather' to the reductions-mode blocks, instead"
     )
+    parser.add_argument("--tiles", action="store_true", help="the reductions pass over segment blocks and warps")
     parser.add_argument("--budget-s", type=float, default=150.0)
     args = parser.parse_args()
     start = time.monotonic()
@@ -497,6 +568,20 @@ def main():
             print(f"\nwrote {path}")
         if failed:
             sys.exit(f"{len(failed)} rung(s) failed: {[r['rung'] for r in failed]}")
+        return
+    if args.tiles:
+        settings = SUMS_SMOKE_SETTINGS if args.smoke else LADDER_SETTINGS
+        rows = [r for s in settings for r in compare_tiles(*s, interpret=args.smoke, deadline=deadline)]
+        print()
+        columns = ["setting", "piece", "tiles", "segment_regather", "segments_per_block", "ms", "over_heuristic"]
+        common.print_table(rows, [*columns, "gather_TBps", "status"])
+        failed = [r for r in rows if r["status"].startswith("error")]
+        if not args.smoke:
+            path = common.write_results("segment_tiles", rows, wall_s=round(time.monotonic() - start, 1))
+            common.copy_to_out(path)
+            print(f"\nwrote {path}")
+        if failed:
+            sys.exit(f"{len(failed)} tiling(s) failed: {[(r['setting'], r['piece'], r['tiles']) for r in failed]}")
         return
     if args.sums:
         settings = SUMS_SMOKE_SETTINGS if args.smoke else SUMS_SETTINGS
