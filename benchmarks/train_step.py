@@ -17,7 +17,9 @@ One process per preset (a preset that runs out of memory cannot poison the next)
    the end; loop minus device-bound time is what the host adds per step;
 4. steady state: with `--steady-steps S`, the device-bound window tokens/s at step 50 and at step S;
 5. with `--trace`, a `jax.profiler` trace of three steps whose device kernels are summed by name: the
-   device-busy fraction of the traced wall time and the kernels that take the most of it.
+   device-busy fraction of the traced wall time, the kernels that take the most of it, and every kernel's
+   time summed by what it is (`KERNEL_GROUPS`: the expert op's, the router's, matrix products,
+   attention, sorts, XLA's other fusions), so the whole step is accounted for, not only its top kernels.
 
 Model FLOPs per token (`train.flops.model_flops_per_token`): 6 x active parameters (forward 2, backward 4
 per parameter and token) + 12 x layers x context x d for the attention scores and values (the PaLM
@@ -54,6 +56,17 @@ DEFAULT_PRESETS = (
     "small-pkm",
 )
 WINDOW = 10  # steps per timed window
+# Trace kernel names -> what they are, the first matching prefix (or substring, for library kernels whose
+# names carry a namespace) deciding; anything else is "other".
+KERNEL_GROUPS = (
+    ("expert op", ("omni_expert_",)),
+    ("router", ("omni_router_",)),
+    ("other Pallas kernels", ("omni_", "embedding_bag", "row_dots")),
+    ("matrix products", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas", "triton_gemm")),
+    ("attention", ("cudnn", "flash")),
+    ("sorts", ("sort", "cub::")),
+    ("XLA fusions", ("loop_", "input_", "fusion", "wrapped_", "copy", "transpose", "reduce")),
+)
 MATMUL_WORKER = ":matmul"  # the worker that measures the device's matrix rate
 
 COLUMNS = [
@@ -282,6 +295,18 @@ def measure(preset: str, args, overrides: list[str], save) -> dict:
     return row
 
 
+def kernel_groups(kernels: dict[str, float]) -> dict[str, float]:
+    """Summed time of `kernels` (name -> time) by KERNEL_GROUPS, largest first; "other" for the rest."""
+    groups: dict[str, float] = collections.defaultdict(float)
+    for name, time_spent in kernels.items():
+        group = next(
+            (group for group, keys in KERNEL_GROUPS if any(name.startswith(k) or k in name for k in keys)),
+            "other",
+        )
+        groups[group] += time_spent
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
 def _trace(step, step_s: float) -> dict:
     """Profile three steps; sum the device kernels' durations by name from the Perfetto trace. Busy is
     their sum over three untraced step times (the traced wall time also holds the profiler's start-up)."""
@@ -321,6 +346,8 @@ def _trace(step, step_s: float) -> dict:
         "trace_processes": sorted(set(names.values())),
         "trace_streams": sorted(set(threads.values())),
         "top_kernels_ms_per_step": [[name[:120], round(us / 3e3, 3)] for name, us in top],
+        "kernel_groups_ms_per_step": {group: round(us / 3e3, 3) for group, us in kernel_groups(kernels).items()},
+        "kernels": len(kernels),
     }
 
 
