@@ -543,6 +543,19 @@ def compare_tiles(tokens, top_k, num_experts, d, *, interpret, deadline) -> list
     return rows
 
 
+def _report(rows: list[dict], columns: list[str], name: str, *, smoke: bool, start: float) -> None:
+    """Print the table; on a GPU write results/<name>.json (and $OUT); exit non-zero if any row failed."""
+    print()
+    common.print_table(rows, [*columns, "gather_TBps", "status"])
+    if not smoke:
+        path = common.write_results(name, rows, wall_s=round(time.monotonic() - start, 1))
+        common.copy_to_out(path)
+        print(f"\nwrote {path}")
+    failed = [r for r in rows if r["status"].startswith("error")]
+    if failed:
+        sys.exit(f"{len(failed)} of {len(rows)} rows failed: {[r['status'] for r in failed]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
@@ -555,54 +568,24 @@ def main():
     args = parser.parse_args()
     start = time.monotonic()
     deadline = start + args.budget_s
+    # mode: (its settings, --smoke's, the function timing one setting, the results' name, the table's columns)
     if args.reductions_ladder:
-        settings = SUMS_SMOKE_SETTINGS if args.smoke else LADDER_SETTINGS
-        rows = [r for s in settings for r in reductions_ladder(*s, interpret=args.smoke, deadline=deadline)]
-        print()
+        mode = (LADDER_SETTINGS, SUMS_SMOKE_SETTINGS, reductions_ladder, "segment_reductions_ladder")
         columns = ["setting", "segments_per_block", "rung", "ms", "compared_with", "added_ms", "over_gather"]
-        common.print_table(rows, [*columns, "gather_TBps", "status"])
-        failed = [r for r in rows if r["status"].startswith("error")]
-        if not args.smoke:
-            path = common.write_results("segment_reductions_ladder", rows, wall_s=round(time.monotonic() - start, 1))
-            common.copy_to_out(path)
-            print(f"\nwrote {path}")
-        if failed:
-            sys.exit(f"{len(failed)} rung(s) failed: {[r['rung'] for r in failed]}")
-        return
-    if args.tiles:
-        settings = SUMS_SMOKE_SETTINGS if args.smoke else LADDER_SETTINGS
-        rows = [r for s in settings for r in compare_tiles(*s, interpret=args.smoke, deadline=deadline)]
-        print()
+    elif args.tiles:
+        mode = (LADDER_SETTINGS, SUMS_SMOKE_SETTINGS, compare_tiles, "segment_tiles")
         columns = ["setting", "piece", "tiles", "segment_regather", "segments_per_block", "ms", "over_heuristic"]
-        common.print_table(rows, [*columns, "gather_TBps", "status"])
-        failed = [r for r in rows if r["status"].startswith("error")]
-        if not args.smoke:
-            path = common.write_results("segment_tiles", rows, wall_s=round(time.monotonic() - start, 1))
-            common.copy_to_out(path)
-            print(f"\nwrote {path}")
-        if failed:
-            sys.exit(f"{len(failed)} tiling(s) failed: {[(r['setting'], r['piece'], r['tiles']) for r in failed]}")
-        return
-    if args.sums:
-        settings = SUMS_SMOKE_SETTINGS if args.smoke else SUMS_SETTINGS
-        rows = [r for s in settings for r in compare_sums(*s, interpret=args.smoke, deadline=deadline)]
-        print()
+    elif args.sums:
+        mode = (SUMS_SETTINGS, SUMS_SMOKE_SETTINGS, compare_sums, "segment_sums")
         columns = ["setting", "segments_per_block", "piece", "segment_sums", "ms", "products_over_reductions"]
         columns.append("over_reductions")
-        common.print_table(rows, [*columns, "gather_TBps", "status"])
-        if not args.smoke:
-            path = common.write_results("segment_sums", rows, wall_s=round(time.monotonic() - start, 1))
-            common.copy_to_out(path)
-            print(f"\nwrote {path}")
-        return
-    settings = SMOKE_SETTINGS if args.smoke else SETTINGS
-    rows = [r for s in settings for r in ladder(*s, interpret=args.smoke, deadline=deadline)]
-    print()
-    common.print_table(rows, ["setting", "rung", "ms", "added_ms", "gather_TBps", "status"])
-    if not args.smoke:
-        path = common.write_results("segment_probe", rows, wall_s=round(time.monotonic() - start, 1))
-        common.copy_to_out(path)
-        print(f"\nwrote {path}")
+    else:
+        mode = (SETTINGS, SMOKE_SETTINGS, ladder, "segment_probe")
+        columns = ["setting", "rung", "ms", "added_ms"]
+    settings, smoke_settings, time_setting, name = mode
+    settings = smoke_settings if args.smoke else settings
+    rows = [r for s in settings for r in time_setting(*s, interpret=args.smoke, deadline=deadline)]
+    _report(rows, columns, name, smoke=args.smoke, start=start)
 
 
 if __name__ == "__main__":
