@@ -136,6 +136,14 @@ def test_a_run_that_cannot_fit_writes_no_config_and_auto_then_trains(
     assert start["memory"]["requested_grad_accum"] == "auto" and start["memory"]["grad_accum"] == 4
     assert start["memory"]["estimate_gb"] == float(f"{estimates[4] / GB:.3g}")
     assert "grad_accum 4 (auto), step estimated at" in capsys.readouterr().out
+    # Resumed on a device where the stored 4 no longer fits: a resume keeps grad_accum, so the refusal says
+    # what can be done instead of suggesting a flag the resume would refuse.
+    monkeypatch.setattr(memory_lib, "device_memory_limit", lambda: estimates[4] - 1)
+    assert cli.main(["--run-dir", str(run_dir), "--resume", "--steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "grad_accum=4" in err and "a resumed run keeps its grad_accum (config.json)" in err
+    assert "try --grad_accum=auto" not in err
+    assert load_config(run_dir).steps == 2  # the refused resume changed nothing
 
 
 def test_resume_of_an_auto_run_keeps_its_grad_accum_exactly(tmp_path, small_corpus, seed, estimates, monkeypatch):

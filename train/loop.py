@@ -131,7 +131,7 @@ def run(
         # Compile ahead, so the first tokens/s figure measures training, not compilation, and before config.json is
         # written, so a step that cannot fit (refused with its estimate) leaves no run behind; "auto" resolves here.
         compile_start = time.perf_counter()
-        config, steps, train_step, memory_fit = memory_lib.fit_train_step(config, mesh)
+        config, steps, train_step, memory_fit = memory_lib.fit_train_step(config, mesh, resuming=resume)
         compile_s = time.perf_counter() - compile_start
         state, resumed = _initial_state(config, run_dir, steps, checkpoints, sampler, resume=resume, log=log, mesh=mesh)
         step = int(state.step)

@@ -160,14 +160,15 @@ def _gb_text(size: int) -> str:
 
 
 def fit_train_step(
-    config: TrainConfig, mesh: Mesh | None = None, *, limit_bytes: int | None = None
+    config: TrainConfig, mesh: Mesh | None = None, *, limit_bytes: int | None = None, resuming: bool = False
 ) -> tuple[TrainConfig, Steps, Callable, MemoryFit]:
     """(config with grad_accum an int, its `build_steps`, its train step compiled for batches [grad_accum, micro,
     L + 1], the MemoryFit) for a run of `config` on `mesh` (or one device).
 
     `limit_bytes`: the memory limit to fit (default `device_memory_limit()`). StepDoesNotFitError when an int
     grad_accum's estimate exceeds it, or when no grad_accum of "auto" comes within FIT_FRACTION of it (with
-    the largest one's estimate). Trace under `jax.set_mesh(mesh)` as for the steps themselves.
+    the largest one's estimate). Trace under `jax.set_mesh(mesh)` as for the steps themselves. `resuming`:
+    `config` is a stored run's, whose grad_accum a resume keeps (the refusal then says what to do instead).
     """
     limit = agreed_memory_limit(device_memory_limit() if limit_bytes is None else limit_bytes)
     if config.grad_accum != AUTO_GRAD_ACCUM:
@@ -177,7 +178,12 @@ def fit_train_step(
             raise StepDoesNotFitError(
                 f"the train step of grad_accum={config.grad_accum} (micro-batches of {config.micro_batch_size} "
                 f"sequences) needs an estimated {_gb_text(estimate)}, more than the device's {_gb_text(limit)}; "
-                "try --grad_accum=auto or a larger grad_accum",
+                + (
+                    "a resumed run keeps its grad_accum (config.json): resume it on a device with more memory, "
+                    "or start a new run with --grad_accum=auto"
+                    if resuming
+                    else "try --grad_accum=auto or a larger grad_accum"
+                ),
                 estimate_bytes=estimate,
                 limit_bytes=limit,
             )
