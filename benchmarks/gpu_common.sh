@@ -17,9 +17,10 @@ pack_out() {
     local entries
     entries=$(cd "$OUT" && ls -A | grep -vx gpu_out.tgz)
     [ -n "$entries" ] || return 0
-    # An earlier script of the same device call packed its results already: merge them, not overwrite.
+    # An earlier script of the same device call packed its results already: merge them, the files this
+    # script wrote winning over the archive's older ones of the same name.
     if [ -f "$OUT/gpu_out.tgz" ]; then
-        (cd "$OUT" && tar -xzf gpu_out.tgz && rm gpu_out.tgz)
+        (cd "$OUT" && tar -xzf gpu_out.tgz --skip-old-files && rm gpu_out.tgz)
         entries=$(cd "$OUT" && ls -A)
     fi
     # shellcheck disable=SC2086  # the entries are names this script's steps chose: no spaces
