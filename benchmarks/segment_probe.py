@@ -31,10 +31,12 @@ chunk per pair), so the table's TB/s are comparable.
 segment_sums: "products", tensor-core products of 16 slots a window, or "reductions", one f32 masked sum
 and one row store per segment meeting the block) at training's shapes and the paper's: the first
 pallas_call alone ("blocks"), the whole pass as d_up runs it ("segment_sum") and as d_down runs it, with
-the fused dots ("segment_sum + dots"), each in both modes and in "reductions" with the rows gathered again
-for every segment after a block's first (ExpertKernelConfig.segment_regather), beside the "gather" rung (this
+the fused dots ("segment_sum + dots"), each in both modes, in "reductions" with the rows gathered again
+for every segment after a block's first (ExpertKernelConfig.segment_regather; d_up's pass only: the pass with
+the dots never regathers), and by chunks aligned to the segments ("aligned", whole passes only: it has no
+fixed-blocks kernel; at the heuristic's tile and at 128 pairs x 64 columns), beside the "gather" rung (this
 grid's loads and one weighted sum per block: what any mode could at best approach). Written to
-results/segment_sums.json.
+results/segment_sums.json (`--name` for another file).
 
 `--reductions-ladder` takes the "reductions" blocks kernel apart the same way, at training's three splits
 (T = 32768, d = 512; K = 1280, 128 and 32) and the heuristic's config there (`default_config`, segment_sums
@@ -123,6 +125,9 @@ SUMS_MODES = {
     "products": {"segment_sums": "products", "segment_regather": False},
     "reductions": {"segment_sums": "reductions", "segment_regather": False},
     "reductions, gathering again": {"segment_sums": "reductions", "segment_regather": True},
+    "aligned": {"segment_sums": "aligned", "segment_regather": False},
+    # the same chunks twice as long over half the columns: one chunk for most segments of ~64 pairs
+    "aligned, 128 pairs x 64 columns": {"segment_sums": "aligned", "segment_block": 128, "d_block": 64},
 }
 SUMS_PIECES = ("blocks", "segment_sum", "segment_sum + dots")
 VARIATIONS = ("dots, one product", "row stores, contiguous")
@@ -407,7 +412,7 @@ def reductions_ladder(tokens, top_k, num_experts, d, *, interpret, deadline) -> 
                     _check_ladder_rows(name, out, coef, x, schedule, top_k=top_k, block=block)
                 elif name == "blocks":
                     blocks_out = out
-                else:  # gathering again: the same sums, to the last bit in interpret mode's fusion
+                else:  # gathering again: the same sums, up to the last bit (interpret mode's XLA fuses it apart)
                     got, want = (np.asarray(o[0], np.float32) for o in (out, blocks_out))
                     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2, err_msg=name)
             row["status"] = "ok"
@@ -450,6 +455,14 @@ def _sums_piece(piece: str, config, *, top_k: int, out_shape, interpret: bool):
     )
 
 
+def _applies(piece: str, mode: str) -> bool:
+    """Whether --sums times `mode` for `piece`: the aligned chunks have no fixed-blocks kernel to time alone,
+    and the pass with the dots never regathers (so that row would time "reductions" again)."""
+    if piece == "blocks" and SUMS_MODES[mode]["segment_sums"] == "aligned":
+        return False
+    return not (piece == "segment_sum + dots" and SUMS_MODES[mode].get("segment_regather"))
+
+
 def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[dict]:
     """The segment pass's pieces in both segment_sums modes at one setting (see the module doc)."""
     x, up, coef, schedule = probe_inputs(tokens, top_k, num_experts, d)
@@ -458,7 +471,7 @@ def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[
     setting.update(_segment_counts(schedule.sorted_expert, base.segment_block))
     row_bytes = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one gathered row per pair
     out_shape = jax.ShapeDtypeStruct(up.shape, up.dtype)
-    runs = [("gather", None)] + [(piece, mode) for piece in SUMS_PIECES for mode in SUMS_MODES]
+    runs = [("gather", None)] + [(piece, mode) for piece in SUMS_PIECES for mode in SUMS_MODES if _applies(piece, mode)]
     rows, ms = [], {}
     for piece, mode in runs:
         config = base if mode is None else dataclasses.replace(base, **SUMS_MODES[mode])
@@ -470,13 +483,14 @@ def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[
             fn = _sums_piece(piece, config, top_k=top_k, out_shape=out_shape, interpret=interpret)
             args = [(coef, x, schedule, up)]
             row.update(common.time_fn(fn, args, reps=1 if interpret else 20, batches=1 if interpret else 5))
-            rows_per_pair = 2 if piece == "segment_sum + dots" else 1  # + the expert rows of the dots
+            # + the expert row of every pair for the dots, except by aligned chunks (one row a chunk)
+            rows_per_pair = 2 if piece == "segment_sum + dots" and config.segment_sums != "aligned" else 1
             row["gather_TBps"] = rows_per_pair * row_bytes / (row["ms"] * 1e-3) / 1e12
             ms[piece, mode] = row["ms"]
             if mode == "reductions" and (piece, "products") in ms:
                 row["products_over_reductions"] = ms[piece, "products"] / row["ms"]  # > 1: reductions faster
-            if mode == "reductions, gathering again" and (piece, "reductions") in ms:
-                row["over_reductions"] = row["ms"] / ms[piece, "reductions"]  # < 1: gathering again faster
+            if mode not in (None, "products", "reductions") and (piece, "reductions") in ms:
+                row["over_reductions"] = row["ms"] / ms[piece, "reductions"]  # < 1: this mode faster
             row["status"] = "ok"
         except Exception as err:  # one failing piece must not cost the others
             row["status"] = f"error: {type(err).__name__}"
@@ -510,7 +524,8 @@ def compare_tiles(tokens, top_k, num_experts, d, *, interpret, deadline) -> list
                 "tiles": name,
                 "segment_block": config.segment_block,
                 "num_warps": config.num_warps,
-                "segment_regather": config.segment_regather,
+                # what the pass does: the one with the dots never regathers (kernel.segment_blocks)
+                "segment_regather": config.segment_regather and piece == "segment_sum",
                 "segments_per_block": counts.get(config.segment_block),
                 "config": str(config),
             }
@@ -565,6 +580,7 @@ def main():
     )
     parser.add_argument("--tiles", action="store_true", help="the reductions pass over segment blocks and warps")
     parser.add_argument("--budget-s", type=float, default=150.0)
+    parser.add_argument("--name", default=None, help="results/<name>.json (default: the mode's own name)")
     args = parser.parse_args()
     start = time.monotonic()
     deadline = start + args.budget_s
@@ -585,7 +601,7 @@ def main():
     settings, smoke_settings, time_setting, name = mode
     settings = smoke_settings if args.smoke else settings
     rows = [r for s in settings for r in time_setting(*s, interpret=args.smoke, deadline=deadline)]
-    _report(rows, columns, name, smoke=args.smoke, start=start)
+    _report(rows, columns, args.name or name, smoke=args.smoke, start=start)
 
 
 if __name__ == "__main__":

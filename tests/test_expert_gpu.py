@@ -63,11 +63,12 @@ def test_forward_and_gradients_match_the_reference(tokens, top_k, num_experts, d
 REDUCTION_SHAPES = [SHAPES[i] for i in (0, 1, 3, 6, 7, 8)]
 
 
+@pytest.mark.parametrize("segment_sums", ["reductions", "aligned"])
 @pytest.mark.parametrize(("tokens", "top_k", "num_experts", "d", "dtype", "hot"), REDUCTION_SHAPES)
-def test_segment_sums_by_reductions_match_the_reference(tokens, top_k, num_experts, d, dtype, hot, seed):
+def test_segment_sums_by_reductions_match_the_reference(tokens, top_k, num_experts, d, dtype, hot, segment_sums, seed):
     inputs = expert_inputs(seed, tokens, top_k, num_experts, d, dtype, hot_expert=hot)
     config = default_config(tokens, top_k, num_experts, d, dtype, variant="sorted")
-    check_against_reference(inputs, interpret=False, config=dataclasses.replace(config, segment_sums="reductions"))
+    check_against_reference(inputs, interpret=False, config=dataclasses.replace(config, segment_sums=segment_sums))
 
 
 def test_results_are_bitwise_deterministic(seed):
@@ -85,7 +86,7 @@ def test_results_are_bitwise_deterministic(seed):
             np.testing.assert_array_equal(np.asarray(a.astype(F32)), np.asarray(b.astype(F32)))
 
 
-@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
+@pytest.mark.parametrize("segment_sums", ["products", "reductions", "aligned"])
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_segment_sum_writes_exactly_the_touched_rows_and_the_fused_dots(dtype, segment_sums, seed):
     rng = np.random.default_rng(seed)

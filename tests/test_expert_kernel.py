@@ -97,7 +97,7 @@ def test_default_config_tiles_any_width(d, dtype):
     ("fields", "message"),
     [
         ({"variant": "expert"}, "variant='expert' must be one of"),
-        ({"segment_sums": "scan"}, "segment_sums='scan' must be one of ('products', 'reductions')"),
+        ({"segment_sums": "scan"}, "segment_sums='scan' must be one of ('products', 'reductions', 'aligned')"),
         ({"d_block": 48}, "d_block=48 must be a power of two"),
         ({"pair_block": 0}, "pair_block=0 must be a power of two"),
         ({"num_warps": 3}, "num_warps=3 must be a power of two"),
@@ -194,7 +194,7 @@ def _segment_sum_interpreted(indices, coef, rows, table, config):
     return out, dots, schedule
 
 
-@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
+@pytest.mark.parametrize("segment_sums", ["products", "reductions", "aligned"])
 @pytest.mark.parametrize(
     ("dtype", "block", "slots"),
     [
@@ -230,7 +230,7 @@ SEGMENT_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("segment_sums", ["products", "reductions"])
+@pytest.mark.parametrize("segment_sums", ["products", "reductions", "aligned"])
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("layout", sorted(SEGMENT_LAYOUTS))
 def test_segment_sum_layouts(layout, dtype, segment_sums, seed):
@@ -313,6 +313,91 @@ def test_reductions_with_and_without_regathering(layout, dtype, seed):
         check_segment_sum(out, dots, **sums, dtype=dtype)
 
 
+def _blocks_kernel_masked_loads(*, regather: bool, with_dots: bool) -> int:
+    """How many masked loads the blocks kernel's body holds (its jaxpr, traced for CUDA)."""
+    pairs, tokens, num_experts, d = 64, 32, 8, 32
+    config = ExpertKernelConfig(d_block=16, segment_block=16, segment_sums="reductions", segment_regather=regather)
+
+    def blocks(coef, rows, sorted_expert, order, table):
+        out_shape = jax.ShapeDtypeStruct((num_experts, d), F32)
+        dot_table = table if with_dots else None
+        return kernel.segment_blocks(
+            coef, rows, sorted_expert, order, out_shape, top_k=2, dot_table=dot_table, config=config, interpret=False
+        )
+
+    ints = jnp.zeros((pairs,), jnp.int32)
+    args = (jnp.ones((pairs,)), jnp.ones((tokens, d)), ints, ints, jnp.ones((num_experts, d)))
+    text = str(jax.make_jaxpr(blocks)(*args))
+    return len(re.findall(r"<- \w+\[[^\]]*\] mask=", text))
+
+
+def test_only_the_pass_without_dots_regathers():
+    # What the numerics cannot show (the same values either way): segment_regather reaches the kernel, whose
+    # later segments then load the pair ids and rows again, and the pass with the fused dots ignores it.
+    plain = _blocks_kernel_masked_loads(regather=False, with_dots=False)
+    assert _blocks_kernel_masked_loads(regather=True, with_dots=False) > plain > 0
+    with_dots = _blocks_kernel_masked_loads(regather=False, with_dots=True)
+    assert _blocks_kernel_masked_loads(regather=True, with_dots=True) == with_dots > plain
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 16])
+def test_aligned_chunks_start_with_every_segment_and_every_block_pairs_into_it(block, seed):
+    rng = np.random.default_rng(seed)
+    indices = _indices_with_segments(HANDMADE_SEGMENTS, 2, rng)
+    num_experts = len(HANDMADE_SEGMENTS)
+    sorted_expert = np.sort(indices.reshape(-1)).astype(np.int32)
+    starts = np.asarray(kernel.aligned_chunk_starts(jnp.asarray(sorted_expert), block=block, num_experts=num_experts))
+    num_pairs = sorted_expert.size
+    want = []
+    for expert, count in enumerate(HANDMADE_SEGMENTS):  # segments in expert order, each cut every `block`
+        first = int(np.searchsorted(sorted_expert, expert))
+        want += list(range(first, first + count, block))
+    assert starts.shape == (min(num_pairs, num_experts) + num_pairs // block + 1,)
+    np.testing.assert_array_equal(starts[: len(want)], want)
+    np.testing.assert_array_equal(starts[len(want) :], num_pairs)  # unused chunks, and the end
+    # No chunk crosses a segment or holds more than `block` pairs.
+    for start, end in zip(want, [*want[1:], num_pairs], strict=True):
+        assert 0 < end - start <= block and len(set(sorted_expert[start:end])) == 1
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("block", [16, 32])
+def test_aligned_segment_sums_of_handmade_segments(dtype, block, seed):
+    # Segments of 1 to 57 pairs, empty experts between them, a ragged end: every chunk kind (the segment
+    # whole, its first of several, a middle one, its last), with and without the fused dots.
+    rng = np.random.default_rng(seed)
+    top_k, num_experts, d = 2, len(HANDMADE_SEGMENTS), 32
+    indices = _indices_with_segments(HANDMADE_SEGMENTS, top_k, rng)
+    coef = jnp.asarray(rng.standard_normal(indices.size, np.float32))
+    rows = jnp.asarray(rng.standard_normal((indices.shape[0], d), np.float32), dtype)
+    table = jnp.asarray(rng.standard_normal((num_experts, d), np.float32), dtype)
+    schedule = build_schedule(jnp.asarray(indices), num_experts)
+    sums = {"coef": np.asarray(coef), "rows": rows, "table": table, "indices": indices, "order": schedule.order}
+    config = ExpertKernelConfig(d_block=16, segment_block=block, segment_sums="aligned")
+    run = functools.partial(
+        kernel.segment_sum, sorted_expert=schedule.sorted_expert, order=schedule.order, out_like=table, top_k=top_k
+    )
+    out, dots = run(coef, rows, dot_table=table, config=config, interpret=True)
+    check_segment_sum(out, dots, **sums, dtype=dtype)
+    check_segment_sum(run(coef, rows, config=config, interpret=True), None, **sums, dtype=dtype)
+
+
+def test_segment_blocks_refuses_the_aligned_mode():
+    schedule = build_schedule(jnp.zeros((4, 1), jnp.int32), 2)
+    with pytest.raises(ValueError, match=r"segment_sums='aligned' sums by aligned chunks: kernel.aligned_segment_sum"):
+        kernel.segment_blocks(
+            jnp.ones((4,)),
+            jnp.ones((4, 16)),
+            schedule.sorted_expert,
+            schedule.order,
+            jax.ShapeDtypeStruct((2, 16), F32),
+            top_k=1,
+            dot_table=None,
+            config=ExpertKernelConfig(d_block=16, segment_block=16, segment_sums="aligned"),
+            interpret=True,
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The whole op, forward and all four gradients, interpret mode vs the reference
 
@@ -367,6 +452,26 @@ CASES = {
         3,
     ),
     "reductions_k512_n4_long_segments_bf16": (6, 512, 4, 16, BF16, {"segment_sums": "reductions"}, None),
+    # ... and by aligned chunks: segments of one chunk, of several, one through every chunk
+    "aligned_ragged_sorted_split_columns_bf16": (
+        37,
+        5,
+        50,
+        64,
+        BF16,
+        {"variant": "sorted", "d_block": 16, "score_splits": 2, **SMALL_TILES, "segment_sums": "aligned"},
+        None,
+    ),
+    "aligned_one_expert_takes_every_token": (
+        40,
+        4,
+        16,
+        32,
+        F32,
+        {"variant": "token", **SMALL_TILES, "segment_sums": "aligned"},
+        3,
+    ),
+    "aligned_k512_n4_long_segments_bf16": (6, 512, 4, 16, BF16, {"segment_sums": "aligned"}, None),
 }
 
 
@@ -476,11 +581,11 @@ def test_lowers_for_cuda(tokens, top_k, num_experts, d, dtype, variant):
 TRAINING_SHAPES = [(32768, 32, 16384, 512, BF16), (32768, 128, 65536, 512, BF16), (32768, 1280, 65536, 512, BF16)]
 
 
-@pytest.mark.parametrize("regather", [False, True])
+@pytest.mark.parametrize(("mode", "regather"), [("reductions", False), ("reductions", True), ("aligned", False)])
 @pytest.mark.parametrize(("tokens", "top_k", "num_experts", "d", "dtype"), TRAINING_SHAPES + LOWERING_SHAPES)
-def test_segment_sums_by_reductions_lower_for_cuda(tokens, top_k, num_experts, d, dtype, regather):
+def test_segment_sums_by_reductions_lower_for_cuda(tokens, top_k, num_experts, d, dtype, mode, regather):
     config = default_config(tokens, top_k, num_experts, d, dtype, variant="sorted")
-    config = dataclasses.replace(config, segment_sums="reductions", segment_regather=regather)
+    config = dataclasses.replace(config, segment_sums=mode, segment_regather=regather)
 
     def loss(x, up, down, weights, indices):
         y = omni_expert(x, up, down, weights, indices, implementation="pallas", interpret=False, config=config)

@@ -35,7 +35,10 @@ expert row across its sorted segment). Four things decide the speed:
   about segment_block / (pairs per touched expert) + 1. Measured on an H200 (`benchmarks/segment_probe.py
   --sums`, results/segment_sums.json, NOTES.md "Segment sums by reductions"): "reductions" is faster where
   a block meets about two segments or fewer (training's 64 and 640 pairs per expert in 64-pair blocks) and
-  slower where it meets ~7 (the paper's ~20 pairs per expert in 128-pair blocks); step 5 below.
+  slower where it meets ~7 (the paper's ~20 pairs per expert in 128-pair blocks); step 5 below. "aligned"
+  cuts the pairs into chunks that start where segments start instead of fixed blocks: one expert per
+  program, one sum, the dots' expert row read once (kernel.py's section on it); not measured yet, so the
+  heuristic never picks it.
 - Whether "reductions" keeps its tile live (`segment_regather`). Summing a second segment from the tile the
   block gathered keeps that f32 tile in registers through the first sum: compiled for sm_90 about twice
   the registers of a one-sum program, so fewer programs an SM. Gathering the block's rows again for every
@@ -44,7 +47,7 @@ expert row across its sorted segment). Four things decide the speed:
   --reductions-ladder`, results/segment_reductions_ladder_bodies.json): 0.82x the pass's first kernel where 10% of
   blocks meet a second segment (K = 1280, 640 pairs per expert), 1.03-1.07x where 90% do (64 per expert).
   Only the pass without the fused dots (d_up's) does it: with the dots the tile is live for them anyway, and
-  gathering again there measured 1.03x at K = 1280 and 1.18x at 64 pairs per expert
+  gathering again there measured 1.03x at K = 1280 and 1.18-1.19x at 64 pairs per expert
   (results/segment_sums_regather.json).
 
 Default heuristic (`default_config`), hypotheses for benchmarks/experts.py on the GPU to settle:
@@ -101,7 +104,7 @@ MIN_DOT_DIM = 16
 MAX_SEGMENT_BLOCK = 128
 
 VARIANTS = ("token", "sorted")
-SEGMENT_SUMS = ("products", "reductions")
+SEGMENT_SUMS = ("products", "reductions", "aligned")
 MAX_WIDTH = 8192  # the widest d the kernels are tested for
 INT32_LIMIT = 2**31 - 1
 
@@ -122,8 +125,10 @@ class ExpertKernelConfig:
       segment_slots: segments summed per tensor-core product in a segment-pass program (>= 16, <=
         segment_block); a block with more segments takes several products. Unused by "reductions".
       segment_sums: how a segment-pass program sums its segments: "products" (tensor-core products of
-        `segment_slots` segments at a time, 16 slot rows stored per window) or "reductions" (one f32 masked
-        sum over the block's pairs and one row store per segment meeting the block); see the module doc.
+        `segment_slots` segments at a time, 16 slot rows stored per window), "reductions" (one f32 masked
+        sum over the block's pairs and one row store per segment meeting the block), or "aligned" (chunks of
+        at most segment_block pairs that start where segments do, so one expert and one sum a program;
+        not chosen by the heuristic until measured); see the module doc.
       segment_regather: with "reductions", sum every segment after a block's first from the block's rows
         gathered again rather than from the tile of the first gather (which then needs no registers past
         the first sum); the same sums of the same values. Unused by "products" and by the segment pass

@@ -319,7 +319,7 @@ def _segment_block_prologue(
     The gathers are issued before anything waits on the experts: a warp issues in order, and the
     numbering's block-wide scan and reductions wait for the experts' loads, so with the numbering first
     every program's row gather waited one more load round trip and four block-wide steps (measured: the
-    pass was 1.1-1.3x slower, benchmarks/NOTES.md "Segment sums by reductions")."""
+    pass was ~1.1x slower, benchmarks/NOTES.md "Segment sums by reductions")."""
     lanes = jnp.arange(block, dtype=jnp.int32)  # [B]
     positions = pl.program_id(0) * block + lanes  # [B] sorted positions; past P in the ragged last block
     valid = positions < num_pairs
@@ -361,7 +361,7 @@ def _masked_row_sum(member, coef, rows) -> jax.Array:
 # block meeting more runs a (dynamic-trip-count) loop, for the rest. Two, because a block of the heuristic's
 # 64 sorted pairs at training's shapes meets one or two segments (uniform routing, T = 32768: at K = 1280 one
 # in 90% of blocks and two in the rest; at K = 32 and 128, ~6% one, ~90% two, ~4% three). Measured on an H200
-# against the loop over every segment (benchmarks/NOTES.md "A fixed count of segments"): 0.94-0.98x. What
+# against the loop over every segment (benchmarks/NOTES.md "A fixed count of segments"): 0.95-0.98x. What
 # the loop cost was not its trips but the tile it kept live for a second sum (twice the registers, fewer
 # programs an SM), which the unrolled second sum keeps as well; `segment_regather` is what frees it.
 UNROLLED_SEGMENTS = 2
@@ -545,9 +545,22 @@ def segment_sum(
     segments cut by block boundaries, from an f32 side buffer of two rows per block; zeros in the untouched
     rows (cheaper than zero-filling all of [N, d] first, a pass of its own over the whole output,
     benchmarks/NOTES.md "v3": at ~20 pairs per expert almost no row is untouched). The dots are summed over
-    the column chunks by XLA.
+    the column chunks by XLA. `config.segment_sums` "aligned" cuts the pairs into chunks that start where
+    segments do instead of fixed blocks (`aligned_segment_sum`).
     """
     out_shape = jax.ShapeDtypeStruct(out_like.shape, out_like.dtype)
+    if config.segment_sums == "aligned":
+        return aligned_segment_sum(
+            coef,
+            rows,
+            sorted_expert,
+            order,
+            out_shape,
+            top_k=top_k,
+            dot_table=dot_table,
+            config=config,
+            interpret=interpret,
+        )
     partial_out, side, dots = segment_blocks(
         coef,
         rows,
@@ -584,6 +597,11 @@ def segment_blocks(
     dots, with `dot_table`, are per column chunk: [d / d_block, P] f32. Public so that
     benchmarks/segment_probe.py can time this call apart from the fix-up.
     """
+    if config.segment_sums == "aligned":
+        raise ValueError(
+            "segment_blocks sums fixed blocks; config.segment_sums='aligned' sums by aligned chunks: "
+            "kernel.aligned_segment_sum (or segment_sum, which takes either)"
+        )
     d = rows.shape[1]
     num_pairs = sorted_expert.shape[0]
     num_experts = out_shape.shape[0]
@@ -640,6 +658,172 @@ def segment_fixup(
         interpret=interpret,
         name="omni_expert_segment_fixup",
     )(sorted_expert, side, partial_out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# segment_sum by aligned chunks (config.segment_sums "aligned")
+#
+# The fixed blocks above meet one to several segments each: a program numbers them (a block-wide scan),
+# sums each by a masked reduction, and keeps its tile live for the second; d_down's dots gather the expert
+# row of every pair. Here the programs own CHUNKS of at most `segment_block` consecutive sorted pairs that
+# begin where a segment begins and every `segment_block` pairs inside it, so every chunk holds pairs of
+# one expert: one plain weighted sum over the tile, one expert (the dots read its row once, not per pair),
+# no numbering. A chunk that is its segment whole writes the row; the chunks of a longer segment each leave
+# an f32 partial row in a side buffer, one row per chunk, and the chunk where the segment starts adds up
+# the following ones (a second, small kernel, as for the blocks). The price: a static grid of at most
+# min(P, N) + P // segment_block chunks (the chunk starts come from an XLA cumsum and search over the P
+# sorted experts), partly filled lanes (a segment of L pairs fills ceil(L / B) chunks), and programs past
+# the last chunk that exit at once.
+
+
+def aligned_chunk_starts(sorted_expert: jax.Array, *, block: int, num_experts: int) -> jax.Array:
+    """[C + 1] int32: the sorted position where each chunk starts (a segment's start, or `block` pairs into
+    it), then P for every unused chunk and once more at the end (so chunk c ends where c + 1 starts);
+    C = min(P, N) + P // block, the most chunks P sorted pairs of N experts can need."""
+    num_pairs = sorted_expert.shape[0]
+    positions = jnp.arange(num_pairs, dtype=jnp.int32)
+    opens = jnp.concatenate([jnp.ones((1,), bool), sorted_expert[1:] != sorted_expert[:-1]])  # [P]
+    segment_start = lax.cummax(jnp.where(opens, positions, 0))  # [P] where each pair's segment starts
+    chunk_opens = (positions - segment_start) % block == 0  # [P]
+    opened = jnp.cumsum(chunk_opens.astype(jnp.int32))  # [P] chunks begun up to and including each pair
+    num_chunks = min(num_pairs, num_experts) + num_pairs // block
+    wanted = jnp.arange(1, num_chunks + 2, dtype=jnp.int32)  # chunk c starts at the first pair with opened > c
+    return jnp.searchsorted(opened, wanted, side="left").astype(jnp.int32)  # P where no such chunk
+
+
+def _aligned_chunk(starts_ref, sorted_expert_ref, index, *, num_pairs: int):
+    """(start, length, expert, opens its segment, ends its segment) of chunk `index`; length 0 past the last."""
+    start, end = starts_ref[index], starts_ref[index + 1]
+    expert = sorted_expert_ref[jnp.minimum(start, num_pairs - 1)]
+    opens = (start == 0) | (sorted_expert_ref[jnp.maximum(start - 1, 0)] != expert)
+    ends = (end >= num_pairs) | (sorted_expert_ref[jnp.minimum(end, num_pairs - 1)] != expert)
+    return start, end - start, expert, opens, ends
+
+
+def _aligned_blocks_kernel(
+    starts_ref,
+    sorted_expert_ref,
+    order_ref,
+    coef_ref,
+    rows_ref,
+    *refs,
+    num_pairs: int,
+    top_k: int,
+    block: int,
+    d_block: int,
+    with_dots: bool,
+):
+    # refs: [dot_table_ref,] out_ref, side_ref[, dots_ref], as _segment_blocks_kernel's.
+    if with_dots:
+        dot_table_ref, out_ref, side_ref, dots_ref = refs
+    else:
+        (out_ref, side_ref), dot_table_ref, dots_ref = refs, None, None
+    index, chunk = pl.program_id(0), pl.program_id(1)
+    start, length, expert, opens, ends = _aligned_chunk(starts_ref, sorted_expert_ref, index, num_pairs=num_pairs)
+    lanes = jnp.arange(block, dtype=jnp.int32)  # [B]
+    valid = lanes < length
+    # [B] sorted positions; past the end where no pair is (masked lanes must not land on a written element)
+    positions = jnp.where(valid, start + lanes, num_pairs)
+    cols = _columns(chunk, d_block)  # [Dc]
+    pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [B]
+    coef = pltriton.load(coef_ref.at[positions], mask=valid, other=0.0)  # [B] f32, 0 where no pair is
+    rows = _gather_rows(rows_ref, pairs // top_k, cols, valid)  # [B, Dc] f32
+    if with_dots:  # every pair of the chunk has the same expert: its row read once
+        table_row = pltriton.load(dot_table_ref.at[expert, cols]).astype(jnp.float32)  # [Dc]
+        dots = jnp.sum(rows * table_row[None, :], axis=1)  # [B]
+        pltriton.store(dots_ref.at[chunk, positions], dots, mask=valid)
+    total = jnp.sum(coef[:, None] * rows, axis=0)  # [Dc] f32
+    live = length > 0
+
+    @pl.when(live & opens & ends)  # the segment whole: its row
+    def _():
+        pltriton.store(out_ref.at[expert, cols], total.astype(out_ref.dtype))
+
+    @pl.when(live & ~(opens & ends))  # a piece of a longer segment: the chunk's partial row
+    def _():
+        pltriton.store(side_ref.at[index, cols], total)
+
+
+def _aligned_fixup_kernel(
+    starts_ref, sorted_expert_ref, side_ref, partial_ref, out_ref, *, num_pairs: int, d_block: int
+):
+    del partial_ref  # aliased to out_ref: the rows the chunks kernel wrote stay as they are
+    index, chunk = pl.program_id(0), pl.program_id(1)
+    _, length, expert, opens, ends = _aligned_chunk(starts_ref, sorted_expert_ref, index, num_pairs=num_pairs)
+
+    # The chunk where a segment of several chunks starts adds up its partial and the following chunks'.
+    @pl.when((length > 0) & opens & ~ends)
+    def _():
+        cols = _columns(chunk, d_block)  # [Dc]
+
+        def add_next(carry):
+            following, total, _ = carry
+            total = total + pltriton.load(side_ref.at[following, cols])  # [Dc]
+            after = starts_ref[following + 1]
+            going_on = (after < num_pairs) & (sorted_expert_ref[jnp.minimum(after, num_pairs - 1)] == expert)
+            return following + 1, total, going_on
+
+        first = pltriton.load(side_ref.at[index, cols])  # [Dc] f32
+        _, total, _ = lax.while_loop(lambda carry: carry[2], add_next, (index + 1, first, jnp.bool_(True)))
+        pltriton.store(out_ref.at[expert, cols], total.astype(out_ref.dtype))
+
+
+def aligned_segment_sum(
+    coef: jax.Array,
+    rows: jax.Array,
+    sorted_expert: jax.Array,
+    order: jax.Array,
+    out_shape: jax.ShapeDtypeStruct,
+    *,
+    top_k: int,
+    dot_table: jax.Array | None,
+    config: ExpertKernelConfig,
+    interpret: bool,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """segment_sum's results (the same arguments and outputs) by chunks aligned to the segments (the
+    section comment above): the chunks kernel, its fix-up of segments longer than one chunk, the zeros."""
+    num_pairs, d = sorted_expert.shape[0], rows.shape[1]
+    block, chunks = config.segment_block, d // config.d_block
+    starts = aligned_chunk_starts(sorted_expert, block=block, num_experts=out_shape.shape[0])  # [C + 1]
+    num_chunks = starts.shape[0] - 1
+    with_dots = dot_table is not None
+    kernel = functools.partial(
+        _aligned_blocks_kernel,
+        num_pairs=num_pairs,
+        top_k=top_k,
+        block=block,
+        d_block=config.d_block,
+        with_dots=with_dots,
+    )
+    inputs = [starts, sorted_expert, order, coef, rows]
+    # The side buffer: row c holds chunk c's partial, written and read only where its segment has several.
+    outputs = [out_shape, jax.ShapeDtypeStruct((num_chunks, d), jnp.float32)]
+    if with_dots:
+        inputs.append(dot_table)
+        outputs.append(jax.ShapeDtypeStruct((chunks, num_pairs), jnp.float32))
+    results = pl.pallas_call(
+        kernel,
+        out_shape=outputs,
+        grid=(num_chunks, chunks),
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_expert_aligned_blocks",
+    )(*inputs)
+    partial_out, side = results[0], results[1]
+    fixup = functools.partial(_aligned_fixup_kernel, num_pairs=num_pairs, d_block=config.d_block)
+    out = pl.pallas_call(
+        fixup,
+        out_shape=out_shape,
+        grid=(num_chunks, chunks),
+        input_output_aliases={3: 0},  # the chunks kernel's output -> out
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name="omni_expert_aligned_fixup",
+    )(starts, sorted_expert, side, partial_out)
+    out = zero_untouched_rows(out, sorted_expert, config=config, interpret=interpret)
+    if not with_dots:
+        return out
+    return out, jnp.sum(results[2], axis=0)  # [N, d], [P] sorted order
 
 
 def _zero_untouched_kernel(touched_ref, partial_ref, out_ref, *, num_rows: int, rows_per_program: int, d_block: int):
