@@ -374,18 +374,23 @@ def should_run(record: dict | None, *, retry_errors: bool) -> bool:
 
 
 def expected_seconds(records: list[dict], shape: Shape, run: Run) -> float | None:
-    """The longest wall time of the finished runs of this kind and split at this shape, or a stopped one's
-    wall time scaled to all its steps; None when there is none (the run is then started whatever is left)."""
+    """The wall time of the newest finished run of this kind and split at this shape (the longest of the
+    newest if several share its date), or without one the newest stopped one's scaled to all its steps;
+    None when there is neither (the run is then started whatever is left). The newest, not the longest of
+    all: the code gets faster between slices, and a record from before a speed-up would keep short slices
+    from starting the run. A finished run before a stopped one: a run stopped early is mostly its start-up,
+    which scaling by its steps multiplies."""
     split = None if run.split is None else dict(zip(("intermediate_size", "K"), run.split, strict=True))
-    times = []
+    finished, stopped = [], []  # (date, seconds)
     for r in records:
         if (r["shape"]["key"], r["kind"], r["split"]) != (shape.key, run.kind, split) or not r.get("wall_s"):
             continue
         if r["status"] in ("done", "diverged"):
-            times.append(r["wall_s"])
+            finished.append((r.get("date", ""), r["wall_s"]))
         elif r["status"] == "stopped" and r.get("steps"):
-            times.append(r["wall_s"] * r["planned_steps"] / r["steps"])
-    return max(times) if times else None
+            stopped.append((r.get("date", ""), r["wall_s"] * r["planned_steps"] / r["steps"]))
+    times = finished or stopped
+    return max(times)[1] if times else None
 
 
 # ----------------------------------------------------------------------------------------------------------

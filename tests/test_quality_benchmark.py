@@ -386,6 +386,32 @@ def test_sweep_skips_recorded_runs_resumes_stopped_ones_and_keeps_to_its_budget(
     assert list(run_dirs.iterdir()) == []
 
 
+def test_sweep_expects_a_run_to_take_what_the_newest_of_its_kind_took():
+    shape = _quick_shape()
+    (run,) = _grid(["dense"], seeds=[0], learning_rates=[2e-3])[:1]
+
+    def record(date, wall_s, status="done", steps=None):
+        return {
+            "shape": {"key": shape.key},
+            "kind": "dense",
+            "split": None,
+            "date": date,
+            "wall_s": wall_s,
+            "status": status,
+            "steps": steps,
+            "planned_steps": 4,
+        }
+
+    assert quality_sweep.expected_seconds([], shape, run) is None
+    old, new = record("2026-12-04T01:00:00+00:00", 299.0), record("2026-12-04T19:00:00+00:00", 60.0)
+    assert quality_sweep.expected_seconds([old, new], shape, run) == 60.0  # not the old 299 s
+    stopped = record("2026-12-05T00:00:00+00:00", 30.0, status="stopped", steps=1)  # 30 s for 1 of 4 steps
+    assert quality_sweep.expected_seconds([new, stopped, old], shape, run) == 60.0  # a finished one first
+    assert quality_sweep.expected_seconds([stopped], shape, run) == 120.0  # scaled, without one
+    other = {**record("2026-12-06T00:00:00+00:00", 5.0), "kind": "omnimoe"}  # another kind's says nothing
+    assert quality_sweep.expected_seconds([old, other], shape, run) == 299.0
+
+
 def _record(kind, seed, lr, bits, *, multiplier=None, split=None, status="done", shape="S"):
     routing = None if kind == "dense" else {"experts_used": 0.5 + seed / 10, "load_entropy": 0.9, "max_load": 3.0}
     return {
