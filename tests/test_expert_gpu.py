@@ -71,12 +71,19 @@ def test_segment_sums_by_reductions_match_the_reference(tokens, top_k, num_exper
     check_against_reference(inputs, interpret=False, config=dataclasses.replace(config, segment_sums=segment_sums))
 
 
-def test_results_are_bitwise_deterministic(seed):
+@pytest.mark.parametrize("segment_sums", [None, "aligned"])  # the heuristic's, and the aligned chunks
+def test_results_are_bitwise_deterministic(segment_sums, seed):
     inputs = expert_inputs(seed, 1024, 32, 16384, 1024, BF16)
+    config = default_config(1024, 32, 16384, 1024, BF16)
+    if segment_sums is not None:
+        config = dataclasses.replace(config, segment_sums=segment_sums)
 
     @jax.jit
     def run(x, up, down, weights):
-        y, vjp = jax.vjp(lambda *a: omni_expert(*a, inputs.indices, implementation="pallas"), x, up, down, weights)
+        def op(*args):
+            return omni_expert(*args, inputs.indices, implementation="pallas", config=config)
+
+        y, vjp = jax.vjp(op, x, up, down, weights)
         return y, vjp(inputs.cotangent)
 
     first = run(inputs.x, inputs.up, inputs.down, inputs.weights)

@@ -340,24 +340,49 @@ def test_only_the_pass_without_dots_regathers():
     assert _blocks_kernel_masked_loads(regather=True, with_dots=True) == with_dots > plain
 
 
+def _aligned_chunks_by_hand(counts, block: int) -> tuple[list[int], list[int]]:
+    """(starts, experts) of the chunks of segments with counts[e] pairs of expert e, in expert order."""
+    starts, experts, first = [], [], 0
+    for expert, count in enumerate(counts):
+        starts += list(range(first, first + count, block))
+        experts += [expert] * len(range(first, first + count, block))
+        first += count
+    return starts, experts
+
+
+def _check_aligned_chunks(counts, block: int) -> None:
+    sorted_expert = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    num_pairs, num_experts = sorted_expert.size, len(counts)
+    starts, experts = (
+        np.asarray(a) for a in kernel.aligned_chunks(jnp.asarray(sorted_expert), block=block, num_experts=num_experts)
+    )
+    segments = min(num_pairs, num_experts)
+    assert starts.shape == experts.shape == (segments + (num_pairs - segments) // block + 1,)
+    want_starts, want_experts = _aligned_chunks_by_hand(counts, block)
+    used = len(want_starts)
+    assert used < starts.size, "the static bound holds every chunk, and the end entry after them"
+    np.testing.assert_array_equal(starts[:used], want_starts)
+    np.testing.assert_array_equal(experts[:used], want_experts)
+    np.testing.assert_array_equal(starts[used:], num_pairs)  # unused chunks, and the end
+    np.testing.assert_array_equal(experts[used:], -1)
+    for start, end in zip(want_starts, [*want_starts[1:], num_pairs], strict=True):  # no chunk crosses a
+        assert 0 < end - start <= block and len(set(sorted_expert[start:end])) == 1  # segment or holds more
+
+
 @pytest.mark.parametrize("block", [1, 2, 4, 16])
-def test_aligned_chunks_start_with_every_segment_and_every_block_pairs_into_it(block, seed):
+def test_aligned_chunks_start_with_every_segment_and_every_block_pairs_into_it(block):
+    _check_aligned_chunks(HANDMADE_SEGMENTS, block)
+    _check_aligned_chunks([32, 16, 0, 48, 5], block)  # segments of exactly k blocks: the next starts on one
+
+
+@pytest.mark.parametrize("block", [2, 16])
+def test_aligned_chunks_fill_their_bound_and_take_any_layout(block, seed):
     rng = np.random.default_rng(seed)
-    indices = _indices_with_segments(HANDMADE_SEGMENTS, 2, rng)
-    num_experts = len(HANDMADE_SEGMENTS)
-    sorted_expert = np.sort(indices.reshape(-1)).astype(np.int32)
-    starts = np.asarray(kernel.aligned_chunk_starts(jnp.asarray(sorted_expert), block=block, num_experts=num_experts))
-    num_pairs = sorted_expert.size
-    want = []
-    for expert, count in enumerate(HANDMADE_SEGMENTS):  # segments in expert order, each cut every `block`
-        first = int(np.searchsorted(sorted_expert, expert))
-        want += list(range(first, first + count, block))
-    assert starts.shape == (min(num_pairs, num_experts) + num_pairs // block + 1,)
-    np.testing.assert_array_equal(starts[: len(want)], want)
-    np.testing.assert_array_equal(starts[len(want) :], num_pairs)  # unused chunks, and the end
-    # No chunk crosses a segment or holds more than `block` pairs.
-    for start, end in zip(want, [*want[1:], num_pairs], strict=True):
-        assert 0 < end - start <= block and len(set(sorted_expert[start:end])) == 1
+    # Every segment 1 more than a multiple of block, one per expert: the most chunks P pairs can need.
+    _check_aligned_chunks([1 + block * int(k) for k in rng.integers(0, 4, 12)], block)
+    _check_aligned_chunks([1, 0, 2, 0, 0, 1], block)  # fewer pairs than experts (and than one block)
+    for _ in range(8):  # random layouts, empty experts among them
+        _check_aligned_chunks([*rng.integers(0, 3 * block, int(rng.integers(1, 30))), 1], block)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -575,15 +600,16 @@ def test_lowers_for_cuda(tokens, top_k, num_experts, d, dtype, variant):
         assert int(size) <= 65535, f"grid {axis} = {size} exceeds CUDA's limit"
 
 
-# The other way to sum the segments: its loop over a block's segments (a dynamic trip count), the scalar
-# branches, the one-row stores and the second gather (segment_regather) must lower too. The training
+# The other ways to sum the segments: reductions' loop over a block's segments (a dynamic trip count), the
+# scalar branches, the one-row stores and the second gather (segment_regather), and the aligned chunks'
+# scalar loads and one-row table loads must lower too. The training
 # shapes, then the benchmark shapes and edges.
 TRAINING_SHAPES = [(32768, 32, 16384, 512, BF16), (32768, 128, 65536, 512, BF16), (32768, 1280, 65536, 512, BF16)]
 
 
 @pytest.mark.parametrize(("mode", "regather"), [("reductions", False), ("reductions", True), ("aligned", False)])
 @pytest.mark.parametrize(("tokens", "top_k", "num_experts", "d", "dtype"), TRAINING_SHAPES + LOWERING_SHAPES)
-def test_segment_sums_by_reductions_lower_for_cuda(tokens, top_k, num_experts, d, dtype, mode, regather):
+def test_other_segment_sums_lower_for_cuda(tokens, top_k, num_experts, d, dtype, mode, regather):
     config = default_config(tokens, top_k, num_experts, d, dtype, variant="sorted")
     config = dataclasses.replace(config, segment_sums=mode, segment_regather=regather)
 

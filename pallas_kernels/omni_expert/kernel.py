@@ -671,38 +671,48 @@ def segment_fixup(
 # no numbering. A chunk that is its segment whole writes the row; the chunks of a longer segment each leave
 # an f32 partial row in a side buffer, one row per chunk, and the chunk where the segment starts adds up
 # the following ones (a second, small kernel, as for the blocks). The price: a static grid of at most
-# min(P, N) + P // segment_block chunks (the chunk starts come from an XLA cumsum and search over the P
-# sorted experts), partly filled lanes (a segment of L pairs fills ceil(L / B) chunks), and programs past
-# the last chunk that exit at once.
+# m + (P - m) // segment_block chunks, m = min(P, N) (the chunk starts and experts come from XLA: a cummax,
+# a cumsum and a scatter over the P sorted experts), partly filled lanes (a segment of L pairs fills
+# ceil(L / B) chunks), and programs past the last chunk that exit at once. Each expert's pairs form one
+# segment, so consecutive chunks of one expert are one segment's: a program learns whether its chunk opens
+# or ends its segment from its neighbours' experts, loads that do not wait on each other.
 
 
-def aligned_chunk_starts(sorted_expert: jax.Array, *, block: int, num_experts: int) -> jax.Array:
-    """[C + 1] int32: the sorted position where each chunk starts (a segment's start, or `block` pairs into
-    it), then P for every unused chunk and once more at the end (so chunk c ends where c + 1 starts);
-    C = min(P, N) + P // block, the most chunks P sorted pairs of N experts can need."""
+def aligned_chunks(sorted_expert: jax.Array, *, block: int, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """(starts, experts), each [C + 1] int32: the sorted position where each chunk starts (a segment's start,
+    or `block` pairs into it) and the chunk's expert; for every unused chunk, and once more at the end (so
+    chunk c ends where c + 1 starts), P and -1. C = m + (P - m) // block with m = min(P, N): S segments of
+    P pairs fill at most S + (P - S) // block chunks, which grows with S <= m."""
     num_pairs = sorted_expert.shape[0]
     positions = jnp.arange(num_pairs, dtype=jnp.int32)
     opens = jnp.concatenate([jnp.ones((1,), bool), sorted_expert[1:] != sorted_expert[:-1]])  # [P]
     segment_start = lax.cummax(jnp.where(opens, positions, 0))  # [P] where each pair's segment starts
     chunk_opens = (positions - segment_start) % block == 0  # [P]
-    opened = jnp.cumsum(chunk_opens.astype(jnp.int32))  # [P] chunks begun up to and including each pair
-    num_chunks = min(num_pairs, num_experts) + num_pairs // block
-    wanted = jnp.arange(1, num_chunks + 2, dtype=jnp.int32)  # chunk c starts at the first pair with opened > c
-    return jnp.searchsorted(opened, wanted, side="left").astype(jnp.int32)  # P where no such chunk
+    chunk_id = jnp.cumsum(chunk_opens.astype(jnp.int32)) - 1  # [P] the chunk each pair falls in
+    segments = min(num_pairs, num_experts)
+    num_chunks = segments + (num_pairs - segments) // block
+    # One scatter of the chunk-opening pairs (distinct chunks: no collisions, so deterministic); the rest drop.
+    slots = jnp.where(chunk_opens, chunk_id, num_chunks + 1)
+    starts = jnp.full((num_chunks + 1,), num_pairs, jnp.int32)
+    starts = starts.at[slots].set(positions, mode="drop", unique_indices=True)
+    experts = jnp.full((num_chunks + 1,), -1, jnp.int32)
+    experts = experts.at[slots].set(sorted_expert, mode="drop", unique_indices=True)
+    return starts, experts
 
 
-def _aligned_chunk(starts_ref, sorted_expert_ref, index, *, num_pairs: int):
-    """(start, length, expert, opens its segment, ends its segment) of chunk `index`; length 0 past the last."""
+def _aligned_chunk(starts_ref, experts_ref, index):
+    """(start, length, expert, opens its segment, ends its segment) of chunk `index`; length 0 past the last.
+    The five loads depend on `index` alone (none waits for another)."""
     start, end = starts_ref[index], starts_ref[index + 1]
-    expert = sorted_expert_ref[jnp.minimum(start, num_pairs - 1)]
-    opens = (start == 0) | (sorted_expert_ref[jnp.maximum(start - 1, 0)] != expert)
-    ends = (end >= num_pairs) | (sorted_expert_ref[jnp.minimum(end, num_pairs - 1)] != expert)
+    expert = experts_ref[index]
+    opens = (index == 0) | (experts_ref[jnp.maximum(index - 1, 0)] != expert)
+    ends = experts_ref[index + 1] != expert
     return start, end - start, expert, opens, ends
 
 
 def _aligned_blocks_kernel(
     starts_ref,
-    sorted_expert_ref,
+    experts_ref,
     order_ref,
     coef_ref,
     rows_ref,
@@ -719,37 +729,37 @@ def _aligned_blocks_kernel(
     else:
         (out_ref, side_ref), dot_table_ref, dots_ref = refs, None, None
     index, chunk = pl.program_id(0), pl.program_id(1)
-    start, length, expert, opens, ends = _aligned_chunk(starts_ref, sorted_expert_ref, index, num_pairs=num_pairs)
-    lanes = jnp.arange(block, dtype=jnp.int32)  # [B]
-    valid = lanes < length
-    # [B] sorted positions; past the end where no pair is (masked lanes must not land on a written element)
-    positions = jnp.where(valid, start + lanes, num_pairs)
-    cols = _columns(chunk, d_block)  # [Dc]
-    pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [B]
-    coef = pltriton.load(coef_ref.at[positions], mask=valid, other=0.0)  # [B] f32, 0 where no pair is
-    rows = _gather_rows(rows_ref, pairs // top_k, cols, valid)  # [B, Dc] f32
-    if with_dots:  # every pair of the chunk has the same expert: its row read once
-        table_row = pltriton.load(dot_table_ref.at[expert, cols]).astype(jnp.float32)  # [Dc]
-        dots = jnp.sum(rows * table_row[None, :], axis=1)  # [B]
-        pltriton.store(dots_ref.at[chunk, positions], dots, mask=valid)
-    total = jnp.sum(coef[:, None] * rows, axis=0)  # [Dc] f32
-    live = length > 0
+    start, length, expert, opens, ends = _aligned_chunk(starts_ref, experts_ref, index)
 
-    @pl.when(live & opens & ends)  # the segment whole: its row
+    @pl.when(length > 0)  # programs past the last chunk do nothing more
     def _():
-        pltriton.store(out_ref.at[expert, cols], total.astype(out_ref.dtype))
+        lanes = jnp.arange(block, dtype=jnp.int32)  # [B]
+        valid = lanes < length
+        # [B] sorted positions; past the end where no pair is (masked lanes must not land on a written element)
+        positions = jnp.where(valid, start + lanes, num_pairs)
+        cols = _columns(chunk, d_block)  # [Dc]
+        pairs = pltriton.load(order_ref.at[positions], mask=valid, other=0)  # [B]
+        coef = pltriton.load(coef_ref.at[positions], mask=valid, other=0.0)  # [B] f32, 0 where no pair is
+        rows = _gather_rows(rows_ref, pairs // top_k, cols, valid)  # [B, Dc] f32
+        if with_dots:  # every pair of the chunk has the same expert: its row read once
+            table_row = pltriton.load(dot_table_ref.at[expert, cols]).astype(jnp.float32)  # [Dc]
+            dots = jnp.sum(rows * table_row[None, :], axis=1)  # [B]
+            pltriton.store(dots_ref.at[chunk, positions], dots, mask=valid)
+        total = jnp.sum(coef[:, None] * rows, axis=0)  # [Dc] f32
 
-    @pl.when(live & ~(opens & ends))  # a piece of a longer segment: the chunk's partial row
-    def _():
-        pltriton.store(side_ref.at[index, cols], total)
+        @pl.when(opens & ends)  # the segment whole: its row
+        def _():
+            pltriton.store(out_ref.at[expert, cols], total.astype(out_ref.dtype))
+
+        @pl.when(~(opens & ends))  # a piece of a longer segment: the chunk's partial row
+        def _():
+            pltriton.store(side_ref.at[index, cols], total)
 
 
-def _aligned_fixup_kernel(
-    starts_ref, sorted_expert_ref, side_ref, partial_ref, out_ref, *, num_pairs: int, d_block: int
-):
+def _aligned_fixup_kernel(starts_ref, experts_ref, side_ref, partial_ref, out_ref, *, d_block: int):
     del partial_ref  # aliased to out_ref: the rows the chunks kernel wrote stay as they are
     index, chunk = pl.program_id(0), pl.program_id(1)
-    _, length, expert, opens, ends = _aligned_chunk(starts_ref, sorted_expert_ref, index, num_pairs=num_pairs)
+    _, length, expert, opens, ends = _aligned_chunk(starts_ref, experts_ref, index)
 
     # The chunk where a segment of several chunks starts adds up its partial and the following chunks'.
     @pl.when((length > 0) & opens & ~ends)
@@ -759,9 +769,7 @@ def _aligned_fixup_kernel(
         def add_next(carry):
             following, total, _ = carry
             total = total + pltriton.load(side_ref.at[following, cols])  # [Dc]
-            after = starts_ref[following + 1]
-            going_on = (after < num_pairs) & (sorted_expert_ref[jnp.minimum(after, num_pairs - 1)] == expert)
-            return following + 1, total, going_on
+            return following + 1, total, experts_ref[following + 1] == expert  # the segment's chunks go on
 
         first = pltriton.load(side_ref.at[index, cols])  # [Dc] f32
         _, total, _ = lax.while_loop(lambda carry: carry[2], add_next, (index + 1, first, jnp.bool_(True)))
@@ -784,7 +792,7 @@ def aligned_segment_sum(
     section comment above): the chunks kernel, its fix-up of segments longer than one chunk, the zeros."""
     num_pairs, d = sorted_expert.shape[0], rows.shape[1]
     block, chunks = config.segment_block, d // config.d_block
-    starts = aligned_chunk_starts(sorted_expert, block=block, num_experts=out_shape.shape[0])  # [C + 1]
+    starts, experts = aligned_chunks(sorted_expert, block=block, num_experts=out_shape.shape[0])  # [C + 1] each
     num_chunks = starts.shape[0] - 1
     with_dots = dot_table is not None
     kernel = functools.partial(
@@ -795,7 +803,7 @@ def aligned_segment_sum(
         d_block=config.d_block,
         with_dots=with_dots,
     )
-    inputs = [starts, sorted_expert, order, coef, rows]
+    inputs = [starts, experts, order, coef, rows]
     # The side buffer: row c holds chunk c's partial, written and read only where its segment has several.
     outputs = [out_shape, jax.ShapeDtypeStruct((num_chunks, d), jnp.float32)]
     if with_dots:
@@ -810,7 +818,7 @@ def aligned_segment_sum(
         name="omni_expert_aligned_blocks",
     )(*inputs)
     partial_out, side = results[0], results[1]
-    fixup = functools.partial(_aligned_fixup_kernel, num_pairs=num_pairs, d_block=config.d_block)
+    fixup = functools.partial(_aligned_fixup_kernel, d_block=config.d_block)
     out = pl.pallas_call(
         fixup,
         out_shape=out_shape,
@@ -819,7 +827,7 @@ def aligned_segment_sum(
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_expert_aligned_fixup",
-    )(starts, sorted_expert, side, partial_out)
+    )(starts, experts, side, partial_out)
     out = zero_untouched_rows(out, sorted_expert, config=config, interpret=interpret)
     if not with_dots:
         return out
