@@ -223,3 +223,10 @@ SHRUNK = [
 def shrunk_config(*extra: str):
     """The tiny preset with SHRUNK and `extra` overrides applied."""
     return apply_overrides(get_preset("tiny"), parse_overrides([*SHRUNK, *extra]))
+
+
+def lower_for_cuda(fn, *args) -> jax.stages.Lowered:
+    """`fn` jitted and lowered for CUDA on this (CPU) host, for arguments shaped like `args` (arrays or
+    ShapeDtypeStructs): Pallas -> Triton IR for the GPU, which fails on anything Triton cannot lower."""
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    return jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",))

@@ -24,7 +24,7 @@ from expert_checks import (
     segment_sum_stages,
     segments_per_block,
 )
-from helpers import assert_close, assert_trees_close, count_triton_calls, normal
+from helpers import assert_close, assert_trees_close, count_triton_calls, lower_for_cuda, normal
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from pallas_kernels import _dispatch, omni_expert, omni_expert_reference
@@ -568,9 +568,8 @@ LOWERING_SHAPES = [
 ]
 
 
-def _lower_for_cuda(fn, *shapes_and_dtypes):
-    specs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes_and_dtypes]
-    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+def _lower_for_cuda(fn, *shapes_and_dtypes) -> str:
+    return lower_for_cuda(fn, *(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes_and_dtypes)).as_text()
 
 
 @pytest.mark.parametrize("variant", ["token", "sorted"])

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, assert_trees_close, count_triton_calls, cpu_mesh
+from helpers import assert_close, assert_trees_close, count_triton_calls, cpu_mesh, lower_for_cuda
 from jax.sharding import AbstractMesh, AxisType
 from oracle import decisive_inputs
 
@@ -296,7 +296,7 @@ def test_sharded_op_with_pallas_kernels_lowers_for_cuda():
         return jnp.sum(op(*args).astype(jnp.float32))
 
     with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *args).as_text()
     # The shard runs the one-device op: forward 2 (pair_dots, token_combine) + backward 7 (segment sums as
     # blocks + fix-up + untouched rows for d_up and d_down, token_combine for dx), as test_expert_kernel.py
     # counts them.

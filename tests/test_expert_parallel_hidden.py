@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_close, assert_trees_close, count_triton_calls, cpu_mesh
+from helpers import assert_close, assert_trees_close, count_triton_calls, cpu_mesh, lower_for_cuda
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_expert_parallel import decisive_variables, forward_and_gradients, layer_config, reference_step
@@ -121,7 +121,7 @@ def test_hidden_op_with_pallas_kernels_lowers_for_cuda():
         return jnp.sum(jnp.square(op(*args).astype(jnp.float32)))
 
     with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *args).as_text()
     # Forward: row_dots' pair_dots, embedding_bag's token_combine. Backward: embedding_bag's segment sum
     # (blocks, fix-up, untouched rows) with the dots, row_dots' token_combine and segment sum (3).
     assert count_triton_calls(text) == 9

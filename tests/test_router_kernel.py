@@ -16,7 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, normal, omni_router_brute_force, router_compaction_cases, router_merge_outcomes
+from helpers import (
+    assert_close,
+    lower_for_cuda,
+    normal,
+    omni_router_brute_force,
+    router_compaction_cases,
+    router_merge_outcomes,
+)
 
 from omnimoe_jax import OmniMoE, OmniMoEConfig
 from omnimoe_jax._router import CartesianRouter, by_score
@@ -536,11 +543,6 @@ def test_auto_with_interpret_stays_on_pallas(monkeypatch):
 
 
 # CUDA lowering on the CPU: Pallas -> Triton IR for the GPU, which fails on anything Triton cannot lower.
-
-
-def lower_for_cuda(fn, *args):
-    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-    return jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",))
 
 
 def check_cuda_lowering(tokens, n, top_k, dtype, axis_sort="threshold"):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from expert_checks import check_table_op
-from helpers import assert_close, count_triton_calls
+from helpers import assert_close, count_triton_calls, lower_for_cuda
 
 from pallas_kernels import _dispatch, row_dots, row_dots_reference
 from pallas_kernels.omni_expert.config import ExpertKernelConfig
@@ -96,7 +96,7 @@ def test_lowers_for_cuda_with_four_triton_calls():
         jax.ShapeDtypeStruct((tokens, d), BF16),
         jax.ShapeDtypeStruct((tokens, top_k), jnp.int32),
     ]
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(jax.grad(loss, argnums=(0, 1)), *specs).as_text()
     # pair_dots forward; token_combine (dx) and segment_sum's blocks, fix-up and untouched rows backward.
     assert count_triton_calls(text) == 5
     assert f"{tokens}x{top_k}x{d}" not in text, "a [T, K, d] array appears in the lowered program"
