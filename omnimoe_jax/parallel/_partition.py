@@ -27,7 +27,6 @@ from omnimoe_jax.parallel._device_mesh import EXPERT_AXIS
 # PartitionSpec(None, ...).
 _TABLES = r"(^|/)(up_embed|down_embed)$"
 TABLE_SPECS = {"rows": PartitionSpec(EXPERT_AXIS, None), "hidden": PartitionSpec(None, EXPERT_AXIS)}
-DEFAULT_RULES: tuple[tuple[str, PartitionSpec], ...] = ((_TABLES, TABLE_SPECS["rows"]),)
 
 
 def table_rules(layout: str) -> tuple[tuple[str, PartitionSpec], ...]:
@@ -36,6 +35,9 @@ def table_rules(layout: str) -> tuple[tuple[str, PartitionSpec], ...]:
     if layout not in TABLE_SPECS:
         raise ValueError(f"layout={layout!r} must be one of {tuple(TABLE_SPECS)} (resolve 'auto' first)")
     return ((_TABLES, TABLE_SPECS[layout]),)
+
+
+DEFAULT_RULES = table_rules("rows")  # the default layout's
 
 
 def path_name(path: Sequence[Any]) -> str:
