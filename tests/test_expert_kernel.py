@@ -353,9 +353,8 @@ def _aligned_chunks_by_hand(counts, block: int) -> tuple[list[int], list[int]]:
 def _check_aligned_chunks(counts, block: int) -> None:
     sorted_expert = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
     num_pairs, num_experts = sorted_expert.size, len(counts)
-    starts, experts = (
-        np.asarray(a) for a in kernel.aligned_chunks(jnp.asarray(sorted_expert), block=block, num_experts=num_experts)
-    )
+    chunked = kernel.aligned_chunks(jnp.asarray(sorted_expert), block=block, num_experts=num_experts)
+    starts, experts, chunk_counts = (np.asarray(a) for a in chunked)
     segments = min(num_pairs, num_experts)
     assert starts.shape == experts.shape == (segments + (num_pairs - segments) // block + 1,)
     want_starts, want_experts = _aligned_chunks_by_hand(counts, block)
@@ -365,6 +364,9 @@ def _check_aligned_chunks(counts, block: int) -> None:
     np.testing.assert_array_equal(experts[:used], want_experts)
     np.testing.assert_array_equal(starts[used:], num_pairs)  # unused chunks, and the end
     np.testing.assert_array_equal(experts[used:], -1)
+    firsts = [c for c in range(used) if c == 0 or want_experts[c - 1] != want_experts[c]]
+    for first in firsts:  # at each segment's first chunk: how many chunks the segment has
+        assert chunk_counts[first] == want_experts.count(want_experts[first]), (first, chunk_counts[first])
     for start, end in zip(want_starts, [*want_starts[1:], num_pairs], strict=True):  # no chunk crosses a
         assert 0 < end - start <= block and len(set(sorted_expert[start:end])) == 1  # segment or holds more
 

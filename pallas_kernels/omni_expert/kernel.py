@@ -678,11 +678,19 @@ def segment_fixup(
 # or ends its segment from its neighbours' experts, loads that do not wait on each other.
 
 
-def aligned_chunks(sorted_expert: jax.Array, *, block: int, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """(starts, experts), each [C + 1] int32: the sorted position where each chunk starts (a segment's start,
-    or `block` pairs into it) and the chunk's expert; for every unused chunk, and once more at the end (so
-    chunk c ends where c + 1 starts), P and -1. C = m + (P - m) // block with m = min(P, N): S segments of
-    P pairs fill at most S + (P - S) // block chunks, which grows with S <= m."""
+class AlignedChunks(NamedTuple):
+    """The chunks of `aligned_segment_sum`, each field [C + 1] int32 (see `aligned_chunks`)."""
+
+    starts: jax.Array  # the sorted position where the chunk starts; P for unused chunks and at the end
+    experts: jax.Array  # the chunk's expert; -1 for unused chunks and at the end
+    counts: jax.Array  # at a segment's first chunk, the segment's number of chunks (elsewhere: unused)
+
+
+def aligned_chunks(sorted_expert: jax.Array, *, block: int, num_experts: int) -> AlignedChunks:
+    """The chunks of P sorted pairs: each starts at a segment's start or `block` pairs into it, one entry
+    a chunk and, for every unused chunk and once more at the end (so chunk c ends where c + 1 starts),
+    P / -1. C = m + (P - m) // block with m = min(P, N): S segments of P pairs fill at most
+    S + (P - S) // block chunks, which grows with S <= m."""
     num_pairs = sorted_expert.shape[0]
     positions = jnp.arange(num_pairs, dtype=jnp.int32)
     opens = jnp.concatenate([jnp.ones((1,), bool), sorted_expert[1:] != sorted_expert[:-1]])  # [P]
@@ -697,7 +705,12 @@ def aligned_chunks(sorted_expert: jax.Array, *, block: int, num_experts: int) ->
     starts = starts.at[slots].set(positions, mode="drop", unique_indices=True)
     experts = jnp.full((num_chunks + 1,), -1, jnp.int32)
     experts = experts.at[slots].set(sorted_expert, mode="drop", unique_indices=True)
-    return starts, experts
+    # A segment's chunks run from its first chunk to the next segment's first (the unused tail is one more).
+    chunk_index = jnp.arange(num_chunks + 1, dtype=jnp.int32)
+    opens_segment = jnp.concatenate([jnp.ones((1,), bool), experts[1:] != experts[:-1]])
+    firsts = jnp.where(opens_segment, chunk_index, num_chunks + 1)
+    next_first = jnp.concatenate([lax.cummin(firsts, reverse=True)[1:], jnp.full((1,), num_chunks + 1, jnp.int32)])
+    return AlignedChunks(starts, experts, next_first - chunk_index)
 
 
 def _aligned_chunk(starts_ref, experts_ref, index):
@@ -756,23 +769,22 @@ def _aligned_blocks_kernel(
             pltriton.store(side_ref.at[index, cols], total)
 
 
-def _aligned_fixup_kernel(starts_ref, experts_ref, side_ref, partial_ref, out_ref, *, d_block: int):
+def _aligned_fixup_kernel(starts_ref, experts_ref, counts_ref, side_ref, partial_ref, out_ref, *, d_block: int):
     del partial_ref  # aliased to out_ref: the rows the chunks kernel wrote stay as they are
     index, chunk = pl.program_id(0), pl.program_id(1)
     _, length, expert, opens, ends = _aligned_chunk(starts_ref, experts_ref, index)
 
-    # The chunk where a segment of several chunks starts adds up its partial and the following chunks'.
+    # The chunk where a segment of several chunks starts adds up its partial and the following chunks', a
+    # counted loop whose loads wait on nothing but the count (not on the chunk before, as a search would).
     @pl.when((length > 0) & opens & ~ends)
     def _():
         cols = _columns(chunk, d_block)  # [Dc]
 
-        def add_next(carry):
-            following, total, _ = carry
-            total = total + pltriton.load(side_ref.at[following, cols])  # [Dc]
-            return following + 1, total, experts_ref[following + 1] == expert  # the segment's chunks go on
+        def add_next(following, total):
+            return total + pltriton.load(side_ref.at[index + following, cols])  # [Dc]
 
         first = pltriton.load(side_ref.at[index, cols])  # [Dc] f32
-        _, total, _ = lax.while_loop(lambda carry: carry[2], add_next, (index + 1, first, jnp.bool_(True)))
+        total = lax.fori_loop(1, counts_ref[index], add_next, first)
         pltriton.store(out_ref.at[expert, cols], total.astype(out_ref.dtype))
 
 
@@ -792,8 +804,8 @@ def aligned_segment_sum(
     section comment above): the chunks kernel, its fix-up of segments longer than one chunk, the zeros."""
     num_pairs, d = sorted_expert.shape[0], rows.shape[1]
     block, chunks = config.segment_block, d // config.d_block
-    starts, experts = aligned_chunks(sorted_expert, block=block, num_experts=out_shape.shape[0])  # [C + 1] each
-    num_chunks = starts.shape[0] - 1
+    chunked = aligned_chunks(sorted_expert, block=block, num_experts=out_shape.shape[0])  # [C + 1] each
+    num_chunks = chunked.starts.shape[0] - 1
     with_dots = dot_table is not None
     kernel = functools.partial(
         _aligned_blocks_kernel,
@@ -803,7 +815,7 @@ def aligned_segment_sum(
         d_block=config.d_block,
         with_dots=with_dots,
     )
-    inputs = [starts, experts, order, coef, rows]
+    inputs = [chunked.starts, chunked.experts, order, coef, rows]
     # The side buffer: row c holds chunk c's partial, written and read only where its segment has several.
     outputs = [out_shape, jax.ShapeDtypeStruct((num_chunks, d), jnp.float32)]
     if with_dots:
@@ -823,11 +835,11 @@ def aligned_segment_sum(
         fixup,
         out_shape=out_shape,
         grid=(num_chunks, chunks),
-        input_output_aliases={3: 0},  # the chunks kernel's output -> out
+        input_output_aliases={4: 0},  # the chunks kernel's output -> out
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_expert_aligned_fixup",
-    )(starts, experts, side, partial_out)
+    )(chunked.starts, chunked.experts, chunked.counts, side, partial_out)
     out = zero_untouched_rows(out, sorted_expert, config=config, interpret=interpret)
     if not with_dots:
         return out
