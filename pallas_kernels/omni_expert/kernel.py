@@ -367,6 +367,39 @@ def _masked_row_sum(member, coef, rows) -> jax.Array:
 UNROLLED_SEGMENTS = 2
 
 
+def _segment_refs(refs, with_dots: bool):
+    """(dot_table_ref, out_ref, side_ref, dots_ref) from a segment pass's first kernel's refs after its
+    inputs: [dot_table_ref,] out_ref, side_ref[, dots_ref]; the dot table and dots None without dots."""
+    if with_dots:
+        return refs
+    out_ref, side_ref = refs
+    return None, out_ref, side_ref, None
+
+
+def _segment_pass_call(
+    kernel, inputs, *, out_shape, num_pairs, side_rows, dot_table, grid_rows, config, interpret, name
+):
+    """The first pallas_call of a segment pass (fixed blocks or aligned chunks): `kernel` over `inputs` (then
+    the dot table, with dots) on a (grid_rows, d / d_block) grid -> (out as the kernel left it, side
+    [side_rows, d] f32 for the partial rows, dots per column chunk [d / d_block, P] f32 or None)."""
+    d = out_shape.shape[1]
+    chunks = d // config.d_block
+    # The side buffer's rows are written only where a segment is cut and read only there: no initialisation.
+    outputs = [out_shape, jax.ShapeDtypeStruct((side_rows, d), jnp.float32)]
+    if dot_table is not None:
+        inputs = [*inputs, dot_table]
+        outputs.append(jax.ShapeDtypeStruct((chunks, num_pairs), jnp.float32))
+    results = pl.pallas_call(
+        kernel,
+        out_shape=outputs,
+        grid=(grid_rows, chunks),
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        name=name,
+    )(*inputs)
+    return results[0], results[1], results[2] if dot_table is not None else None
+
+
 def _segment_blocks_kernel(
     sorted_expert_ref,
     order_ref,
@@ -383,13 +416,9 @@ def _segment_blocks_kernel(
     segment_sums: str,
     regather: bool,
 ):
-    # refs: [dot_table_ref,] out_ref, side_ref[, dots_ref]: the dot table and dots only with_dots. out_ref
-    # starts uninitialised: this kernel writes the uncut segments' rows, the fix-up the cut ones and
+    # out_ref starts uninitialised: this kernel writes the uncut segments' rows, the fix-up the cut ones and
     # zero_untouched_rows the rest.
-    if with_dots:
-        dot_table_ref, out_ref, side_ref, dots_ref = refs
-    else:
-        (out_ref, side_ref), dot_table_ref, dots_ref = refs, None, None
+    dot_table_ref, out_ref, side_ref, dots_ref = _segment_refs(refs, with_dots)
     index, chunk = pl.program_id(0), pl.program_id(1)
     cols = _columns(chunk, d_block)  # [Dc]
     valid, expert, coef, rows, table_rows, rank, num_local, head_cut, tail_cut = _segment_block_prologue(
@@ -546,33 +575,16 @@ def segment_sum(
     rows (cheaper than zero-filling all of [N, d] first, a pass of its own over the whole output,
     benchmarks/NOTES.md "v3": at ~20 pairs per expert almost no row is untouched). The dots are summed over
     the column chunks by XLA. `config.segment_sums` "aligned" cuts the pairs into chunks that start where
-    segments do instead of fixed blocks (`aligned_segment_sum`).
+    segments do instead of fixed blocks (`aligned_chunk_sums`).
     """
     out_shape = jax.ShapeDtypeStruct(out_like.shape, out_like.dtype)
+    args = (coef, rows, sorted_expert, order, out_shape)
+    kwargs = {"top_k": top_k, "dot_table": dot_table, "config": config, "interpret": interpret}
     if config.segment_sums == "aligned":
-        return aligned_segment_sum(
-            coef,
-            rows,
-            sorted_expert,
-            order,
-            out_shape,
-            top_k=top_k,
-            dot_table=dot_table,
-            config=config,
-            interpret=interpret,
-        )
-    partial_out, side, dots = segment_blocks(
-        coef,
-        rows,
-        sorted_expert,
-        order,
-        out_shape,
-        top_k=top_k,
-        dot_table=dot_table,
-        config=config,
-        interpret=interpret,
-    )
-    out = segment_fixup(partial_out, side, sorted_expert, config=config, interpret=interpret)
+        out, dots = aligned_chunk_sums(*args, **kwargs)
+    else:
+        partial_out, side, dots = segment_blocks(*args, **kwargs)
+        out = segment_fixup(partial_out, side, sorted_expert, config=config, interpret=interpret)
     out = zero_untouched_rows(out, sorted_expert, config=config, interpret=interpret)
     if dots is None:
         return out
@@ -600,14 +612,12 @@ def segment_blocks(
     if config.segment_sums == "aligned":
         raise ValueError(
             "segment_blocks sums fixed blocks; config.segment_sums='aligned' sums by aligned chunks: "
-            "kernel.aligned_segment_sum (or segment_sum, which takes either)"
+            "kernel.aligned_chunk_sums (or segment_sum, which takes either)"
         )
-    d = rows.shape[1]
     num_pairs = sorted_expert.shape[0]
     num_experts = out_shape.shape[0]
     block = config.segment_block
     num_blocks = pl.cdiv(num_pairs, block)
-    chunks = d // config.d_block
     with_dots = dot_table is not None
     kernel = functools.partial(
         _segment_blocks_kernel,
@@ -623,22 +633,19 @@ def segment_blocks(
         # (measured, config.segment_regather), so the pass with dots never regathers.
         regather=config.segment_regather and not with_dots,
     )
-    inputs = [sorted_expert, order, coef, rows]
-    # The side buffer: rows 2b and 2b + 1 hold block b's head and tail partials, written only where a
-    # segment is cut and read only there, so it needs no initialisation.
-    outputs = [out_shape, jax.ShapeDtypeStruct((2 * num_blocks, d), jnp.float32)]
-    if with_dots:
-        inputs.append(dot_table)
-        outputs.append(jax.ShapeDtypeStruct((chunks, num_pairs), jnp.float32))
-    results = pl.pallas_call(
+    # The side buffer: rows 2b and 2b + 1 hold block b's head and tail partials.
+    return _segment_pass_call(
         kernel,
-        out_shape=outputs,
-        grid=(num_blocks, chunks),
-        compiler_params=_compiler_params(config),
+        [sorted_expert, order, coef, rows],
+        out_shape=out_shape,
+        num_pairs=num_pairs,
+        side_rows=2 * num_blocks,
+        dot_table=dot_table,
+        grid_rows=num_blocks,
+        config=config,
         interpret=interpret,
         name="omni_expert_segment_blocks",
-    )(*inputs)
-    return results[0], results[1], results[2] if with_dots else None
+    )
 
 
 def segment_fixup(
@@ -679,7 +686,7 @@ def segment_fixup(
 
 
 class AlignedChunks(NamedTuple):
-    """The chunks of `aligned_segment_sum`, each field [C + 1] int32 (see `aligned_chunks`)."""
+    """The chunks of `aligned_chunk_sums`, each field [C + 1] int32 (see `aligned_chunks`)."""
 
     starts: jax.Array  # the sorted position where the chunk starts; P for unused chunks and at the end
     experts: jax.Array  # the chunk's expert; -1 for unused chunks and at the end
@@ -736,11 +743,7 @@ def _aligned_blocks_kernel(
     d_block: int,
     with_dots: bool,
 ):
-    # refs: [dot_table_ref,] out_ref, side_ref[, dots_ref], as _segment_blocks_kernel's.
-    if with_dots:
-        dot_table_ref, out_ref, side_ref, dots_ref = refs
-    else:
-        (out_ref, side_ref), dot_table_ref, dots_ref = refs, None, None
+    dot_table_ref, out_ref, side_ref, dots_ref = _segment_refs(refs, with_dots)
     index, chunk = pl.program_id(0), pl.program_id(1)
     start, length, expert, opens, ends = _aligned_chunk(starts_ref, experts_ref, index)
 
@@ -788,7 +791,7 @@ def _aligned_fixup_kernel(starts_ref, experts_ref, counts_ref, side_ref, partial
         pltriton.store(out_ref.at[expert, cols], total.astype(out_ref.dtype))
 
 
-def aligned_segment_sum(
+def aligned_chunk_sums(
     coef: jax.Array,
     rows: jax.Array,
     sorted_expert: jax.Array,
@@ -799,51 +802,45 @@ def aligned_segment_sum(
     dot_table: jax.Array | None,
     config: ExpertKernelConfig,
     interpret: bool,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """segment_sum's results (the same arguments and outputs) by chunks aligned to the segments (the
-    section comment above): the chunks kernel, its fix-up of segments longer than one chunk, the zeros."""
-    num_pairs, d = sorted_expert.shape[0], rows.shape[1]
-    block, chunks = config.segment_block, d // config.d_block
-    chunked = aligned_chunks(sorted_expert, block=block, num_experts=out_shape.shape[0])  # [C + 1] each
+) -> tuple[jax.Array, jax.Array | None]:
+    """segment_sum's first two pallas_calls by chunks aligned to the segments (the section comment above):
+    (out with every touched row written and the untouched ones not, dots per column chunk [d / d_block, P]
+    f32 or None). The chunks kernel, then the fix-up of the segments longer than one chunk."""
+    num_pairs = sorted_expert.shape[0]
+    chunked = aligned_chunks(sorted_expert, block=config.segment_block, num_experts=out_shape.shape[0])
     num_chunks = chunked.starts.shape[0] - 1
-    with_dots = dot_table is not None
     kernel = functools.partial(
         _aligned_blocks_kernel,
         num_pairs=num_pairs,
         top_k=top_k,
-        block=block,
+        block=config.segment_block,
         d_block=config.d_block,
-        with_dots=with_dots,
+        with_dots=dot_table is not None,
     )
-    inputs = [chunked.starts, chunked.experts, order, coef, rows]
-    # The side buffer: row c holds chunk c's partial, written and read only where its segment has several.
-    outputs = [out_shape, jax.ShapeDtypeStruct((num_chunks, d), jnp.float32)]
-    if with_dots:
-        inputs.append(dot_table)
-        outputs.append(jax.ShapeDtypeStruct((chunks, num_pairs), jnp.float32))
-    results = pl.pallas_call(
+    # The side buffer: row c holds chunk c's partial, where its segment has several chunks.
+    partial_out, side, dots = _segment_pass_call(
         kernel,
-        out_shape=outputs,
-        grid=(num_chunks, chunks),
-        compiler_params=_compiler_params(config),
+        [chunked.starts, chunked.experts, order, coef, rows],
+        out_shape=out_shape,
+        num_pairs=num_pairs,
+        side_rows=num_chunks,
+        dot_table=dot_table,
+        grid_rows=num_chunks,
+        config=config,
         interpret=interpret,
         name="omni_expert_aligned_blocks",
-    )(*inputs)
-    partial_out, side = results[0], results[1]
+    )
     fixup = functools.partial(_aligned_fixup_kernel, d_block=config.d_block)
     out = pl.pallas_call(
         fixup,
         out_shape=out_shape,
-        grid=(num_chunks, chunks),
+        grid=(num_chunks, rows.shape[1] // config.d_block),
         input_output_aliases={4: 0},  # the chunks kernel's output -> out
         compiler_params=_compiler_params(config),
         interpret=interpret,
         name="omni_expert_aligned_fixup",
     )(chunked.starts, chunked.experts, chunked.counts, side, partial_out)
-    out = zero_untouched_rows(out, sorted_expert, config=config, interpret=interpret)
-    if not with_dots:
-        return out
-    return out, jnp.sum(results[2], axis=0)  # [N, d], [P] sorted order
+    return out, dots
 
 
 def _zero_untouched_kernel(touched_ref, partial_ref, out_ref, *, num_rows: int, rows_per_program: int, d_block: int):
