@@ -455,6 +455,18 @@ def _sums_piece(piece: str, config, *, top_k: int, out_shape, interpret: bool):
     )
 
 
+def _time_piece(piece: str, config, inputs, *, top_k: int, out_shape, interpret: bool) -> dict:
+    """ms (median, min, max) of one piece under `config` on inputs (coef, x, schedule, table), and the rate
+    at which it gathers: one row of x per pair, with the dots also the pair's expert row (but one row a
+    chunk by aligned chunks)."""
+    fn = _sums_piece(piece, config, top_k=top_k, out_shape=out_shape, interpret=interpret)
+    timed = common.time_fn(fn, [inputs], reps=1 if interpret else 20, batches=1 if interpret else 5)
+    coef, x = inputs[0], inputs[1]
+    row_bytes = coef.shape[0] * x.shape[1] * x.dtype.itemsize  # one gathered row per pair
+    rows_per_pair = 2 if piece == "segment_sum + dots" and config.segment_sums != "aligned" else 1
+    return {**timed, "gather_TBps": rows_per_pair * row_bytes / (timed["ms"] * 1e-3) / 1e12}
+
+
 def _applies(piece: str, mode: str) -> bool:
     """Whether --sums times `mode` for `piece`: the aligned chunks have no fixed-blocks kernel to time alone,
     and the pass with the dots never regathers (so that row would time "reductions" again)."""
@@ -469,7 +481,6 @@ def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[
     base = default_config(tokens, top_k, num_experts, d, DTYPE)  # the segment pass's tiles, as training runs
     setting = {"setting": f"T={tokens} K={top_k} N={num_experts} d={d}"}
     setting.update(_segment_counts(schedule.sorted_expert, base.segment_block))
-    row_bytes = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one gathered row per pair
     out_shape = jax.ShapeDtypeStruct(up.shape, up.dtype)
     runs = [("gather", None)] + [(piece, mode) for piece in SUMS_PIECES for mode in SUMS_MODES if _applies(piece, mode)]
     rows, ms = [], {}
@@ -480,12 +491,8 @@ def compare_sums(tokens, top_k, num_experts, d, *, interpret, deadline) -> list[
             rows.append({**row, "status": "skipped (time budget)"})
             continue
         try:
-            fn = _sums_piece(piece, config, top_k=top_k, out_shape=out_shape, interpret=interpret)
-            args = [(coef, x, schedule, up)]
-            row.update(common.time_fn(fn, args, reps=1 if interpret else 20, batches=1 if interpret else 5))
-            # + the expert row of every pair for the dots, except by aligned chunks (one row a chunk)
-            rows_per_pair = 2 if piece == "segment_sum + dots" and config.segment_sums != "aligned" else 1
-            row["gather_TBps"] = rows_per_pair * row_bytes / (row["ms"] * 1e-3) / 1e12
+            inputs = (coef, x, schedule, up)
+            row.update(_time_piece(piece, config, inputs, top_k=top_k, out_shape=out_shape, interpret=interpret))
             ms[piece, mode] = row["ms"]
             if mode == "reductions" and (piece, "products") in ms:
                 row["products_over_reductions"] = ms[piece, "products"] / row["ms"]  # > 1: reductions faster
@@ -506,7 +513,6 @@ def compare_tiles(tokens, top_k, num_experts, d, *, interpret, deadline) -> list
     heuristic = dataclasses.replace(default_config(tokens, top_k, num_experts, d, DTYPE), segment_sums="reductions")
     counts = {block: _segment_counts(schedule.sorted_expert, block)["segments_per_block"] for block, _ in TILES}
     per_expert = _segment_counts(schedule.sorted_expert, heuristic.segment_block)["pairs_per_touched_expert"]
-    row_bytes = tokens * top_k * d * jnp.dtype(DTYPE).itemsize  # one gathered row per pair
     out_shape = jax.ShapeDtypeStruct(up.shape, up.dtype)
     configs = [("heuristic", heuristic)]
     for block, warps in TILES:
@@ -533,11 +539,8 @@ def compare_tiles(tokens, top_k, num_experts, d, *, interpret, deadline) -> list
                 rows.append({**row, "status": "skipped (time budget)"})
                 continue
             try:
-                fn = _sums_piece(piece, config, top_k=top_k, out_shape=out_shape, interpret=interpret)
-                args = [(coef, x, schedule, up)]
-                row.update(common.time_fn(fn, args, reps=1 if interpret else 20, batches=1 if interpret else 5))
-                rows_per_pair = 2 if piece == "segment_sum + dots" else 1
-                row["gather_TBps"] = rows_per_pair * row_bytes / (row["ms"] * 1e-3) / 1e12
+                inputs = (coef, x, schedule, up)
+                row.update(_time_piece(piece, config, inputs, top_k=top_k, out_shape=out_shape, interpret=interpret))
                 if name == "heuristic":
                     heuristic_ms[piece] = row["ms"]
                 elif piece in heuristic_ms:
@@ -545,8 +548,9 @@ def compare_tiles(tokens, top_k, num_experts, d, *, interpret, deadline) -> list
                 if interpret:  # --smoke: every tiling lowers for CUDA and sums what the heuristic's does
                     native = _sums_piece(piece, config, top_k=top_k, out_shape=out_shape, interpret=False)
                     native.trace(coef, x, schedule, up).lower(lowering_platforms=("cuda",))
+                    got = _sums_piece(piece, config, top_k=top_k, out_shape=out_shape, interpret=True)(*inputs)
                     want = _sums_piece(piece, heuristic, top_k=top_k, out_shape=out_shape, interpret=True)
-                    got, expected = fn(coef, x, schedule, up), want(coef, x, schedule, up)
+                    expected = want(*inputs)
                     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
                         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), 2e-2, 2e-2)
                 row["status"] = "ok"
