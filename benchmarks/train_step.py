@@ -56,8 +56,8 @@ DEFAULT_PRESETS = (
     "small-pkm",
 )
 WINDOW = 10  # steps per timed window
-# Trace kernel names -> what they are, the first matching prefix (or substring, for library kernels whose
-# names carry a namespace) deciding; anything else is "other".
+# Trace kernel names -> what they are: the first group with a key in the name decides (a substring, not a
+# prefix: library kernels' names carry a namespace); anything else is "other".
 KERNEL_GROUPS = (
     ("expert op", ("omni_expert_",)),
     ("router", ("omni_router_",)),
@@ -300,7 +300,7 @@ def kernel_groups(kernels: dict[str, float]) -> dict[str, float]:
     groups: dict[str, float] = collections.defaultdict(float)
     for name, time_spent in kernels.items():
         group = next(
-            (group for group, keys in KERNEL_GROUPS if any(name.startswith(k) or k in name for k in keys)),
+            (group for group, keys in KERNEL_GROUPS if any(key in name for key in keys)),
             "other",
         )
         groups[group] += time_spent

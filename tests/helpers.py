@@ -18,18 +18,21 @@ from train.config import apply_overrides, parse_overrides
 from train.presets import get_preset
 
 __all__ = [
+    "SHRUNK",
     "TOLERANCE",
     "assert_close",
     "assert_trees_close",
     "check_gradients_by_finite_differences",
     "count_triton_calls",
     "cpu_mesh",
+    "lower_for_cuda",
     "normal",
     "omni_router_brute_force",
     "rel_error",
     "router_compaction_cases",
     "router_merge_outcomes",
     "run_readme_block",
+    "shrunk_config",
     "tolerance",
 ]
 
